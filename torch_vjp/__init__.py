@@ -1,0 +1,48 @@
+"""torch_vjp: fused forward and vector-Jacobian-product kernels for PyTorch (C++ and CUDA).
+
+Every op is a forward kernel plus a backward kernel that contracts grad_output with the local
+derivatives inline (dx = dyᵀJ), so no Jacobian is ever built. See docs/vjp.md.
+"""
+import re
+
+import torch
+
+__version__ = "0.1.0"
+MIN_TORCH = (2, 6)
+
+
+def _torch_version(version: str) -> tuple:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+if _torch_version(torch.__version__) < MIN_TORCH:
+    raise ImportError(
+        f"torch_vjp needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} (torch.library.register_fake, register_vmap, "
+        f"opcheck); found torch {torch.__version__}"
+    )
+
+try:
+    from . import _C  # noqa: F401
+except ImportError as error:
+    raise ImportError(
+        f"torch_vjp's compiled kernels could not be loaded ({error}). Build them against the torch in use, "
+        f"torch {torch.__version__}: pip install --no-build-isolation -e ."
+    ) from error
+
+from . import functional  # noqa: E402
+from ._ops import has_kernel  # noqa: E402
+from .functional import (  # noqa: E402
+    exp,
+    gelu,
+    log_softmax,
+    logsumexp,
+    mish,
+    sigmoid,
+    silu,
+    softmax,
+    softplus,
+    tanh,
+)
+
+__all__ = ["functional", "has_kernel", *functional.__all__]
