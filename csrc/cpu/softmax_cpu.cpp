@@ -20,10 +20,18 @@ T row_max(const T* x, int64_t n) {
   return at::vec::reduce_all<T>([](Vec<T> a, Vec<T> b) { return at::vec::maximum(a, b); }, x, n);
 }
 
-template <class T>
-T row_sum(const T* x, int64_t n) {
-  return at::vec::reduce_all<T>([](Vec<T> a, Vec<T> b) { return a + b; }, x, n);
+// Σ over a row in chunks, chunk partials accumulated in double, so rounding grows with the chunk
+// length plus n / chunk rather than with n (long rows; torch's own sums are cascaded too).
+template <class T, class PartialFn>
+T chunked_sum(int64_t n, const PartialFn& partial) {
+  constexpr int64_t kChunk = 256;
+  double acc = 0;
+  for (int64_t j = 0; j < n; j += kChunk) acc += partial(j, std::min(kChunk, n - j));
+  return static_cast<T>(acc);
 }
+
+template <class T>
+Vec<T> plus(Vec<T> a, Vec<T> b) { return a + b; }
 
 struct CpuSoftmax {
   template <SoftmaxKind K>
@@ -39,8 +47,10 @@ struct CpuSoftmax {
           const T* x = x_rows.read(row, x_buf.data());
           const T m = row_max(x, l.n);
           const T shift = math::shift_for<K>(m);
-          const T s = at::vec::map_reduce_all<T>([shift](Vec<T> v) { return math::exp_(v - Vec<T>(shift)); },
-                                                 [](Vec<T> a, Vec<T> b) { return a + b; }, x, l.n);
+          const T s = chunked_sum<T>(l.n, [&](int64_t j, int64_t len) {
+            return at::vec::map_reduce_all<T>([shift](Vec<T> v) { return math::exp_(v - Vec<T>(shift)); }, plus<T>,
+                                              x + j, len);
+          });
           if constexpr (K == SoftmaxKind::LogSumExp) {
             out[row] = static_cast<scalar_t>(shift + math::log_(s));  // output is (outer, inner), row-major
           } else {
@@ -49,8 +59,8 @@ struct CpuSoftmax {
               const T inv_s = T(1) / s;
               at::vec::map([m, inv_s](Vec<T> v) { return math::softmax_out(v, m, inv_s); }, y, x, l.n);
             } else {
-              const T lse = m + math::log_(s);
-              at::vec::map([lse](Vec<T> v) { return math::log_softmax_out(v, lse); }, y, x, l.n);
+              const T log_s = math::log_(s);
+              at::vec::map([m, log_s](Vec<T> v) { return math::log_softmax_out(v, m, log_s); }, y, x, l.n);
             }
             y_rows.commit(row, y);
           }
@@ -83,13 +93,15 @@ struct CpuSoftmax {
           } else {
             const T* dy = cpu::RowAccess<scalar_t>(dy_base, l).read(row, a_buf.data());
             const T* y = cpu::RowAccess<scalar_t>(y_base, l).read(row, b_buf.data());
-            auto plus = [](Vec<T> a, Vec<T> b) { return a + b; };
             if constexpr (K == SoftmaxKind::Softmax) {
-              const T c = at::vec::map2_reduce_all<T>([](Vec<T> g, Vec<T> v) { return math::softmax_vjp_term(g, v); },
-                                                      plus, dy, y, l.n);
+              const T c = chunked_sum<T>(l.n, [&](int64_t j, int64_t len) {
+                return at::vec::map2_reduce_all<T>([](Vec<T> g, Vec<T> v) { return math::softmax_vjp_term(g, v); },
+                                                   plus<T>, dy + j, y + j, len);
+              });
               at::vec::map2([c](Vec<T> g, Vec<T> v) { return math::softmax_vjp(g, v, c); }, dx, dy, y, l.n);
             } else {
-              const T sum_dy = row_sum(dy, l.n);  // Σ log_softmax_vjp_term = Σ dy
+              const T sum_dy = chunked_sum<T>(  // Σ log_softmax_vjp_term = Σ dy
+                  l.n, [&](int64_t j, int64_t len) { return at::vec::reduce_all<T>(plus<T>, dy + j, len); });
               at::vec::map2([sum_dy](Vec<T> g, Vec<T> v) { return math::log_softmax_vjp(g, v, sum_dy); }, dx, dy, y,
                             l.n);
             }

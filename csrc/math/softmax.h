@@ -2,7 +2,7 @@
 //
 // Forward, per row: m = max_j x_j, s = Σ_j exp(x_j - shift), with shift = m (shift_for), then
 //   softmax      y_j = exp(x_j - m) / s
-//   log_softmax  y_j = x_j - (m + log s)
+//   log_softmax  y_j = (x_j - m) - log s
 //   logsumexp    out = shift + log s          (one value per row)
 //
 // Backward (the VJP, derived at each function below) needs at most one row reduction:
@@ -44,9 +44,10 @@ TVJP_HD void online_merge(S& m_a, S& s_a, S m_b, S s_b) {
 template <class T, class S>
 TVJP_HD T softmax_out(T x, S m, S inv_s) { return exp_(x - T(m)) * T(inv_s); }
 
-// y_j = x_j - lse, lse = m + log s
+// y_j = (x_j - m) - log s. Not x_j - (m + log s): rounding m + log s costs an ulp of m, which the
+// backward's exp(y) then carries into every gradient.
 template <class T, class S>
-TVJP_HD T log_softmax_out(T x, S lse) { return x - T(lse); }
+TVJP_HD T log_softmax_out(T x, S m, S log_s) { return (x - T(m)) - T(log_s); }
 
 // softmax: J = diag(y) - y yᵀ, symmetric, so
 //   dx = Jᵀ dy = y ⊙ dy - y (yᵀ dy) = y ⊙ (dy - c),   c = Σ_j dy_j y_j   (softmax_vjp_term summed)

@@ -1,0 +1,80 @@
+"""python -m benchmarks [--quick] [--ops ...] [--providers ...] [--dtype ...] [--device ...] [--out DIR]"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shlex
+import sys
+
+import torch
+
+
+def _list(text):
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_args(argv=None):
+    from .providers import ALL
+
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Time, memory and %% of speed-of-light of torch_vjp against eager, torch.compile and Liger-Kernel, "
+                    "and the VJP against full Jacobians. Sizes come from the preset for the hardware found.")
+    parser.add_argument("--ops", type=_list, help="comma-separated op names (default: every op in tests/op_db.py)")
+    parser.add_argument("--providers", type=_list, help=f"comma-separated, from {','.join(ALL)} (default: all available)")
+    parser.add_argument("--dtype", type=_list, help="comma-separated: float32, bfloat16, float16, float64 (default: the preset's)")
+    parser.add_argument("--device", help="cpu or cuda[:i] (default: cuda if available, else cpu)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes: about 2 minutes on 2 CPU cores")
+    parser.add_argument("--out", help="output folder (default: bench_out/<device>-<date>)")
+    parser.add_argument("--only", choices=("main", "jacobian"), help="run one part only")
+    parser.add_argument("--shape", help="ROWSxN: replace the preset's main shape (and drop its row sweep)")
+    parser.add_argument("--all-variants", action="store_true", help="every keyword variant of each op, not only the default")
+    parser.add_argument("--time-budget", type=float, help="seconds; cases not started by then are recorded as skipped")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("benchmarks: --device cuda asked for, but torch sees no CUDA device")
+
+    import dataclasses
+
+    from tests.op_db import OPS_BY_NAME
+
+    from .bench import run_benchmark
+    from .config import preset_for
+    from .harness import DTYPES
+
+    for name in args.ops or ():
+        if name not in OPS_BY_NAME:
+            sys.exit(f"benchmarks: unknown op {name!r}; ops: {', '.join(OPS_BY_NAME)}")
+    for name in args.dtype or ():
+        if name not in DTYPES:
+            sys.exit(f"benchmarks: unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+    preset = preset_for(device, args.quick)
+    if args.shape:
+        rows, n = (int(v) for v in args.shape.lower().split("x"))
+        preset = dataclasses.replace(preset, shapes=((rows, n),), row_sweep=())
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    out = args.out or os.path.join("bench_out", f"{kind}-{datetime.date.today().isoformat()}")
+    sections = (args.only,) if args.only else ("main", "jacobian")
+    command = "python -m benchmarks" + ("" if not (argv if argv is not None else sys.argv[1:]) else " " + shlex.join(argv if argv is not None else sys.argv[1:]))
+
+    try:
+        result = run_benchmark(device, preset, out, ops=args.ops, provider_names=args.providers, dtypes=args.dtype,
+                               sections=sections, all_variants=args.all_variants, time_budget=args.time_budget,
+                               progress=not args.no_progress, command=command)
+    except ValueError as error:  # an unknown provider name
+        sys.exit(f"benchmarks: {error}")
+    with open(result["paths"]["markdown"]) as f:
+        print(f.read())
+    print(f"benchmarks: wrote {', '.join(sorted(os.path.relpath(p) for p in result['paths'].values()))} "
+          f"in {result['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

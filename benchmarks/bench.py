@@ -1,0 +1,93 @@
+"""One benchmark run: copy ceiling, the main cases, the Jacobian sweep, then the report."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+from tests.op_db import OPS
+
+from . import jacobian, providers as providers_mod
+from .harness import DTYPES, make_cases, run_case
+from .report import write_report
+from .timing import copy_bandwidth, environment
+
+
+def timer_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return "CUDA events, median, L2 flushed before each repeat"
+    return f"torch.utils.benchmark blocked_autorange median, {torch.get_num_threads()} threads"
+
+
+def memory_method(device: str) -> str:
+    if device.startswith("cuda"):
+        return "torch.cuda.max_memory_allocated during one forward+backward, less what was allocated before"
+    return ("peak of torch's CPU allocator timeline (torch.profiler, profile_memory) during one forward+backward, "
+            "less what was allocated before; malloc outside torch's allocator is not seen")
+
+
+def run_benchmark(device: str, preset, out_dir: str, ops=None, provider_names=None, dtypes=None, sections=("main", "jacobian"),
+                  makers=None, all_variants=False, time_budget: float | None = None, progress: bool = True,
+                  command: str | None = None, seed: int = 0) -> dict:
+    """Runs the benchmark and writes the report into out_dir; returns {"main": rows, "jacobian": rows, "paths": ...}."""
+    start = time.monotonic()
+    deadline = None if time_budget is None else start + time_budget
+    infos = [info for info in OPS if ops is None or info.name in ops]
+    dtypes = [DTYPES[d] for d in (dtypes or preset.dtypes)]
+    makers = dict(providers_mod.MAKERS, **(makers or {}))
+    names = providers_mod.available(provider_names or providers_mod.ALL, device, known=makers)
+    env = environment(device)
+    base = dict(env, timer=timer_name(device))
+
+    copy_bps = copy_bandwidth(device, preset.copy_bytes, preset.timing)
+    cases = make_cases(infos, preset, dtypes, all_variants) if "main" in sections else []
+    sweep = jacobian.sweep_ops(ops) if "jacobian" in sections else []
+    total = len(cases) * len(names) + len(sweep) * len(preset.jac_ns) * len(jacobian.METHODS)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def tick(label):
+        if bar is not None:
+            bar.set_description_str(label[:60])
+            bar.update(1)
+
+    main_rows, jac_rows = [], []
+    try:
+        for i, case in enumerate(cases):
+            main_rows += run_case(case, makers, names, device, preset.timing, copy_bps, base, seed=seed + 2 * i,
+                                  tick=tick, deadline=deadline)
+        budget = jacobian.memory_budget(device, preset.jac_budget_bytes)
+        for info in sweep:
+            for j, n in enumerate(preset.jac_ns):
+                jac_rows += jacobian.run_point(info, n, preset.jac_batch, device, budget, preset.jac_timing, base,
+                                               seed=seed + 1000 + 2 * j, tick=tick, deadline=deadline)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    elapsed = time.monotonic() - start
+    header = "\n".join([
+        f"# torch_vjp benchmark: {env['device']}",
+        "",
+        f"- date: {env['date']}; torch {env['torch']}; torch_vjp commit {env['commit']}; preset `{preset.name}`",
+        f"- command: `{command or 'python -m benchmarks'}` ({elapsed:.0f} s)",
+        f"- copy bandwidth (bytes read + written, {preset.copy_bytes >> 20} MiB buffer): **{copy_bps / 1e9:.1f} GB/s**; "
+        "speed-of-light (SoL) = the fewest bytes the op must move (benchmarks/sol.py) / that bandwidth",
+        f"- time: {timer_name(device)}; memory: {memory_method(device)}",
+        "- every provider's output and input gradient were checked against the float64 reference before timing "
+        "(a mismatch is shown as **wrong**, untimed)",
+        "",
+    ])
+    paths = write_report(out_dir, main_rows, jac_rows, header)
+    with open(os.path.join(out_dir, "command.txt"), "w") as f:
+        f.write(f"{command or 'python -m benchmarks'}\n\n"
+                f"device: {env['device']}\ntorch: {env['torch']}\ncommit: {env['commit']}\ndate: {env['date']}\n"
+                f"preset: {preset.name}\nseconds: {elapsed:.0f}\n")
+    paths["command"] = os.path.join(out_dir, "command.txt")
+    return {"main": main_rows, "jacobian": jac_rows, "paths": paths, "seconds": elapsed, "copy_gbps": copy_bps / 1e9}

@@ -1,0 +1,170 @@
+"""The main benchmark: every op × provider × dtype × shape, checked against float64, then timed.
+
+For one case (op, shape, dtype) the float64 reference (the op's torch reference run in float64) gives
+the output and the input gradient for one random dy. Each provider's output and gradient must match
+them (relative norm error under TOLERANCE) before anything is timed: a wrong kernel is reported as
+wrong, never as fast. Then it measures the peak memory of forward+backward and the median time of the
+forward, the backward and forward+backward.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tests.op_db import OpInfo
+
+from . import sol
+from .providers import NoKernel
+from .timing import TimingConfig, peak_memory_bytes, time_ms
+
+# ‖out − ref‖ / ‖ref‖ against float64. A correct kernel lands far under these (fp32 ~1e-7, bf16 ~4e-3
+# from rounding its output); a wrong one lands near 1. NaN never passes.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+MIB = 2**20
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+@dataclass(frozen=True)
+class Case:
+    info: OpInfo
+    variant: dict
+    rows: int
+    n: int
+    dtype: torch.dtype
+
+    @property
+    def variant_name(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.variant.items())
+
+    @property
+    def label(self) -> str:
+        v = f"({self.variant_name})" if self.variant else ""
+        return f"{self.info.name}{v} {self.rows}x{self.n} {str(self.dtype).replace('torch.', '')}"
+
+
+def make_cases(infos, preset, dtypes, all_variants=False) -> list[Case]:
+    """Main shapes in every dtype first, then the row sweep (first dtype, ops that reduce along a row):
+    under a time budget the reference sizes are the ones that get measured."""
+    out = []
+    for dtype in dtypes:
+        for rows, n in preset.shapes:
+            for info in infos:
+                for variant in info.variants if all_variants else info.variants[:1]:
+                    out.append(Case(info, variant, rows, n, dtype))
+    for rows, n in preset.row_sweep:
+        for info in infos:
+            if info.family != "elementwise":
+                out.append(Case(info, info.variants[0], rows, n, dtypes[0]))
+    return out
+
+
+def sample(info: OpInfo, shape, dtype, device, seed):
+    """Fresh random input, randn · scale (never zeros), drawn on the device."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    base = torch.float64 if dtype == torch.float64 else torch.float32
+    return (torch.randn(shape, generator=g, device=device, dtype=base) * info.scale).to(dtype)
+
+
+def rel_err(value: torch.Tensor, ref: torch.Tensor) -> float:
+    value = value.detach().to(torch.float64)
+    err = float(torch.linalg.vector_norm(value - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-300))
+    return err if err == err else float("inf")  # NaN anywhere → inf: never passes
+
+
+def describe_error(error: BaseException) -> str:
+    text = str(error).lower()
+    if isinstance(error, _OOM) or "out of memory" in text or "can't allocate memory" in text:
+        return "OOM"
+    message = " ".join(str(error).split())[:100]
+    return f"error: {type(error).__name__}: {message}"
+
+
+def run_case(case: Case, makers: dict, providers, device: str, timing: TimingConfig, copy_bps: float,
+             base: dict, seed: int, tick=lambda label: None, deadline: float | None = None) -> list[dict]:
+    """Rows (one per provider and phase) for one case."""
+    info, dtype = case.info, case.dtype
+    kwargs = info.call_kwargs(**case.variant)
+    x = sample(info, (case.rows, case.n), dtype, device, seed)
+    x64 = x.to(torch.float64).requires_grad_()
+    y64 = info.ref(x64, **kwargs)
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    dy = torch.randn(y64.shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+    (dx64,) = torch.autograd.grad(y64, x64, dy.to(torch.float64))
+    y64 = y64.detach()
+    del x64
+
+    common = dict(base, op=info.name, variant=case.variant_name, family=info.family, dtype=str(dtype).replace("torch.", ""),
+                  rows=case.rows, n=case.n, shape=f"{case.rows}x{case.n}", copy_gbps=round(copy_bps / 1e9, 2))
+    rows = []
+    for name in providers:
+        tick(f"{case.label} {name}")
+        cell = dict(common, provider=name)
+        if deadline is not None and time.monotonic() > deadline:
+            rows += _phase_rows(cell, "skipped (time budget)")
+            continue
+        try:
+            fn = makers[name](info, kwargs, device.split(":")[0])
+        except NoKernel as error:
+            rows += _phase_rows(cell, str(error))
+            continue
+        except Exception as error:  # noqa: BLE001  (a failed import, say: the cell says so)
+            rows += _phase_rows(cell, describe_error(error))
+            continue
+        if fn is None:  # the provider has no such op: no row
+            continue
+        try:
+            rows += _measure(fn, case, cell, x, dy, y64, dx64, device, timing, copy_bps)
+        except Exception as error:  # noqa: BLE001  (a compile failure, OOM: record and go on)
+            rows += _phase_rows(cell, describe_error(error))
+        finally:
+            fn = None
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _phase_rows(cell: dict, status: str, **extra) -> list[dict]:
+    return [dict(cell, phase=phase, status=status, **extra) for phase in sol.PHASES]
+
+
+def _measure(fn, case, cell, x, dy, y64, dx64, device, timing, copy_bps) -> list[dict]:
+    xg = x.detach().requires_grad_()
+    # Correctness first, on this exact input (the call also compiles, for "compile").
+    y = fn(xg)
+    (dx,) = torch.autograd.grad(y, xg, dy)
+    out_err, grad_err = rel_err(y, y64), rel_err(dx, dx64)
+    del y, dx
+    errors = dict(out_err=f"{out_err:.2e}", grad_err=f"{grad_err:.2e}")
+    tol = TOLERANCE[case.dtype]
+    if not (out_err <= tol and grad_err <= tol):
+        return _phase_rows(cell, "wrong", **errors)
+
+    def fwd():
+        return fn(xg)
+
+    def fwd_bwd():
+        return torch.autograd.grad(fn(xg), xg, dy)
+
+    peak = peak_memory_bytes(fwd_bwd, device)
+    y = fn(xg)
+    # autograd.grad, not .backward: no accumulation into xg.grad, which would add a pass.
+    times = {
+        "fwd": time_ms(fwd, device, timing),
+        "bwd": time_ms(lambda: torch.autograd.grad(y, xg, dy, retain_graph=True), device, timing),
+        "fwd+bwd": time_ms(fwd_bwd, device, timing),
+    }
+    del y
+    numel, itemsize = x.numel(), x.element_size()
+    out = []
+    for phase, ms in times.items():
+        nbytes = sol.sol_bytes(case.info.name, case.info.family, numel, itemsize, phase)
+        sol_ms = nbytes / copy_bps * 1e3
+        row = dict(cell, phase=phase, status="ok", median_ms=f"{ms:.4f}", sol_bytes=nbytes, sol_ms=f"{sol_ms:.4f}",
+                   gbps=f"{nbytes / (ms * 1e-3) / 1e9:.1f}", pct_sol=f"{100 * sol_ms / ms:.1f}", **errors)
+        if phase == "fwd+bwd":
+            row["peak_mib"] = "not measured" if peak is None else f"{peak / MIB:.1f}"
+        out.append(row)
+    return out

@@ -1,0 +1,41 @@
+"""Speed of light: the fewest bytes each op must move, written beside the op.
+
+SoL time = these bytes / the copy bandwidth measured in the same run (timing.copy_bandwidth).
+A fused kernel cannot beat it: every tensor named below must cross memory at least once.
+
+The table counts *tensor-passes*: one read or one write of a tensor the size of the input
+(rows × n elements of the benchmark dtype). Row vectors (one value per row) are ignored: at the
+benchmark sizes (n ≥ 1024) they are under 0.1% of a pass.
+"""
+from __future__ import annotations
+
+# (forward passes, backward passes), looked up by op name first, then by family.
+PASSES: dict[str, tuple[int, int]] = {
+    # Elementwise y = f(x): forward reads x, writes y (2). Backward reads dy and x (or y, for
+    # exp/sigmoid/tanh), writes dx (3). Total 5.
+    "elementwise": (2, 3),
+    # softmax / log_softmax: forward reads x, writes y (2). Backward reads dy and y, writes dx (3).
+    # The row reduction (max, sum) stays in registers or cache: no extra pass in a fused kernel.
+    "softmax": (2, 3),
+    "log_softmax": (2, 3),
+    # logsumexp reduces each row to one value: forward reads x and writes one value per row (1).
+    # Backward reads x (and the per-row dy and output, negligible), writes dx (2). Total 3.
+    "logsumexp": (1, 2),
+}
+
+PHASES = ("fwd", "bwd", "fwd+bwd")
+
+
+def passes(name: str, family: str) -> tuple[int, int]:
+    if name in PASSES:
+        return PASSES[name]
+    if family in PASSES:
+        return PASSES[family]
+    raise KeyError(f"benchmarks/sol.py: no byte count for op {name!r} (family {family!r}); add one to PASSES")
+
+
+def sol_bytes(name: str, family: str, numel: int, itemsize: int, phase: str) -> int:
+    """Fewest bytes moved by `phase` ("fwd", "bwd" or "fwd+bwd") on an input of numel elements."""
+    fwd, bwd = passes(name, family)
+    count = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[phase]
+    return count * numel * itemsize

@@ -1,0 +1,185 @@
+"""How a number is measured: time (median), peak memory, copy bandwidth, and the run's metadata.
+
+CPU: torch.utils.benchmark.Timer (blocked_autorange, median), with all of torch's threads.
+CUDA: CUDA events around each call, the median of many, after a warm-up, with L2 flushed before every
+repeat (the same method as triton.testing.do_bench, written out so the suite needs no triton).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    min_run_time: float = 0.2  # CPU: seconds per blocked_autorange measurement
+    warmup_ms: float = 25.0  # CUDA: warm-up time before the timed repeats
+    rep_ms: float = 100.0  # CUDA: time spent in timed repeats
+    max_repeats: int = 1000
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+_L2_FLUSH: dict[str, torch.Tensor] = {}
+
+
+def _flush_buffer(device: str) -> torch.Tensor:
+    # 256 MiB: several times any L2 (H100 50 MB, H200 60 MB), so zeroing it evicts the working set.
+    if device not in _L2_FLUSH:
+        _L2_FLUSH[device] = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+    return _L2_FLUSH[device]
+
+
+def time_ms(fn, device: str, cfg: TimingConfig = TimingConfig()) -> float:
+    """Median milliseconds of one call of fn()."""
+    if device.startswith("cuda"):
+        return _time_cuda(fn, device, cfg)
+    from torch.utils.benchmark import Timer
+
+    # num_threads: Timer defaults to ONE thread; the benchmark means the machine as torch runs it.
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=cfg.min_run_time).median * 1e3
+
+
+def _time_cuda(fn, device: str, cfg: TimingConfig) -> float:
+    flush = _flush_buffer(device)
+    fn()
+    torch.cuda.synchronize()
+    # Estimate one call, then size the warm-up and the repeats in time, like do_bench.
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        flush.zero_()
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 3, 1e-3)
+    for _ in range(max(1, int(cfg.warmup_ms / estimate))):
+        fn()
+    repeats = min(cfg.max_repeats, max(3, int(cfg.rep_ms / estimate)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for i in range(repeats):
+        flush.zero_()  # L2 holds nothing of the working set when the timed call starts
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+@contextlib.contextmanager
+def _quiet_fd2():
+    """Silence C++ writes to stderr (Kineto prints profiler_start/stop lines) for one block."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def peak_memory_bytes(fn, device: str):
+    """Peak bytes allocated during one fn() beyond what was allocated before it, or None if not measured.
+
+    CUDA: torch.cuda.max_memory_allocated. CPU: torch's profiler with profile_memory records every
+    allocation and free made through torch's CPU allocator (tensors, including those of the compiled
+    and extension kernels); the running sum of the allocation timeline gives the peak. Scratch memory a
+    kernel takes from malloc directly is not seen. If the profiler's memory timeline is unavailable in
+    this torch, the answer is None ("not measured"), never a guess.
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with _quiet_fd2():
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+                fn()
+            timeline = prof._memory_profile().timeline  # private API: (time, action, key, bytes)
+    except Exception:  # noqa: BLE001  (any failure means: not measured)
+        return None
+    current = peak = 0
+    for _, action, _, size in sorted(timeline, key=lambda event: event[0]):
+        if action.name == "CREATE":
+            current += size
+        elif action.name == "DESTROY":
+            current -= size
+        peak = max(peak, current)
+    return peak
+
+
+def copy_bandwidth(device: str, nbytes: int, cfg: TimingConfig = TimingConfig()) -> float:
+    """Bytes per second of a device copy of an nbytes buffer, counting bytes read plus bytes written."""
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, cfg)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def _git(*args) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit() -> str:
+    """Short commit of the library, "+dirty" when its sources differ from it, "unknown" without git."""
+    commit = _git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return "unknown"
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "csrc", "torch_vjp", "setup.py")
+    return commit + ("+dirty" if dirty else "")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def environment(device: str) -> dict:
+    """The columns every row carries."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "commit": git_commit(),
+    }

@@ -1,0 +1,85 @@
+"""The one table of ops. Every check in tests/ and every benchmark case iterates over OPS, so adding
+an op to torch_vjp means adding one OpInfo row here (plus its kernels).
+
+Each row pairs the torch_vjp function with its torch reference (same signature), says which family it
+belongs to (which decides the shapes and dims it is tried on) and which extra keyword variants to try.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import torch_vjp
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    name: str
+    op: Callable  # torch_vjp.<name>
+    ref: Callable  # the torch reference, same signature
+    family: str  # "elementwise" (shape-preserving map) | "softmax" (reduces or normalises along dim)
+    variants: tuple[dict, ...] = ({},)  # keyword arguments to try, beyond dim/keepdim
+    keepdim: bool = False  # takes keepdim (logsumexp)
+    scale: float = 1.0  # spread of the random inputs (randn * scale)
+    registered: tuple[str, ...] = field(default=())  # names in torch.ops.torch_vjp this row exercises
+
+    @property
+    def has_dim(self) -> bool:
+        return self.family == "softmax"
+
+    def call_kwargs(self, dim=-1, keepdim=False, **variant):
+        """Keyword arguments for one call, shared by op and ref."""
+        kwargs = dict(variant)
+        if self.has_dim:
+            kwargs["dim"] = dim
+        if self.keepdim:
+            kwargs["keepdim"] = keepdim
+        return kwargs
+
+
+def _row(name, op, ref, family, **kw):
+    return OpInfo(name, op, ref, family, registered=(name, name + "_backward"), **kw)
+
+
+OPS = [
+    _row("exp", torch_vjp.exp, torch.exp, "elementwise"),
+    _row("sigmoid", torch_vjp.sigmoid, torch.sigmoid, "elementwise", scale=4.0),
+    _row("tanh", torch_vjp.tanh, torch.tanh, "elementwise", scale=2.0),
+    _row("softplus", torch_vjp.softplus, F.softplus, "elementwise", scale=4.0,
+         variants=({}, {"beta": 2.0, "threshold": 5.0}, {"beta": 0.5})),
+    _row("gelu", torch_vjp.gelu, F.gelu, "elementwise", scale=3.0,
+         variants=({}, {"approximate": "tanh"})),
+    _row("silu", torch_vjp.silu, F.silu, "elementwise", scale=4.0),
+    _row("mish", torch_vjp.mish, F.mish, "elementwise", scale=4.0),
+    _row("softmax", torch_vjp.softmax, torch.softmax, "softmax", scale=3.0),
+    _row("log_softmax", torch_vjp.log_softmax, torch.log_softmax, "softmax", scale=3.0),
+    _row("logsumexp", torch_vjp.logsumexp, torch.logsumexp, "softmax", scale=3.0, keepdim=True),
+]
+OPS_BY_NAME = {info.name: info for info in OPS}
+
+
+def op_variants(families=("elementwise", "softmax")):
+    """(OpInfo, variant kwargs) pairs, with readable pytest ids."""
+    cases = []
+    for info in OPS:
+        if info.family not in families:
+            continue
+        for variant in info.variants:
+            suffix = "-".join(f"{k}={v}" for k, v in variant.items())
+            cases.append(pytest_param(info, variant, f"{info.name}{'-' + suffix if suffix else ''}"))
+    return cases
+
+
+def pytest_param(info, variant, id_):
+    import pytest
+
+    return pytest.param(info, variant, id=id_)
+
+
+def sample(info: OpInfo, shape, dtype, device="cpu", generator_seed=0):
+    """Fresh random input: randn · scale, never all zeros."""
+    g = torch.Generator().manual_seed(generator_seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * info.scale).to(dtype=dtype, device=device)
