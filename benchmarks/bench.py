@@ -64,9 +64,8 @@ def run_benchmark(device: str, preset, out_dir: str, ops=None, provider_names=No
                                   tick=tick, deadline=deadline)
         budget = jacobian.memory_budget(device, preset.jac_budget_bytes)
         for info in sweep:
-            for j, n in enumerate(preset.jac_ns):
-                jac_rows += jacobian.run_point(info, n, preset.jac_batch, device, budget, preset.jac_timing, base,
-                                               seed=seed + 1000 + 2 * j, tick=tick, deadline=deadline)
+            jac_rows += jacobian.run_sweep(info, preset.jac_ns, preset.jac_batch, device, budget, preset.jac_timing, base,
+                                           seed=seed + 1000, max_call_s=preset.jac_max_call_s, tick=tick, deadline=deadline)
     finally:
         if bar is not None:
             bar.close()

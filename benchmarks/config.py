@@ -18,6 +18,7 @@ class Preset:
     jac_ns: tuple  # row lengths of the Jacobian sweep
     jac_budget_bytes: int | None  # estimated peak above which a case is skipped; None: device memory
     jac_timing: TimingConfig = field(default_factory=TimingConfig)
+    jac_max_call_s: float = 5.0  # a point whose call is predicted (from the last n) to take longer is skipped
 
 
 PRESETS = {
@@ -38,6 +39,7 @@ PRESETS = {
         jac_ns=(64, 128, 256, 512, 1024, 2048, 4096, 8192),
         jac_budget_bytes=None,
         jac_timing=TimingConfig(warmup_ms=10, rep_ms=50),
+        jac_max_call_s=4.0,
     ),
     "cuda-quick": Preset(
         name="cuda-quick",
@@ -50,6 +52,7 @@ PRESETS = {
         jac_ns=(64, 256, 1024, 4096),
         jac_budget_bytes=None,
         jac_timing=TimingConfig(warmup_ms=5, rep_ms=20),
+        jac_max_call_s=2.0,
     ),
     # 2 cores, ~2 minutes for everything. 4096 × 2048 fp32 is 32 MiB a tensor: the five tensor-passes of
     # forward + backward (160 MiB) exceed a 32 MiB L3, so the numbers are about memory, not cache.
@@ -66,6 +69,7 @@ PRESETS = {
         jac_ns=(64, 128, 256, 512, 1024, 2048, 4096),
         jac_budget_bytes=2 << 30,
         jac_timing=TimingConfig(min_run_time=0.1),
+        jac_max_call_s=2.0,
     ),
     # Same as "cpu" at half the rows and a shorter sweep: about a minute and a half.
     "cpu-quick": Preset(
@@ -79,6 +83,7 @@ PRESETS = {
         jac_ns=(64, 256, 1024, 2048),
         jac_budget_bytes=1 << 30,
         jac_timing=TimingConfig(min_run_time=0.05),
+        jac_max_call_s=1.0,
     ),
 }
 

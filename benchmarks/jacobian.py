@@ -95,9 +95,32 @@ def sweep_ops(names=None):
     return [OPS_BY_NAME[name] for name in SWEEP_OPS if name in OPS_BY_NAME and (names is None or name in names)]
 
 
+# How a call's time grows with n at a fixed batch, to predict the next point from the last one. Calls
+# under PREDICT_FROM_MS are mostly fixed overhead (and noise) and predict nothing.
+TIME_GROWTH = {"vjp": 1, "autograd": 1, "jac_vmap": 2, "jac_full": 2}
+PREDICT_FROM_MS = 50.0
+
+
+def run_sweep(info, ns, batch: int, device: str, budget: int, timing: TimingConfig, base: dict, seed: int,
+              max_call_s: float = float("inf"), methods=METHODS, tick=lambda label: None,
+              deadline: float | None = None) -> list[dict]:
+    """Rows for one op over the row lengths ns (ascending). A method whose next call is predicted, from its
+    last measured point, to take longer than max_call_s is skipped from there on, with the prediction."""
+    rows, last = [], {}
+    for j, n in enumerate(ns):
+        predicted = {m: last[m][1] * (n / last[m][0]) ** TIME_GROWTH[m] / 1e3 for m in last}
+        point = run_point(info, n, batch, device, budget, timing, base, seed + 2 * j, methods, tick, deadline,
+                          too_slow={m: t for m, t in predicted.items() if t > max_call_s})
+        for row in point:
+            if row["status"] == "ok" and float(row["median_ms"]) >= PREDICT_FROM_MS:
+                last[row["method"]] = (n, float(row["median_ms"]))
+        rows += point
+    return rows
+
+
 def run_point(info, n: int, batch: int, device: str, budget: int, timing: TimingConfig, base: dict, seed: int,
-              methods=METHODS, tick=lambda label: None, deadline: float | None = None) -> list[dict]:
-    """Rows (one per method) for one op at one row length."""
+              methods=METHODS, tick=lambda label: None, deadline: float | None = None, too_slow=None) -> list[dict]:
+    """Rows (one per method) for one op at one row length. too_slow: {method: predicted seconds a call}."""
     import torch_vjp
 
     kwargs = info.call_kwargs()
@@ -121,6 +144,9 @@ def run_point(info, n: int, batch: int, device: str, budget: int, timing: Timing
             continue
         if est > budget:
             rows.append(dict(row, status=f"skipped (est. {est / 2**30:.1f} GiB)"))
+            continue
+        if too_slow and method in too_slow:
+            rows.append(dict(row, status=f"skipped (est. {too_slow[method]:.0f} s a call)"))
             continue
         if method == "vjp" and not torch_vjp.has_kernel(info.name, device.split(":")[0]):
             rows.append(dict(row, status=f"no {device} kernel"))

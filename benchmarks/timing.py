@@ -13,6 +13,7 @@ import platform
 import statistics
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ class TimingConfig:
     warmup_ms: float = 25.0  # CUDA: warm-up time before the timed repeats
     rep_ms: float = 100.0  # CUDA: time spent in timed repeats
     max_repeats: int = 1000
+    slow_s: float = 0.25  # a call longer than this is timed three times, no more (full Jacobians)
 
 
 def synchronize(device: str) -> None:
@@ -44,7 +46,20 @@ def _flush_buffer(device: str) -> torch.Tensor:
 
 
 def time_ms(fn, device: str, cfg: TimingConfig = TimingConfig()) -> float:
-    """Median milliseconds of one call of fn()."""
+    """Median milliseconds of one call of fn() (which has been called once already: warm)."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    probe = time.perf_counter() - t0
+    if probe > cfg.slow_s:  # seconds a call: repeats would only spend the budget; three calls, median
+        calls = [probe]
+        for _ in range(2):
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            calls.append(time.perf_counter() - t0)
+        return statistics.median(calls) * 1e3
     if device.startswith("cuda"):
         return _time_cuda(fn, device, cfg)
     from torch.utils.benchmark import Timer

@@ -6,6 +6,7 @@ belongs to (which decides the shapes and dims it is tried on) and which extra ke
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -29,6 +30,16 @@ class OpInfo:
     @property
     def has_dim(self) -> bool:
         return self.family == "softmax"
+
+    def raw_params(self, **kwargs) -> tuple:
+        """The non-tensor arguments of the registered ops, all positional, in the public signature's order."""
+        bound = inspect.signature(self.op).bind(None, **kwargs)
+        bound.apply_defaults()
+        return tuple(bound.args[1:])
+
+    def raw(self, input, **kwargs):
+        """The same call on the registered op, torch.ops.torch_vjp.<name>."""
+        return getattr(torch.ops.torch_vjp, self.name)(input, *self.raw_params(**kwargs))
 
     def call_kwargs(self, dim=-1, keepdim=False, **variant):
         """Keyword arguments for one call, shared by op and ref."""

@@ -28,6 +28,7 @@ from . import _C  # noqa: F401  (loading it registers torch.ops.torch_vjp.*)
 
 LIB = torch.library.Library("torch_vjp", "IMPL")
 ops = torch.ops.torch_vjp
+REGISTRY: dict[str, "VJPOp"] = {}  # name -> VJPOp, every op of the library
 
 
 def wrap_dim(dim: int, ndim: int, op: str) -> int:
@@ -82,12 +83,15 @@ class VJPOp:
         forward_fn, backward_fn = _make_functions(self)
         object.__setattr__(self, "forward_function", forward_fn)
         object.__setattr__(self, "backward_function", backward_fn)
-        LIB.impl(self.name, forward_fn.apply, "Autograd")
-        LIB.impl(self.name + "_backward", backward_fn.apply, "Autograd")
+        REGISTRY[self.name] = self
+        LIB.impl(self.name, _autograd_kernel(self.name, forward_fn), "Autograd")
+        LIB.impl(self.name + "_backward", _autograd_kernel(self.name + "_backward", backward_fn), "Autograd")
         for op_name in (self.name, self.name + "_backward"):
             torch.library.register_vmap(f"torch_vjp::{op_name}", _vmap_rule(getattr(ops, op_name), self.dim_param))
 
     def __call__(self, input: torch.Tensor, *params):
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"torch_vjp.{self.name}(): argument 'input' must be Tensor, not {type(input).__name__}")
         if torch.compiler.is_compiling():
             return getattr(ops, self.name)(input, *params)
         return self.forward_function.apply(input, *params)
@@ -103,7 +107,6 @@ def _make_functions(spec: VJPOp):
     n_saved = len(spec.saves)
 
     class Backward(Function):
-        generate_vmap_rule = True
 
         @staticmethod
         def forward(grad_output, *saved_and_params):
@@ -121,8 +124,15 @@ def _make_functions(spec: VJPOp):
             grads = spec.vjp_grads(g, grad_output, tuple(saved), ctx.params)
             return (*grads, *(None,) * len(ctx.params))
 
+        @staticmethod
+        def jvp(ctx, *tangents):
+            raise NotImplementedError(
+                f"torch_vjp.{spec.name}: forward-mode AD through its backward (forward-over-reverse, as in "
+                f"torch.func.hessian or jvp of grad) is not implemented; use reverse-over-reverse instead "
+                f"(torch.func.jacrev(torch.func.jacrev(f)) or autograd.grad with create_graph=True)"
+            )
+
     class Forward(Function):
-        generate_vmap_rule = True
 
         @staticmethod
         def forward(input, *params):
@@ -145,14 +155,34 @@ def _make_functions(spec: VJPOp):
         def jvp(ctx, tangent, *_):
             return spec.jvp(tangent, tuple(ctx.saved_tensors), ctx.params)
 
+    # Batching calls the Function once on the batched tensors (generate_vmap_rule would instead vmap the
+    # staticmethods, which torch.func cannot do for a jvp over a backward).
+    Forward.vmap = staticmethod(_vmap_rule(Forward.apply, spec.dim_param))
+    Backward.vmap = staticmethod(_vmap_rule(Backward.apply, spec.dim_param))
     title = "".join(part.title() for part in spec.name.split("_"))
     Forward.__name__ = Forward.__qualname__ = f"{title}Function"
     Backward.__name__ = Backward.__qualname__ = f"{title}BackwardFunction"
     return Forward, Backward
 
 
-def _vmap_rule(op, dim_param: int | None):
-    """Batch by moving every batched tensor's vmap dim to the front (unbatched ones are expanded),
+def _autograd_kernel(op_name: str, function):
+    """The Autograd-key kernel of a registered op: its Function. torch.func cannot run a Function from
+    inside the dispatcher, so under a torch.func transform say which call to use instead."""
+
+    def kernel(*args):
+        if torch._C._are_functorch_transforms_active():
+            public = op_name.removesuffix("_backward")
+            raise RuntimeError(
+                f"torch.ops.torch_vjp.{op_name} cannot be differentiated inside torch.func transforms; "
+                f"call torch_vjp.{public}, which supports torch.func.vjp/jvp/vmap/jacrev/jacfwd"
+            )
+        return function.apply(*args)
+
+    return kernel
+
+
+def _vmap_rule(call, dim_param: int | None):
+    """A vmap rule for `call` (a registered op or a Function's apply). Batch by moving every batched tensor's vmap dim to the front (unbatched ones are expanded),
     then calling the op once; a non-negative `dim` moves up by one."""
 
     def rule(info, in_dims, *args):
@@ -165,7 +195,7 @@ def _vmap_rule(op, dim_param: int | None):
             dim = args[first_param + dim_param]
             if dim >= 0:
                 args[first_param + dim_param] = dim + 1
-        return op(*args), 0
+        return call(*args), 0
 
     return rule
 

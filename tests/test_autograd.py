@@ -1,0 +1,84 @@
+"""Autograd: the backward is dyᵀJ; gradcheck and gradgradcheck in float64; forward mode; torch.func."""
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from tests.op_db import op_variants, sample
+
+# Small float64 inputs: gradcheck's finite differences are O(numel²). Each softmax-family op is tried
+# along every dim of a 3-D tensor, so a non-last (strided) reduction is differentiated too.
+GRADCHECK_SHAPE = (2, 3, 4)
+
+
+def calls(info, variant):
+    dims = range(-len(GRADCHECK_SHAPE), len(GRADCHECK_SHAPE)) if info.has_dim else [-1]
+    keepdims = [False, True] if info.keepdim else [False]
+    return [info.call_kwargs(dim=d, keepdim=k, **variant) for d in dims for k in keepdims]
+
+
+@pytest.mark.parametrize("info,variant", op_variants())
+def test_gradcheck_and_gradgradcheck(info, variant, device):
+    x = sample(info, GRADCHECK_SHAPE, torch.float64, device).requires_grad_()
+    for kwargs in calls(info, variant):
+        fn = lambda t: info.op(t, **kwargs)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x,), check_forward_ad=True, check_batched_grad=True,
+                                        check_batched_forward_grad=True)
+        assert torch.autograd.gradgradcheck(fn, (x,), check_batched_grad=True)
+
+
+@pytest.mark.parametrize("info,variant", op_variants())
+def test_backward_is_dy_times_jacobian(info, variant, device):
+    """The question behind the project: for a batch (b, n) the backward equals einsum('bk,bkn->bn', dy, J)
+    with J the per-sample Jacobian of the torch reference, built by vmap(jacrev)."""
+    x = sample(info, (5, 7), torch.float64, device).requires_grad_()
+    kwargs = info.call_kwargs(**variant)
+    per_sample = lambda row: info.ref(row, **kwargs)  # noqa: E731
+    J = torch.func.vmap(torch.func.jacrev(per_sample))(x.detach())
+    y = info.op(x, **kwargs)
+    dy = sample(info, y.shape, torch.float64, device, generator_seed=2)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    expected = torch.einsum("bk,bkn->bn", dy, J) if J.dim() == 3 else dy[:, None] * J  # logsumexp: J is (b, n)
+    torch.testing.assert_close(dx, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("info,variant", op_variants())
+def test_forward_mode(info, variant, device):
+    """jvp gives J·t exactly as torch's own forward mode does, through both forward-AD APIs."""
+    x = sample(info, GRADCHECK_SHAPE, torch.float64, device)
+    t = sample(info, GRADCHECK_SHAPE, torch.float64, device, generator_seed=5)
+    for kwargs in calls(info, variant):
+        expected = torch.func.jvp(lambda a: info.ref(a, **kwargs), (x,), (t,))[1]
+        torch.testing.assert_close(torch.func.jvp(lambda a: info.op(a, **kwargs), (x,), (t,))[1], expected)
+        with fwAD.dual_level():
+            for fn in (info.op, info.raw):  # public API and the registered op
+                out = fn(fwAD.make_dual(x, t), **kwargs)
+                torch.testing.assert_close(fwAD.unpack_dual(out).tangent, expected)
+
+
+@pytest.mark.parametrize("info,variant", op_variants())
+def test_torch_func_transforms(info, variant, device):
+    """vjp, vmap'd jacrev and jacfwd, and reverse-over-reverse agree with the reference; forward-over-
+    reverse raises a clear error instead of returning a wrong (zero) tangent."""
+    x = sample(info, (3, 5), torch.float64, device)
+    kwargs = info.call_kwargs(**variant)
+    ours, ref = (lambda a: info.op(a, **kwargs)), (lambda a: info.ref(a, **kwargs))
+    for transform in (torch.func.jacrev, torch.func.jacfwd):
+        torch.testing.assert_close(torch.func.vmap(transform(ours))(x), torch.func.vmap(transform(ref))(x))
+    scalar = lambda f: (lambda a: f(a).pow(2).sum())  # noqa: E731
+    torch.testing.assert_close(torch.func.jacrev(torch.func.jacrev(scalar(ours)))(x),
+                               torch.func.jacrev(torch.func.jacrev(scalar(ref)))(x))
+    with pytest.raises(NotImplementedError, match="forward-over-reverse"):
+        torch.func.hessian(scalar(ours))(x)
+
+
+def test_raw_op_under_torch_func_is_refused_clearly():
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="call torch_vjp.softmax"):
+        torch.func.jvp(lambda a: torch.ops.torch_vjp.softmax(a, -1), (x,), (x,))
+
+
+def test_raw_op_is_differentiable():
+    """torch.ops.torch_vjp.* carry autograd themselves (registered at the Autograd key)."""
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: torch.ops.torch_vjp.log_softmax(t, 0), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: torch.ops.torch_vjp.gelu(t, "tanh"), (x,))
