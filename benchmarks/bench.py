@@ -43,8 +43,9 @@ def run_benchmark(device: str, preset, out_dir: str, ops=None, provider_names=No
 
     copy_bps = copy_bandwidth(device, preset.copy_bytes, preset.timing)
     cases = make_cases(infos, preset, dtypes, all_variants) if "main" in sections else []
+    row_sweep = make_cases(infos, preset, dtypes, row_sweep=True) if "main" in sections else []
     sweep = jacobian.sweep_ops(ops) if "jacobian" in sections else []
-    total = len(cases) * len(names) + len(sweep) * len(preset.jac_ns) * len(jacobian.METHODS)
+    total = (len(cases) + len(row_sweep)) * len(names) + len(sweep) * len(preset.jac_ns) * len(jacobian.METHODS)
 
     bar = None
     if progress:
@@ -57,6 +58,7 @@ def run_benchmark(device: str, preset, out_dir: str, ops=None, provider_names=No
             bar.set_description_str(label[:60])
             bar.update(1)
 
+    # Order = priority under a time budget: the reference sizes, the Jacobian comparison, the row sweep.
     main_rows, jac_rows = [], []
     try:
         for i, case in enumerate(cases):
@@ -66,6 +68,9 @@ def run_benchmark(device: str, preset, out_dir: str, ops=None, provider_names=No
         for info in sweep:
             jac_rows += jacobian.run_sweep(info, preset.jac_ns, preset.jac_batch, device, budget, preset.jac_timing, base,
                                            seed=seed + 1000, max_call_s=preset.jac_max_call_s, tick=tick, deadline=deadline)
+        for i, case in enumerate(row_sweep):
+            main_rows += run_case(case, makers, names, device, preset.timing, copy_bps, base, seed=seed + 500 + 2 * i,
+                                  tick=tick, deadline=deadline)
     finally:
         if bar is not None:
             bar.close()

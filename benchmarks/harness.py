@@ -45,19 +45,21 @@ class Case:
         return f"{self.info.name}{v} {self.rows}x{self.n} {str(self.dtype).replace('torch.', '')}"
 
 
-def make_cases(infos, preset, dtypes, all_variants=False) -> list[Case]:
-    """Main shapes in every dtype first, then the row sweep (first dtype, ops that reduce along a row):
-    under a time budget the reference sizes are the ones that get measured."""
+def make_cases(infos, preset, dtypes, all_variants=False, row_sweep=False) -> list[Case]:
+    """The reference shapes in every dtype (row_sweep=False), or the row-length sweep (row_sweep=True: the
+    first dtype, ops that reduce along a row; elementwise ops are indifferent to n)."""
     out = []
+    if row_sweep:
+        for rows, n in preset.row_sweep:
+            for info in infos:
+                if info.family != "elementwise":
+                    out.append(Case(info, info.variants[0], rows, n, dtypes[0]))
+        return out
     for dtype in dtypes:
         for rows, n in preset.shapes:
             for info in infos:
                 for variant in info.variants if all_variants else info.variants[:1]:
                     out.append(Case(info, variant, rows, n, dtype))
-    for rows, n in preset.row_sweep:
-        for info in infos:
-            if info.family != "elementwise":
-                out.append(Case(info, info.variants[0], rows, n, dtypes[0]))
     return out
 
 
