@@ -4,8 +4,9 @@ Environment:
   USE_CUDA=0           build the CPU-only extension.
   FORCE_CUDA=1         build the CUDA kernels even without a CUDA build of torch detected (needs nvcc).
   TORCH_CUDA_ARCH_LIST respected; defaults to "8.0;9.0" when no GPU is visible.
-  TORCH_VJP_CPU_ISA    "avx2" or "default"; the default is "avx2" when the building CPU has AVX2 and FMA,
-                       so at::vec uses 256-bit registers and SLEEF math (the built extension then needs such a CPU).
+  TORCH_VJP_CPU_ISA    "avx512", "avx2" or "default"; the default is the widest the building CPU has, so
+                       at::vec uses its registers and SLEEF math, as torch's own CPU kernels do (the built
+                       extension then needs such a CPU).
   MAX_JOBS             parallel compile jobs (ninja).
 """
 import glob
@@ -39,19 +40,27 @@ def want_cuda():
     return torch.version.cuda is not None and nvcc_found
 
 
+CPU_ISA_FLAGS = {
+    # The instruction sets torch itself requires for its AVX512 / AVX2 kernels.
+    "avx512": (["avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"],
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]),
+    "avx2": (["avx2", "fma", "f16c"], ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]),
+    "default": ([], []),
+}
+
+
 def cpu_isa_flags():
     isa = os.environ.get("TORCH_VJP_CPU_ISA", "auto").strip().lower()
     if isa == "auto":
         isa = "default"
         if platform.machine() in ("x86_64", "AMD64") and os.path.exists("/proc/cpuinfo"):
-            flags = open("/proc/cpuinfo").read().split()
-            if "avx2" in flags and "fma" in flags:
-                isa = "avx2"
-    if isa == "avx2":
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
-    if isa != "default":
-        raise RuntimeError(f"TORCH_VJP_CPU_ISA must be 'avx2', 'default' or 'auto', got {isa!r}")
-    return []
+            have = set(open("/proc/cpuinfo").read().split())
+            isa = next(name for name, (needs, _) in CPU_ISA_FLAGS.items() if set(needs) <= have)
+    if isa not in CPU_ISA_FLAGS:
+        raise RuntimeError(f"TORCH_VJP_CPU_ISA must be one of {sorted(CPU_ISA_FLAGS)} or 'auto', got {isa!r}")
+    print(f"torch_vjp: CPU kernels for {isa}")
+    return CPU_ISA_FLAGS[isa][1]
 
 
 def pip_cuda_include_dirs():

@@ -47,21 +47,27 @@ struct CpuSoftmax {
           const T* x = x_rows.read(row, x_buf.data());
           const T m = row_max(x, l.n);
           const T shift = math::shift_for<K>(m);
-          const T s = chunked_sum<T>(l.n, [&](int64_t j, int64_t len) {
-            return at::vec::map_reduce_all<T>([shift](Vec<T> v) { return math::exp_(v - Vec<T>(shift)); }, plus<T>,
-                                              x + j, len);
-          });
+          const auto sum_exp = [&](const T* v) {  // s = Σ exp(v - shift)
+            return chunked_sum<T>(l.n, [&](int64_t j, int64_t len) {
+              return at::vec::map_reduce_all<T>([shift](Vec<T> e) { return math::exp_(e - Vec<T>(shift)); }, plus<T>,
+                                                v + j, len);
+            });
+          };
           if constexpr (K == SoftmaxKind::LogSumExp) {
-            out[row] = static_cast<scalar_t>(shift + math::log_(s));  // output is (outer, inner), row-major
+            out[row] = static_cast<scalar_t>(shift + math::log_(sum_exp(x)));  // output is (outer, inner)
+          } else if constexpr (K == SoftmaxKind::Softmax) {
+            // One exp per element: e = softmax_exp(x, m) is written to y and summed, then scaled in place.
+            T* y = y_rows.target(row, y_buf.data());
+            at::vec::map([m](Vec<T> v) { return math::softmax_exp(v, m); }, y, x, l.n);
+            const T inv_s = T(1) / chunked_sum<T>(l.n, [&](int64_t j, int64_t len) {
+              return at::vec::reduce_all<T>(plus<T>, y + j, len);
+            });
+            at::vec::map([inv_s](Vec<T> e) { return math::softmax_scale(e, inv_s); }, y, y, l.n);
+            y_rows.commit(row, y);
           } else {
             T* y = y_rows.target(row, y_buf.data());
-            if constexpr (K == SoftmaxKind::Softmax) {
-              const T inv_s = T(1) / s;
-              at::vec::map([m, inv_s](Vec<T> v) { return math::softmax_out(v, m, inv_s); }, y, x, l.n);
-            } else {
-              const T log_s = math::log_(s);
-              at::vec::map([m, log_s](Vec<T> v) { return math::log_softmax_out(v, m, log_s); }, y, x, l.n);
-            }
+            const T log_s = math::log_(sum_exp(x));
+            at::vec::map([m, log_s](Vec<T> v) { return math::log_softmax_out(v, m, log_s); }, y, x, l.n);
             y_rows.commit(row, y);
           }
         }

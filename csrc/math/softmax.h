@@ -40,9 +40,14 @@ TVJP_HD void online_merge(S& m_a, S& s_a, S m_b, S s_b) {
   m_a = m;
 }
 
-// y_j = exp(x_j - m) · (1/s)
+// y_j = exp(x_j - m) · (1/s), as two steps so a kernel holding the row can keep e_j = exp(x_j - m)
+// from the pass that sums it: softmax_out(x) = softmax_scale(softmax_exp(x)).
 template <class T, class S>
-TVJP_HD T softmax_out(T x, S m, S inv_s) { return exp_(x - T(m)) * T(inv_s); }
+TVJP_HD T softmax_exp(T x, S m) { return exp_(x - T(m)); }
+template <class T, class S>
+TVJP_HD T softmax_scale(T e, S inv_s) { return e * T(inv_s); }
+template <class T, class S>
+TVJP_HD T softmax_out(T x, S m, S inv_s) { return softmax_scale(softmax_exp(x, m), inv_s); }
 
 // y_j = (x_j - m) - log s. Not x_j - (m + log s): rounding m + log s costs an ulp of m, which the
 // backward's exp(y) then carries into every gradient.
