@@ -21,13 +21,15 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kUnroll = 2;
 
-// Forward reads `a` = x; backward reads `a` = dy and `b` = saved (y or x, per Op::kSavesOutput).
 template <bool kBackward, class Op, class S>
 __device__ __forceinline__ S apply(const Op& op, S a, S b) {
   if constexpr (kBackward) return op.backward(a, b);
   else return op.forward(a);
 }
 
+// Forward: out = op.forward(a), a = x. Backward: the Jacobian of an elementwise f is diag(f'(x)), so
+// dx = Jᵀ dy = dy ⊙ f'(x), which op.backward(dy, saved) computes from `b` = saved (y or x, per
+// Op::kSavesOutput). Each reads its inputs once and writes out once.
 template <bool kBackward, class Op, class T>
 __global__ void __launch_bounds__(kThreads)
     elementwise_kernel(Op op, const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out, int64_t numel,

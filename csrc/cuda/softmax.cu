@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(kWarpRowThreads)
     for (int j = 0; j < kChunks; ++j) {
       if (lane + j * kWarpSize < num_chunks) {
 #pragma unroll
-        for (int k = 0; k < P; ++k) s += math::exp_(S(p[j].v[k]) - shift);  // padding: exp(-inf - shift) = 0
+        for (int k = 0; k < P; ++k) s += math::exp_(S(p[j].v[k]) - shift);  // padding adds exp(-inf - shift) = 0
       }
     }
     s = warp_sum(s);
@@ -258,6 +258,60 @@ __global__ void __launch_bounds__(kWarpRowThreads)
 // ...; with kCached, pass 1 stores each chunk it loads at cache[c] (dynamic shared memory, count(n) packs)
 // and pass 2 reads the same slots back. Each slot is written and read by the same thread only, so the
 // cache needs no barrier; block_allreduce's barriers separate the passes and the rows.
+
+// body(c, load(c)) for c = first, first + stride, ... < end, issuing U loads before the U bodies.
+template <int U, class Load, class Body>
+__device__ __forceinline__ void chunk_loop(int64_t first, int64_t stride, int64_t end, const Load& load,
+                                           const Body& body) {
+  using D = decltype(load(first));
+  for (int64_t c0 = first; c0 < end; c0 += U * stride) {
+    D d[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (c0 + u * stride < end) d[u] = load(c0 + u * stride);
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (c0 + u * stride < end) body(c0 + u * stride, d[u]);
+  }
+}
+
+template <class T>
+struct Pack2 {
+  Pack<T> a, b;
+};
+
+// body(c, chunk c of the row(s)) over this thread's chunks, read from global memory. The vectorised and the
+// scalar loops are separate so that each gets its own unrolling: kUnroll packs in flight, or one scalar
+// chunk (whose P loads are already independent) at a time.
+template <class T, class Body>
+__device__ __forceinline__ void for_own_chunks(const T* a, int64_t n, bool vec, T pad, const Body& body) {
+  using Row = RowChunks<T>;
+  const int64_t num_chunks = Row::count(n, vec);
+  if (vec) {
+    chunk_loop<kUnroll>(threadIdx.x, blockDim.x, num_chunks, [a](int64_t c) { return load_pack(a + c * Row::P); },
+                        body);
+  } else {
+    chunk_loop<1>(threadIdx.x, blockDim.x, num_chunks, [=](int64_t c) { return Row::load(a, c, n, false, pad); },
+                  body);
+  }
+}
+
+template <class T, class Body>
+__device__ __forceinline__ void for_own_chunks(const T* a, const T* b, int64_t n, bool vec, T pad,
+                                               const Body& body) {
+  using Row = RowChunks<T>;
+  const int64_t num_chunks = Row::count(n, vec);
+  if (vec) {
+    chunk_loop<kUnroll>(threadIdx.x, blockDim.x, num_chunks, [a, b](int64_t c) {
+      return Pack2<T>{load_pack(a + c * Row::P), load_pack(b + c * Row::P)};
+    }, body);
+  } else {
+    chunk_loop<1>(threadIdx.x, blockDim.x, num_chunks, [=](int64_t c) {
+      return Pack2<T>{Row::load(a, c, n, false, pad), Row::load(b, c, n, false, pad)};
+    }, body);
+  }
+}
+
 template <SoftmaxKind K, class T, bool kCached>
 __global__ void __launch_bounds__(kMaxBlockThreads)
     forward_block_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t n, bool vec) {
@@ -268,31 +322,18 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
   extern __shared__ __align__(16) unsigned char smem[];
   Pack<T>* cache = reinterpret_cast<Pack<T>*>(smem);
   const int64_t num_chunks = Row::count(n, vec);
-  const int64_t stride = blockDim.x;
   const T pad = T(neg_inf<S>());
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const T* xr = x + row * n;
     MaxSum<S> st{neg_inf<S>(), S(0)};
     bool nan_seen = false;
-    for (int64_t c0 = threadIdx.x; c0 < num_chunks; c0 += kUnroll * stride) {
-      Pack<T> p[kUnroll];
+    for_own_chunks(xr, n, vec, pad, [&](int64_t c, const Pack<T>& p) {
+      if constexpr (kCached) cache[c] = p;
+      S v[P];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t c = c0 + u * stride;
-        if (c < num_chunks) p[u] = Row::load(xr, c, n, vec, pad);
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t c = c0 + u * stride;
-        if (c < num_chunks) {
-          if constexpr (kCached) cache[c] = p[u];
-          S v[P];
-#pragma unroll
-          for (int k = 0; k < P; ++k) v[k] = S(p[u].v[k]);
-          online_add<K>(st, v, nan_seen);
-        }
-      }
-    }
+      for (int k = 0; k < P; ++k) v[k] = S(p.v[k]);
+      online_add<K>(st, v, nan_seen);
+    });
     st = block_online_merge(st);
     if constexpr (K == SoftmaxKind::LogSumExp) nan_seen = __syncthreads_or(nan_seen);
     const ForwardRow<K, S> r = finish_online<K>(st, nan_seen);
@@ -300,31 +341,25 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
       if (threadIdx.x == 0) y[row] = T(r.lse);
     } else {
       T* yr = y + row * n;
-      for (int64_t c0 = threadIdx.x; c0 < num_chunks; c0 += kUnroll * stride) {
-        Pack<T> p[kUnroll];
+      const auto write = [&](int64_t c, const Pack<T>& p) {
+        Pack<T> q;
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int64_t c = c0 + u * stride;
-          if (c < num_chunks) p[u] = kCached ? cache[c] : Row::load(xr, c, n, vec, pad);
-        }
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int64_t c = c0 + u * stride;
-          if (c < num_chunks) {
-            Pack<T> q;
-#pragma unroll
-            for (int k = 0; k < P; ++k) q.v[k] = T(r.out(S(p[u].v[k])));
-            Row::store(yr, c, n, vec, q);
-          }
-        }
-      }
+        for (int k = 0; k < P; ++k) q.v[k] = T(r.out(S(p.v[k])));
+        Row::store(yr, c, n, vec, q);
+      };
+      if constexpr (kCached)
+        chunk_loop<kUnroll>(threadIdx.x, blockDim.x, num_chunks, [cache](int64_t c) { return cache[c]; }, write);
+      else
+        for_own_chunks(xr, n, vec, pad, write);
     }
   }
 }
 
-// Softmax / log_softmax backward, block per row: dx = grad(dy, y, Σ term(dy, y)) (derivation at
-// backward_warp_kernel). Pass 1 reads dy and y and sums term; pass 2 writes dx from the shared-memory copies
-// (kCached: dy at cache[c], y at cache[count + c]; global memory read once) or from a second global read.
+// Softmax / log_softmax backward, block per row. softmax: J = diag(y) - y yᵀ, so dx = y ⊙ (dy - Σ dy·y);
+// log_softmax: J = I - 1 exp(y)ᵀ, so dx = dy - exp(y) Σ dy (derivations at backward_warp_kernel): one row
+// sum of term(dy, y), then dx = grad(dy, y, sum). Pass 1 reads dy and y and sums term; pass 2 writes dx
+// from the shared-memory copies (kCached: dy at cache[c], y at cache[count + c]; global memory read once)
+// or from a second global read.
 template <SoftmaxKind K, class T, bool kCached>
 __global__ void __launch_bounds__(kMaxBlockThreads)
     backward_block_kernel(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx, int64_t rows,
@@ -337,56 +372,31 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
   const int64_t num_chunks = Row::count(n, vec);
   Pack<T>* cache_dy = reinterpret_cast<Pack<T>*>(smem);
   Pack<T>* cache_y = cache_dy + num_chunks;
-  const int64_t stride = blockDim.x;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const T* dyr = dy + row * n;
     const T* yr = y + row * n;
     S sum = 0;
-    for (int64_t c0 = threadIdx.x; c0 < num_chunks; c0 += kUnroll * stride) {
-      Pack<T> pdy[kUnroll], py[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t c = c0 + u * stride;
-        if (c < num_chunks) {
-          pdy[u] = Row::load(dyr, c, n, vec, T(0));
-          py[u] = Row::load(yr, c, n, vec, T(0));
-        }
+    for_own_chunks(dyr, yr, n, vec, T(0), [&](int64_t c, const Pack2<T>& p) {
+      if constexpr (kCached) {
+        cache_dy[c] = p.a;
+        cache_y[c] = p.b;
       }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t c = c0 + u * stride;
-        if (c < num_chunks) {
-          if constexpr (kCached) {
-            cache_dy[c] = pdy[u];
-            cache_y[c] = py[u];
-          }
-#pragma unroll
-          for (int k = 0; k < P; ++k) sum += B::term(S(pdy[u].v[k]), S(py[u].v[k]));
-        }
-      }
-    }
+      for (int k = 0; k < P; ++k) sum += B::term(S(p.a.v[k]), S(p.b.v[k]));
+    });
     sum = block_sum(sum);
     T* dxr = dx + row * n;
-    for (int64_t c0 = threadIdx.x; c0 < num_chunks; c0 += kUnroll * stride) {
-      Pack<T> pdy[kUnroll], py[kUnroll];
+    const auto write = [&](int64_t c, const Pack2<T>& p) {
+      Pack<T> q;
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t c = c0 + u * stride;
-        if (c < num_chunks) {
-          pdy[u] = kCached ? cache_dy[c] : Row::load(dyr, c, n, vec, T(0));
-          py[u] = kCached ? cache_y[c] : Row::load(yr, c, n, vec, T(0));
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t c = c0 + u * stride;
-        if (c < num_chunks) {
-          Pack<T> q;
-#pragma unroll
-          for (int k = 0; k < P; ++k) q.v[k] = T(B::grad(S(pdy[u].v[k]), S(py[u].v[k]), sum));
-          Row::store(dxr, c, n, vec, q);
-        }
-      }
+      for (int k = 0; k < P; ++k) q.v[k] = T(B::grad(S(p.a.v[k]), S(p.b.v[k]), sum));
+      Row::store(dxr, c, n, vec, q);
+    };
+    if constexpr (kCached) {
+      chunk_loop<kUnroll>(threadIdx.x, blockDim.x, num_chunks,
+                          [cache_dy, cache_y](int64_t c) { return Pack2<T>{cache_dy[c], cache_y[c]}; }, write);
+    } else {
+      for_own_chunks(dyr, yr, n, vec, T(0), write);
     }
   }
 }
@@ -422,8 +432,10 @@ __global__ void __launch_bounds__(kColumnThreads)
   }
 }
 
-// Softmax / log_softmax backward, thread per column: dx = grad(dy, y, Σ term(dy, y)) (derivation at
-// backward_warp_kernel). Reads dy and y twice (the second time mostly from cache), writes dx once.
+// Softmax / log_softmax backward, thread per column. softmax: J = diag(y) - y yᵀ, so dx = y ⊙ (dy - Σ dy·y);
+// log_softmax: J = I - 1 exp(y)ᵀ, so dx = dy - exp(y) Σ dy (derivations at backward_warp_kernel): one column
+// sum of term(dy, y), then dx = grad(dy, y, sum). Reads dy and y twice (the second time mostly from
+// cache), writes dx once.
 template <SoftmaxKind K, class T>
 __global__ void __launch_bounds__(kColumnThreads)
     backward_column_kernel(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx, int64_t outer,
@@ -599,7 +611,8 @@ void launch_logsumexp_backward(const RowLayout& l, const T* dy, const T* out, co
   const int64_t numel = l.outer * l.n * l.inner;
   const bool vec = can_vectorize(x, dx);
   const int64_t per_thread = vec ? kPackElems<T> : 1;
-  const unsigned blocks = grid_blocks(ceil_div(numel, per_thread * kElemThreads), one_wave_blocks<kernel, kElemThreads>());
+  const unsigned blocks =
+      grid_blocks(ceil_div(numel, per_thread * kElemThreads), one_wave_blocks<kernel, kElemThreads>());
   kernel<<<blocks, kElemThreads, 0, at::cuda::getCurrentCUDAStream()>>>(dy, out, x, dx, numel, I(l.n), I(l.inner),
                                                                         vec);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
