@@ -73,10 +73,13 @@ def pip_cuda_include_dirs():
 
 def extension():
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
-    cxx = ["-O3", "-fvisibility=hidden"] + cpu_isa_flags()
+    # -fopenmp: at::parallel_for is inline OpenMP in torch's headers; without it the CPU kernels run on one thread.
+    cxx = ["-O3", "-fvisibility=hidden", "-fopenmp"] + cpu_isa_flags()
+    link = ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not want_cuda():
-        return CppExtension("torch_vjp._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+        return CppExtension("torch_vjp._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+                            extra_link_args=link)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     sources += sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
@@ -86,6 +89,7 @@ def extension():
         sources,
         include_dirs=include_dirs + pip_cuda_include_dirs(),
         extra_compile_args={"cxx": cxx + ["-DTORCH_VJP_WITH_CUDA"], "nvcc": nvcc},
+        extra_link_args=link,
     )
 
 
