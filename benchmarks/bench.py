@@ -12,7 +12,32 @@ from tests.op_db import OPS
 from . import jacobian, providers as providers_mod
 from .harness import DTYPES, make_cases, run_case
 from .report import write_report
-from .timing import copy_bandwidth, environment
+from .timing import copy_bandwidth, environment, keep_freed_memory
+
+
+def _busy_seconds_of_others():
+    """CPU seconds the whole machine has been busy, less those of this process and its children (Linux;
+    None elsewhere). Its growth over the run says how much other work competed with the measurements."""
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # all but idle and iowait
+        mine = 0
+        pids = {os.getpid()}
+        for entry in os.listdir("/proc"):  # this process and its descendants (torch.compile's workers)
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        stat = f.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(entry) == os.getpid() or int(stat[1]) in pids:
+                    pids.add(int(entry))
+                    mine += sum(int(v) for v in stat[11:15])  # utime stime cutime cstime
+        return (busy - mine) / tick
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def timer_name(device: str) -> str:
@@ -33,6 +58,7 @@ def run_benchmark(device: str, preset, out_dir: str, ops=None, provider_names=No
                   command: str | None = None, seed: int = 0) -> dict:
     """Runs the benchmark and writes the report into out_dir; returns {"main": rows, "jacobian": rows, "paths": ...}."""
     start = time.monotonic()
+    others_start = _busy_seconds_of_others()
     deadline = None if time_budget is None else start + time_budget
     infos = [info for info in OPS if ops is None or info.name in ops]
     dtypes = [DTYPES[d] for d in (dtypes or preset.dtypes)]
@@ -40,6 +66,7 @@ def run_benchmark(device: str, preset, out_dir: str, ops=None, provider_names=No
     names = providers_mod.available(provider_names or providers_mod.ALL, device, known=makers)
     env = environment(device)
     base = dict(env, timer=timer_name(device))
+    allocator = keep_freed_memory() if not device.startswith("cuda") else "CUDA caching allocator"
 
     copy_bps = copy_bandwidth(device, preset.copy_bytes, preset.timing)
     cases = make_cases(infos, preset, dtypes, all_variants) if "main" in sections else []
@@ -76,6 +103,12 @@ def run_benchmark(device: str, preset, out_dir: str, ops=None, provider_names=No
             bar.close()
 
     elapsed = time.monotonic() - start
+    others_end = _busy_seconds_of_others()
+    others = "unknown"
+    if others_start is not None and others_end is not None:
+        cpu_s = max(0.0, others_end - others_start)
+        others = (f"{cpu_s:.0f} CPU-seconds by other processes, {100 * cpu_s / (elapsed * (os.cpu_count() or 1)):.0f}% "
+                  f"of the {os.cpu_count()} cores (above a few %, CPU timings are inflated)")
     header = "\n".join([
         f"# torch_vjp benchmark: {env['device']}",
         "",
@@ -83,7 +116,8 @@ def run_benchmark(device: str, preset, out_dir: str, ops=None, provider_names=No
         f"- command: `{command or 'python -m benchmarks'}` ({elapsed:.0f} s)",
         f"- copy bandwidth (bytes read + written, {preset.copy_bytes >> 20} MiB buffer): **{copy_bps / 1e9:.1f} GB/s**; "
         "speed-of-light (SoL) = the fewest bytes the op must move (benchmarks/sol.py) / that bandwidth",
-        f"- time: {timer_name(device)}; memory: {memory_method(device)}",
+        f"- time: {timer_name(device)}; memory: {memory_method(device)}; allocator: {allocator}",
+        *([f"- other work on the machine during the run: {others}"] if not device.startswith("cuda") else []),
         "- every provider's output and input gradient were checked against the float64 reference before timing "
         "(a mismatch is shown as **wrong**, untimed)",
         "",
@@ -92,6 +126,7 @@ def run_benchmark(device: str, preset, out_dir: str, ops=None, provider_names=No
     with open(os.path.join(out_dir, "command.txt"), "w") as f:
         f.write(f"{command or 'python -m benchmarks'}\n\n"
                 f"device: {env['device']}\ntorch: {env['torch']}\ncommit: {env['commit']}\ndate: {env['date']}\n"
-                f"preset: {preset.name}\nseconds: {elapsed:.0f}\n")
+                f"preset: {preset.name}\nseconds: {elapsed:.0f}\n"
+                + (f"other work during the run: {others}\n" if not device.startswith("cuda") else ""))
     paths["command"] = os.path.join(out_dir, "command.txt")
     return {"main": main_rows, "jacobian": jac_rows, "paths": paths, "seconds": elapsed, "copy_gbps": copy_bps / 1e9}

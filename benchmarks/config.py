@@ -54,24 +54,27 @@ PRESETS = {
         jac_timing=TimingConfig(warmup_ms=5, rep_ms=20),
         jac_max_call_s=2.0,
     ),
-    # 2 cores, ~2 minutes for everything. 4096 × 2048 fp32 is 32 MiB a tensor: the five tensor-passes of
-    # forward + backward (160 MiB) exceed a 32 MiB L3, so the numbers are about memory, not cache.
-    # The Jacobian sweep runs 8 rows: the whole-batch Jacobian is (8n)² floats (1 GiB at n = 2048),
-    # the per-row Jacobians 8n² (512 MiB at n = 4096); the 2 GiB budget skips what would swap the machine.
+    # 2 cores, ~2 minutes for everything. 32 MiB a tensor (fp32 4096 × 2048): x, y, dy and dx together
+    # (128 MiB) are 4× a 32 MiB L3, and the timing rotates among 4 input sets, so the numbers are about
+    # memory, not cache. (timing.keep_freed_memory keeps glibc from page-faulting such blocks anew on every
+    # call.) The row sweep keeps rows × n = 2^23 with rows of 256 and 32768. The Jacobian sweep runs 8
+    # rows: the whole-batch Jacobian is (8n)² floats (1 GiB at n = 2048), the per-row Jacobians 8n²
+    # (512 MiB at n = 4096); the 2 GiB budget skips what would swap the machine.
     "cpu": Preset(
         name="cpu",
         shapes=((4096, 2048),),
-        row_sweep=(),
+        row_sweep=((32768, 256), (256, 32768)),
         dtypes=("float32",),
         copy_bytes=256 << 20,
-        timing=TimingConfig(min_run_time=0.25),
+        timing=TimingConfig(min_run_time=0.2),
         jac_batch=8,
         jac_ns=(64, 128, 256, 512, 1024, 2048, 4096),
         jac_budget_bytes=2 << 30,
         jac_timing=TimingConfig(min_run_time=0.1),
         jac_max_call_s=2.0,
     ),
-    # Same as "cpu" at half the rows and a shorter sweep: about a minute and a half.
+    # Half the bytes of "cpu" (16 MiB a tensor: the 4 rotated input sets are still 6× the L3), no row
+    # sweep, a shorter Jacobian sweep and shorter timing: about a minute.
     "cpu-quick": Preset(
         name="cpu-quick",
         shapes=((2048, 2048),),

@@ -55,6 +55,16 @@ def _ratio(a, b) -> str:
     return f"{float(a['median_ms']) / float(b['median_ms']):.2f}"
 
 
+def _geomean(ops, mine, other) -> str:
+    """Geometric mean over ops of mine's fwd+bwd time over other's (ops where both are ok)."""
+    logs = []
+    for by_provider in ops.values():
+        a, b = by_provider.get(mine, {}).get("fwd+bwd"), by_provider.get(other, {}).get("fwd+bwd")
+        if a and b and a["status"] == b["status"] == "ok":
+            logs.append(math.log(float(a["median_ms"]) / float(b["median_ms"])))
+    return f"{math.exp(sum(logs) / len(logs)):.2f}" if logs else "-"
+
+
 def _groups(rows):
     """(dtype, shape) groups in the order they were run, each {op: {provider: {phase: row}}}."""
     groups = {}
@@ -92,6 +102,9 @@ def main_markdown(rows) -> str:
                 best = min(ok, key=lambda r: float(r["median_ms"])) if ok else None
                 cells.append(_ratio(full["torch_vjp"], best) + (f" ({best['provider']})" if best else ""))
             lines.append("| " + " | ".join(cells) + " |")
+        if "torch_vjp" in providers and len(ops) > 1:
+            lines.append("| " + " | ".join(["geometric mean", ""] + [""] * len(providers)
+                                           + [_geomean(ops, "torch_vjp", p) for p in others] + [""]) + " |")
         lines += ["", f"Forward and backward alone, {dtype}, {shape.replace('x', ' × ')}: median ms (% of speed-of-light).", ""]
         lines += ["| op | " + " | ".join(f"{p} fwd | {p} bwd" for p in providers) + " |",
                   "|---|" + "---|---|" * len(providers)]
@@ -212,10 +225,12 @@ def plot_jacobian(rows, path) -> bool:
                 ax_t.plot([int(r["n"]) for r in ok], [float(r["median_ms"]) for r in ok], "o-", color=f"C{i}", label=m)
                 mem = [r for r in ok if _f(r.get("peak_mib"))]
                 ax_m.plot([int(r["n"]) for r in mem], [float(r["peak_mib"]) for r in mem], "o-", color=f"C{i}", label=m)
-            skipped = [r for r in mine if r["status"].startswith("skipped (est") or r["status"] == "OOM"]
-            if skipped:  # where it could not run: the estimate, as open markers
-                ax_m.plot([int(r["n"]) for r in skipped], [float(r["est_mib"]) for r in skipped], "o--", mfc="none",
-                          color=f"C{i}", label=f"{m}: estimate (skipped/OOM)")
+            skipped = [r for r in mine if r["status"].endswith("GiB)") or r["status"] == "OOM"]
+            if skipped:  # where it could not run: the memory estimate, as open markers on a dashed line
+                mem_ok = [r for r in ok if _f(r.get("peak_mib"))][-1:]
+                ax_m.plot([int(r["n"]) for r in mem_ok + skipped],
+                          [float(r["peak_mib"]) for r in mem_ok] + [float(r["est_mib"]) for r in skipped], "o--",
+                          mfc="none", color=f"C{i}", label=f"{m}: estimate where skipped/OOM")
         for ax, label in ((ax_t, "median ms"), (ax_m, "peak MiB beyond the inputs")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")

@@ -1,0 +1,159 @@
+"""The benchmark suite's own tests: small and fast, no timing asserted (only that numbers are written)."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+
+import pytest
+import torch
+
+from benchmarks import jacobian, sol
+from benchmarks.bench import run_benchmark
+from benchmarks.config import PRESETS
+from benchmarks.harness import Case, run_case
+from benchmarks.timing import TimingConfig, peak_memory_bytes
+from tests.op_db import OPS, OPS_BY_NAME
+
+# A preset small enough for a unit test: the harness end to end in a few seconds.
+TINY = dataclasses.replace(
+    PRESETS["cpu-quick"], name="tiny", shapes=((8, 64),), copy_bytes=1 << 20, timing=TimingConfig(min_run_time=0.005),
+    jac_batch=2, jac_ns=(8, 16), jac_timing=TimingConfig(min_run_time=0.005),
+)
+BASE = {"date": "d", "device": "cpu", "torch": torch.__version__, "commit": "c", "timer": "t"}
+
+
+def test_bytes_table_covers_every_op():
+    for info in OPS:
+        fwd, bwd = sol.passes(info.name, info.family)
+        assert fwd >= 1 and bwd >= 1, info.name
+    assert sol.sol_bytes("exp", "elementwise", 10, 4, "fwd+bwd") == 5 * 10 * 4
+    assert sol.sol_bytes("softmax", "softmax", 10, 2, "fwd+bwd") == 5 * 10 * 2
+    assert sol.sol_bytes("logsumexp", "softmax", 10, 4, "fwd+bwd") == 3 * 10 * 4
+
+
+def test_tiny_run_writes_csv_markdown_and_plots(tmp_path):
+    run_benchmark("cpu", TINY, str(tmp_path), ops=["exp", "softmax", "logsumexp"],
+                           provider_names=["torch_vjp", "eager", "liger"], progress=False, command="test")
+    for name in ("results.csv", "jacobian.csv", "summary.md", "sol.png", "jacobian.png", "command.txt"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    # liger is never importable on CPU: dropped without a row. 3 ops × 2 providers × 3 phases.
+    assert {r["provider"] for r in rows} == {"torch_vjp", "eager"}
+    assert len(rows) == 18
+    assert all(r["status"] == "ok" and float(r["median_ms"]) > 0 and float(r["pct_sol"]) >= 0 for r in rows)
+    assert all(r["device"] and r["torch"] and r["dtype"] == "float32" and r["shape"] == "8x64" and r["date"] for r in rows)
+    assert all(r["peak_mib"] for r in rows if r["phase"] == "fwd+bwd")
+    summary = (tmp_path / "summary.md").read_text()
+    assert "torch_vjp ÷ eager" in summary and "| softmax |" in summary and "dx = dyᵀJ" in summary
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tiny_run_on_cuda(tmp_path):
+    """The CUDA path end to end (events timer, L2 flush, max_memory_allocated, Jacobian OOM handling)."""
+    preset = dataclasses.replace(TINY, timing=TimingConfig(warmup_ms=1, rep_ms=5), jac_budget_bytes=None,
+                                 jac_timing=TimingConfig(warmup_ms=1, rep_ms=5))
+    result = run_benchmark("cuda", preset, str(tmp_path), ops=["exp", "softmax"], dtypes=["bfloat16"], progress=False)
+    assert (tmp_path / "summary.md").exists() and (tmp_path / "sol.png").exists()
+    for row in result["main"]:
+        if row["provider"] in ("eager", "compile", "liger"):
+            assert row["status"] == "ok", row
+        if row["status"] == "ok" and row["phase"] == "fwd+bwd":
+            assert float(row["peak_mib"]) > 0
+    assert all(r["status"] in ("ok", "no cuda kernel") for r in result["jacobian"]), result["jacobian"]
+
+
+def test_compile_provider_runs(tmp_path):
+    result = run_benchmark("cpu", TINY, str(tmp_path), ops=["exp"], provider_names=["compile"], sections=("main",),
+                           progress=False)
+    assert {r["status"] for r in result["main"]} == {"ok"}, result["main"]
+
+
+def test_wrong_provider_is_reported_wrong_not_timed():
+    def off_by_one_percent(info, kwargs, device):
+        return lambda x: info.ref(x, **kwargs) * 1.01
+
+    case = Case(OPS_BY_NAME["softmax"], {}, 4, 32, torch.float32)
+    rows = run_case(case, {"bad": off_by_one_percent}, ["bad"], "cpu", TINY.timing, 1e10, BASE, seed=0)
+    assert [r["status"] for r in rows] == ["wrong"] * 3
+    assert not any(r.get("median_ms") for r in rows)
+    assert float(rows[0]["out_err"]) > 1e-3
+
+
+def test_failing_provider_is_recorded_and_the_run_goes_on():
+    def broken(info, kwargs, device):
+        def fn(x):
+            raise RuntimeError("kernel exploded")
+        return fn
+
+    case = Case(OPS_BY_NAME["exp"], {}, 4, 32, torch.float32)
+    rows = run_case(case, {"broken": broken, "eager": lambda i, k, d: lambda x: i.ref(x, **k)}, ["broken", "eager"],
+                    "cpu", TINY.timing, 1e10, BASE, seed=0)
+    assert {r["status"] for r in rows if r["provider"] == "broken"} == {"error: RuntimeError: kernel exploded"}
+    assert {r["status"] for r in rows if r["provider"] == "eager"} == {"ok"}
+
+
+def test_jacobian_sweep_skips_oversized_and_records_oom(monkeypatch):
+    info = OPS_BY_NAME["softmax"]
+    # A budget the Jacobian methods exceed: recorded as skipped with the estimate, the VJPs still run.
+    budget = jacobian.estimate_bytes("vjp", 2, 16, 16, 4)
+    rows = jacobian.run_point(info, 16, 2, "cpu", budget, TINY.jac_timing, BASE, seed=0)
+    status = {r["method"]: r["status"] for r in rows}
+    assert status["vjp"] == status["autograd"] == "ok"
+    assert status["jac_vmap"].startswith("skipped (est.") and status["jac_full"].startswith("skipped (est.")
+
+    real = jacobian.method_fn
+
+    def oom_for_full(method, *args):
+        if method == "jac_full":
+            def fn():
+                raise RuntimeError("CUDA out of memory. Tried to allocate 64.00 GiB")
+            return fn
+        return real(method, *args)
+
+    monkeypatch.setattr(jacobian, "method_fn", oom_for_full)
+    rows = jacobian.run_sweep(info, (8, 16), 2, "cpu", 1 << 30, TINY.jac_timing, BASE, seed=0)
+    assert [r["status"] for r in rows if r["method"] == "jac_full"] == ["OOM", "OOM"]
+    assert all(r["status"] == "ok" for r in rows if r["method"] != "jac_full")
+
+
+def test_predicted_slow_points_are_skipped():
+    info = OPS_BY_NAME["exp"]
+    rows = jacobian.run_sweep(info, (8, 16), 2, "cpu", 1 << 30, TINY.jac_timing, BASE, seed=0, max_call_s=0.0)
+    # Calls under PREDICT_FROM_MS predict nothing, so a tiny sweep is never skipped for time.
+    assert all(r["status"] == "ok" for r in rows)
+
+
+@pytest.mark.parametrize("name", ["softmax", "exp", "logsumexp"])
+def test_every_method_computes_dy_times_jacobian(name):
+    info = OPS_BY_NAME[name]
+    kwargs = info.call_kwargs()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(info.ref(x, **kwargs).shape, generator=gen, dtype=torch.float64)
+    # dyᵀJ from each row's explicit Jacobian.
+    expected = torch.stack([
+        dy[i].reshape(1, -1) @ torch.autograd.functional.jacobian(lambda r: info.ref(r, **kwargs), x[i].detach()).reshape(-1, 5)
+        for i in range(3)
+    ]).reshape(3, 5)
+    for method in jacobian.METHODS:
+        got = jacobian.method_fn(method, info, kwargs, x, dy)()
+        torch.testing.assert_close(got, expected, msg=method)
+
+
+def test_cpu_peak_memory_sees_an_allocation():
+    def allocate():
+        t = torch.empty(1 << 20)  # 4 MiB, freed on return
+        t.fill_(1.0)
+
+    peak = peak_memory_bytes(allocate, "cpu")
+    assert peak is None or peak >= 4 << 20  # None means "not measured", which the report says
+
+
+def test_cli_quick_shape(tmp_path, capsys):
+    from benchmarks.__main__ import main
+
+    main(["--shape", "8x64", "--ops", "sigmoid", "--providers", "torch_vjp,eager", "--only", "main", "--no-progress",
+          "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| sigmoid |" in out and (tmp_path / "results.csv").exists()
