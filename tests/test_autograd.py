@@ -1,4 +1,6 @@
 """Autograd: the backward is dyᵀJ; gradcheck and gradgradcheck in float64; forward mode; torch.func."""
+import warnings
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -82,3 +84,18 @@ def test_raw_op_is_differentiable():
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: torch.ops.torch_vjp.log_softmax(t, 0), (x,))
     assert torch.autograd.gradgradcheck(lambda t: torch.ops.torch_vjp.gelu(t, "tanh"), (x,))
+
+
+@pytest.mark.parametrize("info,variant", op_variants())
+def test_vmap_has_a_batching_rule(info, variant, device):
+    """vmap over any dim of the public op and the registered op: one batched call (no per-sample
+    fallback, which torch announces with a warning) and the reference's values."""
+    x = sample(info, (3, 4, 5), torch.float32, device)
+    for in_dim in (0, 1, 2):
+        for kwargs in [info.call_kwargs(dim=d, keepdim=k, **variant) for d in (0, -1) for k in (False, True)]:
+            expected = torch.func.vmap(lambda a: info.ref(a, **kwargs), in_dims=in_dim)(x)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                for fn in (info.op, info.raw):
+                    out = torch.func.vmap(lambda a: fn(a, **kwargs), in_dims=in_dim)(x)
+                    torch.testing.assert_close(out, expected)
