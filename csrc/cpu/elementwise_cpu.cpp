@@ -11,8 +11,8 @@ struct CpuElementwise {
   template <class Op>
   static void forward(Op op, const at::Tensor& input, const at::Tensor& output) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torch_vjp_unary_cpu", [&] {
-      cpu::map_elementwise<1>(output.mutable_data_ptr<scalar_t>(), {input.const_data_ptr<scalar_t>()},
-                              input.numel(), [op](auto x) { return op.forward(x); });
+      cpu::map_elementwise(output.mutable_data_ptr<scalar_t>(), input.numel(), [op](auto x) { return op.forward(x); },
+                           input.const_data_ptr<scalar_t>());
     });
   }
 
@@ -20,9 +20,9 @@ struct CpuElementwise {
   template <class Op>
   static void backward(Op op, const at::Tensor& grad_output, const at::Tensor& saved, const at::Tensor& grad_input) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "torch_vjp_unary_backward_cpu", [&] {
-      cpu::map_elementwise<2>(grad_input.mutable_data_ptr<scalar_t>(),
-                              {grad_output.const_data_ptr<scalar_t>(), saved.const_data_ptr<scalar_t>()},
-                              saved.numel(), [op](auto dy, auto s) { return op.backward(dy, s); });
+      cpu::map_elementwise(grad_input.mutable_data_ptr<scalar_t>(), saved.numel(),
+                           [op](auto dy, auto s) { return op.backward(dy, s); }, grad_output.const_data_ptr<scalar_t>(),
+                           saved.const_data_ptr<scalar_t>());
     });
   }
 };

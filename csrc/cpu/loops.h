@@ -1,5 +1,7 @@
-// CPU loop helpers shared by the CPU kernels: elementwise maps and row access, both evaluated in
-// at::opmath_type (float for half types) with at::vec::Vectorized lanes and a scalar tail.
+// CPU loop helpers shared by the CPU kernels. Data stays in its storage type S (float, double, or a half
+// type) in memory; the math runs on at::opmath_type<S> (float for half types) in at::vec registers: each
+// Vectorized<S> worth of elements is widened to one or two opmath vectors, and narrowed once on store.
+// So a map or a reduction is one pass over memory, and a scalar tail finishes what is left.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -9,98 +11,153 @@
 
 #include <algorithm>
 #include <array>
-#include <tuple>
+#include <cmath>
 #include <type_traits>
-#include <utility>
 
 #include "ops/softmax.h"
 
 namespace torch_vjp::cpu {
 
-template <class scalar_t>
-using opmath = at::opmath_type<scalar_t>;
+template <class S>
+using opmath = at::opmath_type<S>;
 
-// out[i] = fn(in[0][i], ..., in[N-1][i]) over contiguous opmath arrays; fn takes Vectorized lanes and,
-// for the tail, scalars. (The same math functor serves both: see math/common.h.)
-template <class T, size_t N, class Fn, size_t... I>
-void map_opmath(T* out, const std::array<const T*, N>& in, int64_t len, const Fn& fn, std::index_sequence<I...>) {
-  using Vec = at::vec::Vectorized<T>;
-  int64_t i = 0;
-  for (; i + Vec::size() <= len; i += Vec::size()) fn(Vec::loadu(in[I] + i)...).store(out + i);
-  for (; i < len; ++i) out[i] = fn(in[I][i]...);  // Scalar math: the same fn on one element
-}
+template <class T>
+using Vec = at::vec::Vectorized<T>;
 
-// The same for half types: each 16-byte lane group is widened to two float vectors in registers,
-// mapped, and narrowed once.
-template <class scalar_t, size_t N, class Fn, size_t... I>
-void map_reduced(scalar_t* out, const std::array<const scalar_t*, N>& in, int64_t len, const Fn& fn,
-                 std::index_sequence<I...>) {
-  using VecS = at::vec::Vectorized<scalar_t>;
-  int64_t i = 0;
-  for (; i + VecS::size() <= len; i += VecS::size()) {
-    const std::array<std::tuple<at::vec::Vectorized<float>, at::vec::Vectorized<float>>, N> wide = {
-        at::vec::convert_to_float<scalar_t>(VecS::loadu(in[I] + i))...};
-    const auto lo = fn(std::get<0>(wide[I])...);
-    const auto hi = fn(std::get<1>(wide[I])...);
-    at::vec::convert_from_float<scalar_t>(lo, hi).store(out + i);
-  }
-  for (; i < len; ++i) out[i] = static_cast<scalar_t>(fn(static_cast<float>(in[I][i])...));  // Scalar math
-}
+// One group of Vectorized<S>::size() elements as kParts opmath vectors.
+template <class S>
+struct Lanes {
+  using T = opmath<S>;
+  static constexpr int64_t kWidth = Vec<S>::size();
+  static constexpr int kParts = std::is_same_v<S, T> ? 1 : 2;
+  using Parts = std::array<Vec<T>, kParts>;
 
-// Elementwise map over tensors of any floating dtype, in parallel; the math runs on
-// Vectorized<float|double> (float for half types).
-template <size_t N, class scalar_t, class Fn>
-void map_elementwise(scalar_t* out, std::array<const scalar_t*, N> in, int64_t numel, const Fn& fn) {
-  at::parallel_for(0, numel, 2048, [&](int64_t begin, int64_t end) {
-    std::array<const scalar_t*, N> shifted;
-    for (size_t k = 0; k < N; ++k) shifted[k] = in[k] + begin;
-    if constexpr (std::is_same_v<scalar_t, opmath<scalar_t>>) {
-      map_opmath<scalar_t, N>(out + begin, shifted, end - begin, fn, std::make_index_sequence<N>{});
+  static Parts load(const S* p) {
+    if constexpr (kParts == 1) {
+      return {Vec<T>::loadu(p)};
     } else {
-      map_reduced<scalar_t, N>(out + begin, shifted, end - begin, fn, std::make_index_sequence<N>{});
+      const auto [lo, hi] = at::vec::convert_to_float<S>(Vec<S>::loadu(p));
+      return {lo, hi};
     }
+  }
+  static void store(S* p, const Parts& v) {
+    if constexpr (kParts == 1) v[0].store(p);
+    else at::vec::convert_from_float<S>(v[0], v[1]).store(p);
+  }
+};
+
+// out[j] = fn(in[j]...) for j < n; fn takes opmath vectors and, for the tail, opmath scalars
+// (the same math functor serves both: see math/common.h).
+template <class S, class Fn, class... In>
+void map_row(S* out, int64_t n, const Fn& fn, const In*... in) {
+  static_assert((std::is_same_v<S, In> && ...), "one storage type per row map (loadu would reinterpret)");
+  using L = Lanes<S>;
+  int64_t j = 0;
+  for (; j + L::kWidth <= n; j += L::kWidth) {
+    const auto apply = [&](const auto&... parts) {
+      typename L::Parts r;
+      for (int k = 0; k < L::kParts; ++k) r[k] = fn(parts[k]...);
+      return r;
+    };
+    L::store(out + j, apply(L::load(in + j)...));
+  }
+  for (; j < n; ++j) out[j] = static_cast<S>(fn(static_cast<opmath<S>>(in[j])...));  // Scalar math: same fn
+}
+
+// out[j] = fn(in[j]) into an opmath array, from storage type S (a half type: widened, never narrowed).
+template <class S, class Fn>
+void widen_map_row(opmath<S>* out, int64_t n, const Fn& fn, const S* in) {
+  using L = Lanes<S>;
+  using T = opmath<S>;
+  int64_t j = 0;
+  for (; j + L::kWidth <= n; j += L::kWidth) {
+    const auto parts = L::load(in + j);
+    for (int k = 0; k < L::kParts; ++k) fn(parts[k]).store(out + j + k * Vec<T>::size());
+  }
+  for (; j < n; ++j) out[j] = fn(static_cast<T>(in[j]));  // Scalar math: same fn
+}
+
+// out[j] = fn(in[j]) from an opmath array into storage type S (narrowed once).
+template <class S, class Fn>
+void narrow_map_row(S* out, int64_t n, const Fn& fn, const opmath<S>* in) {
+  using L = Lanes<S>;
+  using T = opmath<S>;
+  int64_t j = 0;
+  for (; j + L::kWidth <= n; j += L::kWidth) {
+    typename L::Parts r;
+    for (int k = 0; k < L::kParts; ++k) r[k] = fn(Vec<T>::loadu(in + j + k * Vec<T>::size()));
+    L::store(out + j, r);
+  }
+  for (; j < n; ++j) out[j] = static_cast<S>(fn(in[j]));  // Scalar math: same fn
+}
+
+// Σ_j term(in[j]...) over a row. Chunk partials are summed in double, so rounding grows with the chunk
+// length plus n / chunk rather than with n (long rows; torch's own sums are cascaded too).
+template <class Term, class S, class... Rest>
+opmath<S> sum_row(int64_t n, const Term& term, const S* first, const Rest*... rest) {
+  static_assert((std::is_same_v<S, Rest> && ...), "one storage type per row sum (loadu would reinterpret)");
+  using L = Lanes<S>;
+  using T = opmath<S>;
+  constexpr int64_t kChunk = 16 * L::kWidth;
+  double total = 0;
+  for (int64_t c = 0; c < n; c += kChunk) {
+    const int64_t end = std::min(n, c + kChunk);
+    Vec<T> acc(T(0));
+    int64_t j = c;
+    for (; j + L::kWidth <= end; j += L::kWidth) {
+      const auto add = [&](const auto&... parts) {
+        for (int k = 0; k < L::kParts; ++k) acc = acc + term(parts[k]...);
+      };
+      add(L::load(first + j), L::load(rest + j)...);
+    }
+    T tail = 0;
+    for (; j < end; ++j) tail += term(static_cast<T>(first[j]), static_cast<T>(rest[j])...);
+    total += double(at::vec::vec_reduce_all<T>([](Vec<T> a, Vec<T> b) { return a + b; }, acc)) + double(tail);
+  }
+  return static_cast<T>(total);
+}
+
+// max_j x[j], NaN if any element is NaN (as torch's max).
+template <class S>
+opmath<S> max_row(int64_t n, const S* x) {
+  using L = Lanes<S>;
+  using T = opmath<S>;
+  Vec<T> acc(-std::numeric_limits<T>::infinity());
+  int64_t j = 0;
+  for (; j + L::kWidth <= n; j += L::kWidth)
+    for (const auto& part : L::load(x + j)) acc = at::vec::maximum(acc, part);
+  T m = at::vec::vec_reduce_all<T>([](Vec<T> a, Vec<T> b) { return at::vec::maximum(a, b); }, acc);
+  for (; j < n; ++j) {
+    const T v = static_cast<T>(x[j]);
+    if (std::isnan(v) || v > m) m = std::isnan(m) ? m : v;
+  }
+  return m;
+}
+
+// Elementwise map over whole tensors, in parallel.
+template <class S, class Fn, class... In>
+void map_elementwise(S* out, int64_t numel, const Fn& fn, const In*... in) {
+  at::parallel_for(0, numel, 2048, [&](int64_t begin, int64_t end) {
+    map_row(out + begin, end - begin, fn, (in + begin)...);
   });
 }
 
-// One row of a tensor viewed as (outer, n, inner), as a contiguous opmath array: the tensor's own memory
-// when the row is contiguous and already opmath, else a per-thread buffer (gathered on read,
-// scattered on commit).
-template <class scalar_t>
-class RowAccess {
- public:
-  using T = opmath<scalar_t>;
-  RowAccess(scalar_t* base, const RowLayout& l) : base_(base), l_(l) {}
-
-  static constexpr bool kDirectType = std::is_same_v<scalar_t, T>;
-  bool direct() const { return kDirectType && l_.inner == 1; }
-  scalar_t* row_ptr(int64_t row) const { return base_ + (row / l_.inner) * l_.n * l_.inner + row % l_.inner; }
-
-  // Read row into buf (unless direct); returns the array to read.
-  const T* read(int64_t row, T* buf) const {
-    scalar_t* p = row_ptr(row);
-    if (direct()) return reinterpret_cast<const T*>(p);
-    if (l_.inner == 1) {
-      at::vec::convert(p, buf, l_.n);
-    } else {
-      for (int64_t j = 0; j < l_.n; ++j) buf[j] = static_cast<T>(p[j * l_.inner]);
-    }
-    return buf;
+// Rows of a tensor viewed as (outer, n, inner). Contiguous rows (inner == 1) are handed to `body` in
+// place, in the storage type; strided rows are gathered into opmath buffers first and scattered back
+// after, so `body` is generic over the pointer type. buffers: one per row argument, n elements each.
+template <class S>
+struct StridedRow {
+  S* base;
+  const RowLayout& l;
+  S* row(int64_t r) const { return base + (r / l.inner) * l.n * l.inner + r % l.inner; }
+  void gather(int64_t r, opmath<S>* buf) const {
+    const S* p = row(r);
+    for (int64_t j = 0; j < l.n; ++j) buf[j] = static_cast<opmath<S>>(p[j * l.inner]);
   }
-  // Where to write row: the tensor itself when direct, else buf (then call commit).
-  T* target(int64_t row, T* buf) const { return direct() ? reinterpret_cast<T*>(row_ptr(row)) : buf; }
-  void commit(int64_t row, const T* buf) const {
-    if (direct()) return;
-    scalar_t* p = row_ptr(row);
-    if (l_.inner == 1) {
-      at::vec::convert(buf, p, l_.n);
-    } else {
-      for (int64_t j = 0; j < l_.n; ++j) p[j * l_.inner] = static_cast<scalar_t>(buf[j]);
-    }
+  void scatter(int64_t r, const opmath<S>* buf) const {
+    S* p = row(r);
+    for (int64_t j = 0; j < l.n; ++j) p[j * l.inner] = static_cast<S>(buf[j]);
   }
-
- private:
-  scalar_t* base_;
-  RowLayout l_;
 };
 
 // Rows per parallel task: aim for ~32k elements of work per task.

@@ -1,7 +1,9 @@
-// Softmax family, CPU backend: rows in parallel, each row as a contiguous opmath array (cpu/loops.h),
-// reduced and mapped with at::vec. The math is math/softmax.h.
+// Softmax family, CPU backend: rows in parallel, each row reduced and mapped in at::vec registers in its
+// storage type (cpu/loops.h); strided rows (a reduced dim that is not the last) are gathered first. The
+// math is math/softmax.h.
 #include <ATen/Dispatch.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "cpu/loops.h"
@@ -11,110 +13,125 @@ namespace torch_vjp {
 namespace {
 
 using math::SoftmaxKind;
+using cpu::map_row;
+using cpu::opmath;
+using cpu::sum_row;
 
-template <class T>
-using Vec = at::vec::Vectorized<T>;
-
-template <class T>
-T row_max(const T* x, int64_t n) {
-  return at::vec::reduce_all<T>([](Vec<T> a, Vec<T> b) { return at::vec::maximum(a, b); }, x, n);
+// One row, x and y of storage type S (the tensor's memory, or opmath buffers for a strided row).
+// Returns logsumexp's row value; writes y for the others.
+template <SoftmaxKind K, class S>
+opmath<S> forward_row(int64_t n, const S* x, S* y) {
+  using T = opmath<S>;
+  const T m = cpu::max_row(n, x);
+  if constexpr (K == SoftmaxKind::Softmax) {
+    // One exp per element: e = softmax_exp(x, m) is kept in opmath (y itself when y is opmath, else a
+    // per-thread buffer, as a half type can't hold e exactly), summed, then scaled into y.
+    static thread_local std::vector<T> scratch;
+    T* e = reinterpret_cast<T*>(y);
+    if constexpr (!std::is_same_v<S, T>) {
+      scratch.resize(n);
+      e = scratch.data();
+    }
+    cpu::widen_map_row(e, n, [m](auto v) { return math::softmax_exp(v, m); }, x);
+    const T inv_s = T(1) / sum_row(n, [](auto v) { return v; }, static_cast<const T*>(e));
+    cpu::narrow_map_row(y, n, [inv_s](auto v) { return math::softmax_scale(v, inv_s); }, static_cast<const T*>(e));
+    return T(0);
+  } else {
+    const T shift = math::shift_for<K>(m);
+    const T s = sum_row(n, [shift](auto v) { return math::exp_(v - decltype(v)(shift)); }, x);
+    if constexpr (K == SoftmaxKind::LogSumExp) {
+      return shift + math::log_(s);
+    } else {
+      const T log_s = math::log_(s);
+      map_row(y, n, [m, log_s](auto v) { return math::log_softmax_out(v, m, log_s); }, x);
+    }
+    return T(0);
+  }
 }
 
-// Σ over a row in chunks, chunk partials accumulated in double, so rounding grows with the chunk
-// length plus n / chunk rather than with n (long rows; torch's own sums are cascaded too).
-template <class T, class PartialFn>
-T chunked_sum(int64_t n, const PartialFn& partial) {
-  constexpr int64_t kChunk = 256;
-  double acc = 0;
-  for (int64_t j = 0; j < n; j += kChunk) acc += partial(j, std::min(kChunk, n - j));
-  return static_cast<T>(acc);
+// softmax:     J = diag(y) - y yᵀ        c = Σ dy·y,  dx = y ⊙ (dy - c)
+// log_softmax: J = I - 1 softmax(x)ᵀ    S = Σ dy,    dx = dy - exp(y) ⊙ S
+// (derivations in math/softmax.h). Reads dy and y twice from cache-resident rows, writes dx once.
+template <SoftmaxKind K, class S>
+void backward_row(int64_t n, const S* dy, const S* y, S* dx) {
+  if constexpr (K == SoftmaxKind::Softmax) {
+    const auto c = sum_row(n, [](auto g, auto v) { return math::softmax_vjp_term(g, v); }, dy, y);
+    map_row(dx, n, [c](auto g, auto v) { return math::softmax_vjp(g, v, c); }, dy, y);
+  } else {
+    const auto sum_dy = sum_row(n, [](auto g) { return g; }, dy);  // Σ log_softmax_vjp_term = Σ dy
+    map_row(dx, n, [sum_dy](auto g, auto v) { return math::log_softmax_vjp(g, v, sum_dy); }, dy, y);
+  }
 }
 
-template <class T>
-Vec<T> plus(Vec<T> a, Vec<T> b) { return a + b; }
+// logsumexp: out = lse(x), J = softmax(x)ᵀ (one row), dx = dy_row · exp(x - out); no reduction.
+template <class S>
+void logsumexp_backward_row(int64_t n, opmath<S> dy_row, const S* x, opmath<S> out_row, S* dx) {
+  map_row(dx, n, [dy_row, out_row](auto v) { return math::logsumexp_vjp(dy_row, v, out_row); }, x);
+}
+
+// Calls body(row, ptrs...) for every row of the tensors in `rows`, in parallel: with the tensors' own
+// row pointers when rows are contiguous, else with gathered opmath buffers (the last, written, tensor
+// is scattered back unless `write_last` is false).
+template <class S, size_t N, class Body>
+void for_each_row(const RowLayout& l, const std::array<S*, N>& bases, bool write_last, const Body& body) {
+  at::parallel_for(0, l.outer * l.inner, cpu::rows_grain(l.n), [&](int64_t begin, int64_t end) {
+    if (l.inner == 1) {
+      for (int64_t row = begin; row < end; ++row) {
+        std::array<S*, N> ptrs;
+        for (size_t k = 0; k < N; ++k) ptrs[k] = bases[k] + row * l.n;
+        std::apply([&](auto*... p) { body(row, p...); }, ptrs);
+      }
+      return;
+    }
+    std::vector<opmath<S>> buffers(N * l.n);
+    std::array<opmath<S>*, N> ptrs;
+    for (size_t k = 0; k < N; ++k) ptrs[k] = buffers.data() + k * l.n;
+    for (int64_t row = begin; row < end; ++row) {
+      for (size_t k = 0; k + (write_last ? 1 : 0) < N; ++k) cpu::StridedRow<S>{bases[k], l}.gather(row, ptrs[k]);
+      std::apply([&](auto*... p) { body(row, p...); }, ptrs);
+      if (write_last) cpu::StridedRow<S>{bases[N - 1], l}.scatter(row, ptrs[N - 1]);
+    }
+  });
+}
+
+template <class S>
+S* mutable_ptr(const at::Tensor& t) {
+  return const_cast<S*>(t.const_data_ptr<S>());
+}
 
 struct CpuSoftmax {
   template <SoftmaxKind K>
   static void forward(const RowLayout& l, const at::Tensor& input, const at::Tensor& output) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torch_vjp_softmax_cpu", [&] {
-      using T = cpu::opmath<scalar_t>;
-      const cpu::RowAccess<scalar_t> x_rows(const_cast<scalar_t*>(input.const_data_ptr<scalar_t>()), l);
       scalar_t* out = output.mutable_data_ptr<scalar_t>();
-      const cpu::RowAccess<scalar_t> y_rows(out, l);
-      at::parallel_for(0, l.outer * l.inner, cpu::rows_grain(l.n), [&](int64_t begin, int64_t end) {
-        std::vector<T> x_buf(x_rows.direct() ? 0 : l.n), y_buf(y_rows.direct() ? 0 : l.n);
-        for (int64_t row = begin; row < end; ++row) {
-          const T* x = x_rows.read(row, x_buf.data());
-          const T m = row_max(x, l.n);
-          const T shift = math::shift_for<K>(m);
-          const auto sum_exp = [&](const T* v) {  // s = Σ exp(v - shift)
-            return chunked_sum<T>(l.n, [&](int64_t j, int64_t len) {
-              return at::vec::map_reduce_all<T>([shift](Vec<T> e) { return math::exp_(e - Vec<T>(shift)); }, plus<T>,
-                                                v + j, len);
-            });
-          };
-          if constexpr (K == SoftmaxKind::LogSumExp) {
-            out[row] = static_cast<scalar_t>(shift + math::log_(sum_exp(x)));  // output is (outer, inner)
-          } else if constexpr (K == SoftmaxKind::Softmax) {
-            // One exp per element: e = softmax_exp(x, m) is written to y and summed, then scaled in place.
-            T* y = y_rows.target(row, y_buf.data());
-            at::vec::map([m](Vec<T> v) { return math::softmax_exp(v, m); }, y, x, l.n);
-            const T inv_s = T(1) / chunked_sum<T>(l.n, [&](int64_t j, int64_t len) {
-              return at::vec::reduce_all<T>(plus<T>, y + j, len);
-            });
-            at::vec::map([inv_s](Vec<T> e) { return math::softmax_scale(e, inv_s); }, y, y, l.n);
-            y_rows.commit(row, y);
-          } else {
-            T* y = y_rows.target(row, y_buf.data());
-            const T log_s = math::log_(sum_exp(x));
-            at::vec::map([m, log_s](Vec<T> v) { return math::log_softmax_out(v, m, log_s); }, y, x, l.n);
-            y_rows.commit(row, y);
-          }
-        }
-      });
+      if constexpr (K == SoftmaxKind::LogSumExp) {  // output: one value per row, (outer, inner) row-major
+        for_each_row<scalar_t, 1>(l, {mutable_ptr<scalar_t>(input)}, false, [&](int64_t row, const auto* x) {
+          using S = std::remove_cv_t<std::remove_pointer_t<decltype(x)>>;
+          out[row] = static_cast<scalar_t>(forward_row<K, S>(l.n, x, nullptr));
+        });
+      } else {
+        for_each_row<scalar_t, 2>(l, {mutable_ptr<scalar_t>(input), out}, true,
+                                  [&](int64_t, const auto* x, auto* y) { forward_row<K>(l.n, x, y); });
+      }
     });
   }
 
-  // softmax:     c = Σ dy·y,  dx = y ⊙ (dy - c)          (J = diag(y) - y yᵀ)
-  // log_softmax: S = Σ dy,    dx = dy - exp(y) ⊙ S       (J = I - 1 softmax(x)ᵀ)
-  // logsumexp:   dx = dy_row · exp(x - out)             (J = softmax(x)ᵀ, one row)
-  // Derivations in math/softmax.h.
   template <SoftmaxKind K>
   static void backward(const RowLayout& l, const at::Tensor& grad_output, const at::Tensor& output,
                        const at::Tensor& input, const at::Tensor& grad_input) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_input.scalar_type(), "torch_vjp_softmax_backward_cpu", [&] {
-      using T = cpu::opmath<scalar_t>;
-      auto* dy_base = const_cast<scalar_t*>(grad_output.const_data_ptr<scalar_t>());
-      auto* y_base = const_cast<scalar_t*>(output.const_data_ptr<scalar_t>());
-      const cpu::RowAccess<scalar_t> dx_rows(grad_input.mutable_data_ptr<scalar_t>(), l);
-      at::parallel_for(0, l.outer * l.inner, cpu::rows_grain(l.n), [&](int64_t begin, int64_t end) {
-        std::vector<T> a_buf(l.n), b_buf(l.n), dx_buf(dx_rows.direct() ? 0 : l.n);
-        for (int64_t row = begin; row < end; ++row) {
-          T* dx = dx_rows.target(row, dx_buf.data());
-          if constexpr (K == SoftmaxKind::LogSumExp) {
-            const cpu::RowAccess<scalar_t> x_rows(const_cast<scalar_t*>(input.const_data_ptr<scalar_t>()), l);
-            const T* x = x_rows.read(row, a_buf.data());
-            const T dy_row = static_cast<T>(dy_base[row]), out_row = static_cast<T>(y_base[row]);
-            at::vec::map([dy_row, out_row](Vec<T> v) { return math::logsumexp_vjp(dy_row, v, out_row); }, dx, x, l.n);
-          } else {
-            const T* dy = cpu::RowAccess<scalar_t>(dy_base, l).read(row, a_buf.data());
-            const T* y = cpu::RowAccess<scalar_t>(y_base, l).read(row, b_buf.data());
-            if constexpr (K == SoftmaxKind::Softmax) {
-              const T c = chunked_sum<T>(l.n, [&](int64_t j, int64_t len) {
-                return at::vec::map2_reduce_all<T>([](Vec<T> g, Vec<T> v) { return math::softmax_vjp_term(g, v); },
-                                                   plus<T>, dy + j, y + j, len);
-              });
-              at::vec::map2([c](Vec<T> g, Vec<T> v) { return math::softmax_vjp(g, v, c); }, dx, dy, y, l.n);
-            } else {
-              const T sum_dy = chunked_sum<T>(  // Σ log_softmax_vjp_term = Σ dy
-                  l.n, [&](int64_t j, int64_t len) { return at::vec::reduce_all<T>(plus<T>, dy + j, len); });
-              at::vec::map2([sum_dy](Vec<T> g, Vec<T> v) { return math::log_softmax_vjp(g, v, sum_dy); }, dx, dy, y,
-                            l.n);
-            }
-          }
-          dx_rows.commit(row, dx);
-        }
-      });
+      using T = opmath<scalar_t>;
+      const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
+      const scalar_t* y = output.const_data_ptr<scalar_t>();
+      scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
+      if constexpr (K == SoftmaxKind::LogSumExp) {  // dy and y (the forward's output): one value per row
+        for_each_row<scalar_t, 2>(l, {mutable_ptr<scalar_t>(input), dx}, true, [&](int64_t row, const auto* x, auto* d) {
+          logsumexp_backward_row(l.n, static_cast<T>(dy[row]), x, static_cast<T>(y[row]), d);
+        });
+      } else {
+        for_each_row<scalar_t, 3>(l, {const_cast<scalar_t*>(dy), const_cast<scalar_t*>(y), dx}, true,
+                                  [&](int64_t, const auto* g, const auto* v, auto* d) { backward_row<K>(l.n, g, v, d); });
+      }
     });
   }
 };
