@@ -12,7 +12,7 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
-#include <string_view>
+#include <c10/util/string_view.h>
 
 #include "common/checks.h"
 #include "math/elementwise.h"
@@ -42,7 +42,7 @@ at::Tensor unary_backward(const at::Tensor& grad_output, const at::Tensor& saved
   return dx;
 }
 
-inline bool gelu_is_tanh(std::string_view approximate, const char* name) {
+inline bool gelu_is_tanh(c10::string_view approximate, const char* name) {  // c10: the type of a schema `str`
   TORCH_CHECK_VALUE(approximate == "none" || approximate == "tanh", "torch_vjp.", name,
                     ": approximate must be 'none' or 'tanh', got '", approximate, "'");
   return approximate == "tanh";
