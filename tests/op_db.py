@@ -73,21 +73,18 @@ OPS_BY_NAME = {info.name: info for info in OPS}
 
 
 def op_variants(families=("elementwise", "softmax")):
-    """(OpInfo, variant kwargs) pairs, with readable pytest ids."""
+    """(OpInfo, variant kwargs) pairs as pytest params with readable ids. pytest is imported here, not at
+    the top: the benchmarks import this table and must not need the test dependencies."""
+    import pytest
+
     cases = []
     for info in OPS:
         if info.family not in families:
             continue
         for variant in info.variants:
             suffix = "-".join(f"{k}={v}" for k, v in variant.items())
-            cases.append(pytest_param(info, variant, f"{info.name}{'-' + suffix if suffix else ''}"))
+            cases.append(pytest.param(info, variant, id=f"{info.name}{'-' + suffix if suffix else ''}"))
     return cases
-
-
-def pytest_param(info, variant, id_):
-    import pytest
-
-    return pytest.param(info, variant, id=id_)
 
 
 def sample(info: OpInfo, shape, dtype, device="cpu", generator_seed=0):

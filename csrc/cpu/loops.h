@@ -12,8 +12,10 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 
+#include "math/common.h"
 #include "ops/softmax.h"
 
 namespace torch_vjp::cpu {
@@ -21,8 +23,7 @@ namespace torch_vjp::cpu {
 template <class S>
 using opmath = at::opmath_type<S>;
 
-template <class T>
-using Vec = at::vec::Vectorized<T>;
+using math::Vec;  // at::vec::Vectorized
 
 // One group of Vectorized<S>::size() elements as kParts opmath vectors.
 template <class S>

@@ -3,6 +3,8 @@
 // math is math/softmax.h.
 #include <ATen/Dispatch.h>
 
+#include <array>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
