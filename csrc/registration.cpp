@@ -1,10 +1,12 @@
-// Every schema of torch_vjp, defined once. Kernels are registered per backend in csrc/cpu/ and
-// csrc/cuda/; autograd, fake (meta) kernels and vmap rules in torch_vjp/ (Python).
+// Every schema of torch_vjp, defined once. Kernels are registered per backend in csrc/cpu/ (a library of
+// their own per CPU capability) and csrc/cuda/ (built into this library); autograd, fake (meta) kernels
+// and vmap rules in torch_vjp/ (Python).
 //
 // Naming: `op` is the forward, `op_backward` its vector-Jacobian product. A backward op takes the
 // gradient first, then what the forward saved, then the forward's non-tensor arguments.
-#include <Python.h>
 #include <torch/library.h>
+
+#include "common/python_module.h"
 
 TORCH_LIBRARY(torch_vjp, m) {
   // Elementwise family (math/elementwise.h). exp, sigmoid, tanh save their output; the rest their input.
@@ -32,9 +34,18 @@ TORCH_LIBRARY(torch_vjp, m) {
   m.def("logsumexp_backward(Tensor grad_output, Tensor input, Tensor output, int dim, bool keepdim) -> Tensor");
 }
 
-// `import torch_vjp._C` loads this library, which runs the registrations above.
-PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "torch_vjp kernels (registered as torch.ops.torch_vjp)",
-                               -1, nullptr};
-  return PyModule_Create(&module);
+namespace {
+// `cuda_archs`: the CUDA architectures compiled in ("8.0,9.0"), or None in a CPU-only build.
+bool add_cuda_archs(PyObject* module) {
+#ifdef TORCH_VJP_WITH_CUDA
+  return PyModule_AddStringConstant(module, "cuda_archs", TVJP_STR(TORCH_VJP_CUDA_ARCHS)) == 0;
+#else
+  Py_INCREF(Py_None);
+  if (PyModule_AddObject(module, "cuda_archs", Py_None) == 0) return true;
+  Py_DECREF(Py_None);
+  return false;
+#endif
 }
+}  // namespace
+
+TVJP_PYTHON_MODULE("torch_vjp's op schemas and CUDA kernels (registered as torch.ops.torch_vjp)", add_cuda_archs)

@@ -1,11 +1,36 @@
-"""The README's Python example runs as written."""
+"""The README is true: its Python example runs, and its Quick start is exactly what CI runs."""
 import pathlib
 import re
 
+ROOT = pathlib.Path(__file__).parents[1]
+README = (ROOT / "README.md").read_text()
+CI = (ROOT / ".ci" / "run").read_text()
+BUILD_VARIABLES = ("CUDA_HOME", "CUDA_PATH", "FORCE_CUDA", "USE_CUDA", "TORCH_CUDA_ARCH_LIST", "ATEN_CPU_CAPABILITY")
+
+
+def quick_start_commands():
+    section = README.split("## Quick start", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+    return [line.strip() for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
+
 
 def test_readme_python_blocks_run():
-    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
     assert blocks
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
+
+
+def test_ci_runs_the_quick_start_verbatim_and_first():
+    """Each Quick start command is a line of .ci/run, in the README's order, and no line before them sets a
+    build variable (a new user's shell has none)."""
+    commands = quick_start_commands()
+    assert len(commands) == 2, commands
+    ci_lines = [line.strip() for line in CI.splitlines()]
+    positions = [ci_lines.index(command) for command in commands]  # ValueError: the CI drifted from the README
+    assert positions == sorted(positions)
+    for line in ci_lines[: positions[0]]:
+        if line.startswith("#"):
+            continue
+        for name in BUILD_VARIABLES:
+            assert not re.search(rf"(^|\s)(export\s+)?{name}=", line), f".ci/run sets {name} before the Quick start: {line}"

@@ -22,15 +22,8 @@ if _torch_version(torch.__version__) < MIN_TORCH:
         f"opcheck); found torch {torch.__version__}"
     )
 
-try:
-    from . import _C  # noqa: F401
-except ImportError as error:
-    raise ImportError(
-        f"torch_vjp's compiled kernels could not be loaded ({error}). Build them against the torch in use, "
-        f"torch {torch.__version__}: pip install --no-build-isolation -e ."
-    ) from error
-
 from . import functional  # noqa: E402
+from ._extension import backends  # noqa: E402
 from ._ops import has_kernel  # noqa: E402
 from .functional import (  # noqa: E402
     exp,
@@ -45,4 +38,4 @@ from .functional import (  # noqa: E402
     tanh,
 )
 
-__all__ = ["functional", "has_kernel", *functional.__all__]
+__all__ = ["backends", "functional", "has_kernel", *functional.__all__]

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch.autograd import Function
 
-from . import _C  # noqa: F401  (loading it registers torch.ops.torch_vjp.*)
+from ._extension import backends, cuda_missing_error  # loading the libraries registers torch.ops.torch_vjp.*
 
 LIB = torch.library.Library("torch_vjp", "IMPL")
 ops = torch.ops.torch_vjp
@@ -88,6 +88,8 @@ class VJPOp:
         LIB.impl(self.name + "_backward", _autograd_kernel(self.name + "_backward", backward_fn), "Autograd")
         for op_name in (self.name, self.name + "_backward"):
             torch.library.register_vmap(f"torch_vjp::{op_name}", _vmap_rule(getattr(ops, op_name), self.dim_param))
+            if backends()["cuda"] is None:  # a CPU-only build: a CUDA tensor gets the fix, not "could not run"
+                LIB.impl(op_name, _no_cuda_kernel(self.name), "CUDA")
 
     def __call__(self, input: torch.Tensor, *params):
         if not isinstance(input, torch.Tensor):
@@ -204,6 +206,15 @@ def register_fake(name: str):
     return torch.library.register_fake(f"torch_vjp::{name}", lib=LIB)
 
 
+def _no_cuda_kernel(name: str):
+    def kernel(*args):
+        raise cuda_missing_error(name)
+
+    return kernel
+
+
 def has_kernel(op_name: str, device_type: str) -> bool:
     """Whether the compiled extension holds a kernel for `device_type` ("cpu", "cuda")."""
+    if device_type == "cuda" and backends()["cuda"] is None:
+        return False  # only the error kernel above
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"torch_vjp::{op_name}", device_type.upper())

@@ -1,0 +1,105 @@
+"""The build: one CPU kernel library per CPU capability, chosen as torch chooses its own; CUDA tensors on a
+CPU-only build get an error that names the fix."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import torch_vjp
+from tests.op_db import OPS, sample
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The instruction sets each capability's library is compiled for (setup.py's CPU_CAPABILITIES), as
+# /proc/cpuinfo names them. ATEN_CPU_CAPABILITY is obeyed without this check, so only ask for what runs here.
+NEEDS = {"default": set(), "avx2": {"avx2", "fma", "f16c"}, "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"}}
+
+
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+def runnable_capabilities():
+    flags = cpu_flags()
+    built = {name.split("_cpu_")[1].split(".")[0] for name in os.listdir(os.path.dirname(torch_vjp.__file__))
+             if name.startswith("_cpu_")}
+    return [isa for isa in NEEDS if isa in built and NEEDS[isa] <= flags]
+
+
+# Every op forward and backward, on shapes with vector tails and a non-last dim, in each dtype.
+PROBE = r"""
+import json, sys, torch, torch_vjp
+from tests.op_db import OPS, sample
+out = {"backends": torch_vjp.backends(), "torch": torch.backends.cpu.get_cpu_capability(), "values": {}}
+for info in OPS:
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        for shape, dim in (((5, 37), -1), ((37, 5), 0), ((1000,), 0)):
+            kwargs = info.call_kwargs(dim=dim) if info.has_dim else {}
+            x = sample(info, shape, dtype).requires_grad_()
+            y = info.op(x, **kwargs)
+            (dx,) = torch.autograd.grad(y, x, sample(info, y.shape, dtype, generator_seed=1))
+            key = f"{info.name} {dtype} {shape}"
+            out["values"][key] = [y.double().flatten().tolist(), dx.double().flatten().tolist()]
+json.dump(out, sys.stdout)
+"""
+
+
+def probe(capability):
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    run = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout)
+
+
+def test_backends_reports_the_build():
+    backends = torch_vjp.backends()
+    assert set(backends) == {"cpu", "cuda"}
+    torch_capability = torch.backends.cpu.get_cpu_capability()
+    assert backends["cpu"] == {"AVX512": "avx512", "AVX2": "avx2"}.get(torch_capability, "default")
+    assert backends["cuda"] is None or all(arch[0].isdigit() for arch in backends["cuda"].split(","))
+    assert torch_vjp.has_kernel("softmax", "cuda") == (backends["cuda"] is not None)
+
+
+def test_each_cpu_capability_is_loaded_on_request_and_agrees_with_default():
+    """ATEN_CPU_CAPABILITY=default|avx2|avx512 (what this CPU can run) loads that build of the CPU kernels,
+    whose values and gradients agree with the default build's to the dtype's rounding."""
+    capabilities = runnable_capabilities()
+    assert "default" in capabilities
+    reference = probe("default")
+    assert reference["backends"]["cpu"] == "default"
+    tolerance = {"torch.float64": 1e-12, "torch.float32": 2e-6, "torch.bfloat16": 1.6e-2, "torch.float16": 2e-3}
+    for capability in capabilities[1:]:
+        result = probe(capability)
+        assert result["backends"]["cpu"] == capability, (capability, result["torch"])
+        assert result["values"].keys() == reference["values"].keys()
+        for key, (y, dx) in result["values"].items():
+            y_ref, dx_ref = (torch.tensor(v, dtype=torch.float64) for v in reference["values"][key])
+            rtol = tolerance[key.split()[1]]
+            torch.testing.assert_close(torch.tensor(y, dtype=torch.float64), y_ref, rtol=rtol, atol=rtol,
+                                       equal_nan=True, msg=f"{capability} {key} output")
+            torch.testing.assert_close(torch.tensor(dx, dtype=torch.float64), dx_ref, rtol=rtol, atol=rtol,
+                                       equal_nan=True, msg=f"{capability} {key} gradient")
+
+
+@pytest.mark.skipif(torch_vjp.backends()["cuda"] is not None, reason="this build has CUDA kernels")
+@pytest.mark.parametrize("info", OPS, ids=lambda info: info.name)
+def test_cpu_only_build_names_the_fix_for_cuda_tensors(info):
+    """The kernel a CUDA tensor reaches in a CPU-only build (called here through the dispatcher's CUDA entry,
+    as no GPU is needed for that) says to rebuild with FORCE_CUDA=1."""
+    from torch_vjp._ops import REGISTRY
+
+    cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    x = sample(info, (2, 3), torch.float32)
+    params = info.raw_params(**info.call_kwargs())
+    y = info.raw(x, **info.call_kwargs())
+    saved = [x if s == "input" else y for s in REGISTRY[info.name].saves]
+    calls = {info.name: (x, *params), info.name + "_backward": (torch.ones_like(y), *saved, *params)}
+    for name, args in calls.items():
+        with pytest.raises(RuntimeError, match="no CUDA kernels.*FORCE_CUDA=1"):
+            getattr(torch.ops.torch_vjp, name).default.redispatch(cuda, *args)
