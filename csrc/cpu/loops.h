@@ -1,7 +1,11 @@
 // CPU loop helpers shared by the CPU kernels. Data stays in its storage type S (float, double, or a half
 // type) in memory; the math runs on at::opmath_type<S> (float for half types) in at::vec registers: each
 // Vectorized<S> worth of elements is widened to one or two opmath vectors, and narrowed once on store.
-// So a map or a reduction is one pass over memory, and a scalar tail finishes what is left.
+// A row's last, partial group is loaded and stored with a lane count (zeros in the unused lanes, which a
+// reduction pads with its identity), so every element goes through the same vector code, rows shorter
+// than one vector included. A map or a reduction is one pass over memory.
+//
+// Outputs of at least kStreamBytes are written with streaming (non-temporal) stores, see `stream`.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -11,9 +15,13 @@
 
 #include <algorithm>
 #include <array>
-#include <cmath>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 #include "math/common.h"
 #include "ops/softmax.h"
@@ -25,6 +33,24 @@ using opmath = at::opmath_type<S>;
 
 using math::Vec;  // at::vec::Vectorized
 
+// On the row loops: inline the op's lambda and its math into the loop, whatever the compiler's size
+// heuristics say (an out-of-line call per vector costs more than the math).
+#define TVJP_ROW_LOOP __attribute__((flatten))
+
+// A store of a whole new cache line first reads the line (read-for-ownership): writing an output costs
+// two passes over memory, a streaming store one. Worth it when the output would not stay in cache for
+// its reader anyway; below this size a cached store keeps it there for the next op.
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
+
+inline bool should_stream(int64_t output_bytes) { return output_bytes >= kStreamBytes; }
+
+// Streaming stores need an address aligned to the vector; the default build has none and stores normally.
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+constexpr bool kCanStream = true;
+#else
+constexpr bool kCanStream = false;
+#endif
+
 // One group of Vectorized<S>::size() elements as kParts opmath vectors.
 template <class S>
 struct Lanes {
@@ -33,69 +59,126 @@ struct Lanes {
   static constexpr int kParts = std::is_same_v<S, T> ? 1 : 2;
   using Parts = std::array<Vec<T>, kParts>;
 
-  static Parts load(const S* p) {
+  // The first `count` (≤ kWidth) elements at p; the other lanes hold 0.
+  TVJP_HD static Parts load(const S* p, int64_t count = kWidth) {
     if constexpr (kParts == 1) {
-      return {Vec<T>::loadu(p)};
+      return {Vec<T>::loadu(p, count)};
     } else {
-      const auto [lo, hi] = at::vec::convert_to_float<S>(Vec<S>::loadu(p));
+      const auto [lo, hi] = at::vec::convert_to_float<S>(Vec<S>::loadu(p, count));
       return {lo, hi};
     }
   }
-  static void store(S* p, const Parts& v) {
-    if constexpr (kParts == 1) v[0].store(p);
-    else at::vec::convert_from_float<S>(v[0], v[1]).store(p);
+
+  TVJP_HD static void store(S* p, const Parts& v, int64_t count = kWidth) {
+    if constexpr (kParts == 1) v[0].store(p, count);
+    else at::vec::convert_from_float<S>(v[0], v[1]).store(p, count);
+  }
+
+  // A whole group, non-temporal; p aligned to sizeof(Vec<S>). Fenced by `fence` before others read it.
+  TVJP_HD static void stream(S* p, const Parts& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<S, float>) _mm512_stream_ps(p, v[0]);
+    else if constexpr (std::is_same_v<S, double>) _mm512_stream_pd(p, v[0]);
+    else _mm512_stream_si512(reinterpret_cast<__m512i*>(p), at::vec::convert_from_float<S>(v[0], v[1]));
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<S, float>) _mm256_stream_ps(p, v[0]);
+    else if constexpr (std::is_same_v<S, double>) _mm256_stream_pd(p, v[0]);
+    else _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::convert_from_float<S>(v[0], v[1]));
+#else
+    store(p, v);
+#endif
+  }
+
+  // Lanes at and past `count` set to `fill`, the identity of the reduction that follows.
+  TVJP_HD static Parts pad(Parts v, int64_t count, T fill) {
+    for (int k = 0; k < kParts; ++k) {
+      const int64_t first = k * int64_t(Vec<T>::size());
+      const auto inside = Vec<T>::arange(T(first), T(1)) < Vec<T>(T(count));
+      v[k] = Vec<T>::blendv(Vec<T>(fill), v[k], inside);
+    }
+    return v;
   }
 };
 
-// out[j] = fn(in[j]...) for j < n; fn takes opmath vectors and, for the tail, opmath scalars
-// (the same math functor serves both: see math/common.h).
+// Orders this thread's streaming stores before whatever signals their completion to other threads.
+inline void fence() {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  _mm_sfence();
+#endif
+}
+
+// fn applied part by part to groups of the same Lanes type L.
+template <class L, class Fn, class... Groups>
+TVJP_HD typename L::Parts apply_parts(const Fn& fn, const Groups&... groups) {
+  typename L::Parts r;
+  for (int k = 0; k < L::kParts; ++k) r[k] = fn(groups[k]...);
+  return r;
+}
+
+// out[j] = fn(in[j]...) for j < n, fn taking opmath vectors. `stream`: full groups are written with
+// streaming stores (the first, partial group aligns them).
 template <class S, class Fn, class... In>
-void map_row(S* out, int64_t n, const Fn& fn, const In*... in) {
+TVJP_ROW_LOOP void map_row(S* out, int64_t n, bool stream, const Fn& fn, const In*... in) {
   static_assert((std::is_same_v<S, In> && ...), "one storage type per row map (loadu would reinterpret)");
   using L = Lanes<S>;
   int64_t j = 0;
-  for (; j + L::kWidth <= n; j += L::kWidth) {
-    const auto apply = [&](const auto&... parts) {
-      typename L::Parts r;
-      for (int k = 0; k < L::kParts; ++k) r[k] = fn(parts[k]...);
-      return r;
-    };
-    L::store(out + j, apply(L::load(in + j)...));
+  if (kCanStream && stream) {
+    const auto offset = int64_t(reinterpret_cast<std::uintptr_t>(out) % sizeof(Vec<S>)) / int64_t(sizeof(S));
+    const int64_t head = offset == 0 ? 0 : std::min(n, L::kWidth - offset);
+    if (head > 0) L::store(out, apply_parts<L>(fn, L::load(in, head)...), head);
+    for (j = head; j + L::kWidth <= n; j += L::kWidth) L::stream(out + j, apply_parts<L>(fn, L::load(in + j)...));
+  } else {
+    for (; j + L::kWidth <= n; j += L::kWidth) L::store(out + j, apply_parts<L>(fn, L::load(in + j)...));
   }
-  for (; j < n; ++j) out[j] = static_cast<S>(fn(static_cast<opmath<S>>(in[j])...));  // Scalar math: same fn
+  if (j < n) L::store(out + j, apply_parts<L>(fn, L::load(in + j, n - j)...), n - j);
 }
 
 // out[j] = fn(in[j]) into an opmath array, from storage type S (a half type: widened, never narrowed).
 template <class S, class Fn>
-void widen_map_row(opmath<S>* out, int64_t n, const Fn& fn, const S* in) {
+TVJP_ROW_LOOP void widen_map_row(opmath<S>* out, int64_t n, const Fn& fn, const S* in) {
   using L = Lanes<S>;
   using T = opmath<S>;
-  int64_t j = 0;
-  for (; j + L::kWidth <= n; j += L::kWidth) {
-    const auto parts = L::load(in + j);
-    for (int k = 0; k < L::kParts; ++k) fn(parts[k]).store(out + j + k * Vec<T>::size());
+  constexpr int64_t kPart = Vec<T>::size();
+  for (int64_t j = 0; j < n; j += L::kWidth) {
+    const int64_t count = std::min(L::kWidth, n - j);
+    const auto parts = L::load(in + j, count);
+    for (int k = 0; k < L::kParts && k * kPart < count; ++k)
+      fn(parts[k]).store(out + j + k * kPart, std::min(kPart, count - k * kPart));
   }
-  for (; j < n; ++j) out[j] = fn(static_cast<T>(in[j]));  // Scalar math: same fn
 }
 
-// out[j] = fn(in[j]) from an opmath array into storage type S (narrowed once).
+// out[j] = fn(in[j]) from an opmath array into storage type S (narrowed once); `stream` as map_row.
 template <class S, class Fn>
-void narrow_map_row(S* out, int64_t n, const Fn& fn, const opmath<S>* in) {
-  using L = Lanes<S>;
+TVJP_ROW_LOOP void narrow_map_row(S* out, int64_t n, bool stream, const Fn& fn, const opmath<S>* in) {
   using T = opmath<S>;
-  int64_t j = 0;
-  for (; j + L::kWidth <= n; j += L::kWidth) {
-    typename L::Parts r;
-    for (int k = 0; k < L::kParts; ++k) r[k] = fn(Vec<T>::loadu(in + j + k * Vec<T>::size()));
-    L::store(out + j, r);
+  if constexpr (std::is_same_v<S, T>) {
+    map_row(out, n, stream, fn, in);
+  } else {
+    using L = Lanes<S>;
+    constexpr int64_t kPart = Vec<T>::size();
+    const auto load = [&](int64_t j, int64_t count) {
+      typename L::Parts r;
+      for (int k = 0; k < L::kParts; ++k)
+        r[k] = fn(Vec<T>::loadu(in + j + k * kPart, std::clamp<int64_t>(count - k * kPart, 0, kPart)));
+      return r;
+    };
+    int64_t j = 0;
+    if (kCanStream && stream) {
+      const auto offset = int64_t(reinterpret_cast<std::uintptr_t>(out) % sizeof(Vec<S>)) / int64_t(sizeof(S));
+      const int64_t head = offset == 0 ? 0 : std::min(n, L::kWidth - offset);
+      if (head > 0) L::store(out, load(0, head), head);
+      for (j = head; j + L::kWidth <= n; j += L::kWidth) L::stream(out + j, load(j, L::kWidth));
+    } else {
+      for (; j + L::kWidth <= n; j += L::kWidth) L::store(out + j, load(j, L::kWidth));
+    }
+    if (j < n) L::store(out + j, load(j, n - j), n - j);
   }
-  for (; j < n; ++j) out[j] = static_cast<S>(fn(in[j]));  // Scalar math: same fn
 }
 
 // Σ_j term(in[j]...) over a row. Chunk partials are summed in double, so rounding grows with the chunk
 // length plus n / chunk rather than with n (long rows; torch's own sums are cascaded too).
 template <class Term, class S, class... Rest>
-opmath<S> sum_row(int64_t n, const Term& term, const S* first, const Rest*... rest) {
+TVJP_ROW_LOOP opmath<S> sum_row(int64_t n, const Term& term, const S* first, const Rest*... rest) {
   static_assert((std::is_same_v<S, Rest> && ...), "one storage type per row sum (loadu would reinterpret)");
   using L = Lanes<S>;
   using T = opmath<S>;
@@ -104,42 +187,42 @@ opmath<S> sum_row(int64_t n, const Term& term, const S* first, const Rest*... re
   for (int64_t c = 0; c < n; c += kChunk) {
     const int64_t end = std::min(n, c + kChunk);
     Vec<T> acc(T(0));
-    int64_t j = c;
-    for (; j + L::kWidth <= end; j += L::kWidth) {
-      const auto add = [&](const auto&... parts) {
-        for (int k = 0; k < L::kParts; ++k) acc = acc + term(parts[k]...);
-      };
-      add(L::load(first + j), L::load(rest + j)...);
+    for (int64_t j = c; j < end; j += L::kWidth) {
+      const int64_t count = std::min(L::kWidth, end - j);
+      auto terms = apply_parts<L>(term, L::load(first + j, count), L::load(rest + j, count)...);
+      if (count < L::kWidth) terms = L::pad(terms, count, T(0));
+      for (const auto& part : terms) acc = acc + part;
     }
-    T tail = 0;
-    for (; j < end; ++j) tail += term(static_cast<T>(first[j]), static_cast<T>(rest[j])...);
-    total += double(at::vec::vec_reduce_all<T>([](Vec<T> a, Vec<T> b) { return a + b; }, acc)) + double(tail);
+    total += double(at::vec::vec_reduce_all<T>([](Vec<T> a, Vec<T> b) { return a + b; }, acc));
   }
   return static_cast<T>(total);
 }
 
 // max_j x[j], NaN if any element is NaN (as torch's max).
 template <class S>
-opmath<S> max_row(int64_t n, const S* x) {
+TVJP_ROW_LOOP opmath<S> max_row(int64_t n, const S* x) {
   using L = Lanes<S>;
   using T = opmath<S>;
-  Vec<T> acc(-std::numeric_limits<T>::infinity());
-  int64_t j = 0;
-  for (; j + L::kWidth <= n; j += L::kWidth)
-    for (const auto& part : L::load(x + j)) acc = at::vec::maximum(acc, part);
-  T m = at::vec::vec_reduce_all<T>([](Vec<T> a, Vec<T> b) { return at::vec::maximum(a, b); }, acc);
-  for (; j < n; ++j) {
-    const T v = static_cast<T>(x[j]);
-    if (std::isnan(v) || v > m) m = std::isnan(m) ? m : v;
+  constexpr T kLowest = -std::numeric_limits<T>::infinity();
+  Vec<T> acc(kLowest);
+  for (int64_t j = 0; j < n; j += L::kWidth) {
+    const int64_t count = std::min(L::kWidth, n - j);
+    auto parts = L::load(x + j, count);
+    if (count < L::kWidth) parts = L::pad(parts, count, kLowest);
+    for (const auto& part : parts) acc = at::vec::maximum(acc, part);
   }
-  return m;
+  return at::vec::vec_reduce_all<T>([](Vec<T> a, Vec<T> b) { return at::vec::maximum(a, b); }, acc);
 }
 
-// Elementwise map over whole tensors, in parallel.
+// Elementwise map over whole tensors, in parallel; chunks start on whole groups.
 template <class S, class Fn, class... In>
 void map_elementwise(S* out, int64_t numel, const Fn& fn, const In*... in) {
-  at::parallel_for(0, numel, 2048, [&](int64_t begin, int64_t end) {
-    map_row(out + begin, end - begin, fn, (in + begin)...);
+  const bool stream = should_stream(numel * int64_t(sizeof(S)));
+  constexpr int64_t kGroup = Lanes<S>::kWidth;
+  at::parallel_for(0, (numel + kGroup - 1) / kGroup, 2048 / kGroup, [&](int64_t begin, int64_t end) {
+    const int64_t first = begin * kGroup;
+    map_row(out + first, std::min(end * kGroup, numel) - first, stream, fn, (in + first)...);
+    fence();
   });
 }
 

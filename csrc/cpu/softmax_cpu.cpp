@@ -20,23 +20,21 @@ using cpu::opmath;
 using cpu::sum_row;
 
 // One row, x and y of storage type S (the tensor's memory, or opmath buffers for a strided row).
-// Returns logsumexp's row value; writes y for the others.
+// Returns logsumexp's row value; writes y for the others. `stream`: y is written with streaming stores.
 template <SoftmaxKind K, class S>
-opmath<S> forward_row(int64_t n, const S* x, S* y) {
+opmath<S> forward_row(int64_t n, const S* x, S* y, bool stream) {
   using T = opmath<S>;
   const T m = cpu::max_row(n, x);
   if constexpr (K == SoftmaxKind::Softmax) {
-    // One exp per element: e = softmax_exp(x, m) is kept in opmath (y itself when y is opmath, else a
-    // per-thread buffer, as a half type can't hold e exactly), summed, then scaled into y.
+    // One exp per element: e = softmax_exp(x, m) is kept in a per-thread opmath buffer (cache-resident,
+    // and exact for half types), summed, then scaled into y: y is written once.
     static thread_local std::vector<T> scratch;
-    T* e = reinterpret_cast<T*>(y);
-    if constexpr (!std::is_same_v<S, T>) {
-      scratch.resize(n);
-      e = scratch.data();
-    }
+    scratch.resize(n);
+    T* e = scratch.data();
     cpu::widen_map_row(e, n, [m](auto v) { return math::softmax_exp(v, m); }, x);
     const T inv_s = T(1) / sum_row(n, [](auto v) { return v; }, static_cast<const T*>(e));
-    cpu::narrow_map_row(y, n, [inv_s](auto v) { return math::softmax_scale(v, inv_s); }, static_cast<const T*>(e));
+    cpu::narrow_map_row(y, n, stream, [inv_s](auto v) { return math::softmax_scale(v, inv_s); },
+                        static_cast<const T*>(e));
     return T(0);
   } else {
     const T shift = math::shift_for<K>(m);
@@ -45,7 +43,7 @@ opmath<S> forward_row(int64_t n, const S* x, S* y) {
       return shift + math::log_(s);
     } else {
       const T log_s = math::log_(s);
-      map_row(y, n, [m, log_s](auto v) { return math::log_softmax_out(v, m, log_s); }, x);
+      map_row(y, n, stream, [m, log_s](auto v) { return math::log_softmax_out(v, m, log_s); }, x);
     }
     return T(0);
   }
@@ -55,34 +53,37 @@ opmath<S> forward_row(int64_t n, const S* x, S* y) {
 // log_softmax: J = I - 1 softmax(x)ᵀ    S = Σ dy,    dx = dy - exp(y) ⊙ S
 // (derivations in math/softmax.h). Reads dy and y twice from cache-resident rows, writes dx once.
 template <SoftmaxKind K, class S>
-void backward_row(int64_t n, const S* dy, const S* y, S* dx) {
+void backward_row(int64_t n, const S* dy, const S* y, S* dx, bool stream) {
   if constexpr (K == SoftmaxKind::Softmax) {
     const auto c = sum_row(n, [](auto g, auto v) { return math::softmax_vjp_term(g, v); }, dy, y);
-    map_row(dx, n, [c](auto g, auto v) { return math::softmax_vjp(g, v, c); }, dy, y);
+    map_row(dx, n, stream, [c](auto g, auto v) { return math::softmax_vjp(g, v, c); }, dy, y);
   } else {
     const auto sum_dy = sum_row(n, [](auto g) { return g; }, dy);  // Σ log_softmax_vjp_term = Σ dy
-    map_row(dx, n, [sum_dy](auto g, auto v) { return math::log_softmax_vjp(g, v, sum_dy); }, dy, y);
+    map_row(dx, n, stream, [sum_dy](auto g, auto v) { return math::log_softmax_vjp(g, v, sum_dy); }, dy, y);
   }
 }
 
 // logsumexp: out = lse(x), J = softmax(x)ᵀ (one row), dx = dy_row · exp(x - out); no reduction.
 template <class S>
-void logsumexp_backward_row(int64_t n, opmath<S> dy_row, const S* x, opmath<S> out_row, S* dx) {
-  map_row(dx, n, [dy_row, out_row](auto v) { return math::logsumexp_vjp(dy_row, v, out_row); }, x);
+void logsumexp_backward_row(int64_t n, opmath<S> dy_row, const S* x, opmath<S> out_row, S* dx, bool stream) {
+  map_row(dx, n, stream, [dy_row, out_row](auto v) { return math::logsumexp_vjp(dy_row, v, out_row); }, x);
 }
 
-// Calls body(row, ptrs...) for every row of the tensors in `rows`, in parallel: with the tensors' own
-// row pointers when rows are contiguous, else with gathered opmath buffers (the last, written, tensor
-// is scattered back unless `write_last` is false).
+// Calls body(row, stream, ptrs...) for every row of the tensors in `rows`, in parallel: with the tensors'
+// own row pointers when rows are contiguous, else with gathered opmath buffers (the last, written, tensor
+// is scattered back unless `write_last` is false). `stream`: the row's output may be written with streaming
+// stores (contiguous rows of an output of at least cpu::kStreamBytes).
 template <class S, size_t N, class Body>
 void for_each_row(const RowLayout& l, const std::array<S*, N>& bases, bool write_last, const Body& body) {
+  const bool stream = l.inner == 1 && cpu::should_stream(l.outer * l.n * int64_t(sizeof(S)));
   at::parallel_for(0, l.outer * l.inner, cpu::rows_grain(l.n), [&](int64_t begin, int64_t end) {
     if (l.inner == 1) {
       for (int64_t row = begin; row < end; ++row) {
         std::array<S*, N> ptrs;
         for (size_t k = 0; k < N; ++k) ptrs[k] = bases[k] + row * l.n;
-        std::apply([&](auto*... p) { body(row, p...); }, ptrs);
+        std::apply([&](auto*... p) { body(row, stream, p...); }, ptrs);
       }
+      cpu::fence();
       return;
     }
     std::vector<opmath<S>> buffers(N * l.n);
@@ -90,7 +91,7 @@ void for_each_row(const RowLayout& l, const std::array<S*, N>& bases, bool write
     for (size_t k = 0; k < N; ++k) ptrs[k] = buffers.data() + k * l.n;
     for (int64_t row = begin; row < end; ++row) {
       for (size_t k = 0; k + (write_last ? 1 : 0) < N; ++k) cpu::StridedRow<S>{bases[k], l}.gather(row, ptrs[k]);
-      std::apply([&](auto*... p) { body(row, p...); }, ptrs);
+      std::apply([&](auto*... p) { body(row, false, p...); }, ptrs);
       if (write_last) cpu::StridedRow<S>{bases[N - 1], l}.scatter(row, ptrs[N - 1]);
     }
   });
@@ -107,13 +108,13 @@ struct CpuSoftmax {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torch_vjp_softmax_cpu", [&] {
       scalar_t* out = output.mutable_data_ptr<scalar_t>();
       if constexpr (K == SoftmaxKind::LogSumExp) {  // output: one value per row, (outer, inner) row-major
-        for_each_row<scalar_t, 1>(l, {mutable_ptr<scalar_t>(input)}, false, [&](int64_t row, const auto* x) {
+        for_each_row<scalar_t, 1>(l, {mutable_ptr<scalar_t>(input)}, false, [&](int64_t row, bool, const auto* x) {
           using S = std::remove_cv_t<std::remove_pointer_t<decltype(x)>>;
-          out[row] = static_cast<scalar_t>(forward_row<K, S>(l.n, x, nullptr));
+          out[row] = static_cast<scalar_t>(forward_row<K, S>(l.n, x, nullptr, false));
         });
       } else {
         for_each_row<scalar_t, 2>(l, {mutable_ptr<scalar_t>(input), out}, true,
-                                  [&](int64_t, const auto* x, auto* y) { forward_row<K>(l.n, x, y); });
+                                  [&](int64_t, bool stream, const auto* x, auto* y) { forward_row<K>(l.n, x, y, stream); });
       }
     });
   }
@@ -127,12 +128,14 @@ struct CpuSoftmax {
       const scalar_t* y = output.const_data_ptr<scalar_t>();
       scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
       if constexpr (K == SoftmaxKind::LogSumExp) {  // dy and y (the forward's output): one value per row
-        for_each_row<scalar_t, 2>(l, {mutable_ptr<scalar_t>(input), dx}, true, [&](int64_t row, const auto* x, auto* d) {
-          logsumexp_backward_row(l.n, static_cast<T>(dy[row]), x, static_cast<T>(y[row]), d);
+        for_each_row<scalar_t, 2>(l, {mutable_ptr<scalar_t>(input), dx}, true, [&](int64_t row, bool stream, const auto* x, auto* d) {
+          logsumexp_backward_row(l.n, static_cast<T>(dy[row]), x, static_cast<T>(y[row]), d, stream);
         });
       } else {
         for_each_row<scalar_t, 3>(l, {const_cast<scalar_t*>(dy), const_cast<scalar_t*>(y), dx}, true,
-                                  [&](int64_t, const auto* g, const auto* v, auto* d) { backward_row<K>(l.n, g, v, d); });
+                                  [&](int64_t, bool stream, const auto* g, const auto* v, auto* d) {
+                                    backward_row<K>(l.n, g, v, d, stream);
+                                  });
       }
     });
   }

@@ -32,50 +32,55 @@ struct Tanh {
   template <class T> TVJP_HD T backward(T dy, T y) const { return dy * (T(1) - y * y); }
 };
 
-// y = log(1 + e^{βx}) / β, or x where βx > threshold (torch's linear region);
-// f' = e^{βx} / (e^{βx} + 1) = σ(βx), or 1 in the linear region.
+// y = log(1 + e^{βx}) / β, or x where βx > threshold (torch's linear region). With z = βx, written
+// log(1 + eᶻ) = max(z, 0) + log1p(e^{-|z|}): no overflow, and log1p's argument stays in [0, 1].
+// f' = σ(z) = 1 / (1 + e^{-z}), or 1 in the linear region.
 struct Softplus {
   static constexpr bool kSavesOutput = false;
   double beta, threshold;
   template <class T> TVJP_HD T forward(T x) const {
-    T bx = x * T(beta);
-    return select(greater(bx, T(threshold)), x, log1p_(exp_(bx)) / T(beta));
+    T z = x * T(beta);
+    return select(greater(z, T(threshold)), x, (positive_part(z) + log1p_unit_(exp_(T(0) - abs_(z)))) / T(beta));
   }
   template <class T> TVJP_HD T backward(T dy, T x) const {
-    T bx = x * T(beta);
-    T z = exp_(bx);
-    return select(greater(bx, T(threshold)), dy, dy * z / (z + T(1)));
+    T z = x * T(beta);
+    return select(greater(z, T(threshold)), dy, dy / (T(1) + exp_(T(0) - z)));
   }
 };
 
-// Exact GELU: y = x Φ(x), Φ(x) = (1 + erf(x/√2)) / 2;  f' = Φ(x) + x φ(x), φ(x) = e^{-x²/2} / √(2π).
+// Exact GELU: y = x Φ(x), Φ the standard normal CDF;  f' = Φ(x) + x φ(x), φ(x) = e^{-x²/2} / √(2π).
 struct Gelu {
   static constexpr bool kSavesOutput = false;
-  static constexpr double kSqrtHalf = 0.70710678118654752440;
   static constexpr double kInvSqrt2Pi = 0.39894228040143267794;
-  template <class T> TVJP_HD T forward(T x) const { return x * T(0.5) * (T(1) + erf_(x * T(kSqrtHalf))); }
+  template <class T> TVJP_HD T forward(T x) const { return x * normal_cdf_(x); }
   template <class T> TVJP_HD T backward(T dy, T x) const {
-    T cdf = T(0.5) * (T(1) + erf_(x * T(kSqrtHalf)));
     T pdf = exp_(T(-0.5) * x * x) * T(kInvSqrt2Pi);
-    return dy * (cdf + x * pdf);
+    return dy * (normal_cdf_(x) + x * pdf);
   }
 };
 
-// Tanh GELU: y = x (1 + t) / 2, t = tanh(u), u = √(2/π) (x + κx³);
-// f' = (1 + t)/2 + (x/2)(1 - t²) u',  u' = √(2/π)(1 + 3κx²).
+// Tanh GELU: y = x (1 + tanh u) / 2, u = √(2/π) (x + κx³). As (1 + tanh u)/2 = σ(2u):
+//   y = x s,  s = σ(2u);   f' = s + x (1 - t²) u' / 2 = s + 2x s(1 - s) u',  u' = √(2/π)(1 + 3κx²).
+// With e = e^{-2|u|} ≤ 1 and r = 1/(1 + e): s = r (u ≥ 0) or e r (u < 0), and s(1 - s) = e r², so
+// nothing overflows and the lower tail (x ≲ -5) does not cancel to 0 as 1 + tanh u would.
 struct GeluTanh {
   static constexpr bool kSavesOutput = false;
   static constexpr double kSqrt2OverPi = 0.79788456080286535588;
   static constexpr double kKappa = 0.044715;
+  template <class T> TVJP_HD T u_of(T x) const { return T(kSqrt2OverPi) * (x + T(kKappa) * x * x * x); }
   template <class T> TVJP_HD T forward(T x) const {
-    T u = T(kSqrt2OverPi) * (x + T(kKappa) * x * x * x);
-    return T(0.5) * x * (T(1) + tanh_(u));
+    T u = u_of(x);
+    T e = exp_(T(-2) * abs_(u));
+    T r = T(1) / (T(1) + e);
+    return x * select(greater(u, T(0)), r, e * r);
   }
   template <class T> TVJP_HD T backward(T dy, T x) const {
-    T x2 = x * x;
-    T t = tanh_(T(kSqrt2OverPi) * (x + T(kKappa) * x2 * x));
-    T du = T(kSqrt2OverPi) * (T(1) + T(3 * kKappa) * x2);
-    return dy * (T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * du);
+    T u = u_of(x);
+    T e = exp_(T(-2) * abs_(u));
+    T r = T(1) / (T(1) + e);
+    T s = select(greater(u, T(0)), r, e * r);
+    T du = T(kSqrt2OverPi) * (T(1) + T(3 * kKappa) * x * x);
+    return dy * (s + T(2) * x * e * r * r * du);
   }
 };
 
@@ -89,14 +94,32 @@ struct Silu {
   }
 };
 
-// y = x tanh(softplus(x)), softplus(x) = log(1 + eˣ);  f' = t + x σ(x) (1 - t²), t = tanh(softplus(x)).
+// y = x t, t = tanh(softplus x);  f' = t + x σ(x) (1 - t²).
+// One exponential, e = e^{-|x|} ≤ 1: with eˣ = 1/e (x ≥ 0) or e (x < 0), t = eˣ(eˣ + 2) / (eˣ(eˣ + 2) + 2) is
+//   x ≥ 0: (1 + 2e) / (1 + 2e + 2e²)      x < 0: (e² + 2e) / (e² + 2e + 2),
+// i.e. t = p / (p + q) with q = 2e² or 2; then 1 - t² = (q / (p + q)) ((2p + q) / (p + q)), and
+// σ(x) = 1/(1 + e) or e/(1 + e). Nothing overflows and nothing cancels.
 struct Mish {
   static constexpr bool kSavesOutput = false;
-  template <class T> TVJP_HD T forward(T x) const { return x * tanh_(log1p_(exp_(x))); }
+  // e = e^{-|x|}, and t = p / (p + q).
+  template <class T> TVJP_HD static void tanh_softplus(T x, T& e, T& p, T& q) {
+    e = exp_(T(0) - abs_(x));
+    auto nonneg = greater(x, T(0));
+    p = select(nonneg, T(1) + T(2) * e, e * e + T(2) * e);
+    q = select(nonneg, T(2) * e * e, T(2));
+  }
+  template <class T> TVJP_HD T forward(T x) const {
+    T e, p, q;
+    tanh_softplus(x, e, p, q);
+    return x * p / (p + q);
+  }
   template <class T> TVJP_HD T backward(T dy, T x) const {
-    T s = T(1) / (T(1) + exp_(T(0) - x));
-    T t = tanh_(log1p_(exp_(x)));
-    return dy * (t + x * s * (T(1) - t * t));
+    T e, p, q;
+    tanh_softplus(x, e, p, q);
+    T inv = T(1) / (p + q);
+    T one_minus_t2 = q * inv * ((T(2) * p + q) * inv);
+    T sigmoid = select(greater(x, T(0)), T(1), e) / (T(1) + e);
+    return dy * (p * inv + x * sigmoid * one_minus_t2);
   }
 };
 
