@@ -12,7 +12,8 @@ from tests.op_db import OPS
 from . import jacobian, providers as providers_mod
 from .harness import DTYPES, make_cases, run_case
 from .report import write_report
-from .timing import copy_bandwidth, environment, keep_freed_memory
+from .ceiling import describe, memory_ceiling
+from .timing import environment, keep_freed_memory
 
 
 def _busy_seconds_of_others():
@@ -68,7 +69,8 @@ def run_benchmark(device: str, preset, out_dir: str, ops=None, provider_names=No
     base = dict(env, timer=timer_name(device))
     allocator = keep_freed_memory() if not device.startswith("cuda") else "CUDA caching allocator"
 
-    copy_bps = copy_bandwidth(device, preset.copy_bytes, preset.timing)
+    ceiling = memory_ceiling(device, preset.copy_bytes, preset.timing)
+    ceiling_bps = ceiling["bps"]
     cases = make_cases(infos, preset, dtypes, all_variants) if "main" in sections else []
     row_sweep = make_cases(infos, preset, dtypes, row_sweep=True) if "main" in sections else []
     sweep = jacobian.sweep_ops(ops) if "jacobian" in sections else []
@@ -89,14 +91,14 @@ def run_benchmark(device: str, preset, out_dir: str, ops=None, provider_names=No
     main_rows, jac_rows = [], []
     try:
         for i, case in enumerate(cases):
-            main_rows += run_case(case, makers, names, device, preset.timing, copy_bps, base, seed=seed + 2 * i,
+            main_rows += run_case(case, makers, names, device, preset.timing, ceiling_bps, base, seed=seed + 2 * i,
                                   tick=tick, deadline=deadline)
         budget = jacobian.memory_budget(device, preset.jac_budget_bytes)
         for info in sweep:
             jac_rows += jacobian.run_sweep(info, preset.jac_ns, preset.jac_batch, device, budget, preset.jac_timing, base,
                                            seed=seed + 1000, max_call_s=preset.jac_max_call_s, tick=tick, deadline=deadline)
         for i, case in enumerate(row_sweep):
-            main_rows += run_case(case, makers, names, device, preset.timing, copy_bps, base, seed=seed + 500 + 2 * i,
+            main_rows += run_case(case, makers, names, device, preset.timing, ceiling_bps, base, seed=seed + 500 + 2 * i,
                                   tick=tick, deadline=deadline)
     finally:
         if bar is not None:
@@ -114,8 +116,8 @@ def run_benchmark(device: str, preset, out_dir: str, ops=None, provider_names=No
         "",
         f"- date: {env['date']}; torch {env['torch']}; torch_vjp commit {env['commit']}; preset `{preset.name}`",
         f"- command: `{command or 'python -m benchmarks'}` ({elapsed:.0f} s)",
-        f"- copy bandwidth (bytes read + written, {preset.copy_bytes >> 20} MiB buffer): **{copy_bps / 1e9:.1f} GB/s**; "
-        "speed-of-light (SoL) = the fewest bytes the op must move (benchmarks/sol.py) / that bandwidth",
+        f"- {describe(ceiling, preset.copy_bytes)}; speed-of-light (SoL) = the fewest bytes the op must move "
+        "(benchmarks/sol.py) / that ceiling; a time under its SoL time is flagged, not printed as a percentage",
         f"- time: {timer_name(device)}; memory: {memory_method(device)}; allocator: {allocator}",
         *([f"- other work on the machine during the run: {others}"] if not device.startswith("cuda") else []),
         "- every provider's output and input gradient were checked against the float64 reference before timing "
@@ -129,4 +131,4 @@ def run_benchmark(device: str, preset, out_dir: str, ops=None, provider_names=No
                 f"preset: {preset.name}\nseconds: {elapsed:.0f}\n"
                 + (f"other work during the run: {others}\n" if not device.startswith("cuda") else ""))
     paths["command"] = os.path.join(out_dir, "command.txt")
-    return {"main": main_rows, "jacobian": jac_rows, "paths": paths, "seconds": elapsed, "copy_gbps": copy_bps / 1e9}
+    return {"main": main_rows, "jacobian": jac_rows, "paths": paths, "seconds": elapsed, "ceiling_gbps": ceiling_bps / 1e9}

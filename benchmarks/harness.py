@@ -86,7 +86,7 @@ def describe_error(error: BaseException) -> str:
     return f"error: {type(error).__name__}: {message}"
 
 
-def run_case(case: Case, makers: dict, providers, device: str, timing: TimingConfig, copy_bps: float,
+def run_case(case: Case, makers: dict, providers, device: str, timing: TimingConfig, ceiling_bps: float,
              base: dict, seed: int, tick=lambda label: None, deadline: float | None = None) -> list[dict]:
     """Rows (one per provider and phase) for one case."""
     info, dtype = case.info, case.dtype
@@ -101,7 +101,7 @@ def run_case(case: Case, makers: dict, providers, device: str, timing: TimingCon
     del x64
 
     common = dict(base, op=info.name, variant=case.variant_name, family=info.family, dtype=str(dtype).replace("torch.", ""),
-                  rows=case.rows, n=case.n, shape=f"{case.rows}x{case.n}", copy_gbps=round(copy_bps / 1e9, 2))
+                  rows=case.rows, n=case.n, shape=f"{case.rows}x{case.n}", ceiling_gbps=round(ceiling_bps / 1e9, 2))
     rows = []
     for name in providers:
         tick(f"{case.label} {name}")
@@ -120,7 +120,7 @@ def run_case(case: Case, makers: dict, providers, device: str, timing: TimingCon
         if fn is None:  # the provider has no such op: no row
             continue
         try:
-            rows += _measure(fn, case, cell, x, dy, y64, dx64, device, timing, copy_bps)
+            rows += _measure(fn, case, cell, x, dy, y64, dx64, device, timing, ceiling_bps)
         except Exception as error:  # noqa: BLE001  (a compile failure, OOM: record and go on)
             rows += _phase_rows(cell, describe_error(error))
         finally:
@@ -134,7 +134,7 @@ def _phase_rows(cell: dict, status: str, **extra) -> list[dict]:
     return [dict(cell, phase=phase, status=status, **extra) for phase in sol.PHASES]
 
 
-def _measure(fn, case, cell, x, dy, y64, dx64, device, timing, copy_bps) -> list[dict]:
+def _measure(fn, case, cell, x, dy, y64, dx64, device, timing, ceiling_bps) -> list[dict]:
     xg = x.detach().requires_grad_()
     # Correctness first, on this exact input (the call also compiles, for "compile").
     y = fn(xg)
@@ -176,7 +176,7 @@ def _measure(fn, case, cell, x, dy, y64, dx64, device, timing, copy_bps) -> list
     out = []
     for phase, ms in times.items():
         nbytes = sol.sol_bytes(case.info.name, case.info.family, numel, itemsize, phase)
-        sol_ms = nbytes / copy_bps * 1e3
+        sol_ms = nbytes / ceiling_bps * 1e3
         row = dict(cell, phase=phase, status="ok", median_ms=f"{ms:.4f}", sol_bytes=nbytes, sol_ms=f"{sol_ms:.4f}",
                    gbps=f"{nbytes / (ms * 1e-3) / 1e9:.1f}", pct_sol=f"{100 * sol_ms / ms:.1f}", **errors)
         if phase == "fwd+bwd":

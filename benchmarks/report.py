@@ -7,7 +7,7 @@ import os
 from collections import defaultdict
 
 MAIN_COLUMNS = ["date", "device", "torch", "commit", "op", "variant", "family", "provider", "dtype", "shape", "rows", "n",
-                "phase", "status", "median_ms", "sol_ms", "pct_sol", "gbps", "copy_gbps", "sol_bytes", "peak_mib",
+                "phase", "status", "median_ms", "sol_ms", "pct_sol", "gbps", "ceiling_gbps", "sol_bytes", "peak_mib",
                 "out_err", "grad_err", "timer"]
 JAC_COLUMNS = ["date", "device", "torch", "commit", "op", "batch", "n", "dtype", "method", "status", "median_ms",
                "peak_mib", "est_mib", "grad_err", "timer"]
@@ -36,6 +36,12 @@ def _short(status: str, width=40) -> str:
     return status if len(status) <= width else status[: width - 1] + "…"
 
 
+def _pct(row) -> str:
+    """% of speed-of-light, or a flag: above 100% the ceiling was not one (benchmarks/ceiling.py)."""
+    pct = float(row["pct_sol"])
+    return f"{pct:.0f}%" if pct <= 100 else f"**above the ceiling ({pct:.0f}%)**"
+
+
 def _cell(row) -> str:
     """'ms / %SoL / MiB', or what happened instead."""
     if row is None:
@@ -46,7 +52,7 @@ def _cell(row) -> str:
         return _short(row["status"])
     mib = row.get("peak_mib", "")
     mib = f"{float(mib):.0f}" if _f(mib) is not None else "n/m"
-    return f"{float(row['median_ms']):.3f} / {float(row['pct_sol']):.0f}% / {mib}"
+    return f"{float(row['median_ms']):.3f} / {_pct(row)} / {mib}"
 
 
 def _ratio(a, b) -> str:
@@ -114,7 +120,7 @@ def main_markdown(rows) -> str:
                 for phase in ("fwd", "bwd"):
                     r = by_provider.get(p, {}).get(phase)
                     ok = r is not None and r["status"] == "ok"
-                    cells.append(f"{float(r['median_ms']):.3f} ({float(r['pct_sol']):.0f}%)" if ok else ("-" if r is None else _short(r["status"], 20)))
+                    cells.append(f"{float(r['median_ms']):.3f} ({_pct(r)})" if ok else ("-" if r is None else _short(r["status"], 20)))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Speed of light: the fewest bytes each op must move, written beside the op.
 
-SoL time = these bytes / the copy bandwidth measured in the same run (timing.copy_bandwidth).
+SoL time = these bytes / the memory ceiling measured in the same run (ceiling.memory_ceiling).
 A fused kernel cannot beat it: every tensor named below must cross memory at least once.
 
 The table counts *tensor-passes*: one read or one write of a tensor the size of the input

@@ -1,4 +1,4 @@
-"""How a number is measured: time (median), peak memory, copy bandwidth, and the run's metadata.
+"""How a number is measured: time (median), peak memory, and the run's metadata.
 
 CPU: torch.utils.benchmark.Timer (blocked_autorange, median), with all of torch's threads.
 CUDA: CUDA events around each call, the median of many, after a warm-up, with L2 flushed before every
@@ -175,15 +175,6 @@ def keep_freed_memory() -> str:
         except (OSError, AttributeError):
             _MALLOC_SET = "default (not glibc)"
     return _MALLOC_SET
-
-
-def copy_bandwidth(device: str, nbytes: int, cfg: TimingConfig = TimingConfig()) -> float:
-    """Bytes per second of a device copy of an nbytes buffer, counting bytes read plus bytes written."""
-    src = torch.randn(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    # The best of three: a ceiling, and a shared machine's memory bandwidth wanders.
-    ms = min(time_ms(lambda: dst.copy_(src), device, cfg) for _ in range(3))
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
 def _git(*args) -> str | None:

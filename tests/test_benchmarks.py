@@ -159,3 +159,15 @@ def test_cli_quick_shape(tmp_path, capsys):
           "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "| sigmoid |" in out and (tmp_path / "results.csv").exists()
+
+
+def test_ceiling_is_the_best_probe_and_a_time_under_sol_is_flagged():
+    from benchmarks import ceiling, report
+
+    result = ceiling.memory_ceiling("cpu", 8 << 20, TINY.timing)
+    measured = [v for v in result["probes"].values() if not isinstance(v, str)]
+    assert {"copy", "read", "triad"} <= result["probes"].keys()
+    assert round(result["bps"] / 1e9, 1) == max(measured) and result["probe"] in result["probes"]
+    row = {"status": "ok", "median_ms": "1.0", "pct_sol": "130.0", "peak_mib": "1"}
+    assert "above the ceiling" in report._cell(row) and "130%" not in report._cell(row).split("(")[0]
+    assert report._cell(dict(row, pct_sol="95.0")) == "1.000 / 95% / 1"
