@@ -133,18 +133,49 @@ TVJP_ROW_LOOP void map_row(S* out, int64_t n, bool stream, const Fn& fn, const I
   if (j < n) L::store(out + j, apply_parts<L>(fn, L::load(in + j, n - j)...), n - j);
 }
 
-// out[j] = fn(in[j]) into an opmath array, from storage type S (a half type: widened, never narrowed).
+// The sum of a row's vectors: lanes accumulate in opmath for kChunk groups, then the chunk's total is added
+// in double, so rounding grows with the chunk length plus n / chunk rather than with n (long rows; torch's
+// own sums are cascaded too).
+template <class T>
+struct RowSum {
+  static constexpr int kChunk = 16;
+  Vec<T> acc = Vec<T>(T(0));
+  int groups = 0;
+  double total = 0;
+  TVJP_HD void add(const Vec<T>& v) { acc = acc + v; }
+  TVJP_HD void end_group() {
+    if (++groups == kChunk) flush();
+  }
+  TVJP_HD void flush() {
+    total += double(at::vec::vec_reduce_all<T>([](Vec<T> a, Vec<T> b) { return a + b; }, acc));
+    acc = Vec<T>(T(0));
+    groups = 0;
+  }
+  TVJP_HD T result() {
+    flush();
+    return static_cast<T>(total);
+  }
+};
+
+// out[j] = fn(in[j]) into an opmath array, from storage type S (a half type: widened, never narrowed);
+// returns Σ_j out[j].
 template <class S, class Fn>
-TVJP_ROW_LOOP void widen_map_row(opmath<S>* out, int64_t n, const Fn& fn, const S* in) {
+TVJP_ROW_LOOP opmath<S> widen_map_sum_row(opmath<S>* out, int64_t n, const Fn& fn, const S* in) {
   using L = Lanes<S>;
   using T = opmath<S>;
   constexpr int64_t kPart = Vec<T>::size();
+  RowSum<T> sum;
   for (int64_t j = 0; j < n; j += L::kWidth) {
     const int64_t count = std::min(L::kWidth, n - j);
-    const auto parts = L::load(in + j, count);
-    for (int k = 0; k < L::kParts && k * kPart < count; ++k)
-      fn(parts[k]).store(out + j + k * kPart, std::min(kPart, count - k * kPart));
+    auto mapped = apply_parts<L>(fn, L::load(in + j, count));
+    if (count < L::kWidth) mapped = L::pad(mapped, count, T(0));
+    for (int k = 0; k < L::kParts && k * kPart < count; ++k) {
+      mapped[k].store(out + j + k * kPart, std::min(kPart, count - k * kPart));
+      sum.add(mapped[k]);
+    }
+    sum.end_group();
   }
+  return sum.result();
 }
 
 // out[j] = fn(in[j]) from an opmath array into storage type S (narrowed once); `stream` as map_row.
@@ -175,27 +206,21 @@ TVJP_ROW_LOOP void narrow_map_row(S* out, int64_t n, bool stream, const Fn& fn, 
   }
 }
 
-// Σ_j term(in[j]...) over a row. Chunk partials are summed in double, so rounding grows with the chunk
-// length plus n / chunk rather than with n (long rows; torch's own sums are cascaded too).
+// Σ_j term(in[j]...) over a row (RowSum's cascade).
 template <class Term, class S, class... Rest>
 TVJP_ROW_LOOP opmath<S> sum_row(int64_t n, const Term& term, const S* first, const Rest*... rest) {
   static_assert((std::is_same_v<S, Rest> && ...), "one storage type per row sum (loadu would reinterpret)");
   using L = Lanes<S>;
   using T = opmath<S>;
-  constexpr int64_t kChunk = 16 * L::kWidth;
-  double total = 0;
-  for (int64_t c = 0; c < n; c += kChunk) {
-    const int64_t end = std::min(n, c + kChunk);
-    Vec<T> acc(T(0));
-    for (int64_t j = c; j < end; j += L::kWidth) {
-      const int64_t count = std::min(L::kWidth, end - j);
-      auto terms = apply_parts<L>(term, L::load(first + j, count), L::load(rest + j, count)...);
-      if (count < L::kWidth) terms = L::pad(terms, count, T(0));
-      for (const auto& part : terms) acc = acc + part;
-    }
-    total += double(at::vec::vec_reduce_all<T>([](Vec<T> a, Vec<T> b) { return a + b; }, acc));
+  RowSum<T> sum;
+  for (int64_t j = 0; j < n; j += L::kWidth) {
+    const int64_t count = std::min(L::kWidth, n - j);
+    auto terms = apply_parts<L>(term, L::load(first + j, count), L::load(rest + j, count)...);
+    if (count < L::kWidth) terms = L::pad(terms, count, T(0));
+    for (const auto& part : terms) sum.add(part);
+    sum.end_group();
   }
-  return static_cast<T>(total);
+  return sum.result();
 }
 
 // max_j x[j], NaN if any element is NaN (as torch's max).

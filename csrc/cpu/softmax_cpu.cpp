@@ -27,12 +27,11 @@ opmath<S> forward_row(int64_t n, const S* x, S* y, bool stream) {
   const T m = cpu::max_row(n, x);
   if constexpr (K == SoftmaxKind::Softmax) {
     // One exp per element: e = softmax_exp(x, m) is kept in a per-thread opmath buffer (cache-resident,
-    // and exact for half types), summed, then scaled into y: y is written once.
+    // and exact for half types) and summed in the same pass, then scaled into y: y is written once.
     static thread_local std::vector<T> scratch;
     scratch.resize(n);
     T* e = scratch.data();
-    cpu::widen_map_row(e, n, [m](auto v) { return math::softmax_exp(v, m); }, x);
-    const T inv_s = T(1) / sum_row(n, [](auto v) { return v; }, static_cast<const T*>(e));
+    const T inv_s = T(1) / cpu::widen_map_sum_row(e, n, [m](auto v) { return math::softmax_exp(v, m); }, x);
     cpu::narrow_map_row(y, n, stream, [inv_s](auto v) { return math::softmax_scale(v, inv_s); },
                         static_cast<const T*>(e));
     return T(0);
