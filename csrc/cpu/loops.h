@@ -17,6 +17,8 @@
 #include <array>
 #include <cstdint>
 #include <limits>
+#include <tuple>
+#include <vector>
 #include <type_traits>
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
@@ -69,6 +71,14 @@ struct Lanes {
     }
   }
 
+  // The same group from an opmath array (a half type's parameters or scratch, kept in float).
+  TVJP_HD static Parts load(const T* p, int64_t count = kWidth)
+    requires(kParts == 2)
+  {
+    constexpr int64_t kPart = Vec<T>::size();
+    return {Vec<T>::loadu(p, std::min(count, kPart)), Vec<T>::loadu(p + kPart, std::max<int64_t>(count - kPart, 0))};
+  }
+
   TVJP_HD static void store(S* p, const Parts& v, int64_t count = kWidth) {
     if constexpr (kParts == 1) v[0].store(p, count);
     else at::vec::convert_from_float<S>(v[0], v[1]).store(p, count);
@@ -115,11 +125,15 @@ TVJP_HD typename L::Parts apply_parts(const Fn& fn, const Groups&... groups) {
   return r;
 }
 
+// Row inputs are in the storage type S or in opmath<S> (parameters and scratch of a half type).
+template <class S, class... In>
+constexpr bool kRowInputs = ((std::is_same_v<S, In> || std::is_same_v<opmath<S>, In>) && ...);
+
 // out[j] = fn(in[j]...) for j < n, fn taking opmath vectors. `stream`: full groups are written with
 // streaming stores (the first, partial group aligns them).
 template <class S, class Fn, class... In>
 TVJP_ROW_LOOP void map_row(S* out, int64_t n, bool stream, const Fn& fn, const In*... in) {
-  static_assert((std::is_same_v<S, In> && ...), "one storage type per row map (loadu would reinterpret)");
+  static_assert(kRowInputs<S, In...>, "row inputs in S or opmath<S> (loadu would reinterpret)");
   using L = Lanes<S>;
   int64_t j = 0;
   if (kCanStream && stream) {
@@ -178,49 +192,55 @@ TVJP_ROW_LOOP opmath<S> widen_map_sum_row(opmath<S>* out, int64_t n, const Fn& f
   return sum.result();
 }
 
-// out[j] = fn(in[j]) from an opmath array into storage type S (narrowed once); `stream` as map_row.
-template <class S, class Fn>
-TVJP_ROW_LOOP void narrow_map_row(S* out, int64_t n, bool stream, const Fn& fn, const opmath<S>* in) {
-  using T = opmath<S>;
-  if constexpr (std::is_same_v<S, T>) {
-    map_row(out, n, stream, fn, in);
-  } else {
-    using L = Lanes<S>;
-    constexpr int64_t kPart = Vec<T>::size();
-    const auto load = [&](int64_t j, int64_t count) {
-      typename L::Parts r;
-      for (int k = 0; k < L::kParts; ++k)
-        r[k] = fn(Vec<T>::loadu(in + j + k * kPart, std::clamp<int64_t>(count - k * kPart, 0, kPart)));
-      return r;
-    };
-    int64_t j = 0;
-    if (kCanStream && stream) {
-      const auto offset = int64_t(reinterpret_cast<std::uintptr_t>(out) % sizeof(Vec<S>)) / int64_t(sizeof(S));
-      const int64_t head = offset == 0 ? 0 : std::min(n, L::kWidth - offset);
-      if (head > 0) L::store(out, load(0, head), head);
-      for (j = head; j + L::kWidth <= n; j += L::kWidth) L::stream(out + j, load(j, L::kWidth));
-    } else {
-      for (; j + L::kWidth <= n; j += L::kWidth) L::store(out + j, load(j, L::kWidth));
-    }
-    if (j < n) L::store(out + j, load(j, n - j), n - j);
-  }
-}
-
-// Σ_j term(in[j]...) over a row (RowSum's cascade).
-template <class Term, class S, class... Rest>
-TVJP_ROW_LOOP opmath<S> sum_row(int64_t n, const Term& term, const S* first, const Rest*... rest) {
-  static_assert((std::is_same_v<S, Rest> && ...), "one storage type per row sum (loadu would reinterpret)");
+// K row sums at once: Σ_j terms(in[j]...)[k], with terms returning std::array<Vec<T>, K> (RowSum's cascade).
+template <int K, class Terms, class S, class... Rest>
+TVJP_ROW_LOOP std::array<opmath<S>, K> sums_row(int64_t n, const Terms& terms, const S* first, const Rest*... rest) {
+  static_assert(kRowInputs<S, Rest...>, "row inputs in S or opmath<S> (loadu would reinterpret)");
   using L = Lanes<S>;
   using T = opmath<S>;
-  RowSum<T> sum;
+  std::array<RowSum<T>, K> sums;
   for (int64_t j = 0; j < n; j += L::kWidth) {
     const int64_t count = std::min(L::kWidth, n - j);
-    auto terms = apply_parts<L>(term, L::load(first + j, count), L::load(rest + j, count)...);
-    if (count < L::kWidth) terms = L::pad(terms, count, T(0));
-    for (const auto& part : terms) sum.add(part);
-    sum.end_group();
+    const auto first_parts = L::load(first + j, count);
+    const auto rest_parts = std::make_tuple(L::load(rest + j, count)...);
+    for (int p = 0; p < L::kParts; ++p) {
+      std::array<Vec<T>, K> values = std::apply([&](const auto&... r) { return terms(first_parts[p], r[p]...); }, rest_parts);
+      const int64_t in_part = count - p * int64_t(Vec<T>::size());
+      for (int k = 0; k < K; ++k) {
+        if (in_part < Vec<T>::size())  // the row's last group: lanes past the row add nothing
+          values[k] = Vec<T>::blendv(Vec<T>(T(0)), values[k], Vec<T>::arange(T(0), T(1)) < Vec<T>(T(in_part)));
+        sums[k].add(values[k]);
+      }
+    }
+    for (auto& sum : sums) sum.end_group();
   }
-  return sum.result();
+  std::array<T, K> out;
+  for (int k = 0; k < K; ++k) out[k] = sums[k].result();
+  return out;
+}
+
+// Σ_j term(in[j]...) over a row.
+template <class Term, class S, class... Rest>
+TVJP_HD opmath<S> sum_row(int64_t n, const Term& term, const S* first, const Rest*... rest) {
+  return sums_row<1>(n, [&](const auto&... v) { return std::array{term(v...)}; }, first, rest...)[0];
+}
+
+// acc[j] += fn(in[j]...) for j < n, into an opmath array (per-block column sums).
+template <class S, class Fn, class... In>
+TVJP_ROW_LOOP void add_map_row(opmath<S>* acc, int64_t n, const Fn& fn, const In*... in) {
+  static_assert(kRowInputs<S, In...>, "row inputs in S or opmath<S> (loadu would reinterpret)");
+  using L = Lanes<S>;
+  using T = opmath<S>;
+  constexpr int64_t kPart = Vec<T>::size();
+  for (int64_t j = 0; j < n; j += L::kWidth) {
+    const int64_t count = std::min(L::kWidth, n - j);
+    const auto terms = apply_parts<L>(fn, L::load(in + j, count)...);
+    for (int k = 0; k < L::kParts && k * kPart < count; ++k) {
+      const int64_t c = std::min(kPart, count - k * kPart);
+      T* a = acc + j + k * kPart;
+      (Vec<T>::loadu(a, c) + terms[k]).store(a, c);
+    }
+  }
 }
 
 // max_j x[j], NaN if any element is NaN (as torch's max).
@@ -271,5 +291,33 @@ struct StridedRow {
 
 // Rows per parallel task: aim for ~32k elements of work per task.
 inline int64_t rows_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
+
+// Calls body(row, stream, ptrs...) for every row of the tensors in `rows`, in parallel: with the tensors'
+// own row pointers when rows are contiguous, else with gathered opmath buffers (the last, written, tensor
+// is scattered back unless `write_last` is false). `stream`: the row's output may be written with streaming
+// stores (contiguous rows of an output of at least cpu::kStreamBytes).
+template <class S, size_t N, class Body>
+void for_each_row(const RowLayout& l, const std::array<S*, N>& bases, bool write_last, const Body& body) {
+  const bool stream = l.inner == 1 && should_stream(l.outer * l.n * int64_t(sizeof(S)));
+  at::parallel_for(0, l.outer * l.inner, rows_grain(l.n), [&](int64_t begin, int64_t end) {
+    if (l.inner == 1) {
+      for (int64_t row = begin; row < end; ++row) {
+        std::array<S*, N> ptrs;
+        for (size_t k = 0; k < N; ++k) ptrs[k] = bases[k] + row * l.n;
+        std::apply([&](auto*... p) { body(row, stream, p...); }, ptrs);
+      }
+      fence();
+      return;
+    }
+    std::vector<opmath<S>> buffers(N * l.n);
+    std::array<opmath<S>*, N> ptrs;
+    for (size_t k = 0; k < N; ++k) ptrs[k] = buffers.data() + k * l.n;
+    for (int64_t row = begin; row < end; ++row) {
+      for (size_t k = 0; k + (write_last ? 1 : 0) < N; ++k) StridedRow<S>{bases[k], l}.gather(row, ptrs[k]);
+      std::apply([&](auto*... p) { body(row, false, p...); }, ptrs);
+      if (write_last) StridedRow<S>{bases[N - 1], l}.scatter(row, ptrs[N - 1]);
+    }
+  });
+}
 
 }  // namespace torch_vjp::cpu

@@ -32,8 +32,7 @@ opmath<S> forward_row(int64_t n, const S* x, S* y, bool stream) {
     scratch.resize(n);
     T* e = scratch.data();
     const T inv_s = T(1) / cpu::widen_map_sum_row(e, n, [m](auto v) { return math::softmax_exp(v, m); }, x);
-    cpu::narrow_map_row(y, n, stream, [inv_s](auto v) { return math::softmax_scale(v, inv_s); },
-                        static_cast<const T*>(e));
+    map_row(y, n, stream, [inv_s](auto v) { return math::softmax_scale(v, inv_s); }, static_cast<const T*>(e));
     return T(0);
   } else {
     const T shift = math::shift_for<K>(m);
@@ -68,34 +67,6 @@ void logsumexp_backward_row(int64_t n, opmath<S> dy_row, const S* x, opmath<S> o
   map_row(dx, n, stream, [dy_row, out_row](auto v) { return math::logsumexp_vjp(dy_row, v, out_row); }, x);
 }
 
-// Calls body(row, stream, ptrs...) for every row of the tensors in `rows`, in parallel: with the tensors'
-// own row pointers when rows are contiguous, else with gathered opmath buffers (the last, written, tensor
-// is scattered back unless `write_last` is false). `stream`: the row's output may be written with streaming
-// stores (contiguous rows of an output of at least cpu::kStreamBytes).
-template <class S, size_t N, class Body>
-void for_each_row(const RowLayout& l, const std::array<S*, N>& bases, bool write_last, const Body& body) {
-  const bool stream = l.inner == 1 && cpu::should_stream(l.outer * l.n * int64_t(sizeof(S)));
-  at::parallel_for(0, l.outer * l.inner, cpu::rows_grain(l.n), [&](int64_t begin, int64_t end) {
-    if (l.inner == 1) {
-      for (int64_t row = begin; row < end; ++row) {
-        std::array<S*, N> ptrs;
-        for (size_t k = 0; k < N; ++k) ptrs[k] = bases[k] + row * l.n;
-        std::apply([&](auto*... p) { body(row, stream, p...); }, ptrs);
-      }
-      cpu::fence();
-      return;
-    }
-    std::vector<opmath<S>> buffers(N * l.n);
-    std::array<opmath<S>*, N> ptrs;
-    for (size_t k = 0; k < N; ++k) ptrs[k] = buffers.data() + k * l.n;
-    for (int64_t row = begin; row < end; ++row) {
-      for (size_t k = 0; k + (write_last ? 1 : 0) < N; ++k) cpu::StridedRow<S>{bases[k], l}.gather(row, ptrs[k]);
-      std::apply([&](auto*... p) { body(row, false, p...); }, ptrs);
-      if (write_last) cpu::StridedRow<S>{bases[N - 1], l}.scatter(row, ptrs[N - 1]);
-    }
-  });
-}
-
 template <class S>
 S* mutable_ptr(const at::Tensor& t) {
   return const_cast<S*>(t.const_data_ptr<S>());
@@ -107,12 +78,12 @@ struct CpuSoftmax {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torch_vjp_softmax_cpu", [&] {
       scalar_t* out = output.mutable_data_ptr<scalar_t>();
       if constexpr (K == SoftmaxKind::LogSumExp) {  // output: one value per row, (outer, inner) row-major
-        for_each_row<scalar_t, 1>(l, {mutable_ptr<scalar_t>(input)}, false, [&](int64_t row, bool, const auto* x) {
+        cpu::for_each_row<scalar_t, 1>(l, {mutable_ptr<scalar_t>(input)}, false, [&](int64_t row, bool, const auto* x) {
           using S = std::remove_cv_t<std::remove_pointer_t<decltype(x)>>;
           out[row] = static_cast<scalar_t>(forward_row<K, S>(l.n, x, nullptr, false));
         });
       } else {
-        for_each_row<scalar_t, 2>(l, {mutable_ptr<scalar_t>(input), out}, true,
+        cpu::for_each_row<scalar_t, 2>(l, {mutable_ptr<scalar_t>(input), out}, true,
                                   [&](int64_t, bool stream, const auto* x, auto* y) { forward_row<K>(l.n, x, y, stream); });
       }
     });
@@ -127,11 +98,11 @@ struct CpuSoftmax {
       const scalar_t* y = output.const_data_ptr<scalar_t>();
       scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
       if constexpr (K == SoftmaxKind::LogSumExp) {  // dy and y (the forward's output): one value per row
-        for_each_row<scalar_t, 2>(l, {mutable_ptr<scalar_t>(input), dx}, true, [&](int64_t row, bool stream, const auto* x, auto* d) {
+        cpu::for_each_row<scalar_t, 2>(l, {mutable_ptr<scalar_t>(input), dx}, true, [&](int64_t row, bool stream, const auto* x, auto* d) {
           logsumexp_backward_row(l.n, static_cast<T>(dy[row]), x, static_cast<T>(y[row]), d, stream);
         });
       } else {
-        for_each_row<scalar_t, 3>(l, {const_cast<scalar_t*>(dy), const_cast<scalar_t*>(y), dx}, true,
+        cpu::for_each_row<scalar_t, 3>(l, {const_cast<scalar_t*>(dy), const_cast<scalar_t*>(y), dx}, true,
                                   [&](int64_t, bool stream, const auto* g, const auto* v, auto* d) {
                                     backward_row<K>(l.n, g, v, d, stream);
                                   });

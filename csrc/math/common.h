@@ -41,6 +41,8 @@ TVJP_HD float erf_(float x) { return ::erff(x); }
 TVJP_HD double erf_(double x) { return ::erf(x); }
 TVJP_HD float normal_cdf_(float x) { return 0.5f * ::erfcf(-x * float(kSqrtHalf)); }
 TVJP_HD double normal_cdf_(double x) { return 0.5 * ::erfc(-x * kSqrtHalf); }
+TVJP_HD float sqrt_(float x) { return ::sqrtf(x); }
+TVJP_HD double sqrt_(double x) { return ::sqrt(x); }
 TVJP_HD float abs_(float x) { return ::fabsf(x); }
 TVJP_HD double abs_(double x) { return ::fabs(x); }
 template <class T>

@@ -1,0 +1,49 @@
+// Normalization family: layer_norm, rms_norm (rows of N elements, the trailing normalized_shape) and
+// normalize (p = 2 along one dim). Statistics are per row; weight and bias are shared by every row.
+//
+// layer_norm (kCentered) and rms_norm (not centered), per row:
+//   μ = Σx / N (0 for rms_norm),  σ² = Σ(x - μ)² / N,  r = 1 / √(σ² + eps),  x̂ = (x - μ) r,
+//   y = x̂ ⊙ w + b                         (w = 1, b = 0 when absent)
+// Saved: x and the per-row μ, r (never x̂ or y).
+//
+// Backward (VJP), with g = dy ⊙ w. ∂x̂ᵢ/∂xⱼ = r (δᵢⱼ - 1/N - x̂ᵢ x̂ⱼ / N) (rms_norm: without the 1/N), a
+// symmetric matrix, so
+//   dx = r (g - mean(g) - x̂ ⊙ mean(g ⊙ x̂))        two row reductions (term 1: mean g, term 2: mean g x̂),
+//                                                  then one pass; rms_norm drops mean(g)
+//   dw = Σ_rows dy ⊙ x̂,   db = Σ_rows dy           column sums over the batch: the gradient of a shared
+//                                                  parameter is the sum of the per-sample gradients
+//
+// normalize, per row along dim: ρ = ‖x‖₂, y = x / max(ρ, eps). Saved: y and ρ.
+//   ρ ≥ eps: ∂y/∂x = (I - y yᵀ) / ρ, symmetric  ⇒  dx = (dy - y ⟨y, dy⟩) / ρ
+//   ρ < eps: y = x / eps                         ⇒  dx = dy / eps    (torch's clamp_min passes no gradient)
+// T is float, double, or (CPU only) at::vec::Vectorized<float|double>.
+#pragma once
+
+#include "math/common.h"
+
+namespace torch_vjp::math {
+
+// r = 1 / √(σ² + eps); σ² from the two-pass sum Σ(x - μ)² (no cancellation: μ is subtracted first).
+template <class S>
+TVJP_HD S norm_rstd(S sum_sq_centered, S n, S eps) {
+  return S(1) / sqrt_(sum_sq_centered / n + eps);
+}
+
+template <class T, class S>
+TVJP_HD T norm_xhat(T x, S mean, S rstd) { return (x - T(mean)) * T(rstd); }
+
+// y = x̂ ⊙ w + b
+template <class T, class S>
+TVJP_HD T norm_out(T x, S mean, S rstd, T w, T b) { return norm_xhat(x, mean, rstd) * w + b; }
+
+// dx = r (g - mean(g) - x̂ mean(g x̂)); mean_g = 0 for rms_norm.
+template <class T, class S>
+TVJP_HD T norm_vjp(T g, T xhat, S mean_g, S mean_g_xhat, S rstd) {
+  return T(rstd) * (g - T(mean_g) - xhat * T(mean_g_xhat));
+}
+
+// normalize: dx = (dy - y ⟨y, dy⟩) / ρ, or dy / eps where ρ < eps (scale = 1/ρ or 1/eps, dot = ⟨y, dy⟩ or 0).
+template <class T, class S>
+TVJP_HD T normalize_vjp(T dy, T y, S dot, S scale) { return (dy - y * T(dot)) * T(scale); }
+
+}  // namespace torch_vjp::math
