@@ -21,7 +21,7 @@ def parse_args(argv=None):
         prog="python -m benchmarks",
         description="Time, memory and %% of speed-of-light of torch_vjp against eager, torch.compile and Liger-Kernel, "
                     "and the VJP against full Jacobians. Sizes come from the preset for the hardware found.")
-    parser.add_argument("--ops", type=_list, help="comma-separated op names (default: every op in tests/op_db.py)")
+    parser.add_argument("--ops", type=_list, help="comma-separated op names (default: every op in torch_vjp/testing.py)")
     parser.add_argument("--providers", type=_list, help=f"comma-separated, from {','.join(ALL)} (default: all available)")
     parser.add_argument("--dtype", type=_list, help="comma-separated: float32, bfloat16, float16, float64 (default: the preset's)")
     parser.add_argument("--device", help="cpu or cuda[:i] (default: cuda if available, else cpu)")
@@ -43,7 +43,7 @@ def main(argv=None):
 
     import dataclasses
 
-    from tests.op_db import OPS_BY_NAME
+    from torch_vjp.testing import OPS_BY_NAME
 
     from .bench import run_benchmark
     from .config import preset_for

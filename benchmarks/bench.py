@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from tests.op_db import OPS
+from torch_vjp.testing import OPS
 
 from . import jacobian, providers as providers_mod
 from .harness import DTYPES, make_cases, run_case

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from tests.op_db import op_variants, sample
+import torch_vjp
+from torch_vjp.testing import op_variants, sample
 
 # Small float64 inputs: gradcheck's finite differences are O(numel²). Each softmax-family op is tried
 # along every dim of a 3-D tensor, so a non-last (strided) reduction is differentiated too.
@@ -20,12 +21,14 @@ def calls(info, variant):
 
 @pytest.mark.parametrize("info,variant", op_variants())
 def test_gradcheck_and_gradgradcheck(info, variant, device):
+    """First and second derivatives against finite differences, in every mode torch checks: reverse,
+    forward, batched, reverse-over-reverse and forward-over-reverse."""
     x = sample(info, GRADCHECK_SHAPE, torch.float64, device).requires_grad_()
     for kwargs in calls(info, variant):
         fn = lambda t: info.op(t, **kwargs)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (x,), check_forward_ad=True, check_batched_grad=True,
                                         check_batched_forward_grad=True)
-        assert torch.autograd.gradgradcheck(fn, (x,), check_batched_grad=True)
+        assert torch.autograd.gradgradcheck(fn, (x,), check_batched_grad=True, check_fwd_over_rev=True)
 
 
 @pytest.mark.parametrize("info,variant", op_variants())
@@ -59,9 +62,10 @@ def test_forward_mode(info, variant, device):
 
 @pytest.mark.parametrize("info,variant", op_variants())
 def test_torch_func_transforms(info, variant, device):
-    """vjp, vmap'd jacrev and jacfwd, and reverse-over-reverse agree with the reference; forward-over-
-    reverse raises a clear error instead of returning a wrong (zero) tangent."""
+    """vmap'd jacrev and jacfwd, reverse-over-reverse and forward-over-reverse (jvp of grad) agree with
+    the reference."""
     x = sample(info, (3, 5), torch.float64, device)
+    t = sample(info, (3, 5), torch.float64, device, generator_seed=3)
     kwargs = info.call_kwargs(**variant)
     ours, ref = (lambda a: info.op(a, **kwargs)), (lambda a: info.ref(a, **kwargs))
     for transform in (torch.func.jacrev, torch.func.jacfwd):
@@ -69,8 +73,56 @@ def test_torch_func_transforms(info, variant, device):
     scalar = lambda f: (lambda a: f(a).pow(2).sum())  # noqa: E731
     torch.testing.assert_close(torch.func.jacrev(torch.func.jacrev(scalar(ours)))(x),
                                torch.func.jacrev(torch.func.jacrev(scalar(ref)))(x))
-    with pytest.raises(NotImplementedError, match="forward-over-reverse"):
-        torch.func.hessian(scalar(ours))(x)
+    jvp_of_grad = lambda f: torch.func.jvp(torch.func.grad(scalar(f)), (x,), (t,))  # noqa: E731
+    torch.testing.assert_close(jvp_of_grad(ours), jvp_of_grad(ref))
+
+
+def weighted_sum(f, w):
+    """A scalar function whose Hessian weighs each output's Hessian by a random w: none cancels."""
+    return lambda a: (f(a) * w).sum()
+
+
+@pytest.mark.parametrize("info,variant", op_variants())
+def test_hessian_every_dim(info, variant, device):
+    """torch.func.hessian (forward-over-reverse: jacfwd of jacrev) equals torch's, on every dim (and
+    keepdim) of a 3-D input."""
+    x = sample(info, GRADCHECK_SHAPE, torch.float64, device)
+    for kwargs in calls(info, variant):
+        ours, ref = (lambda a: info.op(a, **kwargs)), (lambda a: info.ref(a, **kwargs))
+        w = sample(info, ref(x).shape, torch.float64, device, generator_seed=4)
+        torch.testing.assert_close(torch.func.hessian(weighted_sum(ours, w))(x),
+                                   torch.func.hessian(weighted_sum(ref, w))(x), msg=str(kwargs))
+
+
+# logsumexp's forward mode where exp(x - out), from the rounded output, is wrong: out = 1e8 + log 4 rounds to
+# 1e8 in float32 (step 8), so Σ exp(x - out) = 4, not 1; likewise in float16 at 100.
+LOGSUMEXP_ROUNDED = [
+    (torch.full((4,), 1e8), torch.float32),
+    (torch.full((3,), 1e8), torch.float32),
+    (torch.tensor([100.0, 100.5]), torch.float16),
+    (torch.tensor([[1e8, 1e8 + 8], [-3.0, 2.0]]), torch.float32),
+]
+
+
+@pytest.mark.parametrize("x,dtype", LOGSUMEXP_ROUNDED, ids=str)
+def test_logsumexp_forward_mode_is_stable(x, dtype, device):
+    """jvp, jacfwd, forward AD and forward-over-reverse of logsumexp give torch's (stable) answer, and the
+    Jacobian sums to 1 per row, where weights from the rounded output would not."""
+    x = x.to(dtype=dtype, device=device)
+    t = torch.ones_like(x)
+    ours, ref = (lambda u: torch_vjp.logsumexp(u, -1)), (lambda u: torch.logsumexp(u, -1))
+    expected = torch.func.jvp(ref, (x,), (t,))[1]
+    torch.testing.assert_close(torch.func.jvp(ours, (x,), (t,))[1], expected)
+    torch.testing.assert_close(expected, torch.ones_like(expected))
+    jac = torch.func.jacfwd(ours)(x)
+    torch.testing.assert_close(jac, torch.func.jacfwd(ref)(x))
+    with fwAD.dual_level():
+        torch.testing.assert_close(fwAD.unpack_dual(torch_vjp.logsumexp(fwAD.make_dual(x, t), -1)).tangent, expected)
+    if dtype == torch.float32:  # second order, where torch's own formula is exact too
+        w = torch.linspace(0.5, 1.5, ours(x).numel(), device=device).reshape(ours(x).shape)
+        x64 = x.double()
+        torch.testing.assert_close(torch.func.hessian(weighted_sum(ours, w))(x).double(),
+                                   torch.func.hessian(weighted_sum(ref, w.double()))(x64), rtol=1e-4, atol=1e-6)
 
 
 def test_raw_op_under_torch_func_is_refused_clearly():

@@ -12,7 +12,7 @@ from benchmarks.bench import run_benchmark
 from benchmarks.config import PRESETS
 from benchmarks.harness import Case, run_case
 from benchmarks.timing import TimingConfig, peak_memory_bytes
-from tests.op_db import OPS, OPS_BY_NAME
+from torch_vjp.testing import OPS, OPS_BY_NAME
 
 # A preset small enough for a unit test: the harness end to end in a few seconds.
 TINY = dataclasses.replace(

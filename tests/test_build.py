@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import torch_vjp
-from tests.op_db import OPS, sample
+from torch_vjp.testing import OPS, sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The instruction sets each capability's library is compiled for (setup.py's CPU_CAPABILITIES), as
@@ -35,7 +35,7 @@ def runnable_capabilities():
 # Every op forward and backward, on shapes with vector tails and a non-last dim, in each dtype.
 PROBE = r"""
 import json, sys, torch, torch_vjp
-from tests.op_db import OPS, sample
+from torch_vjp.testing import OPS, sample
 out = {"backends": torch_vjp.backends(), "torch": torch.backends.cpu.get_cpu_capability(), "values": {}}
 for info in OPS:
     for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):

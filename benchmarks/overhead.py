@@ -1,0 +1,98 @@
+"""Per-call cost at small sizes, where the host (Python, dispatch, autograd) dominates the kernel.
+
+`python -m benchmarks --overhead [--shape 8x8] [--ops ...]`: for every op (its default variant), median µs
+of one call, torch_vjp against its torch reference, in three phases:
+
+  no grad   the input does not require grad: the op alone, no graph recorded
+  fwd       the input requires grad: the op, recording its autograd node
+  fwd+bwd   torch.autograd.grad(op(x), x, dy): record, then run the backward
+
+These are the figures a training loop of small tensors pays on every call. The kernels' own speed at
+real sizes is the main benchmark's business. Never asserted by a test: a shared CPU's timings wander.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .timing import environment
+
+PHASES = ("no grad", "fwd", "fwd+bwd")
+COLUMNS = ["date", "device", "torch", "commit", "op", "shape", "dtype", "phase", "torch_us", "torch_vjp_us", "diff_us",
+           "ratio"]
+
+
+def _median_us(fn, min_run_time: float, repeats: int) -> float:
+    """The least of `repeats` medians (blocked_autorange), in µs: on a shared machine other work only adds
+    time, so the least median is the closest to the call's own cost."""
+    from torch.utils.benchmark import Timer
+
+    fn()
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return min(timer.blocked_autorange(min_run_time=min_run_time).median for _ in range(repeats)) * 1e6
+
+
+def _calls(info, kwargs, x, dy):
+    """phase -> (torch call, torch_vjp call)."""
+    xg = x.detach().requires_grad_()
+
+    def fwd_bwd(f):
+        return lambda: torch.autograd.grad(f(xg, **kwargs), xg, dy)
+
+    return {
+        "no grad": (lambda: info.ref(x, **kwargs), lambda: info.op(x, **kwargs)),
+        "fwd": (lambda: info.ref(xg, **kwargs), lambda: info.op(xg, **kwargs)),
+        "fwd+bwd": (fwd_bwd(info.ref), fwd_bwd(info.op)),
+    }
+
+
+def run_overhead(infos, shape=(8, 8), dtype=torch.float32, device="cpu", min_run_time=0.1, repeats=3) -> list[dict]:
+    env = environment(device)
+    rows = []
+    for info in infos:
+        kwargs = info.call_kwargs(**info.variants[0])
+        gen = torch.Generator().manual_seed(0)
+        x = (torch.randn(shape, generator=gen) * info.scale).to(dtype=dtype, device=device)
+        dy = torch.randn(info.ref(x, **kwargs).shape, generator=gen).to(dtype=dtype, device=device)
+        for phase, (ref_call, op_call) in _calls(info, kwargs, x, dy).items():
+            t_ref = _median_us(ref_call, min_run_time, repeats)
+            t_op = _median_us(op_call, min_run_time, repeats)
+            rows.append(dict(env, op=info.name, shape="x".join(map(str, shape)), dtype=str(dtype).replace("torch.", ""),
+                             phase=phase, torch_us=f"{t_ref:.2f}", torch_vjp_us=f"{t_op:.2f}",
+                             diff_us=f"{t_op - t_ref:.2f}", ratio=f"{t_op / t_ref:.2f}"))
+    return rows
+
+
+def markdown(rows, command: str) -> str:
+    first = rows[0]
+    lines = [
+        f"# torch_vjp per-call cost: {first['device']}",
+        "",
+        f"- date: {first['date']}; torch {first['torch']}; torch_vjp commit {first['commit']}",
+        f"- command: `{command}`",
+        f"- {first['shape']} {first['dtype']}; median µs per call (torch.utils.benchmark blocked_autorange, least "
+        "of 3 medians); torch_vjp − torch in µs, and torch_vjp ÷ torch",
+        "",
+        "| op | " + " | ".join(f"{p}: torch / torch_vjp / diff / ratio" for p in PHASES) + " |",
+        "|---|" + "---|" * len(PHASES),
+    ]
+    by_op: dict[str, dict] = {}
+    for r in rows:
+        by_op.setdefault(r["op"], {})[r["phase"]] = r
+    for op, phases in by_op.items():
+        cells = [f"{p['torch_us']} / {p['torch_vjp_us']} / {p['diff_us']} / {p['ratio']}×"
+                 for p in (phases[name] for name in PHASES)]
+        lines.append(f"| {op} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write(rows, out_dir: str, command: str) -> dict:
+    from .report import write_csv
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"overhead_csv": os.path.join(out_dir, "overhead.csv"), "overhead_md": os.path.join(out_dir, "overhead.md")}
+    write_csv(paths["overhead_csv"], rows, COLUMNS)
+    with open(paths["overhead_md"], "w") as f:
+        f.write(markdown(rows, command))
+    return paths
