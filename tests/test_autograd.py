@@ -138,16 +138,72 @@ def test_raw_op_is_differentiable():
     assert torch.autograd.gradgradcheck(lambda t: torch.ops.torch_vjp.gelu(t, "tanh"), (x,))
 
 
+# Per-sample ranks 0-3 (a 0-d sample is its own one-element row), each with the batch dim at the front,
+# in the middle and last.
+VMAP_SAMPLE_SHAPES = [(), (5,), (3, 4), (2, 3, 4)]
+
+
+def vmap_calls(info, variant, rank):
+    dims = range(-max(rank, 1), max(rank, 1)) if info.has_dim else [None]
+    keepdims = [False, True] if info.keepdim else [False]
+    return [info.call_kwargs(dim=d, keepdim=k, **variant) if d is not None else info.call_kwargs(**variant)
+            for d in dims for k in keepdims]
+
+
+@pytest.mark.parametrize("sample_shape", VMAP_SAMPLE_SHAPES, ids=str)
 @pytest.mark.parametrize("info,variant", op_variants())
-def test_vmap_has_a_batching_rule(info, variant, device):
-    """vmap over any dim of the public op and the registered op: one batched call (no per-sample
-    fallback, which torch announces with a warning) and the reference's values."""
-    x = sample(info, (3, 4, 5), torch.float32, device)
-    for in_dim in (0, 1, 2):
-        for kwargs in [info.call_kwargs(dim=d, keepdim=k, **variant) for d in (0, -1) for k in (False, True)]:
+def test_vmap_every_rank_dim_and_in_dim(info, variant, sample_shape, device):
+    """vmap over per-sample ranks 0-3, every dim (negative too), the batch at any position (in_dims), of
+    the public op and the registered op: torch's values, from one batched call (no per-sample fallback,
+    which torch announces with a warning)."""
+    rank = len(sample_shape)
+    for in_dim in range(rank + 1):
+        shape = list(sample_shape)
+        shape.insert(in_dim, 3)
+        x = sample(info, shape, torch.float64, device)
+        for kwargs in vmap_calls(info, variant, rank):
             expected = torch.func.vmap(lambda a: info.ref(a, **kwargs), in_dims=in_dim)(x)
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
                 for fn in (info.op, info.raw):
                     out = torch.func.vmap(lambda a: fn(a, **kwargs), in_dims=in_dim)(x)
-                    torch.testing.assert_close(out, expected)
+                    torch.testing.assert_close(out, expected, msg=f"in_dim={in_dim} {kwargs}")
+
+
+@pytest.mark.parametrize("sample_shape", [(), (4,), (2, 3)], ids=str)
+@pytest.mark.parametrize("info,variant", op_variants())
+def test_nested_vmap(info, variant, sample_shape, device):
+    """vmap of vmap (batch dims at different positions, an unbatched second argument), and vmap of the
+    VJP through torch.func.vjp, against torch."""
+    rank = len(sample_shape)
+    x = sample(info, (2, *sample_shape, 3), torch.float64, device)  # outer batch first, inner batch last
+    for kwargs in vmap_calls(info, variant, rank):
+        def nested(f):
+            return torch.func.vmap(torch.func.vmap(lambda a: f(a, **kwargs), in_dims=-1), in_dims=0)(x)
+
+        expected = nested(info.ref)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for fn in (info.op, info.raw):
+                torch.testing.assert_close(nested(fn), expected, msg=str(kwargs))
+
+        def vjp_per_sample(f):
+            def one(a, g):
+                return torch.func.vjp(lambda t: f(t, **kwargs), a)[1](g)[0]
+            inner = x[..., 0]
+            g = sample(info, torch.func.vmap(lambda a: info.ref(a, **kwargs))(inner).shape, torch.float64, device, 9)
+            return torch.func.vmap(one)(inner, g)
+
+        torch.testing.assert_close(vjp_per_sample(info.op), vjp_per_sample(info.ref), msg=str(kwargs))
+
+
+def test_vmap_over_zero_dim_samples_is_per_sample():
+    """The issue's cases: a softmax over 0-d samples is 1 for each (it was a softmax over the batch), and
+    dim 0 or logsumexp no longer raise."""
+    v = torch.randn(5, dtype=torch.float64)
+    for dim in (-1, 0):
+        torch.testing.assert_close(torch.func.vmap(lambda a: torch_vjp.softmax(a, dim))(v), torch.ones_like(v))
+        torch.testing.assert_close(torch.func.vmap(lambda a: torch_vjp.logsumexp(a, dim))(v), v)
+        torch.testing.assert_close(torch.func.vmap(lambda a: torch_vjp.log_softmax(a, dim))(v), torch.zeros_like(v))
+    with pytest.raises(IndexError, match="Dimension out of range"):
+        torch.func.vmap(lambda a: torch_vjp.softmax(a, 1))(v)
