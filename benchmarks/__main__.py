@@ -1,4 +1,4 @@
-"""python -m benchmarks [--quick] [--ops ...] [--providers ...] [--dtype ...] [--device ...] [--out DIR]"""
+"""python -m benchmarks [--quick] [--ops ...] [--providers ...] [--dtype ...] [--device ...] [--out DIR] [--overhead]"""
 from __future__ import annotations
 
 import argparse
@@ -28,11 +28,34 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="smaller sizes: about 2 minutes on 2 CPU cores")
     parser.add_argument("--out", help="output folder (default: bench_out/<device>-<date>)")
     parser.add_argument("--only", choices=("main", "jacobian"), help="run one part only")
+    parser.add_argument("--overhead", action="store_true",
+                        help="only the per-call cost at small sizes (8x8, 64x256; --shape replaces them), against torch")
     parser.add_argument("--shape", help="ROWSxN: replace the preset's main shape (and drop its row sweep)")
     parser.add_argument("--all-variants", action="store_true", help="every keyword variant of each op, not only the default")
     parser.add_argument("--time-budget", type=float, help="seconds; cases not started by then are recorded as skipped")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
+
+
+def command_line(argv) -> str:
+    args = argv if argv is not None else sys.argv[1:]
+    return "python -m benchmarks" + (" " + shlex.join(args) if args else "")
+
+
+def overhead_main(args, device: str, command: str):
+    from torch_vjp.testing import OPS
+
+    from . import overhead
+
+    shapes = (tuple(int(v) for v in args.shape.lower().split("x")),) if args.shape else overhead.DEFAULT_SHAPES
+    infos = [info for info in OPS if args.ops is None or info.name in args.ops]
+    rows = overhead.run_overhead(infos, shapes, device=device)
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    out = args.out or os.path.join("bench_out", f"{kind}-{datetime.date.today().isoformat()}")
+    paths = overhead.write(rows, out, command)
+    print(overhead.markdown(rows, command))
+    print(f"benchmarks: wrote {', '.join(sorted(os.path.relpath(p) for p in paths.values()))}")
+    return rows
 
 
 def main(argv=None):
@@ -55,6 +78,8 @@ def main(argv=None):
     for name in args.dtype or ():
         if name not in DTYPES:
             sys.exit(f"benchmarks: unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+    if args.overhead:
+        return overhead_main(args, device, command_line(argv))
     preset = preset_for(device, args.quick)
     if args.shape:
         rows, n = (int(v) for v in args.shape.lower().split("x"))
@@ -62,7 +87,7 @@ def main(argv=None):
     kind = "cuda" if device.startswith("cuda") else "cpu"
     out = args.out or os.path.join("bench_out", f"{kind}-{datetime.date.today().isoformat()}")
     sections = (args.only,) if args.only else ("main", "jacobian")
-    command = "python -m benchmarks" + ("" if not (argv if argv is not None else sys.argv[1:]) else " " + shlex.join(argv if argv is not None else sys.argv[1:]))
+    command = command_line(argv)
 
     try:
         result = run_benchmark(device, preset, out, ops=args.ops, provider_names=args.providers, dtypes=args.dtype,

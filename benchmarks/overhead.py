@@ -1,7 +1,7 @@
 """Per-call cost at small sizes, where the host (Python, dispatch, autograd) dominates the kernel.
 
-`python -m benchmarks --overhead [--shape 8x8] [--ops ...]`: for every op (its default variant), median µs
-of one call, torch_vjp against its torch reference, in three phases:
+`python -m benchmarks --overhead [--shape 8x8] [--ops ...]`: for every op (its default variant), at 8×8 and
+64×256 float32, median µs of one call, torch_vjp against its torch reference, in three phases:
 
   no grad   the input does not require grad: the op alone, no graph recorded
   fwd       the input requires grad: the op, recording its autograd node
@@ -19,18 +19,30 @@ import torch
 from .timing import environment
 
 PHASES = ("no grad", "fwd", "fwd+bwd")
+# 8×8: the issue's size, all host; 64×256: a small MLP's log_softmax, where the kernel starts to count.
+DEFAULT_SHAPES = ((8, 8), (64, 256))
 COLUMNS = ["date", "device", "torch", "commit", "op", "shape", "dtype", "phase", "torch_us", "torch_vjp_us", "diff_us",
            "ratio"]
 
 
-def _median_us(fn, min_run_time: float, repeats: int) -> float:
-    """The least of `repeats` medians (blocked_autorange), in µs: on a shared machine other work only adds
-    time, so the least median is the closest to the call's own cost."""
+def _timer(fn):
     from torch.utils.benchmark import Timer
 
-    fn()
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return min(timer.blocked_autorange(min_run_time=min_run_time).median for _ in range(repeats)) * 1e6
+    fn()  # warm: first-call costs (lazy init, allocator growth) are not per-call costs
+    # One thread: the per-call cost is host work, and on a busy machine an intra-op thread pool's wake-ups
+    # (milliseconds when a core is taken) would drown it. Both sides run alike.
+    return Timer(stmt="fn()", globals={"fn": fn}, num_threads=1)
+
+
+def _pair_us(ref_call, op_call, min_run_time: float, rounds: int) -> tuple[float, float]:
+    """Median µs per call of each, the least over `rounds` alternating rounds: on a shared machine other
+    work only adds time, and alternating exposes both calls to the same interference."""
+    timers = (_timer(ref_call), _timer(op_call))
+    best = [float("inf"), float("inf")]
+    for _ in range(rounds):
+        for i, timer in enumerate(timers):
+            best[i] = min(best[i], timer.blocked_autorange(min_run_time=min_run_time).median)
+    return best[0] * 1e6, best[1] * 1e6
 
 
 def _calls(info, kwargs, x, dy):
@@ -47,20 +59,21 @@ def _calls(info, kwargs, x, dy):
     }
 
 
-def run_overhead(infos, shape=(8, 8), dtype=torch.float32, device="cpu", min_run_time=0.1, repeats=3) -> list[dict]:
+def run_overhead(infos, shapes=DEFAULT_SHAPES, dtype=torch.float32, device="cpu", min_run_time=0.05,
+                 rounds=5) -> list[dict]:
     env = environment(device)
     rows = []
-    for info in infos:
-        kwargs = info.call_kwargs(**info.variants[0])
-        gen = torch.Generator().manual_seed(0)
-        x = (torch.randn(shape, generator=gen) * info.scale).to(dtype=dtype, device=device)
-        dy = torch.randn(info.ref(x, **kwargs).shape, generator=gen).to(dtype=dtype, device=device)
-        for phase, (ref_call, op_call) in _calls(info, kwargs, x, dy).items():
-            t_ref = _median_us(ref_call, min_run_time, repeats)
-            t_op = _median_us(op_call, min_run_time, repeats)
-            rows.append(dict(env, op=info.name, shape="x".join(map(str, shape)), dtype=str(dtype).replace("torch.", ""),
-                             phase=phase, torch_us=f"{t_ref:.2f}", torch_vjp_us=f"{t_op:.2f}",
-                             diff_us=f"{t_op - t_ref:.2f}", ratio=f"{t_op / t_ref:.2f}"))
+    for shape in shapes:
+        for info in infos:
+            kwargs = info.call_kwargs(**info.variants[0])
+            gen = torch.Generator().manual_seed(0)
+            x = (torch.randn(shape, generator=gen) * info.scale).to(dtype=dtype, device=device)
+            dy = torch.randn(info.ref(x, **kwargs).shape, generator=gen).to(dtype=dtype, device=device)
+            for phase, (ref_call, op_call) in _calls(info, kwargs, x, dy).items():
+                t_ref, t_op = _pair_us(ref_call, op_call, min_run_time, rounds)
+                rows.append(dict(env, op=info.name, shape="x".join(map(str, shape)),
+                                 dtype=str(dtype).replace("torch.", ""), phase=phase, torch_us=f"{t_ref:.2f}",
+                                 torch_vjp_us=f"{t_op:.2f}", diff_us=f"{t_op - t_ref:.2f}", ratio=f"{t_op / t_ref:.2f}"))
     return rows
 
 
@@ -71,19 +84,20 @@ def markdown(rows, command: str) -> str:
         "",
         f"- date: {first['date']}; torch {first['torch']}; torch_vjp commit {first['commit']}",
         f"- command: `{command}`",
-        f"- {first['shape']} {first['dtype']}; median µs per call (torch.utils.benchmark blocked_autorange, least "
-        "of 3 medians); torch_vjp − torch in µs, and torch_vjp ÷ torch",
-        "",
-        "| op | " + " | ".join(f"{p}: torch / torch_vjp / diff / ratio" for p in PHASES) + " |",
-        "|---|" + "---|" * len(PHASES),
+        f"- {first['dtype']}; median µs per call (torch.utils.benchmark blocked_autorange, one thread), the least of "
+        "alternating rounds; each cell: torch / torch_vjp / torch_vjp − torch (µs) / torch_vjp ÷ torch",
+        "- no grad: the input does not require grad; fwd: it does (the graph is recorded); fwd+bwd: "
+        "`torch.autograd.grad(op(x), x, dy)`",
     ]
-    by_op: dict[str, dict] = {}
+    by_shape: dict[str, dict[str, dict]] = {}
     for r in rows:
-        by_op.setdefault(r["op"], {})[r["phase"]] = r
-    for op, phases in by_op.items():
-        cells = [f"{p['torch_us']} / {p['torch_vjp_us']} / {p['diff_us']} / {p['ratio']}×"
-                 for p in (phases[name] for name in PHASES)]
-        lines.append(f"| {op} | " + " | ".join(cells) + " |")
+        by_shape.setdefault(r["shape"], {}).setdefault(r["op"], {})[r["phase"]] = r
+    for shape, by_op in by_shape.items():
+        lines += ["", f"## {shape}", "", "| op | " + " | ".join(PHASES) + " |", "|---|" + "---|" * len(PHASES)]
+        for op, phases in by_op.items():
+            cells = [f"{p['torch_us']} / {p['torch_vjp_us']} / {float(p['diff_us']):+.2f} / {p['ratio']}×"
+                     for p in (phases[name] for name in PHASES)]
+            lines.append(f"| {op} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

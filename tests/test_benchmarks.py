@@ -159,3 +159,21 @@ def test_cli_quick_shape(tmp_path, capsys):
           "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "| sigmoid |" in out and (tmp_path / "results.csv").exists()
+
+
+def test_overhead_section_writes_its_table(tmp_path, capsys, monkeypatch):
+    """python -m benchmarks --overhead: per-call µs of torch_vjp and torch in each phase, written as CSV and
+    markdown and printed (no timing is asserted: a shared CPU's numbers wander)."""
+    import functools
+
+    from benchmarks import overhead
+    from benchmarks.__main__ import main
+
+    monkeypatch.setattr(overhead, "run_overhead", functools.partial(overhead.run_overhead, min_run_time=0.001, rounds=1))
+    rows = main(["--overhead", "--shape", "4x8", "--ops", "exp,logsumexp", "--no-progress", "--out", str(tmp_path)])
+    assert [(r["op"], r["phase"]) for r in rows] == [(op, phase) for op in ("exp", "logsumexp") for phase in overhead.PHASES]
+    assert all(float(r["torch_us"]) > 0 and float(r["torch_vjp_us"]) > 0 and r["shape"] == "4x8" for r in rows)
+    with open(tmp_path / "overhead.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    out = capsys.readouterr().out
+    assert "| logsumexp |" in out and "## 4x8" in out and (tmp_path / "overhead.md").read_text() in out

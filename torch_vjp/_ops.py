@@ -91,12 +91,12 @@ def check_same(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str, op: s
 _ARG_CODES = {"Tensor": "T", "float": "f", "int": "i", "bool": "b", "str": "s"}
 
 
-def _below(op_name: str) -> Callable:
+def _below(op_name: str, n_tensors: int, keep_layout: bool) -> Callable:
     """torch_vjp::<op_name> called below autograd: the direct binding for its signature, else torch.ops
-    under the guard (a schema the binding does not list)."""
+    under the guard (a schema the binding does not list). keep_layout: see _keep_layout."""
     overload = getattr(ops, op_name).default
     codes = [_ARG_CODES.get(str(arg.type)) for arg in overload._schema.arguments]
-    fn = None if None in codes else _direct.make(op_name, "".join(codes))
+    fn = None if None in codes else _direct.make(op_name, "".join(codes), keep_layout)
     if fn is not None:
         return fn
 
@@ -104,7 +104,7 @@ def _below(op_name: str) -> Callable:
         with _below_autograd():
             return overload(*args)
 
-    return call
+    return _keep_layout(call, n_tensors) if keep_layout else call
 
 
 def _stride_order(t: torch.Tensor):
@@ -116,10 +116,12 @@ def _stride_order(t: torch.Tensor):
     return None if perm == list(range(t.dim())) else perm
 
 
-def _keep_layout(call: Callable, n_tensors: int, like: int) -> Callable:
-    """An elementwise op's call made to keep the memory format of argument `like` (channels-last stays
-    channels-last, a transpose stays transposed), as torch's elementwise ops do. The kernels work on
-    contiguous memory: the tensors are permuted so that `like` is (made) contiguous, and back."""
+def _keep_layout(call: Callable, n_tensors: int) -> Callable:
+    """An elementwise op's call made to keep the memory format of its last tensor argument (the input, or
+    the VJP op's saved tensor): channels-last stays channels-last, a transpose stays transposed, as torch's
+    elementwise ops do. The kernels work on contiguous memory: the tensors are permuted so that it is
+    (made) contiguous, and back. (The direct binding does the same in C++: csrc/python/direct.cpp.)"""
+    like = n_tensors - 1
 
     def keeping(*args):
         perm = _stride_order(args[like])
@@ -183,6 +185,7 @@ class VJPOp:
         object.__setattr__(self, "_forward", forward)
         object.__setattr__(self, "_backward", backward)
         object.__setattr__(self, "backward", backward)  # the VJP op, differentiable
+        object.__setattr__(self, "call", self._make_call())
         REGISTRY[self.name] = self
         for paths in (forward, backward):
             paths.register()
@@ -194,20 +197,32 @@ class VJPOp:
         return self._forward.title + "Backward"
 
     def __call__(self, input: torch.Tensor, *params):
-        """The public op: input, then the registered op's other arguments, positionally and checked."""
-        if not isinstance(input, _Tensor):
-            raise TypeError(f"torch_vjp.{self.name}(): argument 'input' must be Tensor, not {type(input).__name__}")
-        if not input.is_floating_point():
-            input = self.integral_input(input)
-        if _is_compiling() or _tracing_state() is not None:
-            return self._forward.traceable(input, *params)
-        if _any_autocast() and self.autocast:
-            input = self.autocast_input(input)
-        if _functorch_active() or _forward_ad._current_level >= 0:
-            return self._forward.func.apply(input, *params)
-        if input.requires_grad and _grad_enabled():
-            return self._forward.lean.apply(input, *params)
-        return self._forward.below(input, *params)
+        """The public op: input, then the registered op's other arguments, positionally (checked by the caller)."""
+        return self.call(input, *params)
+
+    def _make_call(self):
+        """`call`, the public op's per-call path choice (module docstring), with what it needs bound as locals:
+        it runs on every call."""
+        forward, name, casts = self._forward, self.name, bool(self.autocast)
+        traceable, func_apply, lean_apply, below = forward.traceable, forward.func.apply, forward.lean.apply, forward.below
+        integral_input, autocast_input = self.integral_input, self.autocast_input
+
+        def call(input, *params):
+            if not isinstance(input, _Tensor):
+                raise TypeError(f"torch_vjp.{name}(): argument 'input' must be Tensor, not {type(input).__name__}")
+            if not input.is_floating_point():
+                input = integral_input(input)
+            if _is_compiling() or _tracing_state() is not None:
+                return traceable(input, *params)
+            if casts and _any_autocast():
+                input = autocast_input(input)
+            if _functorch_active() or _forward_ad._current_level >= 0:
+                return func_apply(input, *params)
+            if input.requires_grad and _grad_enabled():
+                return lean_apply(input, *params)
+            return below(input, *params)
+
+        return call
 
     def integral_input(self, input: torch.Tensor) -> torch.Tensor:
         """torch's rule for an integer or bool input (see `integers`). A complex input goes on to the kernels'
@@ -239,13 +254,8 @@ class _Paths:
         self.overload = self.packet.default
         n_args = len(self.overload._schema.arguments)
         self.nones = (None,) * (n_args - n_tensors)  # gradients of the non-tensor arguments
-        below = _below(op_name)
-        packet = self.packet
-        if spec.elementwise:  # the forward keeps x's layout; the VJP op the saved tensor's (argument 1)
-            like = 0 if n_tensors == 1 else 1
-            below = _keep_layout(below, n_tensors, like)
-            packet = _keep_layout(packet, n_tensors, like)
-        self.below, self.traceable = below, packet
+        self.below = _below(op_name, n_tensors, spec.elementwise)
+        self.traceable = _keep_layout(self.packet, n_tensors) if spec.elementwise else self.packet
         title = "".join(part.title() for part in spec.name.split("_"))
         self.title = title + ("Backward" if op_name.endswith("_backward") else "")
 
@@ -270,10 +280,27 @@ class _Paths:
             def save(ctx, inputs, output):
                 return select(inputs[0], output)
 
-            def gradients(ctx, grad_output):
-                # create_graph (grad mode on in backward): the VJP op differentiably; else directly.
-                call = vjp if _grad_enabled() else vjp_below
-                return (call(grad_output, *ctx.saved_tensors, *ctx.params), *nones)
+            # The eager path's forward and backward, the per-call hot path: written out for ops with and
+            # without non-tensor arguments. Under create_graph (grad mode on in backward) the VJP op is
+            # called differentiably; otherwise directly.
+            if nones:
+                def lean_forward(ctx, input, *params):
+                    output = below(input, *params)
+                    ctx.save_for_backward(*select(input, output))
+                    ctx.params = params
+                    return output
+
+                def gradients(ctx, grad_output):
+                    call = vjp if _grad_enabled() else vjp_below
+                    return (call(grad_output, *ctx.saved_tensors, *ctx.params), *nones)
+            else:
+                def lean_forward(ctx, input):
+                    output = below(input)
+                    ctx.save_for_backward(*select(input, output))
+                    return output
+
+                def gradients(ctx, grad_output):
+                    return (vjp if _grad_enabled() else vjp_below)(grad_output, *ctx.saved_tensors)
 
             def tangent(ctx, tangents):
                 return spec.jvp(tangents[0], ctx.saved_tensors, ctx.params)
@@ -282,6 +309,12 @@ class _Paths:
             def save(ctx, inputs, output):
                 return inputs[:n_tensors]
 
+            def lean_forward(ctx, *args):
+                output = below(*args)
+                ctx.save_for_backward(*args[:n_tensors])
+                ctx.params = args[n_tensors:]
+                return output
+
             def gradients(ctx, g):
                 grad_output, *saved = ctx.saved_tensors
                 return (*spec.vjp_grads(g, grad_output, tuple(saved), ctx.params), *nones)
@@ -289,12 +322,6 @@ class _Paths:
             def tangent(ctx, tangents):
                 grad_output, *saved = ctx.saved_tensors
                 return spec.backward_jvp(tangents[0], tangents[1:n_tensors], grad_output, tuple(saved), ctx.params)
-
-        def lean_forward(ctx, *args):
-            output = below(*args)
-            ctx.save_for_backward(*save(ctx, args, output))
-            ctx.params = args[n_tensors:]
-            return output
 
         def func_forward(*args):
             return below(*args)

@@ -20,9 +20,10 @@ from .softmax import OPS as _SOFTMAX
 __all__ = ["exp", "sigmoid", "tanh", "softplus", "gelu", "silu", "mish", "softmax", "log_softmax", "logsumexp"]
 
 Tensor = torch.Tensor
+# Each op's per-call entry (VJPOp.call), bound once.
 _EXP, _SIGMOID, _TANH, _SOFTPLUS, _GELU, _SILU, _MISH = (
-    _ELEMENTWISE[n] for n in ("exp", "sigmoid", "tanh", "softplus", "gelu", "silu", "mish"))
-_SOFTMAX_OP, _LOG_SOFTMAX, _LOGSUMEXP = (_SOFTMAX[n] for n in ("softmax", "log_softmax", "logsumexp"))
+    _ELEMENTWISE[n].call for n in ("exp", "sigmoid", "tanh", "softplus", "gelu", "silu", "mish"))
+_SOFTMAX_OP, _LOG_SOFTMAX, _LOGSUMEXP = (_SOFTMAX[n].call for n in ("softmax", "log_softmax", "logsumexp"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -95,14 +96,14 @@ def _write_out(result: Tensor, out: Tensor, fn: str) -> Tensor:
     return out.copy_(result)
 
 
-def _inplace(op, input: Tensor, *params) -> Tensor:
+def _inplace(spec, input: Tensor, *params) -> Tensor:
     """`inplace=True` as torch.nn.functional has it: input is overwritten with the result and returned.
 
     The kernel writes a new tensor that is then copied into input. Where autograd records (input requires
     grad, or a transform is active), the op runs on a clone, so the input value its VJP needs stays intact
     after the copy; and a leaf that requires grad is refused by copy_ exactly as torch refuses it."""
     records = (_grad_enabled() and input.requires_grad) or transforms_active()
-    result = op(input.clone() if records and "input" in op.saves else input, *params)
+    result = spec.call(input.clone() if records and "input" in spec.saves else input, *params)
     return input.copy_(result)
 
 
@@ -214,7 +215,7 @@ def silu(input: Tensor, inplace: bool = False) -> Tensor:
     Shape: output as input.
     """
     if inplace:
-        return _inplace(_SILU, input)
+        return _inplace(_ELEMENTWISE["silu"], input)
     return _SILU(input)
 
 
@@ -232,7 +233,7 @@ def mish(input: Tensor, inplace: bool = False) -> Tensor:
     Shape: output as input.
     """
     if inplace:
-        return _inplace(_MISH, input)
+        return _inplace(_ELEMENTWISE["mish"], input)
     return _MISH(input)
 
 
