@@ -103,3 +103,15 @@ def test_cpu_only_build_names_the_fix_for_cuda_tensors(info):
     for name, args in calls.items():
         with pytest.raises(RuntimeError, match="no CUDA kernels.*FORCE_CUDA=1"):
             getattr(torch.ops.torch_vjp, name).default.redispatch(cuda, *args)
+
+
+def test_installs_the_torch_vjp_package_only():
+    """pip installs torch_vjp (with its py.typed marker) and no top-level benchmarks or tests package:
+    those are the repository's, run from its root (python -m benchmarks, pytest tests)."""
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        config = tomllib.load(f)["tool"]["setuptools"]
+    assert config["packages"] == ["torch_vjp"]
+    assert "py.typed" in config["package-data"]["torch_vjp"]
+    assert os.path.exists(os.path.join(ROOT, "torch_vjp", "py.typed"))

@@ -96,6 +96,11 @@ def _write_out(result: Tensor, out: Tensor, fn: str) -> Tensor:
     return out.copy_(result)
 
 
+def _into(out: Tensor, call, input: Tensor, fn: str) -> Tensor:
+    _check_out(out, input, fn)
+    return _write_out(call(input), out, fn)
+
+
 def _inplace(spec, input: Tensor, *params) -> Tensor:
     """`inplace=True` as torch.nn.functional has it: input is overwritten with the result and returned.
 
@@ -107,61 +112,65 @@ def _inplace(spec, input: Tensor, *params) -> Tensor:
     return input.copy_(result)
 
 
+def _with_args(args: str):
+    """Appends the Args and Shape sections several functions share to a function's docstring."""
+    def add(fn):
+        fn.__doc__ = fn.__doc__.rstrip() + "\n" + args
+        return fn
+
+    return add
+
+
+_OUT_ARGS = """
+    Args:
+        input (Tensor): any shape; floating, or integer/bool (promoted to the default float dtype).
+        out (Tensor, optional): the output tensor (not differentiable, as in torch).
+
+    Shape: output as input.
+"""
+_INPLACE_ARGS = """
+    Args:
+        input (Tensor): any shape, floating.
+        inplace (bool): write the result into input and return it, as torch does (it is computed out of
+            place and copied, so autograd stays exact). Default: False.
+
+    Shape: output as input.
+"""
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Elementwise: y has the input's shape, dtype (an integer input of exp, sigmoid and tanh: the default float
 # dtype), device and memory format (channels-last stays channels-last).
 
+@_with_args(_OUT_ARGS)
 def exp(input: Tensor, *, out: Optional[Tensor] = None) -> Tensor:
     r"""exp(input, *, out=None) -> Tensor
 
     :math:`y = e^{x}` elementwise, like :func:`torch.exp`. Backward: :math:`dx = dy \odot y` (saves y).
 
-    Args:
-        input (Tensor): any shape; floating, or integer/bool (promoted to the default float dtype).
-        out (Tensor, optional): the output tensor (not differentiable, as in torch).
-
-    Shape: output as input. Under CUDA autocast it runs in float32, as torch.exp does.
+    Under CUDA autocast it runs in float32, as torch.exp does.
     """
-    if out is not None:
-        _check_out(out, input, "exp")
-        return _write_out(_EXP(input), out, "exp")
-    return _EXP(input)
+    return _EXP(input) if out is None else _into(out, _EXP, input, "exp")
 
 
+@_with_args(_OUT_ARGS)
 def sigmoid(input: Tensor, *, out: Optional[Tensor] = None) -> Tensor:
     r"""sigmoid(input, *, out=None) -> Tensor
 
     :math:`y = 1 / (1 + e^{-x})` elementwise, like :func:`torch.sigmoid`. Backward:
     :math:`dx = dy \odot y(1 - y)` (saves y).
-
-    Args:
-        input (Tensor): any shape; floating, or integer/bool (promoted to the default float dtype).
-        out (Tensor, optional): the output tensor (not differentiable, as in torch).
-
-    Shape: output as input.
     """
-    if out is not None:
-        _check_out(out, input, "sigmoid")
-        return _write_out(_SIGMOID(input), out, "sigmoid")
-    return _SIGMOID(input)
+    return _SIGMOID(input) if out is None else _into(out, _SIGMOID, input, "sigmoid")
 
 
+@_with_args(_OUT_ARGS)
 def tanh(input: Tensor, *, out: Optional[Tensor] = None) -> Tensor:
     r"""tanh(input, *, out=None) -> Tensor
 
     :math:`y = \tanh x` elementwise, like :func:`torch.tanh`. Backward: :math:`dx = dy \odot (1 - y^2)`
     (saves y).
-
-    Args:
-        input (Tensor): any shape; floating, or integer/bool (promoted to the default float dtype).
-        out (Tensor, optional): the output tensor (not differentiable, as in torch).
-
-    Shape: output as input.
     """
-    if out is not None:
-        _check_out(out, input, "tanh")
-        return _write_out(_TANH(input), out, "tanh")
-    return _TANH(input)
+    return _TANH(input) if out is None else _into(out, _TANH, input, "tanh")
 
 
 def softplus(input: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
@@ -201,36 +210,24 @@ def gelu(input: Tensor, approximate: str = "none") -> Tensor:
     return _GELU(input, approximate)
 
 
+@_with_args(_INPLACE_ARGS)
 def silu(input: Tensor, inplace: bool = False) -> Tensor:
     r"""silu(input, inplace=False) -> Tensor
 
     :math:`y = x\,\sigma(x)`, like :func:`torch.nn.functional.silu`. Backward:
     :math:`dx = dy \odot \sigma(x)(1 + x(1 - \sigma(x)))` (saves x).
-
-    Args:
-        input (Tensor): any shape, floating.
-        inplace (bool): write the result into input and return it, as torch does (it is computed out of
-            place and copied, so autograd stays exact). Default: False.
-
-    Shape: output as input.
     """
     if inplace:
         return _inplace(_ELEMENTWISE["silu"], input)
     return _SILU(input)
 
 
+@_with_args(_INPLACE_ARGS)
 def mish(input: Tensor, inplace: bool = False) -> Tensor:
     r"""mish(input, inplace=False) -> Tensor
 
     :math:`y = x \tanh(\operatorname{softplus}(x))`, like :func:`torch.nn.functional.mish`. Backward:
     :math:`dx = dy \odot (t + x\sigma(x)(1 - t^2))`, :math:`t = \tanh(\operatorname{softplus}(x))` (saves x).
-
-    Args:
-        input (Tensor): any shape, floating.
-        inplace (bool): write the result into input and return it, as torch does (it is computed out of
-            place and copied, so autograd stays exact). Default: False.
-
-    Shape: output as input.
     """
     if inplace:
         return _inplace(_ELEMENTWISE["mish"], input)
@@ -261,6 +258,20 @@ def _with_dtype(op, input: Tensor, dim: int, dtype) -> Tensor:
     return op(input, dim)
 
 
+_ROW_MAP_ARGS = """
+    Args:
+        input (Tensor): any shape, floating (integer input needs ``dtype``, as in torch).
+        dim (int): the dim the rows run along. None (deprecated, with torch's warning) picks torch's
+            implicit dim: 0 for 0-, 1- and 3-d input, else 1.
+        _stacklevel (int): the warning's stack level, as in torch.
+        dtype (torch.dtype, optional): cast the input to it first; the output has this dtype.
+
+    Shape: output as input. Under CUDA autocast, a float16/bfloat16 input runs in float32 unless
+    ``dtype`` is given, as torch's does.
+"""
+
+
+@_with_args(_ROW_MAP_ARGS)
 def softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
             dtype: Optional[torch.dtype] = None) -> Tensor:
     r"""softmax(input, dim=None, _stacklevel=3, dtype=None) -> Tensor
@@ -268,15 +279,6 @@ def softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
     :math:`y_i = e^{x_i} / \sum_j e^{x_j}` along ``dim``, like :func:`torch.nn.functional.softmax`, with
     its signature. Backward: :math:`dx = y \odot (dy - \langle dy, y\rangle)` (saves y).
 
-    Args:
-        input (Tensor): any shape, floating (integer input needs ``dtype``, as in torch).
-        dim (int): the dim the rows run along. None (deprecated, with torch's warning) picks torch's
-            implicit dim: 0 for 0-, 1- and 3-d input, else 1.
-        _stacklevel (int): the warning's stack level, as in torch.
-        dtype (torch.dtype, optional): cast the input to it first; the output has this dtype.
-
-    Shape: output as input. Under CUDA autocast, a float16/bfloat16 input runs in float32 unless
-    ``dtype`` is given, as torch's does.
     """
     dim = dim if type(dim) is int else _softmax_dim("softmax", input, dim, _stacklevel)
     if dtype is not None:
@@ -284,6 +286,7 @@ def softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
     return _SOFTMAX_OP(input, dim)
 
 
+@_with_args(_ROW_MAP_ARGS)
 def log_softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
                 dtype: Optional[torch.dtype] = None) -> Tensor:
     r"""log_softmax(input, dim=None, _stacklevel=3, dtype=None) -> Tensor
@@ -291,20 +294,13 @@ def log_softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
     :math:`y = x - \log\sum_j e^{x_j}` along ``dim``, like :func:`torch.nn.functional.log_softmax`, with
     its signature. Backward: :math:`dx = dy - e^{y} \sum dy` (saves y).
 
-    Args:
-        input (Tensor): any shape, floating (integer input needs ``dtype``, as in torch).
-        dim (int): the dim the rows run along. None (deprecated, with torch's warning) picks torch's
-            implicit dim: 0 for 0-, 1- and 3-d input, else 1.
-        _stacklevel (int): the warning's stack level, as in torch.
-        dtype (torch.dtype, optional): cast the input to it first; the output has this dtype.
-
-    Shape: output as input. Under CUDA autocast, a float16/bfloat16 input runs in float32 unless
-    ``dtype`` is given, as torch's does.
     """
     dim = dim if type(dim) is int else _softmax_dim("log_softmax", input, dim, _stacklevel)
     if dtype is not None:
         return _with_dtype(_LOG_SOFTMAX, input, dim, dtype)
     return _LOG_SOFTMAX(input, dim)
+
+
 
 
 def logsumexp(input: Tensor, dim: Union[int, Sequence[int]], keepdim: bool = False, *,
@@ -327,8 +323,7 @@ def logsumexp(input: Tensor, dim: Union[int, Sequence[int]], keepdim: bool = Fal
         dim = _dims(dim, "logsumexp")
     keepdim = _bool(keepdim, "logsumexp", "keepdim")
     if out is not None:
-        _check_out(out, input, "logsumexp")
-        return _write_out(_logsumexp(input, dim, keepdim), out, "logsumexp")
+        return _into(out, lambda t: _logsumexp(t, dim, keepdim), input, "logsumexp")
     return _logsumexp(input, dim, keepdim)
 
 
