@@ -219,6 +219,21 @@ def test_grad_fn_is_named_after_the_op(info, variant, device):
         assert info.op(fwAD.make_dual(x, torch.ones_like(x)), **kwargs).grad_fn.name() == f"{title(info.name)}Backward"
 
 
+def test_profiler_tells_the_ops_apart():
+    """The profiler's trace names each op's forward, VJP kernel and autograd node."""
+    from torch.profiler import profile
+
+    x = torch.randn(3, 4, requires_grad=True)
+    with profile() as prof:
+        for info in OPS:
+            y = info.op(x, **info.call_kwargs())
+            torch.autograd.grad(y, x, torch.ones_like(y))
+    names = {event.name for event in prof.events()}
+    for info in OPS:
+        node = f"{title(info.name)}Backward"
+        assert {f"torch_vjp::{info.name}_backward", f"autograd::engine::evaluate_function: {node}"} <= names, node
+
+
 def traced_model():
     def f(x):
         h = torch_vjp.gelu(x, approximate="tanh") + torch_vjp.softplus(x, 2.0, 5.0) + torch_vjp.silu(x)

@@ -29,6 +29,7 @@ def run(info, fn, x, dy_seed, kwargs):
     tensors too: their gradient's shape, dtype and device are then what is compared."""
     x = x.detach().requires_grad_(True)
     y = fn(x, **kwargs)
+    assert y.grad_fn is not None  # recorded even when empty: the VJP below is the op's own
     dy = sample(info, y.shape, y.dtype, y.device, generator_seed=dy_seed)
     (dx,) = torch.autograd.grad(y, x, dy)
     return y.detach(), dx

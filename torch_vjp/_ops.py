@@ -183,18 +183,13 @@ class VJPOp:
         forward.make_functions(backward)
         backward.make_functions(None)
         object.__setattr__(self, "_forward", forward)
-        object.__setattr__(self, "_backward", backward)
-        object.__setattr__(self, "backward", backward)  # the VJP op, differentiable
+        object.__setattr__(self, "backward", backward)  # the VJP op, called differentiably
         object.__setattr__(self, "call", self._make_call())
         REGISTRY[self.name] = self
         for paths in (forward, backward):
             paths.register()
         for device_type, policy in self.autocast.items():
             _register_autocast(self.name, device_type, policy)
-
-    @property
-    def grad_fn_name(self) -> str:
-        return self._forward.title + "Backward"
 
     def __call__(self, input: torch.Tensor, *params):
         """The public op: input, then the registered op's other arguments, positionally (checked by the caller)."""
@@ -384,7 +379,7 @@ class _Paths:
 
     def register(self):
         LIB.impl(self.op_name, self.autograd_kernel(), "Autograd")
-        torch.library.register_vmap(f"torch_vjp::{self.op_name}", self.vmap_rule(self.packet), lib=LIB)
+        torch.library.register_vmap(f"torch_vjp::{self.op_name}", self.vmap_rule(self.packet))
         if backends()["cuda"] is None:  # a CPU-only build: a CUDA tensor gets the fix, not "could not run"
             LIB.impl(self.op_name, _no_cuda_kernel(self.spec.name), "CUDA")
 
