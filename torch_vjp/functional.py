@@ -91,7 +91,7 @@ def _write_out(result: Tensor, out: Tensor, fn: str) -> Tensor:
             warnings.warn(f"{fn}(): an output with one or more elements was resized since it had shape "
                           f"{list(out.shape)}, which does not match the required output shape {list(result.shape)}. "
                           "This behavior is deprecated (as in torch); resize the output to zero elements first.",
-                          UserWarning, stacklevel=3)
+                          UserWarning, stacklevel=4)  # the caller of torch_vjp.<op>(..., out=)
         out.resize_(result.shape)
     return out.copy_(result)
 
