@@ -6,6 +6,7 @@ import datetime
 import os
 import shlex
 import sys
+import time
 
 import torch
 
@@ -47,13 +48,18 @@ def overhead_main(args, device: str, command: str):
 
     from . import overhead
 
+    from .bench import _busy_seconds_of_others, other_work
+
     shapes = (tuple(int(v) for v in args.shape.lower().split("x")),) if args.shape else overhead.DEFAULT_SHAPES
     infos = [info for info in OPS if args.ops is None or info.name in args.ops]
+    start, others_start = time.monotonic(), _busy_seconds_of_others()
     rows = overhead.run_overhead(infos, shapes, device=device)
+    notes = [] if device.startswith("cuda") else [f"other work on the machine during the run: "
+                                                   f"{other_work(others_start, time.monotonic() - start)}"]
     kind = "cuda" if device.startswith("cuda") else "cpu"
     out = args.out or os.path.join("bench_out", f"{kind}-{datetime.date.today().isoformat()}")
-    paths = overhead.write(rows, out, command)
-    print(overhead.markdown(rows, command))
+    paths = overhead.write(rows, out, command, notes)
+    print(overhead.markdown(rows, command, notes))
     print(f"benchmarks: wrote {', '.join(sorted(os.path.relpath(p) for p in paths.values()))}")
     return rows
 

@@ -77,7 +77,7 @@ def run_overhead(infos, shapes=DEFAULT_SHAPES, dtype=torch.float32, device="cpu"
     return rows
 
 
-def markdown(rows, command: str) -> str:
+def markdown(rows, command: str, notes=()) -> str:
     first = rows[0]
     lines = [
         f"# torch_vjp per-call cost: {first['device']}",
@@ -88,6 +88,7 @@ def markdown(rows, command: str) -> str:
         "alternating rounds; each cell: torch / torch_vjp / torch_vjp − torch (µs) / torch_vjp ÷ torch",
         "- no grad: the input does not require grad; fwd: it does (the graph is recorded); fwd+bwd: "
         "`torch.autograd.grad(op(x), x, dy)`",
+        *(f"- {note}" for note in notes),
     ]
     by_shape: dict[str, dict[str, dict]] = {}
     for r in rows:
@@ -101,12 +102,12 @@ def markdown(rows, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(rows, out_dir: str, command: str) -> dict:
+def write(rows, out_dir: str, command: str, notes=()) -> dict:
     from .report import write_csv
 
     os.makedirs(out_dir, exist_ok=True)
     paths = {"overhead_csv": os.path.join(out_dir, "overhead.csv"), "overhead_md": os.path.join(out_dir, "overhead.md")}
     write_csv(paths["overhead_csv"], rows, COLUMNS)
     with open(paths["overhead_md"], "w") as f:
-        f.write(markdown(rows, command))
+        f.write(markdown(rows, command, notes))
     return paths
