@@ -20,6 +20,7 @@ def test_every_module_is_tested_and_exported():
     assert {info.op for info in MODULES} <= set(OPS_BY_NAME)
 
 
+@pytest.mark.filterwarnings("ignore:Implicit dimension choice")  # Softmax(): both warn (test_signatures.py)
 @pytest.mark.parametrize("info,kwargs", cases())
 def test_drop_in_for_torch_nn(info, kwargs, device):
     """Same constructor, attributes, repr and state_dict as the torch.nn module; the same values and
