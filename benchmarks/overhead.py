@@ -59,8 +59,8 @@ def _calls(info, kwargs, x, dy):
     }
 
 
-def run_overhead(infos, shapes=DEFAULT_SHAPES, dtype=torch.float32, device="cpu", min_run_time=0.05,
-                 rounds=5) -> list[dict]:
+def run_overhead(infos, shapes=DEFAULT_SHAPES, dtype=torch.float32, device="cpu", min_run_time=0.03,
+                 rounds=10) -> list[dict]:
     env = environment(device)
     rows = []
     for shape in shapes:
