@@ -4,7 +4,7 @@ Each op is two registered C++ ops, `torch_vjp::<name>` and `torch_vjp::<name>_ba
 family module describes the op once (`VJPOp`: what the VJP op needs saved, the forward-mode formula, the
 second-order formulas); everything else is made here, the same way for every op and for its VJP op.
 
-A call takes the cheapest path that is exact for what is active (`VJPOp.__call__`, `_Paths.__call__`):
+A call takes the cheapest path that is exact for what is active (`VJPOp.call`, `_Paths.__call__`):
 
 1. **direct**: nothing needs a graph (grad mode off, or no input requires grad) and no torch.func
    transform or forward-AD level is active: the op below autograd, one pybind11 call
@@ -15,7 +15,7 @@ A call takes the cheapest path that is exact for what is active (`VJPOp.__call__
 3. **transforms** (torch.func, forward AD): a new-style Function with `setup_context`, `jvp` and `vmap`,
    which torch.func requires. The VJP op's Function has a `jvp` too, so forward-over-reverse
    (`torch.func.hessian`, `jvp(grad(f))`) is exact.
-4. **torch.compile, torch.jit.trace**: the registered op itself: one opaque node with a fake kernel for
+4. **torch.compile, torch.export, torch.jit.trace**: the registered op itself: one opaque node with a fake kernel for
    Dynamo (which refuses a Function that has a `jvp`), one recorded op for the tracer. AOTAutograd and a
    loaded trace differentiate it through the op's Autograd kernel (below).
 
@@ -255,7 +255,7 @@ class _Paths:
         self.title = title + ("Backward" if op_name.endswith("_backward") else "")
 
     def __call__(self, *args):
-        """Differentiable call, the cheapest exact path (VJPOp.__call__ for the VJP op's arguments)."""
+        """Differentiable call, the cheapest exact path (as VJPOp.call, for the VJP op's arguments)."""
         if _is_compiling() or _tracing_state() is not None:
             return self.traceable(*args)
         if _functorch_active() or _forward_ad._current_level >= 0:
