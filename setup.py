@@ -7,6 +7,7 @@ Extensions:
                            matches torch.backends.cpu.get_cpu_capability() (which honours
                            ATEN_CPU_CAPABILITY), so one build runs on any x86-64 CPU. Each capability is its
                            own library, so no AVX-512 copy of an inline function can stand in for another's.
+  torch_vjp._direct        the ops as Python callables below autograd (the Python layer's fast path)
 
 CUDA is built when a GPU is visible or FORCE_CUDA=1 is set (torchvision's rule; a container or login node
 without a GPU sets FORCE_CUDA=1), never with USE_CUDA=0. Otherwise the build is CPU-only and says so.
@@ -147,10 +148,13 @@ def extensions(cuda_home):
         ))
         for isa in cpu_capabilities()
     ]
+    # The ops as direct Python callables below autograd (csrc/python/direct.cpp): host code only, either build.
+    direct = without_torch_headers(CppExtension("torch_vjp._direct", [os.path.join("csrc", "python", "direct.cpp")],
+                                                include_dirs=[CSRC], extra_compile_args={"cxx": cxx}))
     main_sources = [os.path.join("csrc", "registration.cpp")]
     if cuda_home is None:
         return [without_torch_headers(CppExtension("torch_vjp._C", main_sources, include_dirs=[CSRC],
-                                                   extra_compile_args={"cxx": cxx})), *cpu]
+                                                   extra_compile_args={"cxx": cxx})), *cpu, direct]
     # The arch list, reported by torch_vjp.backends(): "8.0,9.0" (no ';' or quotes to survive the shell).
     archs = ",".join(os.environ["TORCH_CUDA_ARCH_LIST"].replace(";", " ").split())
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DTORCH_VJP_WITH_CUDA", *system]
@@ -160,7 +164,7 @@ def extensions(cuda_home):
         include_dirs=[CSRC, *pip_cuda_include_dirs()],
         extra_compile_args={"cxx": [*cxx, "-DTORCH_VJP_WITH_CUDA", f"-DTORCH_VJP_CUDA_ARCHS={archs}"], "nvcc": nvcc},
     )
-    return [without_torch_headers(main), *cpu]
+    return [without_torch_headers(main), *cpu, direct]
 
 
 def pip_cuda_include_dirs():

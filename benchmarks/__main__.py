@@ -1,4 +1,4 @@
-"""python -m benchmarks [--quick] [--ops ...] [--providers ...] [--dtype ...] [--device ...] [--out DIR]"""
+"""python -m benchmarks [--quick] [--ops ...] [--providers ...] [--dtype ...] [--device ...] [--out DIR] [--overhead]"""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,7 @@ import datetime
 import os
 import shlex
 import sys
+import time
 
 import torch
 
@@ -21,18 +22,46 @@ def parse_args(argv=None):
         prog="python -m benchmarks",
         description="Time, memory and %% of speed-of-light of torch_vjp against eager, torch.compile and Liger-Kernel, "
                     "and the VJP against full Jacobians. Sizes come from the preset for the hardware found.")
-    parser.add_argument("--ops", type=_list, help="comma-separated op names (default: every op in tests/op_db.py)")
+    parser.add_argument("--ops", type=_list, help="comma-separated op names (default: every op in torch_vjp/testing.py)")
     parser.add_argument("--providers", type=_list, help=f"comma-separated, from {','.join(ALL)} (default: all available)")
     parser.add_argument("--dtype", type=_list, help="comma-separated: float32, bfloat16, float16, float64 (default: the preset's)")
     parser.add_argument("--device", help="cpu or cuda[:i] (default: cuda if available, else cpu)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes: about 2 minutes on 2 CPU cores")
     parser.add_argument("--out", help="output folder (default: bench_out/<device>-<date>)")
     parser.add_argument("--only", choices=("main", "jacobian"), help="run one part only")
+    parser.add_argument("--overhead", action="store_true",
+                        help="only the per-call cost at small sizes (8x8, 64x256; --shape replaces them), against torch")
     parser.add_argument("--shape", help="ROWSxN: replace the preset's main shape (and drop its row sweep)")
     parser.add_argument("--all-variants", action="store_true", help="every keyword variant of each op, not only the default")
     parser.add_argument("--time-budget", type=float, help="seconds; cases not started by then are recorded as skipped")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
+
+
+def command_line(argv) -> str:
+    args = argv if argv is not None else sys.argv[1:]
+    return "python -m benchmarks" + (" " + shlex.join(args) if args else "")
+
+
+def overhead_main(args, device: str, command: str):
+    from torch_vjp.testing import OPS
+
+    from . import overhead
+
+    from .bench import _busy_seconds_of_others, other_work
+
+    shapes = (tuple(int(v) for v in args.shape.lower().split("x")),) if args.shape else overhead.DEFAULT_SHAPES
+    infos = [info for info in OPS if args.ops is None or info.name in args.ops]
+    start, others_start = time.monotonic(), _busy_seconds_of_others()
+    rows = overhead.run_overhead(infos, shapes, device=device)
+    notes = [] if device.startswith("cuda") else [f"other work on the machine during the run: "
+                                                   f"{other_work(others_start, time.monotonic() - start)}"]
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    out = args.out or os.path.join("bench_out", f"{kind}-{datetime.date.today().isoformat()}")
+    paths = overhead.write(rows, out, command, notes)
+    print(overhead.markdown(rows, command, notes))
+    print(f"benchmarks: wrote {', '.join(sorted(os.path.relpath(p) for p in paths.values()))}")
+    return rows
 
 
 def main(argv=None):
@@ -43,7 +72,7 @@ def main(argv=None):
 
     import dataclasses
 
-    from tests.op_db import OPS_BY_NAME
+    from torch_vjp.testing import OPS_BY_NAME
 
     from .bench import run_benchmark
     from .config import preset_for
@@ -55,6 +84,8 @@ def main(argv=None):
     for name in args.dtype or ():
         if name not in DTYPES:
             sys.exit(f"benchmarks: unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+    if args.overhead:
+        return overhead_main(args, device, command_line(argv))
     preset = preset_for(device, args.quick)
     if args.shape:
         rows, n = (int(v) for v in args.shape.lower().split("x"))
@@ -62,7 +93,7 @@ def main(argv=None):
     kind = "cuda" if device.startswith("cuda") else "cpu"
     out = args.out or os.path.join("bench_out", f"{kind}-{datetime.date.today().isoformat()}")
     sections = (args.only,) if args.only else ("main", "jacobian")
-    command = "python -m benchmarks" + ("" if not (argv if argv is not None else sys.argv[1:]) else " " + shlex.join(argv if argv is not None else sys.argv[1:]))
+    command = command_line(argv)
 
     try:
         result = run_benchmark(device, preset, out, ops=args.ops, provider_names=args.providers, dtypes=args.dtype,

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from tests.op_db import OPS
+from torch_vjp.testing import OPS
 
 from . import jacobian, providers as providers_mod
 from .harness import DTYPES, make_cases, run_case
@@ -39,6 +39,16 @@ def _busy_seconds_of_others():
         return (busy - mine) / tick
     except (OSError, ValueError, IndexError):
         return None
+
+
+def other_work(others_start, elapsed: float) -> str:
+    """How much CPU other processes took since `others_start` (_busy_seconds_of_others), in words."""
+    others_end = _busy_seconds_of_others()
+    if others_start is None or others_end is None:
+        return "unknown"
+    cpu_s = max(0.0, others_end - others_start)
+    return (f"{cpu_s:.0f} CPU-seconds by other processes, {100 * cpu_s / (elapsed * (os.cpu_count() or 1)):.0f}% "
+            f"of the {os.cpu_count()} cores (above a few %, CPU timings are inflated)")
 
 
 def timer_name(device: str) -> str:
@@ -105,12 +115,7 @@ def run_benchmark(device: str, preset, out_dir: str, ops=None, provider_names=No
             bar.close()
 
     elapsed = time.monotonic() - start
-    others_end = _busy_seconds_of_others()
-    others = "unknown"
-    if others_start is not None and others_end is not None:
-        cpu_s = max(0.0, others_end - others_start)
-        others = (f"{cpu_s:.0f} CPU-seconds by other processes, {100 * cpu_s / (elapsed * (os.cpu_count() or 1)):.0f}% "
-                  f"of the {os.cpu_count()} cores (above a few %, CPU timings are inflated)")
+    others = other_work(others_start, elapsed)
     header = "\n".join([
         f"# torch_vjp benchmark: {env['device']}",
         "",

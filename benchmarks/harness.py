@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tests.op_db import OpInfo
+from torch_vjp.testing import OpInfo
 
 from . import sol
 from .providers import NoKernel

@@ -20,13 +20,13 @@ import time
 import torch
 from torch.func import jacrev, vmap
 
-from tests.op_db import OPS_BY_NAME
+from torch_vjp.testing import OPS_BY_NAME
 
 from .harness import TOLERANCE, describe_error, rel_err, sample
 from .timing import TimingConfig, peak_memory_bytes, time_ms
 
-# The ops swept, by tests/op_db.py name: one entry per op. An op not (yet) in the library is skipped
-# (layer_norm joins when its op_db row exists). Each is called as its reference with dim=-1.
+# The ops swept, by torch_vjp/testing.py name: one entry per op. An op not (yet) in the library is skipped
+# (layer_norm joins when its torch_vjp.testing row exists). Each is called as its reference with dim=-1.
 SWEEP_OPS = ("softmax", "layer_norm", "exp")
 METHODS = ("vjp", "autograd", "jac_vmap", "jac_full")
 DTYPE = torch.float32  # as the anchors: the comparison is about growth, not precision

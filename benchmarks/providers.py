@@ -1,7 +1,7 @@
 """The implementations compared side by side, each made into a function of the input tensor alone.
 
   torch_vjp  the library (its registered C++/CUDA kernels)
-  eager      the torch reference of tests/op_db.py (same signature)
+  eager      the torch reference of torch_vjp/testing.py (same signature)
   compile    torch.compile of that reference, default mode
   liger      Liger-Kernel, for the ops it has, when it is importable (CUDA only; silently absent otherwise)
 
@@ -53,7 +53,7 @@ def _liger_softmax(kwargs):
     return LigerSoftmaxFunction.apply
 
 
-# Liger-Kernel's functions for the ops in tests/op_db.py (it has softmax; layer_norm, rms_norm, swiglu
+# Liger-Kernel's functions for the ops in torch_vjp/testing.py (it has softmax; layer_norm, rms_norm, swiglu
 # and cross_entropy join here when the library has them). Each factory takes the call's kwargs.
 LIGER: dict[str, Callable] = {
     "softmax": _liger_softmax,

@@ -12,7 +12,7 @@ from benchmarks.bench import run_benchmark
 from benchmarks.config import PRESETS
 from benchmarks.harness import Case, run_case
 from benchmarks.timing import TimingConfig, peak_memory_bytes
-from tests.op_db import OPS, OPS_BY_NAME
+from torch_vjp.testing import OPS, OPS_BY_NAME
 
 # A preset small enough for a unit test: the harness end to end in a few seconds.
 TINY = dataclasses.replace(
@@ -171,3 +171,21 @@ def test_ceiling_is_the_best_probe_and_a_time_under_sol_is_flagged():
     row = {"status": "ok", "median_ms": "1.0", "pct_sol": "130.0", "peak_mib": "1"}
     assert "above the ceiling" in report._cell(row) and "130%" not in report._cell(row).split("(")[0]
     assert report._cell(dict(row, pct_sol="95.0")) == "1.000 / 95% / 1"
+
+
+def test_overhead_section_writes_its_table(tmp_path, capsys, monkeypatch):
+    """python -m benchmarks --overhead: per-call µs of torch_vjp and torch in each phase, written as CSV and
+    markdown and printed (no timing is asserted: a shared CPU's numbers wander)."""
+    import functools
+
+    from benchmarks import overhead
+    from benchmarks.__main__ import main
+
+    monkeypatch.setattr(overhead, "run_overhead", functools.partial(overhead.run_overhead, min_run_time=0.001, rounds=1))
+    rows = main(["--overhead", "--shape", "4x8", "--ops", "exp,logsumexp", "--no-progress", "--out", str(tmp_path)])
+    assert [(r["op"], r["phase"]) for r in rows] == [(op, phase) for op in ("exp", "logsumexp") for phase in overhead.PHASES]
+    assert all(float(r["torch_us"]) > 0 and float(r["torch_vjp_us"]) > 0 and r["shape"] == "4x8" for r in rows)
+    with open(tmp_path / "overhead.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    out = capsys.readouterr().out
+    assert "| logsumexp |" in out and "## 4x8" in out and (tmp_path / "overhead.md").read_text() in out

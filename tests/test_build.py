@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import torch_vjp
-from tests.op_db import OPS, sample
+from torch_vjp.testing import OPS, sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The instruction sets each capability's library is compiled for (setup.py's CPU_CAPABILITIES), as
@@ -35,7 +35,7 @@ def runnable_capabilities():
 # Every op forward and backward, on shapes with vector tails and a non-last dim, in each dtype.
 PROBE = r"""
 import json, sys, torch, torch_vjp
-from tests.op_db import OPS, sample
+from torch_vjp.testing import OPS, sample
 out = {"backends": torch_vjp.backends(), "torch": torch.backends.cpu.get_cpu_capability(), "values": {}}
 for info in OPS:
     for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
@@ -103,3 +103,15 @@ def test_cpu_only_build_names_the_fix_for_cuda_tensors(info):
     for name, args in calls.items():
         with pytest.raises(RuntimeError, match="no CUDA kernels.*FORCE_CUDA=1"):
             getattr(torch.ops.torch_vjp, name).default.redispatch(cuda, *args)
+
+
+def test_installs_the_torch_vjp_package_only():
+    """pip installs torch_vjp (with its py.typed marker) and no top-level benchmarks or tests package:
+    those are the repository's, run from its root (python -m benchmarks, pytest tests)."""
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        config = tomllib.load(f)["tool"]["setuptools"]
+    assert config["packages"] == ["torch_vjp"]
+    assert "py.typed" in config["package-data"]["torch_vjp"]
+    assert os.path.exists(os.path.join(ROOT, "torch_vjp", "py.typed"))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tests.op_db import OPS, op_variants, sample
+from torch_vjp.testing import OPS, op_variants, sample
 from torch_vjp._ops import REGISTRY
 
 
@@ -54,7 +54,7 @@ def test_compile_fullgraph_matches_eager(device):
 
 def test_compile_inductor_on_cpu():
     """The default backend too (inductor, which generates C++ for the surrounding ops on CPU)."""
-    from tests.op_db import OPS_BY_NAME
+    from torch_vjp.testing import OPS_BY_NAME
 
     ops = [(OPS_BY_NAME[n], {}) for n in ("gelu", "softmax", "logsumexp")]
     f = composite(ops)

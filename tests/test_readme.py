@@ -34,3 +34,35 @@ def test_ci_runs_the_quick_start_verbatim_and_first():
             continue
         for name in BUILD_VARIABLES:
             assert not re.search(rf"(^|\s)(export\s+)?{name}=", line), f".ci/run sets {name} before the Quick start: {line}"
+
+
+DOCS = {"README.md": README, "docs/vjp.md": (ROOT / "docs" / "vjp.md").read_text()}
+
+
+def test_docs_cite_only_files_in_the_repository():
+    """Every repository path a doc names (in backticks or as a link) exists; `<family>` stands for any."""
+    for doc, text in DOCS.items():
+        base = (ROOT / doc).parent
+        assert "/work/" not in text, doc
+        cited = re.findall(r"`((?:csrc|torch_vjp|benchmarks|tests|docs|\.ci)/[^`\s]*)`", text)
+        linked = [link for link in re.findall(r"\]\(([^)#\s]+)\)", text) if "://" not in link]
+        assert cited, doc  # the pattern finds what it should
+        for path in cited:
+            assert list(ROOT.glob(re.sub(r"<[^>]+>", "*", path))), f"{doc} cites {path}, which is not in the repository"
+        for link in linked:
+            assert (base / link).exists(), f"{doc} links {link}, which is not in the repository"
+
+
+def test_docs_name_only_ops_that_exist():
+    import torch
+
+    import torch_vjp
+
+    registered = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("torch_vjp::")}
+    for doc, text in DOCS.items():
+        for name in re.findall(r"torch\.ops\.torch_vjp\.(\w+)", text):
+            assert name in registered or name == "name", (doc, name)
+        for name in re.findall(r"(?<!ops\.)torch_vjp\.(\w+)", text):
+            assert hasattr(torch_vjp, name) or name in ("nn", "testing"), (doc, name)
+        for name in re.findall(r"`(\w+)_backward`", text):
+            assert name + "_backward" in registered or name == "op", (doc, name)

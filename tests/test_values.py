@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tests.op_db import op_variants, sample
+from torch_vjp.testing import op_variants, sample
 
 # Half types are computed in float32 and rounded once, so ~2 ulps of the dtype cover them; float64 is
 # near exact. Everything is compared with the float64 reference.
@@ -25,11 +25,13 @@ def softmax_cases():
 
 
 def run(info, fn, x, dy_seed, kwargs):
-    """Output and input gradient of fn at x for a fixed random grad_output."""
+    """Output and input gradient of fn at x for a fixed random grad_output. The backward runs for empty
+    tensors too: their gradient's shape, dtype and device are then what is compared."""
     x = x.detach().requires_grad_(True)
     y = fn(x, **kwargs)
+    assert y.grad_fn is not None  # recorded even when empty: the VJP below is the op's own
     dy = sample(info, y.shape, y.dtype, y.device, generator_seed=dy_seed)
-    (dx,) = torch.autograd.grad(y, x, dy) if x.numel() else (torch.zeros_like(x),)
+    (dx,) = torch.autograd.grad(y, x, dy)
     return y.detach(), dx
 
 
@@ -56,8 +58,9 @@ def check_against_reference(info, variant, x, **call):
     tol = TOLERANCES[x.dtype]
     assert y.dtype == x.dtype and y.device == x.device and y.shape == y_ref.shape
     torch.testing.assert_close(y.double(), y_ref, equal_nan=True, **tol)
-    assert dx.dtype == x.dtype and dx.shape == x.shape
+    assert dx.dtype == x.dtype and dx.device == x.device and dx.shape == x.shape == dx_torch.shape
     assert_gradient_close(dx, dx_torch, dx_ref, tol)
+    return y, dx
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -83,17 +86,31 @@ def test_softmax_family(info, variant, keepdim, shape, dim, dtype, device):
     check_against_reference(info, variant, sample(info, shape, dtype, device), dim=dim, keepdim=keepdim)
 
 
+def strided_inputs(info, dtype, device):
+    """Inputs whose memory is not plain row-major: a transpose; every other column of one (neither
+    dense nor in order); channels-last 2-D and 3-D images; an expanded (stride 0) tensor."""
+    base = sample(info, (9, 12), dtype, device)
+    image = sample(info, (2, 3, 4, 5), dtype, device).to(memory_format=torch.channels_last)
+    volume = sample(info, (2, 3, 2, 3, 4), dtype, device).to(memory_format=torch.channels_last_3d)
+    expanded = sample(info, (3, 1), dtype, device).expand(3, 4)
+    return {"transpose": base.t(), "strided": base.t()[:, ::2], "channels_last": image,
+            "channels_last_3d": volume, "expanded": expanded}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("info,variant", op_variants())
-def test_non_contiguous_equals_contiguous(info, variant, device):
-    """A strided view (a transpose, then every other column) gives exactly its contiguous copy's result."""
-    base = sample(info, (9, 12), torch.float32, device)
-    view = base.t()[:, ::2]
-    assert not view.is_contiguous()
-    for dim in ([0, 1, -1] if info.has_dim else [-1]):
-        kwargs = info.call_kwargs(dim=dim, **variant)
-        y, dx = run(info, info.op, view, 3, kwargs)
-        y_c, dx_c = run(info, info.op, view.contiguous(), 3, kwargs)
-        assert torch.equal(y, y_c) and torch.equal(dx, dx_c)
+def test_strided_and_channels_last_against_torch(info, variant, dtype, device):
+    """Values and gradients of non-contiguous and channels-last inputs against the float64 torch
+    reference, along every dim; an elementwise op's output keeps its input's memory format (the strides
+    torch's own op gives it, for every dim longer than 1)."""
+    for layout, x in strided_inputs(info, dtype, device).items():
+        assert not x.is_contiguous(), layout
+        for dim in (range(-x.dim(), x.dim()) if info.has_dim else [-1]):
+            y, dx = check_against_reference(info, variant, x, dim=dim)
+            if info.family == "elementwise":
+                y_torch = info.ref(x, **info.call_kwargs(**variant))
+                strides = lambda t: [st for st, n in zip(t.stride(), t.shape) if n > 1]  # noqa: E731
+                assert strides(y) == strides(y_torch), (layout, y.stride(), y_torch.stride())
 
 
 # Rows of -inf, +inf and NaN, and overflow/underflow, behave like torch.

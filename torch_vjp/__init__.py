@@ -22,7 +22,7 @@ if _torch_version(torch.__version__) < MIN_TORCH:
         f"opcheck); found torch {torch.__version__}"
     )
 
-from . import functional  # noqa: E402
+from . import functional, nn  # noqa: E402
 from ._extension import backends  # noqa: E402
 from ._ops import has_kernel  # noqa: E402
 from .functional import (  # noqa: E402
@@ -38,4 +38,4 @@ from .functional import (  # noqa: E402
     tanh,
 )
 
-__all__ = ["backends", "functional", "has_kernel", *functional.__all__]
+__all__ = ["backends", "functional", "has_kernel", "nn", *functional.__all__]

@@ -4,7 +4,9 @@ The Jacobian is diagonal, diag(f'(x)), so:
   * the VJP op is b(dy, s) = dy ⊙ g(s), with g = f' written in the saved tensor s (x or y);
   * forward mode is the same product, J·t = t ⊙ g(s): the jvp calls the VJP op;
   * the VJP op's own gradients (second order) are (ḡ ⊙ g(s), ḡ ⊙ dy ⊙ g'(s)); the first is the VJP
-    op again, the second needs g' (below, the only derivative math in Python).
+    op again, the second needs g' (below, the only derivative math in Python);
+  * its forward mode (forward-over-reverse) is ṫ_dy ⊙ g(s) + dy ⊙ g'(s) ⊙ ṫ_s, the same two terms;
+  * the output keeps the input's memory format (channels-last stays channels-last).
 """
 from __future__ import annotations
 
@@ -53,20 +55,23 @@ def _no_check(*params) -> None:
     pass
 
 
-# name -> (saved tensor, g'(s, *params), check of the non-tensor params for fake kernels);
-# g' is d/ds of the VJP's f' written in s.
+# name -> (saved tensor, g'(s, *params), check of the non-tensor params for fake kernels, autocast policy);
+# g' is d/ds of the VJP's f' written in s. The policies are torch's for the counterpart (ATen/autocast_mode.h:
+# exp and softplus are on the CUDA "fp32" list; the others on no list; torch's CPU lists hold none of them).
 _FAMILY = {
-    "exp": ("output", lambda y: torch.ones_like(y), _no_check),  # g = y
-    "sigmoid": ("output", lambda y: 1 - 2 * y, _no_check),  # g = y(1-y)
-    "tanh": ("output", lambda y: -2 * y, _no_check),  # g = 1 - y²
-    "softplus": ("input", _dg_softplus, _no_check),
-    "gelu": ("input", _dg_gelu, _check_approximate),
-    "silu": ("input", _dg_silu, _no_check),
-    "mish": ("input", _dg_mish, _no_check),
+    "exp": ("output", lambda y: torch.ones_like(y), _no_check, {"cuda": "fp32"}),  # g = y
+    "sigmoid": ("output", lambda y: 1 - 2 * y, _no_check, {}),  # g = y(1-y)
+    "tanh": ("output", lambda y: -2 * y, _no_check, {}),  # g = 1 - y²
+    "softplus": ("input", _dg_softplus, _no_check, {"cuda": "fp32"}),
+    "gelu": ("input", _dg_gelu, _check_approximate, {}),
+    "silu": ("input", _dg_silu, _no_check, {}),
+    "mish": ("input", _dg_mish, _no_check, {}),
 }
 
 
-def _make(name, saved, dg, check_params):
+def _make(name, saved, dg, check_params, autocast):
+    # torch promotes integer input to float for exp, sigmoid and tanh; its activation kernels refuse it.
+    integers = "promote" if name in ("exp", "sigmoid", "tanh") else "error"
     op = None
 
     def jvp(tangent, saved_tensors, params):
@@ -76,7 +81,15 @@ def _make(name, saved, dg, check_params):
         (s,) = saved_tensors
         return op.backward(g, s, *params), g * grad_output * dg(s, *params)
 
-    op = VJPOp(name, saves=(saved,), jvp=jvp, vjp_grads=vjp_grads)
+    def backward_jvp(t_grad_output, t_saved, grad_output, saved_tensors, params):
+        # b(dy, s) = dy ⊙ g(s)  ⇒  ḃ = ṫ_dy ⊙ g(s) + dy ⊙ g'(s) ⊙ ṫ_s: the same two terms as vjp_grads,
+        # as each block of the VJP op's Jacobian is diagonal.
+        (s,), (t_s,) = saved_tensors, t_saved
+        out = op.backward(t_grad_output, s, *params) if t_grad_output is not None else torch.zeros_like(s)
+        return out if t_s is None else out + grad_output * dg(s, *params) * t_s
+
+    op = VJPOp(name, saves=(saved,), jvp=jvp, vjp_grads=vjp_grads, backward_jvp=backward_jvp, elementwise=True,
+               autocast=autocast, integers=integers)
 
     @register_fake(name)
     def _(input, *params):

@@ -1,65 +1,348 @@
-"""The public ops, with the names and signatures of torch / torch.nn.functional.
+"""The public ops, with the names and full signatures of their torch counterparts.
 
-Each returns what its torch counterpart returns (see tests/op_db.py for the pairing), computed by a
-fused forward kernel, and differentiates with a fused VJP kernel.
+Each returns what its counterpart returns (torch_vjp.testing.OPS pairs them), computed by a fused forward
+kernel, and differentiates with a fused VJP kernel. Arguments are checked as torch checks them, with
+torch's error types. Supported dtypes: float32, float64, float16 and bfloat16 (half types compute in
+float32); integer input is promoted or refused as the counterpart does; complex input raises TypeError.
 """
 from __future__ import annotations
 
+import operator
+import warnings
+from typing import Optional, Sequence, Union
+
 import torch
 
+from ._ops import NO_AUTOCAST, _any_autocast, _grad_enabled, _is_compiling, transforms_active, wrap_dim
 from .elementwise import OPS as _ELEMENTWISE
 from .softmax import OPS as _SOFTMAX
 
 __all__ = ["exp", "sigmoid", "tanh", "softplus", "gelu", "silu", "mish", "softmax", "log_softmax", "logsumexp"]
 
 Tensor = torch.Tensor
+# Each op's per-call entry (VJPOp.call), bound once.
+_EXP, _SIGMOID, _TANH, _SOFTPLUS, _GELU, _SILU, _MISH = (
+    _ELEMENTWISE[n].call for n in ("exp", "sigmoid", "tanh", "softplus", "gelu", "silu", "mish"))
+_SOFTMAX_OP, _LOG_SOFTMAX, _LOGSUMEXP = (_SOFTMAX[n].call for n in ("softmax", "log_softmax", "logsumexp"))
 
 
-def exp(input: Tensor) -> Tensor:
-    """eˣ, like torch.exp."""
-    return _ELEMENTWISE["exp"](input)
+# ---------------------------------------------------------------------------------------------------------
+# Argument checks, as torch's argument parser makes them (TypeError for a wrong type).
+
+def _int(value, fn: str, arg: str) -> int:
+    """An int argument: int, an integer 0-d tensor or anything with __index__; not bool, float or None."""
+    if type(value) is int:
+        return value
+    wrong = isinstance(value, bool) or (
+        isinstance(value, Tensor) and (value.dim() != 0 or value.is_floating_point() or value.is_complex()
+                                       or value.dtype == torch.bool))
+    if not wrong:
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{fn}(): argument '{arg}' must be int, not {type(value).__name__}")
 
 
-def sigmoid(input: Tensor) -> Tensor:
-    """1 / (1 + e⁻ˣ), like torch.sigmoid."""
-    return _ELEMENTWISE["sigmoid"](input)
+def _bool(value, fn: str, arg: str) -> bool:
+    if type(value) is not bool:
+        raise TypeError(f"{fn}(): argument '{arg}' must be bool, not {type(value).__name__}")
+    return value
 
 
-def tanh(input: Tensor) -> Tensor:
-    """tanh x, like torch.tanh."""
-    return _ELEMENTWISE["tanh"](input)
+def _float(value, fn: str, arg: str) -> float:
+    if isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.dim() == 0):
+        return float(value)
+    raise TypeError(f"{fn}(): argument '{arg}' must be Number, not {type(value).__name__}")
+
+
+def _dims(dim, fn: str) -> list[int] | int:
+    """logsumexp's dim: an int, or a sequence (or integer tensor) of ints."""
+    if type(dim) is int:
+        return dim
+    if (isinstance(dim, Tensor) and dim.numel() == 1
+            and not (dim.is_floating_point() or dim.is_complex() or dim.dtype == torch.bool)):
+        return operator.index(dim)  # as torch's parser: an integer tensor of one element is an int
+    if isinstance(dim, (tuple, list, torch.Size)):
+        return [_int(d, fn, "dim") for d in dim]
+    if not isinstance(dim, bool) and not isinstance(dim, Tensor):
+        try:
+            return operator.index(dim)
+        except TypeError:
+            pass
+    raise TypeError(f"{fn}(): argument 'dim' must be tuple of ints, not {type(dim).__name__}")
+
+
+def _check_out(out, input: Tensor, fn: str) -> None:
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{fn}(): argument 'out' must be Tensor, not {type(out).__name__}")
+    if _grad_enabled() and (input.requires_grad or out.requires_grad):
+        raise RuntimeError(f"{fn}(): functions with out=... arguments don't support automatic differentiation, "
+                           "but one of the arguments requires grad.")
+
+
+def _write_out(result: Tensor, out: Tensor, fn: str) -> Tensor:
+    """torch's out= contract: out is resized to the result's shape (with torch's warning if it held
+    elements), written with the result cast to out's dtype where torch allows the cast, and returned."""
+    if not torch.can_cast(result.dtype, out.dtype):
+        raise RuntimeError(f"{fn}(): result type {result.dtype} can't be cast to the desired output type {out.dtype}")
+    if out.shape != result.shape:
+        if out.numel() != 0:
+            warnings.warn(f"{fn}(): an output with one or more elements was resized since it had shape "
+                          f"{list(out.shape)}, which does not match the required output shape {list(result.shape)}. "
+                          "This behavior is deprecated (as in torch); resize the output to zero elements first.",
+                          UserWarning, stacklevel=4)  # the caller of torch_vjp.<op>(..., out=)
+        out.resize_(result.shape)
+    return out.copy_(result)
+
+
+def _into(out: Tensor, call, input: Tensor, fn: str) -> Tensor:
+    _check_out(out, input, fn)
+    return _write_out(call(input), out, fn)
+
+
+def _inplace(spec, input: Tensor, *params) -> Tensor:
+    """`inplace=True` as torch.nn.functional has it: input is overwritten with the result and returned.
+
+    The kernel writes a new tensor that is then copied into input. Where autograd records (input requires
+    grad, or a transform is active), the op runs on a clone, so the input value its VJP needs stays intact
+    after the copy; and a leaf that requires grad is refused by copy_ exactly as torch refuses it."""
+    records = (_grad_enabled() and input.requires_grad) or transforms_active()
+    result = spec.call(input.clone() if records and "input" in spec.saves else input, *params)
+    return input.copy_(result)
+
+
+def _with_args(args: str):
+    """Appends the Args and Shape sections several functions share to a function's docstring."""
+    def add(fn):
+        fn.__doc__ = fn.__doc__.rstrip() + "\n" + args
+        return fn
+
+    return add
+
+
+_OUT_ARGS = """
+    Args:
+        input (Tensor): any shape; floating, or integer/bool (promoted to the default float dtype).
+        out (Tensor, optional): the output tensor (not differentiable, as in torch).
+
+    Shape: output as input.
+"""
+_INPLACE_ARGS = """
+    Args:
+        input (Tensor): any shape, floating.
+        inplace (bool): write the result into input and return it, as torch does (it is computed out of
+            place and copied, so autograd stays exact). Default: False.
+
+    Shape: output as input.
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Elementwise: y has the input's shape, dtype (an integer input of exp, sigmoid and tanh: the default float
+# dtype), device and memory format (channels-last stays channels-last).
+
+@_with_args(_OUT_ARGS)
+def exp(input: Tensor, *, out: Optional[Tensor] = None) -> Tensor:
+    r"""exp(input, *, out=None) -> Tensor
+
+    :math:`y = e^{x}` elementwise, like :func:`torch.exp`. Backward: :math:`dx = dy \odot y` (saves y).
+
+    Under CUDA autocast it runs in float32, as torch.exp does.
+    """
+    return _EXP(input) if out is None else _into(out, _EXP, input, "exp")
+
+
+@_with_args(_OUT_ARGS)
+def sigmoid(input: Tensor, *, out: Optional[Tensor] = None) -> Tensor:
+    r"""sigmoid(input, *, out=None) -> Tensor
+
+    :math:`y = 1 / (1 + e^{-x})` elementwise, like :func:`torch.sigmoid`. Backward:
+    :math:`dx = dy \odot y(1 - y)` (saves y).
+    """
+    return _SIGMOID(input) if out is None else _into(out, _SIGMOID, input, "sigmoid")
+
+
+@_with_args(_OUT_ARGS)
+def tanh(input: Tensor, *, out: Optional[Tensor] = None) -> Tensor:
+    r"""tanh(input, *, out=None) -> Tensor
+
+    :math:`y = \tanh x` elementwise, like :func:`torch.tanh`. Backward: :math:`dx = dy \odot (1 - y^2)`
+    (saves y).
+    """
+    return _TANH(input) if out is None else _into(out, _TANH, input, "tanh")
 
 
 def softplus(input: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
-    """log(1 + e^{βx}) / β, linear where βx > threshold; like torch.nn.functional.softplus."""
-    return _ELEMENTWISE["softplus"](input, float(beta), float(threshold))
+    r"""softplus(input, beta=1.0, threshold=20.0) -> Tensor
+
+    :math:`y = \log(1 + e^{\beta x}) / \beta`, and :math:`y = x` where :math:`\beta x > \text{threshold}`;
+    like :func:`torch.nn.functional.softplus`. Backward: :math:`dx = dy \odot \sigma(\beta x)` (1 in the
+    linear region; saves x).
+
+    Args:
+        input (Tensor): any shape, floating.
+        beta (float): the :math:`\beta` of the formula. Default: 1.
+        threshold (float): above it (in :math:`\beta x`) the op is linear. Default: 20.
+
+    Shape: output as input. Under CUDA autocast it runs in float32, as torch's does.
+    """
+    return _SOFTPLUS(input, _float(beta, "softplus", "beta"), _float(threshold, "softplus", "threshold"))
 
 
 def gelu(input: Tensor, approximate: str = "none") -> Tensor:
-    """x Φ(x), or its tanh approximation; like torch.nn.functional.gelu."""
-    return _ELEMENTWISE["gelu"](input, approximate)
+    r"""gelu(input, approximate='none') -> Tensor
+
+    :math:`y = x\,\Phi(x)` (:math:`\Phi` the standard normal CDF), or its tanh approximation with
+    ``approximate='tanh'``; like :func:`torch.nn.functional.gelu`. Backward:
+    :math:`dx = dy \odot (\Phi(x) + x\varphi(x))` (tanh form for ``'tanh'``; saves x).
+
+    Args:
+        input (Tensor): any shape, floating.
+        approximate (str): ``'none'`` or ``'tanh'``. Default: ``'none'``.
+
+    Shape: output as input.
+    """
+    if approximate != "none" and approximate != "tanh":
+        if not isinstance(approximate, str):
+            raise TypeError(f"gelu(): argument 'approximate' must be str, not {type(approximate).__name__}")
+        raise RuntimeError(f"torch_vjp.gelu: approximate argument must be either none or tanh, got '{approximate}'")
+    return _GELU(input, approximate)
 
 
-def silu(input: Tensor) -> Tensor:
-    """x σ(x), like torch.nn.functional.silu."""
-    return _ELEMENTWISE["silu"](input)
+@_with_args(_INPLACE_ARGS)
+def silu(input: Tensor, inplace: bool = False) -> Tensor:
+    r"""silu(input, inplace=False) -> Tensor
+
+    :math:`y = x\,\sigma(x)`, like :func:`torch.nn.functional.silu`. Backward:
+    :math:`dx = dy \odot \sigma(x)(1 + x(1 - \sigma(x)))` (saves x).
+    """
+    if inplace:
+        return _inplace(_ELEMENTWISE["silu"], input)
+    return _SILU(input)
 
 
-def mish(input: Tensor) -> Tensor:
-    """x tanh(softplus(x)), like torch.nn.functional.mish."""
-    return _ELEMENTWISE["mish"](input)
+@_with_args(_INPLACE_ARGS)
+def mish(input: Tensor, inplace: bool = False) -> Tensor:
+    r"""mish(input, inplace=False) -> Tensor
+
+    :math:`y = x \tanh(\operatorname{softplus}(x))`, like :func:`torch.nn.functional.mish`. Backward:
+    :math:`dx = dy \odot (t + x\sigma(x)(1 - t^2))`, :math:`t = \tanh(\operatorname{softplus}(x))` (saves x).
+    """
+    if inplace:
+        return _inplace(_ELEMENTWISE["mish"], input)
+    return _MISH(input)
 
 
-def softmax(input: Tensor, dim: int = -1) -> Tensor:
-    """exp(x - max) / Σ exp(x - max) along dim, like torch.softmax."""
-    return _SOFTMAX["softmax"](input, dim)
+# ---------------------------------------------------------------------------------------------------------
+# Softmax family: along one dim (row) of any shape.
+
+def _softmax_dim(name: str, input: Tensor, dim, stacklevel: int) -> int:
+    """torch.nn.functional's implicit dim (deprecated, with its warning): 0 for 0-, 1- and 3-d input, else 1."""
+    if dim is None:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"torch_vjp.{name}(): argument 'input' must be Tensor, not {type(input).__name__}")
+        warnings.warn(f"Implicit dimension choice for {name} has been deprecated. Change the call to include "
+                      "dim=X as an argument.", stacklevel=stacklevel)
+        return 0 if input.dim() in (0, 1, 3) else 1
+    return _int(dim, name, "dim")
 
 
-def log_softmax(input: Tensor, dim: int = -1) -> Tensor:
-    """x - logsumexp(x) along dim, like torch.log_softmax."""
-    return _SOFTMAX["log_softmax"](input, dim)
+def _with_dtype(op, input: Tensor, dim: int, dtype) -> Tensor:
+    """F.softmax's dtype: the input is cast to it first, and autocast leaves the call alone (torch's
+    "fp32_set_opt_dtype" policy: float32 unless a dtype is given)."""
+    input = input.to(dtype)
+    if not _is_compiling() and _any_autocast():
+        with torch._C._ExcludeDispatchKeyGuard(NO_AUTOCAST):
+            return op(input, dim)
+    return op(input, dim)
 
 
-def logsumexp(input: Tensor, dim: int = -1, keepdim: bool = False) -> Tensor:
-    """log Σ exp(x) along dim, like torch.logsumexp."""
-    return _SOFTMAX["logsumexp"](input, dim, keepdim)
+_ROW_MAP_ARGS = """
+    Args:
+        input (Tensor): any shape, floating (integer input needs ``dtype``, as in torch).
+        dim (int): the dim the rows run along. None (deprecated, with torch's warning) picks torch's
+            implicit dim: 0 for 0-, 1- and 3-d input, else 1.
+        _stacklevel (int): the warning's stack level, as in torch.
+        dtype (torch.dtype, optional): cast the input to it first; the output has this dtype.
+
+    Shape: output as input. Under CUDA autocast, a float16/bfloat16 input runs in float32 unless
+    ``dtype`` is given, as torch's does.
+"""
+
+
+@_with_args(_ROW_MAP_ARGS)
+def softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
+            dtype: Optional[torch.dtype] = None) -> Tensor:
+    r"""softmax(input, dim=None, _stacklevel=3, dtype=None) -> Tensor
+
+    :math:`y_i = e^{x_i} / \sum_j e^{x_j}` along ``dim``, like :func:`torch.nn.functional.softmax`, with
+    its signature. Backward: :math:`dx = y \odot (dy - \langle dy, y\rangle)` (saves y).
+
+    """
+    dim = dim if type(dim) is int else _softmax_dim("softmax", input, dim, _stacklevel)
+    if dtype is not None:
+        return _with_dtype(_SOFTMAX_OP, input, dim, dtype)
+    return _SOFTMAX_OP(input, dim)
+
+
+@_with_args(_ROW_MAP_ARGS)
+def log_softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
+                dtype: Optional[torch.dtype] = None) -> Tensor:
+    r"""log_softmax(input, dim=None, _stacklevel=3, dtype=None) -> Tensor
+
+    :math:`y = x - \log\sum_j e^{x_j}` along ``dim``, like :func:`torch.nn.functional.log_softmax`, with
+    its signature. Backward: :math:`dx = dy - e^{y} \sum dy` (saves y).
+
+    """
+    dim = dim if type(dim) is int else _softmax_dim("log_softmax", input, dim, _stacklevel)
+    if dtype is not None:
+        return _with_dtype(_LOG_SOFTMAX, input, dim, dtype)
+    return _LOG_SOFTMAX(input, dim)
+
+
+
+
+def logsumexp(input: Tensor, dim: Union[int, Sequence[int]], keepdim: bool = False, *,
+              out: Optional[Tensor] = None) -> Tensor:
+    r"""logsumexp(input, dim, keepdim=False, *, out=None) -> Tensor
+
+    :math:`\log \sum_j e^{x_j}` over ``dim``, computed stably, like :func:`torch.logsumexp`. Backward:
+    :math:`dx = dy \cdot e^{x - \text{out}}` (saves x and out).
+
+    Args:
+        input (Tensor): any shape; floating, or integer/bool (promoted to the default float dtype).
+        dim (int or tuple of ints): the dim or dims to reduce (an empty tuple: all of them).
+        keepdim (bool): keep the reduced dims, with size 1. Default: False.
+        out (Tensor, optional): the output tensor (not differentiable, as in torch).
+
+    Shape: input's, without the reduced dims (size 1 with ``keepdim``). Under CUDA autocast it runs in
+    float32, as torch's does.
+    """
+    if type(dim) is not int:
+        dim = _dims(dim, "logsumexp")
+    keepdim = _bool(keepdim, "logsumexp", "keepdim")
+    if out is not None:
+        return _into(out, lambda t: _logsumexp(t, dim, keepdim), input, "logsumexp")
+    return _logsumexp(input, dim, keepdim)
+
+
+def _logsumexp(input: Tensor, dim, keepdim: bool) -> Tensor:
+    if type(dim) is int:
+        return _LOGSUMEXP(input, dim, keepdim)
+    if not isinstance(input, Tensor):
+        return _LOGSUMEXP(input, 0, keepdim)  # the op's TypeError for a non-tensor
+    ndim = input.dim()
+    dims = [wrap_dim(d, ndim, "logsumexp") for d in dim] if dim else list(range(ndim))
+    if len(set(dims)) != len(dims):
+        duplicate = next(d for d in dims if dims.count(d) > 1)
+        raise RuntimeError(f"torch_vjp.logsumexp: dim {duplicate} appears multiple times in the list of dims")
+    if len(dims) <= 1:
+        return _LOGSUMEXP(input, dims[0] if dims else 0, keepdim)
+    # Several dims: move them last and flatten them into one row, then reduce that.
+    k = len(dims)
+    rows = input.movedim(dims, list(range(ndim - k, ndim))).flatten(ndim - k)
+    result = _LOGSUMEXP(rows, -1, False)
+    if keepdim:
+        result = result.reshape([1 if d in dims else s for d, s in enumerate(input.shape)])
+    return result

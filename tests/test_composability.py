@@ -1,0 +1,257 @@
+"""torch_vjp with what training code wraps it in: each call path, autocast, torch.export, CUDA graphs and
+DistributedDataParallel. (torch.func, torch.compile and torch.jit.trace: test_autograd.py, test_library.py,
+test_signatures.py.)"""
+import os
+import pathlib
+import re
+import socket
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import torch_vjp
+from torch_vjp._ops import REGISTRY
+from torch_vjp.testing import OPS_BY_NAME, op_variants, sample
+
+
+@pytest.mark.parametrize("info,variant", op_variants())
+def test_every_call_path_computes_the_same(info, variant, device):
+    """The direct call (no grad), the lean Function (grad), the torch.func Function (a forward-AD level) and
+    the registered op give bitwise the same output and gradient: one kernel, whichever path."""
+    x = sample(info, (4, 6), torch.float32, device)
+    kwargs = info.call_kwargs(**variant)
+    dy = sample(info, info.ref(x, **kwargs).shape, torch.float32, device, generator_seed=1)
+
+    def forward_backward(fn):
+        leaf = x.clone().requires_grad_()
+        y = fn(leaf)
+        return y.detach(), torch.autograd.grad(y, leaf, dy)[0]
+
+    direct = info.op(x, **kwargs)
+    lean = forward_backward(lambda t: info.op(t, **kwargs))
+    raw = forward_backward(lambda t: info.raw(t, **kwargs))
+    with fwAD.dual_level():
+        func = forward_backward(lambda t: info.op(t, **kwargs))
+    vjp_y, vjp_fn = torch.func.vjp(lambda t: info.op(t, **kwargs), x)
+    for y, dx in (lean, raw, func, (vjp_y, vjp_fn(dy)[0])):
+        assert torch.equal(y, direct) and torch.equal(dx, lean[1])
+
+
+AUTOCAST_INPUTS = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@pytest.mark.parametrize("in_dtype", AUTOCAST_INPUTS, ids=str)
+@pytest.mark.parametrize("info,variant", op_variants())
+def test_autocast_follows_torch(info, variant, in_dtype, device):
+    """Under torch.autocast(device, bfloat16) each op's output dtype is its counterpart's (public op with
+    and without grad, and the registered op), its values agree, and the gradient comes back in the
+    input's dtype, as torch's does."""
+    x = sample(info, (4, 6), in_dtype, device)
+    kwargs = info.call_kwargs(**variant)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        leaf_ref, leaf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        expected = info.ref(leaf_ref, **kwargs)
+        outputs = [info.op(x, **kwargs), info.raw(x, **kwargs), info.op(leaf, **kwargs)]
+    for y in outputs:
+        assert y.dtype == expected.dtype, (y.dtype, expected.dtype)
+        tol = {torch.bfloat16: 2e-2, torch.float16: 2e-3}.get(y.dtype, 1e-5)
+        torch.testing.assert_close(y.double(), expected.double(), rtol=tol, atol=tol)
+    dy = torch.ones_like(expected)
+    (dx,) = torch.autograd.grad(outputs[2], leaf, dy)
+    (dx_ref,) = torch.autograd.grad(expected, leaf_ref, dy)
+    assert dx.dtype == dx_ref.dtype == in_dtype
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_autocast_softmax_keeps_an_explicit_dtype(name, dtype, device):
+    """torch's "fp32_set_opt_dtype" policy: a given dtype is kept (float32 only when none is given)."""
+    info = OPS_BY_NAME[name]
+    x = sample(info, (4, 6), torch.bfloat16, device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y, expected = info.op(x, dim=-1, dtype=dtype), info.ref(x, dim=-1, dtype=dtype)
+        y_grad = info.op(x.clone().requires_grad_(), dim=-1, dtype=dtype)
+    assert y.dtype == y_grad.dtype == expected.dtype == dtype
+
+
+def header_list(text, macro):
+    """The op names of one of torch's AT_FORALL_* autocast lists."""
+    body = re.search(rf"#define {macro}\(_\)(.*?)\n\n", text, flags=re.S).group(1)
+    return {m.group(1) for m in re.finditer(r"_\((\w+)", body)}
+
+
+def test_autocast_policies_are_torchs_lists():
+    """Each op's CUDA policy is the one torch's own lists (ATen/autocast_mode.h, installed with torch) give
+    its counterpart, and the Autocast kernel is registered exactly there. torch's CPU lists (in its .cpp)
+    name none of these ops: the CPU tests above check the dtypes torch gives instead."""
+    header = pathlib.Path(torch.__file__).parent / "include" / "ATen" / "autocast_mode.h"
+    if not header.exists():
+        pytest.skip("this torch ships no C++ headers")
+    text = header.read_text()
+    fp32 = header_list(text, "AT_FORALL_FP32") | header_list(text, "AT_FORALL_FP32_SET_OPT_DTYPE")
+    lower = header_list(text, "AT_FORALL_LOWER_PRECISION_FP")
+    assert {"exp", "softmax", "logsumexp"} <= fp32  # the lists were found and parsed
+    for name, spec in REGISTRY.items():  # torch_vjp's names are its counterparts' aten names
+        assert name not in lower
+        assert spec.autocast.get("cuda") == ("fp32" if name in fp32 else None), name
+        assert "cpu" not in spec.autocast, name
+        has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(f"torch_vjp::{name}", "AutocastCUDA")
+        assert has_cuda_kernel == (name in fp32), name
+
+
+# The policy mechanism on a machine without a GPU: a fresh process gives exp and softmax torch's CUDA policy
+# for the CPU device, then checks each path under CPU autocast.
+POLICY_PROBE = r"""
+import torch, torch_vjp
+from torch_vjp._ops import REGISTRY, _register_autocast
+for name in ("exp", "softmax"):
+    REGISTRY[name].autocast["cpu"] = "fp32"
+    _register_autocast(name, "cpu", "fp32")
+x = torch.randn(3, 4, dtype=torch.bfloat16)
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    leaf = x.clone().requires_grad_()
+    paths = {"direct": torch_vjp.exp(x), "raw": torch.ops.torch_vjp.exp(x), "grad": torch_vjp.exp(leaf),
+             "raw grad": torch.ops.torch_vjp.exp(leaf), "f64": torch_vjp.exp(x.double()),
+             "softmax": torch_vjp.softmax(x, -1), "softmax dtype": torch_vjp.softmax(x, -1, dtype=torch.bfloat16),
+             "softmax dtype grad": torch_vjp.softmax(leaf, -1, dtype=torch.bfloat16)}
+    (dx,) = torch.autograd.grad(paths["grad"].sum(), leaf)
+print({k: str(v.dtype) for k, v in paths.items()}, str(dx.dtype))
+"""
+
+
+def test_autocast_policy_mechanism_on_cpu():
+    """torch's "fp32" policy as registered for CUDA, exercised on the CPU: float32 on every path (direct,
+    registered op, with grad), float64 left alone, an explicit softmax dtype kept, and the gradient in the
+    input's dtype."""
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", POLICY_PROBE], capture_output=True, text=True, timeout=120,
+                         cwd=pathlib.Path(__file__).parents[1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    dtypes, grad_dtype = run.stdout.strip().rsplit(" ", 1)
+    dtypes = json.loads(dtypes.replace("'", '"'))
+    assert dtypes == {"direct": "torch.float32", "raw": "torch.float32", "grad": "torch.float32",
+                      "raw grad": "torch.float32", "f64": "torch.float64", "softmax": "torch.float32",
+                      "softmax dtype": "torch.bfloat16", "softmax dtype grad": "torch.bfloat16"}
+    assert grad_dtype == "torch.bfloat16"
+
+
+def exported_model():
+    class Model(torch.nn.Module):
+        def forward(self, x):
+            h = torch_vjp.gelu(x) + torch_vjp.softplus(x, 2.0) + torch_vjp.silu(x) + torch_vjp.mish(x)
+            h = h * torch_vjp.sigmoid(x) + torch_vjp.tanh(x) + torch_vjp.exp(-x.abs())
+            return torch_vjp.log_softmax(h, -1) + torch_vjp.softmax(h, 0) + torch_vjp.logsumexp(h, (0, 1), True)
+
+    return Model()
+
+
+def test_torch_export_saves_and_loads(tmp_path):
+    """torch.export traces every op as its registered op (no graph break, no Python Function), the program
+    saves and loads, and gives the eager values."""
+    model = exported_model()
+    x = torch.randn(4, 6)
+    program = torch.export.export(model, (x,))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert {f"torch_vjp.{name}.default" for name in REGISTRY} <= targets
+    path = tmp_path / "model.pt2"
+    torch.export.save(program, path)
+    loaded = torch.export.load(path)
+    x2 = torch.randn(4, 6)
+    torch.testing.assert_close(loaded.module()(x2), model(x2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("info,variant", op_variants())
+def test_cuda_graph_capture_and_replay(info, variant):
+    """Forward and backward capture into a CUDA graph (a host synchronisation would fail the capture) and
+    replay on new input with the eager values; an eager forward + backward makes no synchronising call
+    (torch's sync debug mode set to error)."""
+    kwargs = info.call_kwargs(**variant)
+    static_x = sample(info, (64, 96), torch.float32, "cuda").requires_grad_()
+    static_dy = sample(info, info.ref(static_x, **kwargs).shape, torch.float32, "cuda", generator_seed=1)
+
+    def step():
+        y = info.op(static_x, **kwargs)
+        return y, torch.autograd.grad(y, static_x, static_dy)[0]
+
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y, static_dx = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    new_x = sample(info, (64, 96), torch.float32, "cuda", generator_seed=5)
+    with torch.no_grad():
+        static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    leaf = new_x.clone().requires_grad_()
+    y = info.op(leaf, **kwargs)
+    torch.testing.assert_close(static_y, y)
+    torch.testing.assert_close(static_dx, torch.autograd.grad(y, leaf, static_dy)[0])
+
+
+# DistributedDataParallel: 2 processes with the gloo backend on loopback, each with half the batch.
+
+def ddp_model():
+    torch.manual_seed(0)
+    nn = torch_vjp.nn
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), nn.GELU(approximate="tanh"), torch.nn.Linear(16, 16),
+                               nn.Mish(), torch.nn.Linear(16, 16), nn.SiLU(), torch.nn.Linear(16, 16), nn.Softplus(),
+                               torch.nn.Linear(16, 5), nn.LogSoftmax(dim=-1)).double()
+
+
+def ddp_loss(model, x, target):
+    log_p = model(x)
+    # nll (mean over the rows) plus a logsumexp / softmax / elementwise term, so every family is in the graph
+    extra = torch_vjp.logsumexp(log_p * 0.5, -1).mean() + (torch_vjp.softmax(log_p, -1) * torch_vjp.tanh(log_p)).mean()
+    return torch.nn.functional.nll_loss(log_p, target) + 0.1 * extra
+
+
+def ddp_worker(rank, world_size, port, x, target, out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model = ddp_model()
+        ddp = DistributedDataParallel(model)
+        ddp_loss(ddp, x.chunk(world_size)[rank], target.chunk(world_size)[rank]).backward()
+        torch.save([p.grad for p in model.parameters()], os.path.join(out_dir, f"grads{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_ddp_gloo_two_processes_equal_the_full_batch(tmp_path):
+    """After one backward, each rank's gradients (DDP averages them) equal the gradients of one process on
+    the full batch: torch_vjp's ops train under DistributedDataParallel as torch's do."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 6, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, 5, (8,), generator=gen)
+    torch.multiprocessing.spawn(ddp_worker, args=(2, free_port(), x, target, str(tmp_path)), nprocs=2, join=True)
+    model = ddp_model()
+    ddp_loss(model, x, target).backward()
+    expected = [p.grad for p in model.parameters()]
+    for rank in range(2):
+        grads = torch.load(tmp_path / f"grads{rank}.pt")
+        torch.testing.assert_close(grads, expected, rtol=1e-12, atol=1e-14)
