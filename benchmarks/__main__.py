@@ -34,7 +34,7 @@ def parse_args(argv=None):
     parser.add_argument("--shape", help="ROWSxN: replace the preset's main shape (and drop its row sweep)")
     parser.add_argument("--all-variants", action="store_true", help="every keyword variant of each op, not only the default")
     parser.add_argument("--time-budget", type=float, help="seconds; cases not started by then are recorded as skipped")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when stderr is not a terminal, as in CI logs)")
     return parser.parse_args(argv)
 
 
@@ -98,7 +98,7 @@ def main(argv=None):
     try:
         result = run_benchmark(device, preset, out, ops=args.ops, provider_names=args.providers, dtypes=args.dtype,
                                sections=sections, all_variants=args.all_variants, time_budget=args.time_budget,
-                               progress=not args.no_progress, command=command)
+                               progress=not args.no_progress and sys.stderr.isatty(), command=command)
     except ValueError as error:  # an unknown provider name
         sys.exit(f"benchmarks: {error}")
     with open(result["paths"]["markdown"]) as f:
