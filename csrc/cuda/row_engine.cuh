@@ -367,9 +367,10 @@ struct Plan {
   int64_t blocks;      // grid size wanted (the kernels loop over what exceeds 2^31 - 1)
 };
 
-// inner == 1. P: elements a pack; Vmax: kRowPacks; sms: multiprocessors; clusters: sm_90 clusters usable.
-inline Plan plan_rows(int64_t rows, int64_t n, int P, int Vmax, int sms, bool clusters) {
-  const int64_t packs = ceil_div(n + P - 1, P);  // packs a row may touch, at its worst misalignment
+// inner == 1. P: elements a pack; Vmax: kRowPacks; sms: multiprocessors; clusters: sm_90 clusters usable;
+// max_off: the largest grid offset of a row start (every row's when n % P == 0, else up to P - 1).
+inline Plan plan_rows(int64_t rows, int64_t n, int P, int Vmax, int sms, bool clusters, int max_off) {
+  const int64_t packs = ceil_div(n + max_off, P);  // packs a row touches, at most
   if (packs <= int64_t(kWarpSize) * Vmax) {
     // Shuffles only. Up to 32 packs: one pack a lane, the fewest lanes that hold the row (several rows a
     // warp); longer rows: a warp, with the fewest packs a lane that hold it.
@@ -481,8 +482,9 @@ void run_rows(const Op& op, const RowLayout& l, const Operands<Op>& ops) {
     // The grid is aligned for the element output where there is one, else for input 0.
     args.grid_mis = Op::kElementOut ? misalignment(ops.out) : misalignment(ops.in[0]);
     for (int i = 0; i < Op::kIn; ++i) args.shift[i] = (misalignment(ops.in[i]) - args.grid_mis + P) % P;
+    const int max_off = l.n % P == 0 ? args.grid_mis : P - 1;
     const auto plan_for = [&](bool clusters) {
-      return plan_rows(l.outer, l.n, P, kRowPacks<Op>, sms, clusters);
+      return plan_rows(l.outer, l.n, P, kRowPacks<Op>, sms, clusters, max_off);
     };
     Plan plan = plan_for(has_clusters());
     const auto go = [&](auto kernel) {
