@@ -121,8 +121,9 @@ find_sanitizer() {
 }
 
 QUICK='test_paths or test_more_than_2_31'  # tests/test_cuda.py's quick subset (its docstring says why)
-XDIST=()
-"$PY" -c 'import xdist, pytest_timeout' 2>/dev/null && XDIST=(-n 8 --timeout=180)
+# 8 workers; a hung test is ended alone (well inside the quick step's cap; the rest holds a cold torch.compile).
+XDIST=() QUICK_TIMEOUT=() REST_TIMEOUT=()
+"$PY" -c 'import xdist, pytest_timeout' 2>/dev/null && XDIST=(-n 8) QUICK_TIMEOUT=(--timeout=60) REST_TIMEOUT=(--timeout=240)
 
 SAN=$(find_sanitizer)
 {
@@ -137,7 +138,7 @@ SAN=$(find_sanitizer)
     command -v nvcc >/dev/null && nvcc --version | tail -n 2
     echo "compute-sanitizer: ${SAN:-not found}"
     [[ -n "$SAN" ]] && "$SAN" --version 2>&1 | head -n 2
-    echo "xdist/timeout: ${XDIST[*]:-not installed (tests run serially, uncapped per test)}"
+    echo "xdist/timeout: ${XDIST[*]:-not installed (tests run serially, uncapped per test)} ${QUICK_TIMEOUT[*]} ${REST_TIMEOUT[*]}"
 } >"$OUT/env.log" 2>&1
 cat "$OUT/env.log"
 pack
@@ -151,19 +152,19 @@ if ((DRY)); then
     # Rehearsal on a CPU machine: the same steps, each replaced by its CPU-side part.
     step build "${CAP[build]}" "$PY" -c 'import torch_vjp; print("torch_vjp imports; cpu kernels:", torch_vjp.has_kernel("softmax", "cpu"))'
     step import "${CAP[import]}" "$PY" -c 'import torch_vjp; print(torch_vjp.backends())'
-    step tests_quick "${CAP[tests_quick]}" "$PY" -m pytest -v -p no:cacheprovider "${XDIST[@]}" tests/test_cuda.py -k "$QUICK"
+    step tests_quick "${CAP[tests_quick]}" "$PY" -m pytest -v -p no:cacheprovider "${XDIST[@]}" "${QUICK_TIMEOUT[@]}" tests/test_cuda.py -k "$QUICK"
     step bench "${CAP[bench]}" "$PY" -m benchmarks --device cpu --quick --ops exp,softmax,logsumexp --no-progress \
         --out "$OUT/bench" --time-budget "$(bench_budget "$(bench_limit)")"
     step memcheck "${CAP[memcheck]}" "$PY" -m benchmarks.sanitize_cases --device cpu --dtypes float32,bfloat16
     step racecheck "${CAP[racecheck]}" "$PY" -m benchmarks.sanitize_cases --device cpu --family softmax --dtypes float32,bfloat16
-    step tests_rest "$(rest_limit)" "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/test_benchmarks.py tests/test_cuda.py \
+    step tests_rest "$(rest_limit)" "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" "${REST_TIMEOUT[@]}" tests/test_benchmarks.py tests/test_cuda.py \
         -k "not ($QUICK)"
 else
     export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} FORCE_CUDA=1
     [[ -z "${CUDA_HOME:-}" && -x /usr/local/cuda/bin/nvcc ]] && export CUDA_HOME=/usr/local/cuda
     step build "${CAP[build]}" "$PY" setup.py build_ext --inplace
     step import "${CAP[import]}" "$PY" -c 'import torch_vjp; assert torch_vjp.has_kernel("softmax", "cuda"), "no CUDA kernels"; print("CUDA kernels loaded:", torch_vjp.backends())'
-    step tests_quick "${CAP[tests_quick]}" "$PY" -m pytest -v -p no:cacheprovider "${XDIST[@]}" tests/test_cuda.py -k "$QUICK"
+    step tests_quick "${CAP[tests_quick]}" "$PY" -m pytest -v -p no:cacheprovider "${XDIST[@]}" "${QUICK_TIMEOUT[@]}" tests/test_cuda.py -k "$QUICK"
     # Not the compile provider: it compiles cold for every case (seconds each); run it on its own when wanted.
     step bench "${CAP[bench]}" "$PY" -m benchmarks --providers torch_vjp,eager,liger --no-progress --out "$OUT/bench" \
         --time-budget "$(bench_budget "$(bench_limit)")"
@@ -183,7 +184,7 @@ else
                 "$PY" -m benchmarks.sanitize_cases --family softmax --dtypes float32,bfloat16
         fi
     fi
-    step tests_rest "$(rest_limit)" "$PY" -m pytest -v -p no:cacheprovider "${XDIST[@]}" tests -k "not ($QUICK)"
+    step tests_rest "$(rest_limit)" "$PY" -m pytest -v -p no:cacheprovider "${XDIST[@]}" "${REST_TIMEOUT[@]}" tests -k "not ($QUICK)"
 fi
 
 {

@@ -81,12 +81,14 @@ def measure(fn, device: str, cfg: TimingConfig = TimingConfig()) -> Measurement:
             calls.append(time.perf_counter() - t0)
         return Measurement(statistics.median(calls) * 1e3, "wall")
     if device.startswith("cuda"):
-        host = host_overhead_ms(fn)
+        # The probe (wall time of one call) bounds the GPU time from above: it sizes what follows, so that a
+        # slow call (a full Jacobian, tens of ms) is not run hundreds of times.
+        host = host_overhead_ms(fn, calls=int(min(20, max(1, 4 / (probe * 1e3)))))
         try:
-            return Measurement(_time_graph(fn, cfg), "graph", host)
+            return Measurement(_time_graph(fn, cfg, probe * 1e3), "graph", host)
         except Exception:  # noqa: BLE001  (capture refused: a host sync, a CPU-side op, a non-capture stream)
             torch.cuda.synchronize()
-            return Measurement(_time_back_to_back(fn, cfg), "events", host)
+            return Measurement(_time_back_to_back(fn, cfg, probe * 1e3), "events", host)
     from torch.utils.benchmark import Timer
 
     # num_threads: Timer defaults to ONE thread; the benchmark means the machine as torch runs it.
@@ -119,7 +121,8 @@ def on_capture_stream(device: str):
     torch.cuda.current_stream().wait_stream(stream)
 
 
-def _estimate_ms(fn, calls: int = 5) -> float:
+def _estimate_ms(fn, probe_ms: float) -> float:
+    calls = 5 if probe_ms < 10 else 1
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(calls):
@@ -129,13 +132,17 @@ def _estimate_ms(fn, calls: int = 5) -> float:
     return max(start.elapsed_time(end) / calls, 1e-3)
 
 
-def _calls_per_replay(estimate_ms: float, cfg: TimingConfig) -> int:
-    return int(min(cfg.max_repeats, max(1, round(cfg.rep_ms / 10 / estimate_ms))))
+def _schedule(estimate_ms: float, cfg: TimingConfig) -> tuple[int, int]:
+    """(calls per replay, replays): replays of ~rep_ms / 10 each, 10 of them; a call longer than that is
+    replayed alone, rep_ms / its time times (3 to 10)."""
+    calls = int(min(cfg.max_repeats, max(1, round(cfg.rep_ms / 10 / estimate_ms))))
+    replays = 10 if calls > 1 else int(min(10, max(3, cfg.rep_ms / estimate_ms)))
+    return calls, replays
 
 
-def _median_of_replays(run, calls: int) -> float:
+def _median_of_replays(run, calls: int, replays: int) -> float:
     times = []
-    for _ in range(10):
+    for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         run()
@@ -145,33 +152,36 @@ def _median_of_replays(run, calls: int) -> float:
     return statistics.median(times)
 
 
-def _time_graph(fn, cfg: TimingConfig) -> float:
+def _warm_up(fn, estimate_ms: float, cfg: TimingConfig) -> None:
+    for _ in range(int(cfg.warmup_ms / estimate_ms)):
+        fn()
+
+
+def _time_graph(fn, cfg: TimingConfig, probe_ms: float) -> float:
     with on_capture_stream("cuda"):
-        estimate = _estimate_ms(fn)  # also the warm-up on this stream that capture requires
-        for _ in range(max(0, int(cfg.warmup_ms / estimate) - 5)):
-            fn()
-        calls = _calls_per_replay(estimate, cfg)
+        estimate = _estimate_ms(fn, probe_ms)  # also the warm-up on this stream that capture requires
+        _warm_up(fn, estimate, cfg)
+        calls, replays = _schedule(estimate, cfg)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=capture_stream()):
             for _ in range(calls):
                 fn()
         try:
-            return _median_of_replays(graph.replay, calls)
+            return _median_of_replays(graph.replay, calls, replays)
         finally:
             del graph  # its memory pool goes back to the allocator
 
 
-def _time_back_to_back(fn, cfg: TimingConfig) -> float:
-    estimate = _estimate_ms(fn)
-    for _ in range(max(0, int(cfg.warmup_ms / estimate) - 5)):
-        fn()
-    calls = _calls_per_replay(estimate, cfg)
+def _time_back_to_back(fn, cfg: TimingConfig, probe_ms: float) -> float:
+    estimate = _estimate_ms(fn, probe_ms)
+    _warm_up(fn, estimate, cfg)
+    calls, replays = _schedule(estimate, cfg)
 
     def run():
         for _ in range(calls):
             fn()
 
-    return _median_of_replays(run, calls)
+    return _median_of_replays(run, calls, replays)
 
 
 def host_overhead_ms(fn, calls: int = 20) -> float:

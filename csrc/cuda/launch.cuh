@@ -46,14 +46,14 @@ int64_t one_wave_blocks() {
 inline bool has_clusters() { return at::cuda::getCurrentDeviceProperties()->major >= 9; }
 
 // A launch configuration for clusters of `cluster` blocks along x; `attribute` is storage it points to.
-inline cudaLaunchConfig_t cluster_config(unsigned grid, int threads, int cluster, cudaStream_t stream,
+inline cudaLaunchConfig_t cluster_config(dim3 grid, int threads, int cluster, cudaStream_t stream,
                                          cudaLaunchAttribute& attribute) {
   attribute.id = cudaLaunchAttributeClusterDimension;
   attribute.val.clusterDim.x = static_cast<unsigned>(cluster);
   attribute.val.clusterDim.y = 1;
   attribute.val.clusterDim.z = 1;
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(grid);
+  config.gridDim = grid;
   config.blockDim = dim3(threads);
   config.stream = stream;
   config.attrs = &attribute;
@@ -72,7 +72,7 @@ bool cluster_fits(Kernel kernel, int threads, int cluster) {
   const auto found = known.find(key);
   if (found != known.end()) return found->second;
   cudaLaunchAttribute attribute;
-  const cudaLaunchConfig_t config = cluster_config(cluster, threads, cluster, nullptr, attribute);
+  const cudaLaunchConfig_t config = cluster_config(dim3(cluster), threads, cluster, nullptr, attribute);
   int clusters = 0;
   if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
     (void)cudaGetLastError();  // "cannot" is an answer here, not an error to report later
@@ -81,10 +81,10 @@ bool cluster_fits(Kernel kernel, int threads, int cluster) {
   return known[key] = clusters > 0;
 }
 
-// kernel<<<grid, threads>>>(args...) on the current stream, as clusters of `cluster` blocks when cluster > 1
-// (grid a multiple of it); checked.
+// kernel<<<grid, threads>>>(args...) on the current stream, as clusters of `cluster` blocks along x when
+// cluster > 1 (grid.x a multiple of it); checked.
 template <class... Params, class... Args>
-void launch_kernel(void (*kernel)(Params...), unsigned grid, int threads, int cluster, Args&&... args) {
+void launch_kernel(void (*kernel)(Params...), dim3 grid, int threads, int cluster, Args&&... args) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (cluster <= 1) {
     kernel<<<grid, threads, 0, stream>>>(std::forward<Args>(args)...);

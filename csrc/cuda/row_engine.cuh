@@ -9,21 +9,30 @@
 // outer·inner values, row (o, i) at o·inner + i. Data pointers may have any (element) alignment.
 //
 // ## Paths (plan_rows, plan_columns)
-// inner == 1, row_kernel<Op, V>: each thread holds V 16-byte packs of each element input in registers,
-// so a row is read once and written once whatever its length:
-//   - group of G = 1..32 lanes per row, several rows per warp (n up to 32·V·P; P = 16 / sizeof(T) elements
-//     a pack), reduced with shuffles;
-//   - a block per row (up to 1024 threads), reduced through shared memory;
-//   - sm_90: a cluster of up to 8 blocks per row, reduced through distributed shared memory (rows up to
-//     8·1024·V·P: fp32 forward 262144, backward 131072; bf16 twice that);
-//   - split: rows longer than that (or that on sm_80 do not fit one block), and very few long rows that
-//     would leave most SMs idle: each row is cut into chunks, one block a chunk. Phase 1 writes every
-//     chunk's partial statistic to a workspace ([row][chunk], fp32 or the op's own type); phase 2 reads them,
-//     re-reads its chunk (from L2 when the tensor fits there) and maps it. No atomics: deterministic.
-// inner > 1, column_kernel<Op, V, kVec>: a block holds a tile of W adjacent column packs (kVec: P columns
-//   a 16-byte pack when inner is a multiple of P and every pointer is aligned; else one column a lane) by
-//   H·V rows, H threads along n: every warp-wide load reads whole 32-byte sectors or more; the tile is
-//   reduced along n through shared memory (and a cluster on sm_90 for long n), or split along n as above.
+// inner == 1, row_kernel<Op, V>: each thread holds V 16-byte packs of each element input in registers, so a
+// row is read once and written once whatever its length. P = 16 / sizeof(T) elements a pack; V is at most
+// kRowPacks (one input: 32 elements a thread, 8 packs of float or double, 4 of the half types; two inputs:
+// 4 packs each). Chosen by the packs a row spans:
+//   - up to 32 packs: G = 1..32 lanes a row (the fewest that hold it), several rows a warp, shuffles only;
+//   - up to 32·kRowPacks packs: a warp a row, V = 2..kRowPacks, shuffles only (float forward: n <= 1024);
+//   - up to 1024·kRowPacks packs: a block a row (32..1024 threads), reduced through shared memory (float
+//     forward n <= 32768, backward 16384; bf16 both 32768; double forward 16384, backward 8192);
+//   - sm_90, up to 8 times that: a cluster of up to 8 blocks a row, reduced through distributed shared
+//     memory (float forward n <= 262144, backward 131072: fp32 backward at n = 32768 is a 2-block cluster);
+//   - split: rows longer still (on sm_80, longer than one block), and very few long rows (fewer blocks
+//     than half the SMs, rows of at least 4·128 threads' worth): each row is cut into chunks of 128..1024
+//     threads, one block a chunk. Phase 1 writes each chunk's partial statistic to a workspace
+//     ([row][chunk], the op's Stat type); phase 2 combines the row's partials (the same order in every
+//     block), re-reads its chunk (from L2 when the tensor fits there: the few-rows case) and maps it. No
+//     atomics: deterministic. So sm_80 reads a float row of more than 32768 (backward 16384) twice.
+// inner > 1, column_kernel<Op, V, kVec>: a block is W column slots × H threads along n (W·H <= 512). A slot
+//   is a 16-byte pack of P adjacent columns when inner is a multiple of P and every pointer is aligned
+//   (kVec), else one column; W · (columns a slot) <= 32 and every row segment a warp reads is at least 32
+//   bytes (a sector). A tile of W slots × H·V rows is held in registers and reduced along n through shared
+//   memory; longer columns take a cluster of up to 8 blocks (sm_90), narrowing W to fit, or are split along
+//   n as above (also when there are too few tiles to fill the GPU).
+// No dynamic shared memory anywhere (so no opt-in above 48 KB to get wrong): the reductions' static buffers
+// are 32 statistics per block (rows), 32 × 32 (columns), and 2 × that per block in a cluster.
 //
 // ## The Op (epilogue) contract
 //   using T, S;                          storage type and compute type (at::opmath_type<T>)
@@ -62,6 +71,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
 
 #include <algorithm>
 #include <cstdint>
@@ -90,11 +100,11 @@ enum class Mode : int {
 template <class Op>
 inline constexpr int kRowInSlots = Op::kRowIn > 0 ? Op::kRowIn : 1;
 
-// Packs per thread per input in the engine's largest kernels: one input, 32 elements (8 packs of float or
-// double, 4 of the half types, whose unpacking to float needs the registers); two inputs, 4 packs each. At
-// most 32 registers of data, so 1024-thread blocks fit in 64 registers a thread without spilling.
+// Packs per thread per input in the engine's largest kernels: one float input, 8 (32 elements); otherwise 4
+// (the half types' 32 elements unpack to 32 floats; double computes in pairs of registers; two inputs, 4
+// each). At most 32 registers of data, so 1024-thread blocks fit 64 registers a thread.
 template <class Op>
-inline constexpr int kRowPacks = Op::kIn == 1 && sizeof(typename Op::T) >= 4 ? 8 : 4;
+inline constexpr int kRowPacks = Op::kIn == 1 && sizeof(typename Op::T) == 4 ? 8 : 4;
 
 template <class Op>
 struct EngineArgs {
@@ -108,18 +118,15 @@ struct EngineArgs {
   int grid_mis;            // row path: misalignment (elements) of the grid operand's element 0
   int shift[Op::kIn];      // row path: each input's misalignment relative to the grid, mod P
   int lanes;               // row path: threads per row in a block (G); column path: column slots (W)
-  int64_t chunks;          // blocks per row (column) along n; 1 unless split
+  int64_t chunks;          // blocks per row (column) along n, blockIdx.y; 1 unless split
   int64_t chunk_len;       // split: packs (row path) or rows (column path) per chunk
   Mode mode;
   typename Op::Stat* ws;   // split: partials, [segment][chunk]
+  int64_t tiles;           // column path: tiles of W column slots
+  at::cuda::detail::IntDivider<uint32_t> inner_div;  // column path: o, i of a flattened column (outer > 1)
 };
-
-// a / b for non-negative a, b > 0. A 64-bit division compiles to a call (whose ABI costs the kernel
-// registers and spills around it); it is taken only when an operand does not fit in 32 bits.
-__device__ __forceinline__ int64_t div64(int64_t a, int64_t b) {
-  if (((a | b) >> 32) == 0) return static_cast<int64_t>(static_cast<uint32_t>(a) / static_cast<uint32_t>(b));
-  return a / b;
-}
+// The kernels divide only by compile-time constants and through inner_div: a run-time 64-bit division
+// compiles to a call, whose ABI made ptxas spill the kernels' loop invariants around it.
 
 // =========================================================================================================
 // inner == 1. A group of G threads (G <= 32: part of a warp; else the block, times the cluster's blocks)
@@ -141,20 +148,19 @@ __global__ void __launch_bounds__(kRowMaxThreads, 1) row_kernel(const EngineArgs
   const int width = G * cluster.size;
   const int groups = blockDim.x / G;
   const bool last_in_run = (lane + 1) % (G < kWarpSize ? G : kWarpSize) == 0;
-  // Phase 2 of an op without an element output only combines: one group per row.
+  // Chunks (split rows) along y; phase 2 of an op without an element output only combines: one y.
   const bool combine_only = !Op::kElementOut && a.mode == Mode::Finish;
-  const int64_t per_row = combine_only ? 1 : a.chunks;
-  const int64_t items = a.outer * per_row;
+  const int64_t chunks_here = combine_only ? 1 : a.chunks;
   const int64_t stride = int64_t(gridDim.x / cluster.size) * groups;
   const int run_len = (a.chunks > 1 ? static_cast<int>(a.chunk_len) : V * width) * P;  // grid elements a run spans
   int parity = 0;
-  // `base` is uniform across the block (and the cluster): every thread runs the same iterations, as the
-  // shuffles and barriers inside require; groups past the end run with an empty row.
-  for (int64_t base = int64_t(blockIdx.x / cluster.size) * groups; base < items; base += stride, parity ^= 1) {
-    const int64_t item = base + threadIdx.x / G;
-    const bool active = item < items;
-    const int64_t row = active ? (per_row == 1 ? item : div64(item, per_row)) : 0;
-    const int64_t chunk = active ? item - row * per_row : 0;
+  // `base` and `chunk` are uniform across the block (and the cluster): every thread runs the same
+  // iterations, as the shuffles and barriers inside require; groups past the last row run with an empty row.
+  for (int64_t chunk = blockIdx.y; chunk < chunks_here; chunk += gridDim.y)
+  for (int64_t base = int64_t(blockIdx.x / cluster.size) * groups; base < a.outer; base += stride, parity ^= 1) {
+    const int64_t row_or_end = base + threadIdx.x / G;
+    const bool active = row_or_end < a.outer;
+    const int64_t row = active ? row_or_end : 0;
     // The run starts at row element run0 (grid pack chunk·chunk_len); [lo, hi) is the row relative to it,
     // clamped to two packs around the run.
     const int64_t row_start = row * a.n;
@@ -198,7 +204,7 @@ __global__ void __launch_bounds__(kRowMaxThreads, 1) row_kernel(const EngineArgs
         cluster_allreduce_columns<1>(st, combine, 1, cluster, parity);
       }
       if (a.mode == Mode::Partial) {
-        if (active && member == 0) a.ws[item] = st[0];
+        if (active && member == 0) a.ws[row * a.chunks + chunk] = st[0];
         continue;
       }
     }
@@ -249,16 +255,15 @@ __global__ void __launch_bounds__(kColumnMaxThreads) column_kernel(const EngineA
   const int64_t step = int64_t(width) * a.inner;  // elements from one of a thread's rows to its next
   const int64_t col_packs = a.outer * a.inner / Pe;
   const bool combine_only = !Op::kElementOut && a.mode == Mode::Finish;
-  const int64_t per_tile = combine_only ? 1 : a.chunks;
-  const int64_t items = div64(col_packs + W - 1, W) * per_tile;
+  const int64_t chunks_here = combine_only ? 1 : a.chunks;
   int parity = 0;
-  for (int64_t item = blockIdx.x / cluster.size; item < items; item += gridDim.x / cluster.size, parity ^= 1) {
-    const int64_t tile_index = per_tile == 1 ? item : div64(item, per_tile);
-    const int64_t chunk = item - tile_index * per_tile;
-    const int64_t cp = tile_index * W + tx;
+  for (int64_t chunk = blockIdx.y; chunk < chunks_here; chunk += gridDim.y)
+  for (int64_t t0 = blockIdx.x / cluster.size; t0 < a.tiles; t0 += gridDim.x / cluster.size, parity ^= 1) {
+    const int64_t cp = t0 * W + tx;  // tile t0
     const bool active = cp < col_packs;
     const int64_t col0 = active ? cp * Pe : 0;  // flattened column o·inner + i of this slot's first column
-    const int64_t o = div64(col0, a.inner);
+    // outer > 1 only when the host keeps o·inner + i below 2^31 (it splits the launch over outer).
+    const int64_t o = a.outer == 1 ? 0 : a.inner_div.divmod(static_cast<uint32_t>(col0)).div;
     const int64_t j0 = chunk * a.chunk_len + member;  // this thread's first row
     const int64_t first = o * a.n * a.inner + (col0 - o * a.inner) + j0 * a.inner;
     // Rows j0 + v·width, v < V, of which the first `rows` exist.
@@ -361,10 +366,11 @@ struct Plan {
   bool column, vec;    // column_kernel (and its kVec); else row_kernel
   int threads;         // per block
   int lanes;           // G (row) or W (column)
-  int cluster;         // blocks per cluster (1: none)
-  int64_t chunks;      // split: chunks per row (column); 1 otherwise
+  int cluster;         // blocks per cluster along x (1: none)
+  int64_t chunks;      // split: chunks per row (column), along y; 1 otherwise
   int64_t chunk_len;   // split: packs (row) / rows (column) per chunk
-  int64_t blocks;      // grid size wanted (the kernels loop over what exceeds 2^31 - 1)
+  int64_t blocks;      // grid x wanted: row groups or tiles, times the cluster (the kernels loop over the
+                       // rest beyond 2^31 - 1, and over chunks beyond 65535)
 };
 
 // inner == 1. P: elements a pack; Vmax: kRowPacks; sms: multiprocessors; clusters: sm_90 clusters usable;
@@ -396,7 +402,7 @@ inline Plan plan_rows(int64_t rows, int64_t n, int P, int Vmax, int sms, bool cl
   const int threads = static_cast<int>(round_up(ceil_div(ceil_div(packs, chunks0), Vmax), kWarpSize));
   const int64_t chunk_len = int64_t(threads) * Vmax;
   const int64_t chunks = ceil_div(packs, chunk_len);
-  return {Vmax, false, true, threads, threads, 1, chunks, chunk_len, rows * chunks};
+  return {Vmax, false, true, threads, threads, 1, chunks, chunk_len, rows};
 }
 
 // inner > 1. vec: inner % P == 0 and every pointer 16-byte aligned.
@@ -428,7 +434,7 @@ inline Plan plan_columns(int64_t outer, int64_t n, int64_t inner, int P, int V, 
   const int threads = static_cast<int>(round_up(ceil_div(ceil_div(n, chunks0), V) * W, kWarpSize));
   const int64_t chunk_len = int64_t(threads / W) * V;
   const int64_t chunks = ceil_div(n, chunk_len);
-  return {V, true, vec, threads, W, 1, chunks, chunk_len, tiles * chunks};
+  return {V, true, vec, threads, W, 1, chunks, chunk_len, tiles};
 }
 
 // Pointers of one call.
@@ -443,10 +449,12 @@ struct Operands {
 
 template <class Op, class Kernel>
 void launch_plan(Kernel kernel, const Plan& plan, EngineArgs<Op> args) {
-  const int64_t per_launch = std::min<int64_t>(plan.blocks, INT_MAX / plan.cluster * plan.cluster);
-  const unsigned grid = static_cast<unsigned>(round_up(std::max<int64_t>(per_launch, 1), plan.cluster));
+  const int64_t x = std::clamp<int64_t>(plan.blocks, 1, INT_MAX / plan.cluster * plan.cluster);
+  const dim3 grid(static_cast<unsigned>(round_up(x, plan.cluster)), static_cast<unsigned>(std::min<int64_t>(plan.chunks, 65535)));
+  args.chunks = plan.chunks;
   if (Op::kReduces && plan.chunks > 1) {
-    // Split: partials into a workspace (stream-ordered by the caching allocator), then the finish.
+    // Split: partials into a workspace (stream-ordered by the caching allocator), then the finish; an op
+    // without an element output finishes a row in one block (grid y = 1).
     const int64_t segments = args.outer * args.inner;
     const at::Tensor ws = at::empty({segments * plan.chunks * int64_t(sizeof(typename Op::Stat))},
                                     at::TensorOptions().dtype(at::kByte).device(at::kCUDA, c10::cuda::current_device()));
@@ -454,7 +462,7 @@ void launch_plan(Kernel kernel, const Plan& plan, EngineArgs<Op> args) {
     args.mode = Mode::Partial;
     launch_kernel(kernel, grid, plan.threads, plan.cluster, args);
     args.mode = Mode::Finish;
-    launch_kernel(kernel, grid, plan.threads, plan.cluster, args);
+    launch_kernel(kernel, Op::kElementOut ? grid : dim3(grid.x), plan.threads, plan.cluster, args);
     return;
   }
   args.mode = plan.chunks > 1 ? Mode::Finish : Mode::Full;  // a split op without reduction only maps
@@ -467,8 +475,7 @@ template <class Op>
 void run_rows(const Op& op, const RowLayout& l, const Operands<Op>& ops) {
   using T = typename Op::T;
   constexpr int P = kPackElems<T>;
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const int sms = prop->multiProcessorCount;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   EngineArgs<Op> args{op};
   for (int i = 0; i < Op::kIn; ++i) args.in[i] = ops.in[i];
   args.out = ops.out;
@@ -477,7 +484,6 @@ void run_rows(const Op& op, const RowLayout& l, const Operands<Op>& ops) {
   args.outer = l.outer;
   args.n = l.n;
   args.inner = l.inner;
-  args.chunks = 1;
   if (l.inner == 1) {
     // The grid is aligned for the element output where there is one, else for input 0.
     args.grid_mis = Op::kElementOut ? misalignment(ops.out) : misalignment(ops.in[0]);
@@ -490,7 +496,6 @@ void run_rows(const Op& op, const RowLayout& l, const Operands<Op>& ops) {
     const auto go = [&](auto kernel) {
       if (plan.cluster > 1 && !cluster_fits(kernel, plan.threads, plan.cluster)) plan = plan_for(false);
       args.lanes = plan.lanes;
-      args.chunks = plan.chunks;
       args.chunk_len = plan.chunk_len;
       launch_plan<Op>(kernel, plan, args);
     };
@@ -506,14 +511,30 @@ void run_rows(const Op& op, const RowLayout& l, const Operands<Op>& ops) {
   }
   bool vec = l.inner % P == 0 && misalignment(ops.out ? ops.out : ops.in[0]) == 0;
   for (int i = 0; i < Op::kIn; ++i) vec = vec && misalignment(ops.in[i]) == 0;
-  Plan plan = plan_columns(l.outer, l.n, l.inner, P, kRowPacks<Op>, vec, sms, has_clusters());
+  const int Pe = vec ? P : 1;
+  // One launch covers fewer than 2^31 flattened columns (o, i) when outer > 1, so that the kernel finds o
+  // with a 32-bit magic-number division; a larger tensor takes several launches over ranges of outer.
+  const int64_t outer_part = std::max<int64_t>(1, std::min<int64_t>(l.outer, (int64_t(INT_MAX) / l.inner)));
+  Plan plan = plan_columns(outer_part, l.n, l.inner, P, kRowPacks<Op>, vec, sms, has_clusters());
   const auto go = [&](auto kernel) {
     if (plan.cluster > 1 && !cluster_fits(kernel, plan.threads, plan.cluster))
-      plan = plan_columns(l.outer, l.n, l.inner, P, kRowPacks<Op>, vec, sms, false);
+      plan = plan_columns(outer_part, l.n, l.inner, P, kRowPacks<Op>, vec, sms, false);
     args.lanes = plan.lanes;
-    args.chunks = plan.chunks;
     args.chunk_len = plan.chunk_len;
-    launch_plan<Op>(kernel, plan, args);
+    args.inner_div = at::cuda::detail::IntDivider<uint32_t>(static_cast<uint32_t>(std::min<int64_t>(l.inner, INT32_MAX)));
+    for (int64_t o0 = 0; o0 < l.outer; o0 += outer_part) {
+      EngineArgs<Op> part = args;
+      part.outer = std::min(outer_part, l.outer - o0);
+      const int64_t elems = o0 * l.n * l.inner, segs = o0 * l.inner;
+      for (int i = 0; i < Op::kIn; ++i) part.in[i] += elems;
+      if (part.out) part.out += elems;
+      for (int r = 0; r < Op::kRowIn; ++r) part.row_in[r] += segs;
+      if (part.row_out) part.row_out += segs;
+      part.tiles = ceil_div(part.outer * l.inner / Pe, plan.lanes);
+      Plan launch = plan;
+      launch.blocks = part.tiles * plan.cluster;
+      launch_plan<Op>(kernel, launch, part);
+    }
   };
   if (vec) go(column_kernel<Op, kRowPacks<Op>, true>);
   else go(column_kernel<Op, kRowPacks<Op>, false>);

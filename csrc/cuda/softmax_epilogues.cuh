@@ -40,6 +40,16 @@ struct FastExpMinus {
   __device__ __forceinline__ float operator()(float x) const { return ex2_approx(fmaf(x, kLog2e, neg_c_log2e)); }
 };
 
+// 1 / s without the IEEE division's out-of-line slow path (a call, whose ABI makes ptxas spill around it):
+// MUFU.RCP and one Newton step, within an ulp. s is a row's Σ exp, in [1, n] or 0, inf or NaN on rows whose
+// outputs are NaN anyway.
+__device__ __forceinline__ float reciprocal(float s) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(s));
+  return fmaf(r, fmaf(-s, r, 1.0f), r);
+}
+__device__ __forceinline__ double reciprocal(double s) { return 1.0 / s; }
+
 template <class T>
 using ExpMinusFor = std::conditional_t<sizeof(T) == 2, FastExpMinus, math::ExpMinus<Opmath<T>>>;
 
@@ -95,7 +105,7 @@ struct SoftmaxForward {
       if (st.m == S(INFINITY)) st.s = S(INFINITY);
       return {st.m, math::shift_for<K>(st.m) + math::log_(st.s), Exp(S(0))};
     } else if constexpr (K == SoftmaxKind::Softmax) {
-      return {st.m, S(1) / st.s, Exp(st.m)};
+      return {st.m, reciprocal(st.s), Exp(st.m)};
     } else {
       return {st.m, math::log_(st.s), Exp(st.m)};
     }
