@@ -116,9 +116,11 @@ def on_capture_stream(device: str):
         return
     stream = capture_stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        yield
-    torch.cuda.current_stream().wait_stream(stream)
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:
+        torch.cuda.current_stream().wait_stream(stream)
 
 
 def _estimate_ms(fn, probe_ms: float) -> float:

@@ -11,12 +11,12 @@
 // ## Paths (plan_rows, plan_columns)
 // inner == 1, row_kernel<Op, V>: each thread holds V 16-byte packs of each element input in registers, so a
 // row is read once and written once whatever its length. P = 16 / sizeof(T) elements a pack; V is at most
-// kRowPacks (one input: 32 elements a thread, 8 packs of float or double, 4 of the half types; two inputs:
-// 4 packs each). Chosen by the packs a row spans:
+// kRowPacks (8 packs for one float input, 32 elements; else 4 packs: 32 elements of a half type, 8 of
+// double, and 4 packs of each of two inputs). Chosen by the packs a row spans:
 //   - up to 32 packs: G = 1..32 lanes a row (the fewest that hold it), several rows a warp, shuffles only;
 //   - up to 32·kRowPacks packs: a warp a row, V = 2..kRowPacks, shuffles only (float forward: n <= 1024);
 //   - up to 1024·kRowPacks packs: a block a row (32..1024 threads), reduced through shared memory (float
-//     forward n <= 32768, backward 16384; bf16 both 32768; double forward 16384, backward 8192);
+//     forward n <= 32768, backward 16384; bf16 both 32768; double both 8192);
 //   - sm_90, up to 8 times that: a cluster of up to 8 blocks a row, reduced through distributed shared
 //     memory (float forward n <= 262144, backward 131072: fp32 backward at n = 32768 is a 2-block cluster);
 //   - split: rows longer still (on sm_80, longer than one block), and very few long rows (fewer blocks
