@@ -21,7 +21,7 @@ import sys
 import torch
 
 import torch_vjp
-from tests.op_db import OPS
+from torch_vjp.testing import OPS
 
 ROW_SHAPES = ((3, 1), (3, 7), (5, 33), (3, 128), (3, 1000), (3, 1025), (3, 4096), (2, 12289), (40, 40000), (2, 300007))
 COLUMN_CASES = (((6, 37, 5), 1), ((37, 6), 0), ((1025, 3), 0), ((8, 300, 64), 1), ((2, 4096, 512), 1), ((1, 20000, 8), 1))

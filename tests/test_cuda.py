@@ -16,7 +16,7 @@ import threading
 import pytest
 import torch
 
-from tests.op_db import OPS_BY_NAME, op_variants, sample
+from torch_vjp.testing import OPS_BY_NAME, op_variants, sample
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
