@@ -11,7 +11,7 @@ from torch_vjp.testing import OPS
 
 from . import jacobian, providers as providers_mod
 from .harness import DTYPES, make_cases, run_case
-from .report import write_report
+from .report import JAC_COLUMNS, MAIN_COLUMNS, write_csv, write_report
 from .ceiling import describe, memory_ceiling
 from .timing import environment, keep_freed_memory
 
@@ -53,7 +53,8 @@ def other_work(others_start, elapsed: float) -> str:
 
 def timer_name(device: str) -> str:
     if device.startswith("cuda"):
-        return "CUDA events, median, L2 flushed before each repeat"
+        return ("CUDA graph replay of N back-to-back calls over rotating input sets, median of 10 replays / N (the "
+                "timer column says where a call could not be captured); host time per call measured apart (host_ms)")
     return f"torch.utils.benchmark blocked_autorange median, {torch.get_num_threads()} threads"
 
 
@@ -98,18 +99,28 @@ def run_benchmark(device: str, preset, out_dir: str, ops=None, provider_names=No
             bar.update(1)
 
     # Order = priority under a time budget: the reference sizes, the Jacobian comparison, the row sweep.
+    # The CSVs are rewritten after every case, so a run cut off from outside keeps what it measured.
     main_rows, jac_rows = [], []
+    os.makedirs(out_dir, exist_ok=True)
+
+    def save_progress():
+        write_csv(os.path.join(out_dir, "results.csv"), main_rows, MAIN_COLUMNS)
+        write_csv(os.path.join(out_dir, "jacobian.csv"), jac_rows, JAC_COLUMNS)
+
     try:
         for i, case in enumerate(cases):
             main_rows += run_case(case, makers, names, device, preset.timing, ceiling_bps, base, seed=seed + 2 * i,
                                   tick=tick, deadline=deadline)
+            save_progress()
         budget = jacobian.memory_budget(device, preset.jac_budget_bytes)
         for info in sweep:
             jac_rows += jacobian.run_sweep(info, preset.jac_ns, preset.jac_batch, device, budget, preset.jac_timing, base,
                                            seed=seed + 1000, max_call_s=preset.jac_max_call_s, tick=tick, deadline=deadline)
+            save_progress()
         for i, case in enumerate(row_sweep):
             main_rows += run_case(case, makers, names, device, preset.timing, ceiling_bps, base, seed=seed + 500 + 2 * i,
                                   tick=tick, deadline=deadline)
+            save_progress()
     finally:
         if bar is not None:
             bar.close()

@@ -18,7 +18,7 @@ from torch_vjp.testing import OpInfo
 
 from . import sol
 from .providers import NoKernel
-from .timing import TimingConfig, peak_memory_bytes, time_ms
+from .timing import TIMERS, TimingConfig, cuda_input_sets, measure, on_capture_stream, peak_memory_bytes
 
 # ‖out − ref‖ / ‖ref‖ against float64. A correct kernel lands far under these (fp32 ~1e-7, bf16 ~4e-3
 # from rounding its output); a wrong one lands near 1. NaN never passes.
@@ -147,9 +147,13 @@ def _measure(fn, case, cell, x, dy, y64, dx64, device, timing, ceiling_bps) -> l
         return _phase_rows(cell, "wrong", **errors)
 
     # Timing rotates among input sets so that consecutive calls do not find their inputs in cache: on
-    # CPU the sets together are several times the L3; on CUDA the L2 is flushed before every repeat anyway.
+    # CPU the sets together are several times the L3; on CUDA (calls replayed back to back in a graph) the
+    # calls between two uses of a set move three times the L2.
+    numel, itemsize = x.numel(), x.element_size()
+    call_bytes = sol.sol_bytes(case.info.name, case.info.family, numel, itemsize, "fwd+bwd")
+    sets = ROTATE_CPU if device == "cpu" else cuda_input_sets(call_bytes, device)
     xs, dys = [xg], [dy]
-    for k in range(1, ROTATE_CPU if device == "cpu" else 1):
+    for k in range(1, sets):
         xs.append(sample(case.info, x.shape, x.dtype, device, seed=10_000 + k).requires_grad_())
         dys.append(torch.randn_like(dy))
     turn = itertools.cycle(range(len(xs)))
@@ -162,23 +166,27 @@ def _measure(fn, case, cell, x, dy, y64, dx64, device, timing, ceiling_bps) -> l
         return torch.autograd.grad(fn(xs[i]), xs[i], dys[i])
 
     peak = peak_memory_bytes(lambda: torch.autograd.grad(fn(xg), xg, dy), device)
-    ys = [fn(xi) for xi in xs]
+    with on_capture_stream(device):  # a backward runs on its forward's stream: where bwd() is captured
+        ys = [fn(xi) for xi in xs]
 
     def bwd():
         i = next(turn)
         return torch.autograd.grad(ys[i], xs[i], dys[i], retain_graph=True)
 
     # autograd.grad, not .backward: no accumulation into x.grad, which would add a pass.
-    times = {"fwd": time_ms(fwd, device, timing), "bwd": time_ms(bwd, device, timing),
-             "fwd+bwd": time_ms(fwd_bwd, device, timing)}
+    times = {"fwd": measure(fwd, device, timing), "bwd": measure(bwd, device, timing),
+             "fwd+bwd": measure(fwd_bwd, device, timing)}
     del ys, xs, dys
-    numel, itemsize = x.numel(), x.element_size()
     out = []
-    for phase, ms in times.items():
+    for phase, m in times.items():
+        ms = m.ms
         nbytes = sol.sol_bytes(case.info.name, case.info.family, numel, itemsize, phase)
         sol_ms = nbytes / ceiling_bps * 1e3
         row = dict(cell, phase=phase, status="ok", median_ms=f"{ms:.4f}", sol_bytes=nbytes, sol_ms=f"{sol_ms:.4f}",
-                   gbps=f"{nbytes / (ms * 1e-3) / 1e9:.1f}", pct_sol=f"{100 * sol_ms / ms:.1f}", **errors)
+                   gbps=f"{nbytes / (ms * 1e-3) / 1e9:.1f}", pct_sol=f"{100 * sol_ms / ms:.1f}",
+                   host_ms="" if m.host_ms is None else f"{m.host_ms:.4f}", **errors)
+        if m.timer != "cpu":  # the run's timer (the header's) unless this call needed another
+            row["timer"] = TIMERS[m.timer]
         if phase == "fwd+bwd":
             row["peak_mib"] = "not measured" if peak is None else f"{peak / MIB:.1f}"
         out.append(row)

@@ -8,7 +8,7 @@ from collections import defaultdict
 
 MAIN_COLUMNS = ["date", "device", "torch", "commit", "op", "variant", "family", "provider", "dtype", "shape", "rows", "n",
                 "phase", "status", "median_ms", "sol_ms", "pct_sol", "gbps", "ceiling_gbps", "sol_bytes", "peak_mib",
-                "out_err", "grad_err", "timer"]
+                "out_err", "grad_err", "timer", "host_ms"]
 JAC_COLUMNS = ["date", "device", "torch", "commit", "op", "batch", "n", "dtype", "method", "status", "median_ms",
                "peak_mib", "est_mib", "grad_err", "timer"]
 PROVIDER_ORDER = ("torch_vjp", "eager", "compile", "liger")
@@ -122,8 +122,26 @@ def main_markdown(rows) -> str:
                     ok = r is not None and r["status"] == "ok"
                     cells.append(f"{float(r['median_ms']):.3f} ({_pct(r)})" if ok else ("-" if r is None else _short(r["status"], 20)))
             lines.append("| " + " | ".join(cells) + " |")
+        lines += _host_table(ops, providers)
         lines.append("")
     return "\n".join(lines)
+
+
+def _host_table(ops, providers) -> list[str]:
+    """Host time to issue one forward + backward (CUDA rows only): apart from the GPU times above, which
+    graph replay keeps free of it."""
+    have = [p for p in providers if any(_f(by.get(p, {}).get("fwd+bwd", {}).get("host_ms")) for by in ops.values())]
+    if not have:
+        return []
+    lines = ["", "Host time to issue one forward + backward (Python, autograd, launches), ms, measured apart from the "
+             "GPU times above:", "", "| op | " + " | ".join(have) + " |", "|---|" + "---|" * len(have)]
+    for op, by_provider in ops.items():
+        cells = [op]
+        for p in have:
+            host = _f(by_provider.get(p, {}).get("fwd+bwd", {}).get("host_ms"))
+            cells.append("-" if host is None else f"{host:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _slope(points):

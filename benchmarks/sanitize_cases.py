@@ -3,14 +3,15 @@
     compute-sanitizer --tool memcheck  python -m benchmarks.sanitize_cases
     compute-sanitizer --tool racecheck python -m benchmarks.sanitize_cases --family softmax
 
-The shapes are chosen to reach each path a kernel may take, whatever its thresholds: rows far shorter
-than a warp, exactly a warp and one past it (warp-per-row), rows of 1000-5000 (block-per-row), rows of
-12289 and 40000 (longer than one block holds: a multi-pass or split-row path), a reduction over a dim
-that is not the last (strided rows), non-contiguous inputs, and for elementwise ops element counts that
-are not a multiple of the vector width and a storage offset that breaks 16-byte alignment (vector body
-plus scalar tail, and the unaligned fallback). Each result is also compared with the float64 reference on
-the CPU, so a kernel that reads the wrong memory without faulting still fails. Exit status 1 on any
-mismatch or error.
+The shapes reach every path of the CUDA kernels (csrc/cuda/row_engine.cuh, elementwise.cu), small enough
+to run under the sanitizers in about a minute: rows of 1 to 33 elements (several rows a warp), 128 to 1025
+(a warp a row, a block a row), 4096 and 12289 (a block a row), 40 rows of 40000 (a 2-block cluster on sm_90
+in float32; enough rows that none is split), 2 rows of 300007 (rows split across blocks: a workspace and two
+phases); over a non-last dim: 5 and 7 columns (one a lane), 64 and 512 columns (16-byte packs of columns; n =
+4096 a cluster on sm_90), one tile of 8 columns with n = 20000 (split along n); and for elementwise ops
+element counts around the 16-byte pack with the input at every offset from the output's alignment
+(realigned in registers). Each result is also compared with the float64 reference on the CPU, so a kernel
+that reads the wrong memory without faulting still fails. Exit status 1 on any mismatch or error.
 """
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ import sys
 import torch
 
 import torch_vjp
-from tests.op_db import OPS
+from torch_vjp.testing import OPS
 
-ROW_LENGTHS = (1, 7, 32, 33, 128, 1000, 1024, 1025, 4096, 5000, 12289, 40000)
+ROW_SHAPES = ((3, 1), (3, 7), (5, 33), (3, 128), (3, 1000), (3, 1025), (3, 4096), (2, 12289), (40, 40000), (2, 300007))
+COLUMN_CASES = (((6, 37, 5), 1), ((37, 6), 0), ((1025, 3), 0), ((8, 300, 64), 1), ((2, 4096, 512), 1), ((1, 20000, 8), 1))
 ELEMENT_COUNTS = (1, 3, 4, 7, 8, 1000, 4099, 65537)
+ELEMENT_OFFSETS = (0, 1, 3)  # the input's offset in elements: aligned, then off the output's alignment
 # Loose (rtol, and atol as a fraction of the largest reference value or 1): this run looks for memory errors, and
 # a kernel reading the wrong memory is off by O(1); the numeric tolerances are tests/' job.
 TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (5e-2, 1e-2), torch.bfloat16: (5e-2, 1e-2), torch.float64: (1e-10, 1e-12)}
@@ -36,16 +39,15 @@ def _inputs(info, device, dtype, gen):
 
     if info.family == "elementwise":
         for count in ELEMENT_COUNTS:
-            yield f"numel={count}", randn(count), None
-            yield f"numel={count} offset=1", randn(count + 1)[1:], None  # storage offset: not 16-byte aligned
+            for offset in ELEMENT_OFFSETS:
+                yield f"numel={count} offset={offset}", randn(count + offset)[offset:], None
         yield "non-contiguous 67x33.T", randn(67, 33).t(), None
         return
-    for n in ROW_LENGTHS:
-        rows = 3 if n <= 5000 else 2
+    for rows, n in ROW_SHAPES:
         yield f"{rows}x{n} dim=-1", randn(rows, n), -1
-    yield "6x37x5 dim=1", randn(6, 37, 5), 1
-    yield "37x6 dim=0", randn(37, 6), 0
-    yield "1025x3 dim=0", randn(1025, 3), 0
+    yield "3x1025 offset=1 dim=-1", randn(3 * 1025 + 1)[1:].view(3, 1025), -1
+    for shape, dim in COLUMN_CASES:
+        yield f"{'x'.join(map(str, shape))} dim={dim}", randn(*shape), dim
     yield "non-contiguous 129x65.T dim=-1", randn(129, 65).t(), -1
 
 

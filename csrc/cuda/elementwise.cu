@@ -1,15 +1,19 @@
 // Elementwise family, CUDA backend: one grid-stride kernel for forward (y = f(x)) and backward
 // (dx = op.backward(dy, saved)). The math is math/elementwise.h, evaluated in at::opmath_type.
 //
-// Memory-bound: each thread moves kUnroll 16-byte packs per operand per iteration (all loads issued before
-// any math), the grid is one full wave of resident blocks, and elements past the last whole pack are
-// done one by one. When any pointer is not 16-byte aligned the whole tensor takes the scalar loop.
+// Memory-bound: the tensor is one run of vec.cuh's pack grid, aligned for the output, so every full pack is
+// one 128-bit load per input and one 128-bit store whatever the inputs' alignment (an input off the output's
+// alignment, such as x[1:], is realigned in registers); only the first and last pack go element by element.
+// Each warp takes kUnroll · 32 consecutive packs per iteration, all loads issued before any math; the grid
+// is one full wave of resident blocks.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "cuda/launch.cuh"
 #include "cuda/vec.cuh"
@@ -19,7 +23,10 @@ namespace torch_vjp::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kUnroll = 2;
+
+// Packs in flight per thread and input: 4 × 16 bytes forward, 2 × 2 × 16 backward.
+template <bool kBackward>
+inline constexpr int kUnroll = kBackward ? 2 : 4;
 
 template <bool kBackward, class Op, class S>
 __device__ __forceinline__ S apply(const Op& op, S a, S b) {
@@ -30,46 +37,42 @@ __device__ __forceinline__ S apply(const Op& op, S a, S b) {
 // Forward: out = op.forward(a), a = x. Backward: the Jacobian of an elementwise f is diag(f'(x)), so
 // dx = Jᵀ dy = dy ⊙ f'(x), which op.backward(dy, saved) computes from `b` = saved (y or x, per
 // Op::kSavesOutput). Each reads its inputs once and writes out once.
+// off: the output's misalignment in elements; shift_a, shift_b: the inputs' relative to it (vec.cuh).
+// At most 64 registers (4 blocks an SM, 64 bytes a thread in flight): uncapped, the half-type forwards took
+// 96-100 and ran 2 blocks an SM; capped, only the double exp and gelu and the half gelu backward spill.
 template <bool kBackward, class Op, class T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 4)
     elementwise_kernel(Op op, const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out, int64_t numel,
-                       bool vec) {
+                       int off, int shift_a, int shift_b) {
   using S = at::opmath_type<T>;
   constexpr int P = kPackElems<T>;
-  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t num_threads = int64_t(gridDim.x) * blockDim.x;
-  int64_t scalar_begin = 0;
-  if (vec) {
-    const int64_t num_packs = numel / P;
-    for (int64_t base = tid; base < num_packs; base += kUnroll * num_threads) {
-      Pack<T> pa[kUnroll], pb[kUnroll];
+  constexpr int U = kUnroll<kBackward>;
+  constexpr int kRun = kWarpSize * U;  // packs a warp takes per iteration
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
+  const int64_t num_warps = int64_t(gridDim.x) * blockDim.x / kWarpSize;
+  const int64_t packs = ceil_div(numel + off, P);
+  // q0 is uniform across the warp: load_grid_pack's shuffle needs every lane.
+  for (int64_t q0 = warp * kRun; q0 < packs; q0 += num_warps * kRun) {
+    // Indices relative to the run's first grid pack (element run0 of the tensor), [lo, hi) the tensor clamped
+    // to two packs around the run.
+    const int64_t run0 = q0 * P - off;
+    const int lo = static_cast<int>(std::max<int64_t>(-run0, -2 * P));
+    const int hi = static_cast<int>(std::min<int64_t>(numel - run0, (kRun + 2) * P));
+    Pack<T> pa[U], pb[U];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t p = base + u * num_threads;
-        if (p < num_packs) {
-          pa[u] = load_pack(a + p * P);
-          if constexpr (kBackward) pb[u] = load_pack(b + p * P);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t p = base + u * num_threads;
-        if (p < num_packs) {
-          Pack<T> r;
-#pragma unroll
-          for (int k = 0; k < P; ++k) {
-            const S sb = kBackward ? S(pb[u].v[k]) : S(0);
-            r.v[k] = T(apply<kBackward>(op, S(pa[u].v[k]), sb));
-          }
-          store_pack(out + p * P, r);
-        }
-      }
+    for (int u = 0; u < U; ++u) {
+      const int e0 = (u * kWarpSize + lane) * P;
+      pa[u] = load_grid_pack(a + run0, e0, lo, hi, shift_a, lane == kWarpSize - 1, S(0));
+      if constexpr (kBackward) pb[u] = load_grid_pack(b + run0, e0, lo, hi, shift_b, lane == kWarpSize - 1, S(0));
     }
-    scalar_begin = num_packs * P;  // the tail, fewer than P elements
-  }
-  for (int64_t i = scalar_begin + tid; i < numel; i += num_threads) {
-    const S sb = kBackward ? S(b[i]) : S(0);
-    out[i] = T(apply<kBackward>(op, S(a[i]), sb));
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      S r[P];
+#pragma unroll
+      for (int k = 0; k < P; ++k) r[k] = apply<kBackward>(op, pack_elem(pa[u], k), kBackward ? pack_elem(pb[u], k) : S(0));
+      store_grid_pack(out + run0, (u * kWarpSize + lane) * P, lo, hi, r);
+    }
   }
 }
 
@@ -83,11 +86,13 @@ void launch(const Op& op, const at::Tensor& a, const at::Tensor& b, const at::Te
     const T* pb = kBackward ? b.const_data_ptr<T>() : nullptr;
     T* po = out.mutable_data_ptr<T>();
     const int64_t numel = out.numel();
-    const bool vec = can_vectorize(pa, po) && (!kBackward || can_vectorize(pb));
-    const int64_t per_thread = vec ? int64_t(P) * kUnroll : 1;  // elements one thread takes per iteration
+    const int off = misalignment(po);
+    const int shift_a = (misalignment(pa) - off + P) % P;
+    const int shift_b = kBackward ? (misalignment(pb) - off + P) % P : 0;
+    const int64_t packs_per_block = int64_t(kUnroll<kBackward>) * kThreads;
     const unsigned blocks =
-        grid_blocks(ceil_div(numel, per_thread * kThreads), one_wave_blocks<kernel, kThreads>());
-    kernel<<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(op, pa, pb, po, numel, vec);
+        grid_blocks(ceil_div(ceil_div(numel + off, P), packs_per_block), one_wave_blocks<kernel, kThreads>());
+    kernel<<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(op, pa, pb, po, numel, off, shift_a, shift_b);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

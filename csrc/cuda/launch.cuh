@@ -1,19 +1,38 @@
-// Launch-size helpers shared by the CUDA kernels (host side).
+// Host-side launch helpers shared by the CUDA kernels: sizes, occupancy, and launches (plain or as
+// thread-block clusters), every one checked.
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 namespace torch_vjp::cuda {
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ __forceinline__ int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+inline int64_t pow2_ceil(int64_t v) {
+  int64_t p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
+
+// A grid dimension x: at least 1, at most `cap` and at most 2^31 - 1 (the hardware limit). Kernels launched
+// with it loop (grid-stride) over whatever work exceeds the grid.
+inline unsigned grid_blocks(int64_t blocks_needed, int64_t cap = INT_MAX) {
+  return static_cast<unsigned>(std::clamp<int64_t>(blocks_needed, 1, std::min<int64_t>(cap, INT_MAX)));
+}
 
 // Blocks of kThreads threads of kKernel (no dynamic shared memory) resident on the current device at once:
-// one full wave, the natural size of a grid-stride launch. Occupancy is computed once per kernel.
+// one full wave, the natural size of a grid-stride launch. Occupancy depends on the kernel and the
+// architecture only, so it is computed once per kernel (thread-safe static initialisation).
 template <auto kKernel, int kThreads>
 int64_t one_wave_blocks() {
   static const int per_sm = [] {
@@ -24,21 +43,57 @@ int64_t one_wave_blocks() {
   return int64_t(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
-// Static shared memory of kKernel (the reduction buffers), to budget its dynamic shared memory.
-template <auto kKernel>
-size_t static_smem_bytes() {
-  static const size_t bytes = [] {
-    cudaFuncAttributes attr;
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kKernel));
-    return attr.sharedSizeBytes;
-  }();
-  return bytes;
+inline bool has_clusters() { return at::cuda::getCurrentDeviceProperties()->major >= 9; }
+
+// A launch configuration for clusters of `cluster` blocks along x; `attribute` is storage it points to.
+inline cudaLaunchConfig_t cluster_config(dim3 grid, int threads, int cluster, cudaStream_t stream,
+                                         cudaLaunchAttribute& attribute) {
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = static_cast<unsigned>(cluster);
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(threads);
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  return config;
 }
 
-// A grid dimension x: at least 1, at most `cap` and at most 2^31 - 1 (the hardware limit). Kernels
-// launched with it loop (grid-stride) over whatever work exceeds the grid.
-inline unsigned grid_blocks(int64_t blocks_needed, int64_t cap = INT_MAX) {
-  return static_cast<unsigned>(std::clamp<int64_t>(blocks_needed, 1, std::min<int64_t>(cap, INT_MAX)));
+// Whether the current device can run clusters of `cluster` blocks of `threads` threads of `kernel` at all
+// (a partitioned GPU may not). Asked once per device, kernel and shape; thread-safe.
+template <class Kernel>
+bool cluster_fits(Kernel kernel, int threads, int cluster) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, const void*, int, int>, bool> known;
+  const auto key = std::make_tuple(int(c10::cuda::current_device()), reinterpret_cast<const void*>(kernel), threads, cluster);
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = known.find(key);
+  if (found != known.end()) return found->second;
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config = cluster_config(dim3(cluster), threads, cluster, nullptr, attribute);
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+    (void)cudaGetLastError();  // "cannot" is an answer here, not an error to report later
+    clusters = 0;
+  }
+  return known[key] = clusters > 0;
+}
+
+// kernel<<<grid, threads>>>(args...) on the current stream, as clusters of `cluster` blocks along x when
+// cluster > 1 (grid.x a multiple of it); checked.
+template <class... Params, class... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, int threads, int cluster, Args&&... args) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (cluster <= 1) {
+    kernel<<<grid, threads, 0, stream>>>(std::forward<Args>(args)...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config = cluster_config(grid, threads, cluster, stream, attribute);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 
 }  // namespace torch_vjp::cuda

@@ -40,10 +40,25 @@ TVJP_HD void online_merge(S& m_a, S& s_a, S m_b, S s_b) {
   m_a = m;
 }
 
+// e^x and e^(x - c): the exponentials in the formulas below, as functors, so that a kernel may evaluate
+// the same formula with another exponential (CUDA's half types use exp2 on prescaled inputs,
+// cuda/softmax_epilogues.cuh) without writing the formula twice.
+struct ExpOf {
+  template <class T>
+  TVJP_HD T operator()(T x) const { return exp_(x); }
+};
+template <class S>
+struct ExpMinus {
+  S c;
+  TVJP_HD explicit ExpMinus(S c_) : c(c_) {}
+  template <class T>
+  TVJP_HD T operator()(T x) const { return exp_(x - T(c)); }
+};
+
 // y_j = exp(x_j - m) · (1/s), as two steps so a kernel holding the row can keep e_j = exp(x_j - m)
 // from the pass that sums it: softmax_out(x) = softmax_scale(softmax_exp(x)).
 template <class T, class S>
-TVJP_HD T softmax_exp(T x, S m) { return exp_(x - T(m)); }
+TVJP_HD T softmax_exp(T x, S m) { return ExpMinus<S>(m)(x); }
 template <class T, class S>
 TVJP_HD T softmax_scale(T e, S inv_s) { return e * T(inv_s); }
 template <class T, class S>
@@ -63,12 +78,16 @@ TVJP_HD T softmax_vjp(T dy, T y, S c) { return y * (dy - T(c)); }
 // log_softmax: y = x - lse(x), J = I - 1 pᵀ with p = softmax(x) = exp(y), so
 //   dx = Jᵀ dy = dy - p (1ᵀ dy) = dy - exp(y) ⊙ S,   S = Σ_j dy_j   (log_softmax_vjp_term summed)
 template <class T> TVJP_HD T log_softmax_vjp_term(T dy, T /*y*/) { return dy; }
+template <class T, class S, class Exp>
+TVJP_HD T log_softmax_vjp_with(T dy, T y, S sum_dy, const Exp& exp) { return dy - exp(y) * T(sum_dy); }
 template <class T, class S>
-TVJP_HD T log_softmax_vjp(T dy, T y, S sum_dy) { return dy - exp_(y) * T(sum_dy); }
+TVJP_HD T log_softmax_vjp(T dy, T y, S sum_dy) { return log_softmax_vjp_with(dy, y, sum_dy, ExpOf{}); }
 
 // logsumexp: out = lse(x), a 1×n Jacobian J = pᵀ, p = exp(x - out), so
 //   dx = Jᵀ dy_row = dy_row · exp(x - out)
+template <class T, class S, class ExpMinusOut>
+TVJP_HD T logsumexp_vjp_with(S dy_row, T x, const ExpMinusOut& exp_minus_out) { return T(dy_row) * exp_minus_out(x); }
 template <class T, class S>
-TVJP_HD T logsumexp_vjp(S dy_row, T x, S out) { return T(dy_row) * exp_(x - T(out)); }
+TVJP_HD T logsumexp_vjp(S dy_row, T x, S out) { return logsumexp_vjp_with(dy_row, x, ExpMinus<S>(out)); }
 
 }  // namespace torch_vjp::math

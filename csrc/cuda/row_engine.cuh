@@ -1,0 +1,543 @@
+// The row engine: one load / reduce / store skeleton for every op that, per row, reduces the row to a
+// statistic and then maps it (softmax, log_softmax, logsumexp; next layer_norm, rms_norm, normalize and
+// cross_entropy). Each op supplies a small epilogue (the Op below), as ATen's SoftMax.cu does; the engine
+// chooses the kernel shape from the row length, the number of rows, the layout and the device.
+//
+// ## Layout
+// The tensor is viewed as (outer, n, inner) around the reduced dim (RowLayout); a row is x[o, 0:n, i].
+// Every operand (element inputs, element output) is contiguous with that shape; per-row operands hold
+// outer·inner values, row (o, i) at o·inner + i. Data pointers may have any (element) alignment.
+//
+// ## Paths (plan_rows, plan_columns)
+// inner == 1, row_kernel<Op, V>: each thread holds V 16-byte packs of each element input in registers, so a
+// row is read once and written once whatever its length. P = 16 / sizeof(T) elements a pack; V is at most
+// kRowPacks (8 packs for one float input, 32 elements; else 4 packs: 32 elements of a half type, 8 of
+// double, and 4 packs of each of two inputs). Chosen by the packs a row spans:
+//   - up to 32 packs: G = 1..32 lanes a row (the fewest that hold it), several rows a warp, shuffles only;
+//   - up to 32·kRowPacks packs: a warp a row, V = 2..kRowPacks, shuffles only (float forward: n <= 1024);
+//   - up to 1024·kRowPacks packs: a block a row (32..1024 threads), reduced through shared memory (float
+//     forward n <= 32768, backward 16384; bf16 both 32768; double both 8192);
+//   - sm_90, up to 8 times that: a cluster of up to 8 blocks a row, reduced through distributed shared
+//     memory (float forward n <= 262144, backward 131072: fp32 backward at n = 32768 is a 2-block cluster);
+//   - split: rows longer still (on sm_80, longer than one block), and very few long rows (fewer blocks
+//     than half the SMs, rows of at least 4·128 threads' worth): each row is cut into chunks of 128..1024
+//     threads, one block a chunk. Phase 1 writes each chunk's partial statistic to a workspace
+//     ([row][chunk], the op's Stat type); phase 2 combines the row's partials (the same order in every
+//     block), re-reads its chunk (from L2 when the tensor fits there: the few-rows case) and maps it. No
+//     atomics: deterministic. So sm_80 reads a float row of more than 32768 (backward 16384) twice.
+// inner > 1, column_kernel<Op, V, kVec>: a block is W column slots × H threads along n (W·H <= 512). A slot
+//   is a 16-byte pack of P adjacent columns when inner is a multiple of P and every pointer is aligned
+//   (kVec), else one column; W · (columns a slot) <= 32 and every row segment a warp reads is at least 32
+//   bytes (a sector). A tile of W slots × H·V rows is held in registers and reduced along n through shared
+//   memory; longer columns take a cluster of up to 8 blocks (sm_90), narrowing W to fit, or are split along
+//   n as above (also when there are too few tiles to fill the GPU).
+// No dynamic shared memory anywhere (so no opt-in above 48 KB to get wrong): the reductions' static buffers
+// are 32 statistics per block (rows), 32 × 32 (columns), and 2 × that per block in a cluster.
+//
+// ## The Op (epilogue) contract
+//   using T, S;                          storage type and compute type (at::opmath_type<T>)
+//   static constexpr int  kIn;           element inputs read per element (x; or dy and y), 1 or 2
+//   static constexpr int  kRowIn;        per-row inputs (one value per row each), 0..2
+//   static constexpr bool kElementOut;   writes an element output (shaped like the inputs)
+//   static constexpr bool kRowOut;       writes one value per row
+//   static constexpr bool kReduces;      has a row reduction (else only finish + map)
+//   using Stat;                          the reduction's partial: trivially copyable, size a multiple of 4
+//   S pad(int i) const;                  the value element slots outside the row read as, for input i
+//   Stat identity() const; Stat combine(Stat, Stat) const;   associative; combine(identity, b) == b
+//   template <class Each> Stat partial(const Each& each) const;
+//       this thread's partial: each(f) calls f(const S (&v)[kIn]) for every element slot the thread holds
+//       for the row, padding included, in a fixed order; call it as often as needed (a two-pass over
+//       registers is two calls). Padding slots carry pad(i), so partial must be unchanged by them
+//       (softmax: -inf adds nothing to a max or to a sum of exp once the row max is finite; sums: 0).
+//   Row finish(Stat, const S (&row_in)[kRowInSlots], int64_t n) const;   the row's constants
+//   S map(const Row&, const S (&v)[kIn]) const;                           element output
+//   S row_out(const Row&) const;                                           per-row output
+// The VJP derivation of a family is written once, atop its backward epilogue.
+//
+// ## Guarantees the engine gives the Op
+//   - finish() sees the statistic of the WHOLE row, with the same bits in every thread that maps an element
+//     of that row (every stage of the reduction broadcasts one thread's result; the split path combines
+//     the chunk partials in the same order in every block).
+//   - Loads and stores are 16-byte packs for any alignment (vec.cuh's pack grid): only packs straddling the
+//     ends of a row (or chunk) go element by element. All indexing is 64-bit.
+//   - Reads are issued before any reduction: V packs per operand in flight per thread.
+// Designed for the later families: two statistics are one Stat struct (mean and M2, merged with Chan's
+// formula; a pair of sums for a norm backward); per-row saved values (mean, rstd, lse) are row inputs;
+// cross-entropy's target logit is a row input and its (max, Σexp) the Stat. Per-column parameter gradients
+// (dweight) are not the engine's: a norm backward accumulates fp32 per-block column partials itself and
+// reduces them in a second kernel, without atomics.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cuda/launch.cuh"
+#include "cuda/reduce.cuh"
+#include "cuda/vec.cuh"
+#include "ops/softmax.h"  // RowLayout
+
+namespace torch_vjp::cuda {
+
+template <class T>
+using Opmath = at::opmath_type<T>;
+
+constexpr int kRowMaxThreads = 1024;    // row_kernel: a block per row of up to 1024 threads (64 registers)
+constexpr int kColumnMaxThreads = 512;  // column_kernel: holds P statistics per thread, needs up to 128 registers
+constexpr int kSubWarpThreads = 256;    // row_kernel with G <= 32 lanes a row: 256 / G rows a block
+constexpr int kSplitMinThreads = 128;   // the smallest chunk of a split row, in threads
+
+enum class Mode : int {
+  Full,     // reduce the row (or column) and map it
+  Partial,  // split phase 1: reduce this chunk, write its partial statistic to the workspace
+  Finish,   // split phase 2: combine the row's partials from the workspace, map this chunk
+};
+
+template <class Op>
+inline constexpr int kRowInSlots = Op::kRowIn > 0 ? Op::kRowIn : 1;
+
+// Packs per thread per input in the engine's largest kernels: one float input, 8 (32 elements); otherwise 4
+// (the half types' 32 elements unpack to 32 floats; double computes in pairs of registers; two inputs, 4
+// each). At most 32 registers of data, so 1024-thread blocks fit 64 registers a thread.
+template <class Op>
+inline constexpr int kRowPacks = Op::kIn == 1 && sizeof(typename Op::T) == 4 ? 8 : 4;
+
+template <class Op>
+struct EngineArgs {
+  using T = typename Op::T;
+  Op op;
+  const T* in[Op::kIn];
+  T* out;                            // element output, or nullptr
+  const T* row_in[kRowInSlots<Op>];  // per-row inputs
+  T* row_out;                        // per-row output, or nullptr
+  int64_t outer, n, inner;
+  int grid_mis;            // row path: misalignment (elements) of the grid operand's element 0
+  int shift[Op::kIn];      // row path: each input's misalignment relative to the grid, mod P
+  int lanes;               // row path: threads per row in a block (G); column path: column slots (W)
+  int64_t chunks;          // blocks per row (column) along n, blockIdx.y; 1 unless split
+  int64_t chunk_len;       // split: packs (row path) or rows (column path) per chunk
+  Mode mode;
+  typename Op::Stat* ws;   // split: partials, [segment][chunk]
+  int64_t tiles;           // column path: tiles of W column slots
+  at::cuda::detail::IntDivider<uint32_t> inner_div;  // column path: o, i of a flattened column (outer > 1)
+};
+// The kernels divide only by compile-time constants and through inner_div: a run-time 64-bit division
+// compiles to a call, whose ABI made ptxas spill the kernels' loop invariants around it.
+
+// =========================================================================================================
+// inner == 1. A group of G threads (G <= 32: part of a warp; else the block, times the cluster's blocks)
+// handles one row, or one chunk of a row when split. Member m of the group holds grid packs
+// q = chunk·chunk_len + m + j·width, j < V, width = the group's threads: for each j the lanes of a warp hold
+// consecutive packs, so every warp-wide access is contiguous. Element indices inside the run are 32-bit,
+// relative to the run's first grid pack (a run holds at most 8·1024·V·P elements; longer rows are split).
+template <class Op, int V>
+__global__ void __launch_bounds__(kRowMaxThreads, 1) row_kernel(const EngineArgs<Op> a) {
+  using T = typename Op::T;
+  using S = typename Op::S;
+  using Stat = typename Op::Stat;
+  constexpr int P = kPackElems<T>;
+  constexpr int kIn = Op::kIn;
+  const ClusterInfo cluster = cluster_info();
+  const int G = a.lanes;
+  const int lane = threadIdx.x % kWarpSize;
+  const int member = cluster.rank * G + static_cast<int>(threadIdx.x) % G;
+  const int width = G * cluster.size;
+  const int groups = blockDim.x / G;
+  const bool last_in_run = (lane + 1) % (G < kWarpSize ? G : kWarpSize) == 0;
+  // Chunks (split rows) along y; phase 2 of an op without an element output only combines: one y.
+  const bool combine_only = !Op::kElementOut && a.mode == Mode::Finish;
+  const int64_t chunks_here = combine_only ? 1 : a.chunks;
+  const int64_t stride = int64_t(gridDim.x / cluster.size) * groups;
+  const int run_len = (a.chunks > 1 ? static_cast<int>(a.chunk_len) : V * width) * P;  // grid elements a run spans
+  int parity = 0;
+  // `base` and `chunk` are uniform across the block (and the cluster): every thread runs the same
+  // iterations, as the shuffles and barriers inside require; groups past the last row run with an empty row.
+  for (int64_t chunk = blockIdx.y; chunk < chunks_here; chunk += gridDim.y)
+  for (int64_t base = int64_t(blockIdx.x / cluster.size) * groups; base < a.outer; base += stride, parity ^= 1) {
+    const int64_t row_or_end = base + threadIdx.x / G;
+    const bool active = row_or_end < a.outer;
+    const int64_t row = active ? row_or_end : 0;
+    // The run starts at row element run0 (grid pack chunk·chunk_len); [lo, hi) is the row relative to it,
+    // clamped to two packs around the run.
+    const int64_t row_start = row * a.n;
+    const int64_t run0 = chunk * a.chunk_len * P - (a.grid_mis + row_start) % P;
+    const int lo = static_cast<int>(std::max<int64_t>(-run0, -2 * P));
+    const int hi = active ? static_cast<int>(std::min<int64_t>(a.n - run0, run_len + 2 * P)) : lo;
+    const auto e0_of = [&](int j) { return (member + j * width) * P; };
+
+    Pack<T> tile[kIn][V];
+    if (!combine_only) {
+#pragma unroll
+      for (int i = 0; i < kIn; ++i) {
+        const T* in = a.in[i] + (row_start + run0);
+#pragma unroll
+        for (int j = 0; j < V; ++j) tile[i][j] = load_grid_pack(in, e0_of(j), lo, hi, a.shift[i], last_in_run, a.op.pad(i));
+      }
+    }
+
+    Stat st[1] = {a.op.identity()};
+    if constexpr (Op::kReduces) {
+      if (a.mode == Mode::Finish) {
+        for (int64_t c = member; active && c < a.chunks; c += width) st[0] = a.op.combine(st[0], a.ws[row * a.chunks + c]);
+      } else {
+        st[0] = a.op.partial([&](const auto& f) {
+#pragma unroll
+          for (int j = 0; j < V; ++j)
+#pragma unroll
+            for (int k = 0; k < P; ++k) {
+              S v[kIn];
+#pragma unroll
+              for (int i = 0; i < kIn; ++i) v[i] = pack_elem(tile[i][j], k);
+              f(v);
+            }
+        });
+      }
+      const auto combine = [&](const Stat& x, const Stat& y) { return a.op.combine(x, y); };
+      if (G <= kWarpSize) {
+        st[0] = group_allreduce(st[0], combine, G);
+      } else {
+        block_allreduce_columns<1>(st, combine, a.op.identity(), 1);
+        cluster_allreduce_columns<1>(st, combine, 1, cluster, parity);
+      }
+      if (a.mode == Mode::Partial) {
+        if (active && member == 0) a.ws[row * a.chunks + chunk] = st[0];
+        continue;
+      }
+    }
+
+    S row_in[kRowInSlots<Op>] = {};
+#pragma unroll
+    for (int r = 0; r < Op::kRowIn; ++r) row_in[r] = active ? static_cast<S>(a.row_in[r][row]) : S(0);
+    const auto rc = a.op.finish(st[0], row_in, a.n);
+    if constexpr (Op::kRowOut) {
+      if (active && member == 0 && chunk == 0) a.row_out[row] = static_cast<T>(a.op.row_out(rc));
+    }
+    if constexpr (Op::kElementOut) {
+      T* out = a.out + (row_start + run0);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        S o[P];
+#pragma unroll
+        for (int k = 0; k < P; ++k) {
+          S v[kIn];
+#pragma unroll
+          for (int i = 0; i < kIn; ++i) v[i] = pack_elem(tile[i][j], k);
+          o[k] = a.op.map(rc, v);
+        }
+        store_grid_pack(out, e0_of(j), lo, hi, o);
+      }
+    }
+  }
+  cluster_sync(cluster);  // no block leaves while another reads its shared memory
+}
+
+// =========================================================================================================
+// inner > 1. A block is W column slots × H threads along n (thread t: slot t % W, member t / W). Slot tx
+// covers column pack cp = tile·W + tx of the flattened columns (o, i) (kVec: Pe = P adjacent columns of one
+// o, a 16-byte pack; else Pe = 1 column); member m holds rows j = chunk·chunk_len + m + v·width, v < V.
+template <class Op, int V, bool kVec>
+__global__ void __launch_bounds__(kColumnMaxThreads) column_kernel(const EngineArgs<Op> a) {
+  using T = typename Op::T;
+  using S = typename Op::S;
+  using Stat = typename Op::Stat;
+  constexpr int kIn = Op::kIn;
+  constexpr int Pe = kVec ? kPackElems<T> : 1;
+  using Item = std::conditional_t<kVec, Pack<T>, T>;
+  const ClusterInfo cluster = cluster_info();
+  const int W = a.lanes;
+  const int tx = threadIdx.x % W;
+  const int member = cluster.rank * static_cast<int>(blockDim.x / W) + static_cast<int>(threadIdx.x / W);
+  const int width = static_cast<int>(blockDim.x / W) * cluster.size;
+  const int64_t step = int64_t(width) * a.inner;  // elements from one of a thread's rows to its next
+  const int64_t col_packs = a.outer * a.inner / Pe;
+  const bool combine_only = !Op::kElementOut && a.mode == Mode::Finish;
+  const int64_t chunks_here = combine_only ? 1 : a.chunks;
+  int parity = 0;
+  for (int64_t chunk = blockIdx.y; chunk < chunks_here; chunk += gridDim.y)
+  for (int64_t t0 = blockIdx.x / cluster.size; t0 < a.tiles; t0 += gridDim.x / cluster.size, parity ^= 1) {
+    const int64_t cp = t0 * W + tx;  // tile t0
+    const bool active = cp < col_packs;
+    const int64_t col0 = active ? cp * Pe : 0;  // flattened column o·inner + i of this slot's first column
+    // outer > 1 only when the host keeps o·inner + i below 2^31 (it splits the launch over outer).
+    const int64_t o = a.outer == 1 ? 0 : a.inner_div.divmod(static_cast<uint32_t>(col0)).div;
+    const int64_t j0 = chunk * a.chunk_len + member;  // this thread's first row
+    const int64_t first = o * a.n * a.inner + (col0 - o * a.inner) + j0 * a.inner;
+    // Rows j0 + v·width, v < V, of which the first `rows` exist.
+    const int rows = active ? static_cast<int>(std::clamp<int64_t>(a.n - j0, 0, int64_t(V) * width)) : 0;
+
+    Item tile[kIn][V];
+    if (!combine_only) {
+#pragma unroll
+      for (int i = 0; i < kIn; ++i) {
+        const T* in = a.in[i] + first;
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const bool valid = v * width < rows;
+          if constexpr (kVec) tile[i][v] = valid ? load_pack(in + v * step) : filled_pack<T>(a.op.pad(i));
+          else tile[i][v] = valid ? in[v * step] : static_cast<T>(a.op.pad(i));
+        }
+      }
+    }
+    const auto elem = [&](int i, int v, int k) -> S {
+      if constexpr (kVec) return pack_elem(tile[i][v], k);
+      else return static_cast<S>(tile[i][v]);
+    };
+
+    Stat st[Pe];
+#pragma unroll
+    for (int k = 0; k < Pe; ++k) st[k] = a.op.identity();
+    if constexpr (Op::kReduces) {
+      if (a.mode == Mode::Finish) {
+#pragma unroll
+        for (int k = 0; k < Pe; ++k)
+          for (int64_t c = member; active && c < a.chunks; c += width)
+            st[k] = a.op.combine(st[k], a.ws[(col0 + k) * a.chunks + c]);
+      } else {
+#pragma unroll
+        for (int k = 0; k < Pe; ++k) {
+          st[k] = a.op.partial([&](const auto& f) {
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+              S x[kIn];
+#pragma unroll
+              for (int i = 0; i < kIn; ++i) x[i] = elem(i, v, k);
+              f(x);
+            }
+          });
+        }
+      }
+      const auto combine = [&](const Stat& x, const Stat& y) { return a.op.combine(x, y); };
+      block_allreduce_columns<kWarpSize>(st, combine, a.op.identity(), W);
+      cluster_allreduce_columns<kWarpSize>(st, combine, W, cluster, parity);
+      if (a.mode == Mode::Partial) {
+        if (active && member == 0) {
+#pragma unroll
+          for (int k = 0; k < Pe; ++k) a.ws[(col0 + k) * a.chunks + chunk] = st[k];
+        }
+        continue;
+      }
+    }
+
+#pragma unroll
+    for (int k = 0; k < Pe; ++k) {
+      S row_in[kRowInSlots<Op>] = {};
+#pragma unroll
+      for (int r = 0; r < Op::kRowIn; ++r) row_in[r] = active ? static_cast<S>(a.row_in[r][col0 + k]) : S(0);
+      const auto rc = a.op.finish(st[k], row_in, a.n);
+      if constexpr (Op::kRowOut) {
+        if (active && member == 0 && chunk == 0) a.row_out[col0 + k] = static_cast<T>(a.op.row_out(rc));
+      }
+      if constexpr (Op::kElementOut) {
+        // Outputs replace input 0 in the tile (column k is done with it), so that they leave as whole packs.
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          S x[kIn];
+#pragma unroll
+          for (int i = 0; i < kIn; ++i) x[i] = elem(i, v, k);
+          const S y = a.op.map(rc, x);
+          if constexpr (kVec) set_pack_elem(tile[0][v], k, y);
+          else tile[0][v] = static_cast<T>(y);
+        }
+      }
+    }
+    if constexpr (Op::kElementOut) {
+      T* out = a.out + first;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        if (v * width < rows) {
+          if constexpr (kVec) store_pack(out + v * step, tile[0][v]);
+          else out[v * step] = tile[0][v];
+        }
+      }
+    }
+  }
+  cluster_sync(cluster);
+}
+
+// =========================================================================================================
+// Host side: the plan (which kernel, which shape) and the launch.
+
+struct Plan {
+  int V;               // packs per thread per input (the kernel instance)
+  bool column, vec;    // column_kernel (and its kVec); else row_kernel
+  int threads;         // per block
+  int lanes;           // G (row) or W (column)
+  int cluster;         // blocks per cluster along x (1: none)
+  int64_t chunks;      // split: chunks per row (column), along y; 1 otherwise
+  int64_t chunk_len;   // split: packs (row) / rows (column) per chunk
+  int64_t blocks;      // grid x wanted: row groups or tiles, times the cluster (the kernels loop over the
+                       // rest beyond 2^31 - 1, and over chunks beyond 65535)
+};
+
+// inner == 1. P: elements a pack; Vmax: kRowPacks; sms: multiprocessors; clusters: sm_90 clusters usable;
+// max_off: the largest grid offset of a row start (every row's when n % P == 0, else up to P - 1).
+inline Plan plan_rows(int64_t rows, int64_t n, int P, int Vmax, int sms, bool clusters, int max_off) {
+  const int64_t packs = ceil_div(n + max_off, P);  // packs a row touches, at most
+  if (packs <= int64_t(kWarpSize) * Vmax) {
+    // Shuffles only. Up to 32 packs: one pack a lane, the fewest lanes that hold the row (several rows a
+    // warp); longer rows: a warp, with the fewest packs a lane that hold it.
+    const int V = packs <= kWarpSize ? 1 : static_cast<int>(pow2_ceil(ceil_div(packs, kWarpSize)));
+    const int G = packs <= kWarpSize ? static_cast<int>(pow2_ceil(packs)) : kWarpSize;
+    const int threads = static_cast<int>(std::clamp<int64_t>(round_up(rows * G, kWarpSize), kWarpSize, kSubWarpThreads));
+    return {V, false, true, threads, G, 1, 1, 0, ceil_div(rows, threads / G)};
+  }
+  const int64_t width = ceil_div(packs, Vmax);  // threads that hold the row at Vmax packs each
+  int cluster = 0;
+  if (width <= kRowMaxThreads) cluster = 1;
+  else if (clusters && width <= 8 * kRowMaxThreads) cluster = static_cast<int>(ceil_div(width, kRowMaxThreads));
+  // Too few rows to give every SM a block: split long rows into more, smaller pieces (the tensor is then
+  // small, so phase 2's re-read comes from L2).
+  const bool few = rows * cluster < sms / 2 && packs >= 4 * int64_t(kSplitMinThreads) * Vmax;
+  if (cluster > 0 && !few) {
+    const int threads = static_cast<int>(round_up(ceil_div(width, cluster), kWarpSize));
+    return {Vmax, false, true, threads, threads, cluster, 1, 0, rows * cluster};
+  }
+  const int64_t least = ceil_div(packs, int64_t(kRowMaxThreads) * Vmax);
+  const int64_t most = std::max(least, ceil_div(packs, int64_t(kSplitMinThreads) * Vmax));
+  const int64_t chunks0 = std::min(most, std::max(least, ceil_div(2 * int64_t(sms), rows)));
+  const int threads = static_cast<int>(round_up(ceil_div(ceil_div(packs, chunks0), Vmax), kWarpSize));
+  const int64_t chunk_len = int64_t(threads) * Vmax;
+  const int64_t chunks = ceil_div(packs, chunk_len);
+  return {Vmax, false, true, threads, threads, 1, chunks, chunk_len, rows};
+}
+
+// inner > 1. vec: inner % P == 0 and every pointer 16-byte aligned.
+inline Plan plan_columns(int64_t outer, int64_t n, int64_t inner, int P, int V, bool vec, int sms, bool clusters) {
+  const int Pe = vec ? P : 1;
+  const int64_t col_packs = outer * inner / Pe;
+  const int64_t rows_threads = ceil_div(n, V);  // threads along n that hold a whole column
+  // Widest slot count first (W · Pe <= 32: the reduction's shared buffer; wider tiles, longer contiguous
+  // segments a row), narrowing to fit n on chip; at least 32 bytes a row segment (a sector).
+  const int widest = static_cast<int>(std::min<int64_t>(pow2_ceil(col_packs), vec ? std::min(32 / Pe, 8) : 32));
+  const int narrowest = std::min(widest, vec ? 2 : 2 * P);  // 32 bytes: 2 packs, or 2P elements of 16 / P bytes
+  for (int W = widest; W >= narrowest; W /= 2) {
+    const int64_t threads_needed = round_up(rows_threads * W, kWarpSize);
+    int cluster = 0;
+    if (threads_needed <= kColumnMaxThreads) cluster = 1;
+    else if (clusters && threads_needed <= 8 * kColumnMaxThreads) cluster = static_cast<int>(ceil_div(threads_needed, kColumnMaxThreads));
+    if (cluster == 0) continue;
+    const int64_t tiles = ceil_div(col_packs, W);
+    if (tiles * cluster < sms / 2 && n >= 4 * int64_t(kSplitMinThreads / W) * V) break;  // few tiles: split along n
+    const int threads = static_cast<int>(round_up(ceil_div(rows_threads, cluster) * W, kWarpSize));
+    return {V, true, vec, threads, W, cluster, 1, 0, tiles * cluster};
+  }
+  // Split along n, at the widest tile: chunks of H·V rows, enough chunks to give every SM work.
+  const int W = widest;
+  const int64_t tiles = ceil_div(col_packs, W);
+  const int64_t least = ceil_div(n, int64_t(kColumnMaxThreads / W) * V);
+  const int64_t most = std::max(least, ceil_div(n, int64_t(std::max(1, kSplitMinThreads / W)) * V));
+  const int64_t chunks0 = std::min(most, std::max(least, ceil_div(2 * int64_t(sms), tiles)));
+  const int threads = static_cast<int>(round_up(ceil_div(ceil_div(n, chunks0), V) * W, kWarpSize));
+  const int64_t chunk_len = int64_t(threads / W) * V;
+  const int64_t chunks = ceil_div(n, chunk_len);
+  return {V, true, vec, threads, W, 1, chunks, chunk_len, tiles};
+}
+
+// Pointers of one call.
+template <class Op>
+struct Operands {
+  using T = typename Op::T;
+  const T* in[Op::kIn];
+  T* out = nullptr;
+  const T* row_in[kRowInSlots<Op>] = {};
+  T* row_out = nullptr;
+};
+
+template <class Op, class Kernel>
+void launch_plan(Kernel kernel, const Plan& plan, EngineArgs<Op> args) {
+  const int64_t x = std::clamp<int64_t>(plan.blocks, 1, INT_MAX / plan.cluster * plan.cluster);
+  const dim3 grid(static_cast<unsigned>(round_up(x, plan.cluster)), static_cast<unsigned>(std::min<int64_t>(plan.chunks, 65535)));
+  args.chunks = plan.chunks;
+  if (Op::kReduces && plan.chunks > 1) {
+    // Split: partials into a workspace (stream-ordered by the caching allocator), then the finish; an op
+    // without an element output finishes a row in one block (grid y = 1).
+    const int64_t segments = args.outer * args.inner;
+    const at::Tensor ws = at::empty({segments * plan.chunks * int64_t(sizeof(typename Op::Stat))},
+                                    at::TensorOptions().dtype(at::kByte).device(at::kCUDA, c10::cuda::current_device()));
+    args.ws = reinterpret_cast<typename Op::Stat*>(ws.mutable_data_ptr());
+    args.mode = Mode::Partial;
+    launch_kernel(kernel, grid, plan.threads, plan.cluster, args);
+    args.mode = Mode::Finish;
+    launch_kernel(kernel, Op::kElementOut ? grid : dim3(grid.x), plan.threads, plan.cluster, args);
+    return;
+  }
+  args.mode = plan.chunks > 1 ? Mode::Finish : Mode::Full;  // a split op without reduction only maps
+  launch_kernel(kernel, grid, plan.threads, plan.cluster, args);
+}
+
+// Runs Op over a tensor of layout l: plans, checks that a planned cluster can run on this device (else
+// plans again without), launches on the current stream.
+template <class Op>
+void run_rows(const Op& op, const RowLayout& l, const Operands<Op>& ops) {
+  using T = typename Op::T;
+  constexpr int P = kPackElems<T>;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  EngineArgs<Op> args{op};
+  for (int i = 0; i < Op::kIn; ++i) args.in[i] = ops.in[i];
+  args.out = ops.out;
+  for (int r = 0; r < kRowInSlots<Op>; ++r) args.row_in[r] = ops.row_in[r];
+  args.row_out = ops.row_out;
+  args.outer = l.outer;
+  args.n = l.n;
+  args.inner = l.inner;
+  if (l.inner == 1) {
+    // The grid is aligned for the element output where there is one, else for input 0.
+    args.grid_mis = Op::kElementOut ? misalignment(ops.out) : misalignment(ops.in[0]);
+    for (int i = 0; i < Op::kIn; ++i) args.shift[i] = (misalignment(ops.in[i]) - args.grid_mis + P) % P;
+    const int max_off = l.n % P == 0 ? args.grid_mis : P - 1;
+    const auto plan_for = [&](bool clusters) {
+      return plan_rows(l.outer, l.n, P, kRowPacks<Op>, sms, clusters, max_off);
+    };
+    Plan plan = plan_for(has_clusters());
+    const auto go = [&](auto kernel) {
+      if (plan.cluster > 1 && !cluster_fits(kernel, plan.threads, plan.cluster)) plan = plan_for(false);
+      args.lanes = plan.lanes;
+      args.chunk_len = plan.chunk_len;
+      launch_plan<Op>(kernel, plan, args);
+    };
+    // Every plan_rows result names one of these instances (V = 1, 2, 4 or kRowPacks).
+    switch (plan.V) {
+      case 1: return go(row_kernel<Op, 1>);
+      case 2: return go(row_kernel<Op, 2>);
+      case 4: return go(row_kernel<Op, 4>);
+      default:
+        if constexpr (kRowPacks<Op> == 8) return go(row_kernel<Op, 8>);
+    }
+    TORCH_INTERNAL_ASSERT(false, "torch_vjp: no row kernel with ", plan.V, " packs per thread");
+  }
+  bool vec = l.inner % P == 0 && misalignment(ops.out ? ops.out : ops.in[0]) == 0;
+  for (int i = 0; i < Op::kIn; ++i) vec = vec && misalignment(ops.in[i]) == 0;
+  const int Pe = vec ? P : 1;
+  // One launch covers fewer than 2^31 flattened columns (o, i) when outer > 1, so that the kernel finds o
+  // with a 32-bit magic-number division; a larger tensor takes several launches over ranges of outer.
+  const int64_t outer_part = std::max<int64_t>(1, std::min<int64_t>(l.outer, (int64_t(INT_MAX) / l.inner)));
+  Plan plan = plan_columns(outer_part, l.n, l.inner, P, kRowPacks<Op>, vec, sms, has_clusters());
+  const auto go = [&](auto kernel) {
+    if (plan.cluster > 1 && !cluster_fits(kernel, plan.threads, plan.cluster))
+      plan = plan_columns(outer_part, l.n, l.inner, P, kRowPacks<Op>, vec, sms, false);
+    args.lanes = plan.lanes;
+    args.chunk_len = plan.chunk_len;
+    args.inner_div = at::cuda::detail::IntDivider<uint32_t>(static_cast<uint32_t>(std::min<int64_t>(l.inner, INT32_MAX)));
+    for (int64_t o0 = 0; o0 < l.outer; o0 += outer_part) {
+      EngineArgs<Op> part = args;
+      part.outer = std::min(outer_part, l.outer - o0);
+      const int64_t elems = o0 * l.n * l.inner, segs = o0 * l.inner;
+      for (int i = 0; i < Op::kIn; ++i) part.in[i] += elems;
+      if (part.out) part.out += elems;
+      for (int r = 0; r < Op::kRowIn; ++r) part.row_in[r] += segs;
+      if (part.row_out) part.row_out += segs;
+      part.tiles = ceil_div(part.outer * l.inner / Pe, plan.lanes);
+      Plan launch = plan;
+      launch.blocks = part.tiles * plan.cluster;
+      launch_plan<Op>(kernel, launch, part);
+    }
+  };
+  if (vec) go(column_kernel<Op, kRowPacks<Op>, true>);
+  else go(column_kernel<Op, kRowPacks<Op>, false>);
+}
+
+}  // namespace torch_vjp::cuda
