@@ -135,12 +135,14 @@ def extensions(cuda_home):
         return ext
 
     # -fopenmp: at::parallel_for is inline OpenMP in torch's headers; without it the CPU kernels use one thread.
+    # -ffp-contract=off: GCC would otherwise fuse a*b + c into an FMA in some inlined copies of a formula and
+    # not in others (a vector body and its row tail), and an element's result would depend on its position.
     cpu = [
         without_torch_headers(CppExtension(
             f"torch_vjp._cpu_{isa}",
             isa_sources(isa),
             include_dirs=[CSRC],
-            extra_compile_args={"cxx": [*cxx, "-fopenmp", *CPU_CAPABILITIES[isa]]},
+            extra_compile_args={"cxx": [*cxx, "-fopenmp", "-ffp-contract=off", *CPU_CAPABILITIES[isa]]},
             extra_link_args=["-fopenmp"],
         ))
         for isa in cpu_capabilities()
