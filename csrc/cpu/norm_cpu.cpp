@@ -108,8 +108,14 @@ struct CpuNorm {
                       },
                       dyr, xr, w);
             }
-            if (pw != nullptr) add_map_row<S>(pw, n, [mu, rs](auto dy, auto v) { return dy * math::norm_xhat(v, mu, rs); }, dyr, xr);
-            if (pb != nullptr) add_map_row<S>(pb, n, [](auto dy) { return dy; }, dyr);
+            const auto dw_term = [mu, rs](auto dy, auto v) { return dy * math::norm_xhat(v, mu, rs); };
+            if (pw != nullptr && pb != nullptr) {
+              add_map_row<S>(std::array{pw, pb}, n, [&](auto dy, auto v) { return std::array{dw_term(dy, v), dy}; }, dyr, xr);
+            } else if (pw != nullptr) {
+              add_map_row<S>(pw, n, dw_term, dyr, xr);
+            } else if (pb != nullptr) {
+              add_map_row<S>(pb, n, [](auto dy) { return dy; }, dyr);
+            }
           }
         }
         cpu::fence();
