@@ -25,6 +25,12 @@ TORCH_LIBRARY(torch_vjp, m) {
   m.def("mish(Tensor input) -> Tensor");
   m.def("mish_backward(Tensor grad_output, Tensor input) -> Tensor");
 
+  // Gated family (math/gated.h): f(gate) ⊙ up; the backward returns (grad_gate, grad_up).
+  m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
+  m.def("swiglu_backward(Tensor grad_output, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  m.def("geglu(Tensor gate, Tensor up, str approximate) -> Tensor");
+  m.def("geglu_backward(Tensor grad_output, Tensor gate, Tensor up, str approximate) -> (Tensor, Tensor)");
+
   // Softmax family (math/softmax.h).
   m.def("softmax(Tensor input, int dim) -> Tensor");
   m.def("softmax_backward(Tensor grad_output, Tensor output, int dim) -> Tensor");

@@ -117,34 +117,57 @@ inline void fence() {
 #endif
 }
 
-// fn applied part by part to groups of the same Lanes type L.
-template <class L, class Fn, class... Groups>
-TVJP_HD typename L::Parts apply_parts(const Fn& fn, const Groups&... groups) {
-  typename L::Parts r;
-  for (int k = 0; k < L::kParts; ++k) r[k] = fn(groups[k]...);
-  return r;
-}
-
 // Row inputs are in the storage type S or in opmath<S> (parameters and scratch of a half type).
 template <class S, class... In>
 constexpr bool kRowInputs = ((std::is_same_v<S, In> || std::is_same_v<opmath<S>, In>) && ...);
 
-// out[j] = fn(in[j]...) for j < n, fn taking opmath vectors. `stream`: full groups are written with
-// streaming stores (the first, partial group aligns them).
-template <class S, class Fn, class... In>
-TVJP_ROW_LOOP void map_row(S* out, int64_t n, bool stream, const Fn& fn, const In*... in) {
+// fn applied to one group, for K outputs: fn returns one opmath vector (K = 1) or std::array of K.
+template <class L, size_t K, class Fn, class... Groups>
+TVJP_HD std::array<typename L::Parts, K> apply_outputs(const Fn& fn, const Groups&... groups) {
+  std::array<typename L::Parts, K> r;
+  for (int p = 0; p < L::kParts; ++p) {
+    if constexpr (K == 1) {
+      r[0][p] = fn(groups[p]...);
+    } else {
+      const auto values = fn(groups[p]...);
+      for (size_t k = 0; k < K; ++k) r[k][p] = values[k];
+    }
+  }
+  return r;
+}
+
+// outs[k][j] = fn(in[j]...)[k] for j < n, fn taking opmath vectors (one output: fn returns a vector).
+// `stream`: full groups are written with streaming stores (a first, partial group aligns them; outputs
+// aligned differently from each other are stored normally).
+template <class S, size_t K, class Fn, class... In>
+TVJP_ROW_LOOP void map_row(const std::array<S*, K>& outs, int64_t n, bool stream, const Fn& fn, const In*... in) {
   static_assert(kRowInputs<S, In...>, "row inputs in S or opmath<S> (loadu would reinterpret)");
   using L = Lanes<S>;
+  const auto offset = [](const S* p) {
+    return int64_t(reinterpret_cast<std::uintptr_t>(p) % sizeof(Vec<S>)) / int64_t(sizeof(S));
+  };
+  const auto store = [&](int64_t at, const auto& results, int64_t count) {
+    for (size_t k = 0; k < K; ++k) L::store(outs[k] + at, results[k], count);
+  };
+  bool aligned_alike = true;
+  for (size_t k = 1; k < K; ++k) aligned_alike = aligned_alike && offset(outs[k]) == offset(outs[0]);
   int64_t j = 0;
-  if (kCanStream && stream) {
-    const auto offset = int64_t(reinterpret_cast<std::uintptr_t>(out) % sizeof(Vec<S>)) / int64_t(sizeof(S));
-    const int64_t head = offset == 0 ? 0 : std::min(n, L::kWidth - offset);
-    if (head > 0) L::store(out, apply_parts<L>(fn, L::load(in, head)...), head);
-    for (j = head; j + L::kWidth <= n; j += L::kWidth) L::stream(out + j, apply_parts<L>(fn, L::load(in + j)...));
+  if (kCanStream && stream && aligned_alike) {
+    const int64_t head = offset(outs[0]) == 0 ? 0 : std::min(n, L::kWidth - offset(outs[0]));
+    if (head > 0) store(0, apply_outputs<L, K>(fn, L::load(in, head)...), head);
+    for (j = head; j + L::kWidth <= n; j += L::kWidth) {
+      const auto results = apply_outputs<L, K>(fn, L::load(in + j)...);
+      for (size_t k = 0; k < K; ++k) L::stream(outs[k] + j, results[k]);
+    }
   } else {
-    for (; j + L::kWidth <= n; j += L::kWidth) L::store(out + j, apply_parts<L>(fn, L::load(in + j)...));
+    for (; j + L::kWidth <= n; j += L::kWidth) store(j, apply_outputs<L, K>(fn, L::load(in + j)...), L::kWidth);
   }
-  if (j < n) L::store(out + j, apply_parts<L>(fn, L::load(in + j, n - j)...), n - j);
+  if (j < n) store(j, apply_outputs<L, K>(fn, L::load(in + j, n - j)...), n - j);
+}
+
+template <class S, class Fn, class... In>
+TVJP_HD void map_row(S* out, int64_t n, bool stream, const Fn& fn, const In*... in) {
+  map_row(std::array<S*, 1>{out}, n, stream, fn, in...);
 }
 
 // The sum of a row's vectors: lanes accumulate in opmath for kChunk groups, then the chunk's total is added
@@ -181,7 +204,7 @@ TVJP_ROW_LOOP opmath<S> widen_map_sum_row(opmath<S>* out, int64_t n, const Fn& f
   RowSum<T> sum;
   for (int64_t j = 0; j < n; j += L::kWidth) {
     const int64_t count = std::min(L::kWidth, n - j);
-    auto mapped = apply_parts<L>(fn, L::load(in + j, count));
+    auto mapped = apply_outputs<L, 1>(fn, L::load(in + j, count))[0];
     if (count < L::kWidth) mapped = L::pad(mapped, count, T(0));
     for (int k = 0; k < L::kParts && k * kPart < count; ++k) {
       mapped[k].store(out + j + k * kPart, std::min(kPart, count - k * kPart));
@@ -234,7 +257,7 @@ TVJP_ROW_LOOP void add_map_row(opmath<S>* acc, int64_t n, const Fn& fn, const In
   constexpr int64_t kPart = Vec<T>::size();
   for (int64_t j = 0; j < n; j += L::kWidth) {
     const int64_t count = std::min(L::kWidth, n - j);
-    const auto terms = apply_parts<L>(fn, L::load(in + j, count)...);
+    const auto terms = apply_outputs<L, 1>(fn, L::load(in + j, count)...)[0];
     for (int k = 0; k < L::kParts && k * kPart < count; ++k) {
       const int64_t c = std::min(kPart, count - k * kPart);
       T* a = acc + j + k * kPart;
@@ -259,16 +282,23 @@ TVJP_ROW_LOOP opmath<S> max_row(int64_t n, const S* x) {
   return at::vec::vec_reduce_all<T>([](Vec<T> a, Vec<T> b) { return at::vec::maximum(a, b); }, acc);
 }
 
-// Elementwise map over whole tensors, in parallel; chunks start on whole groups.
-template <class S, class Fn, class... In>
-void map_elementwise(S* out, int64_t numel, const Fn& fn, const In*... in) {
+// Elementwise map over whole tensors, in parallel, into K outputs; chunks start on whole groups.
+template <class S, size_t K, class Fn, class... In>
+void map_elementwise(const std::array<S*, K>& outs, int64_t numel, const Fn& fn, const In*... in) {
   const bool stream = should_stream(numel * int64_t(sizeof(S)));
   constexpr int64_t kGroup = Lanes<S>::kWidth;
   at::parallel_for(0, (numel + kGroup - 1) / kGroup, 2048 / kGroup, [&](int64_t begin, int64_t end) {
     const int64_t first = begin * kGroup;
-    map_row(out + first, std::min(end * kGroup, numel) - first, stream, fn, (in + first)...);
+    std::array<S*, K> chunk;
+    for (size_t k = 0; k < K; ++k) chunk[k] = outs[k] + first;
+    map_row(chunk, std::min(end * kGroup, numel) - first, stream, fn, (in + first)...);
     fence();
   });
+}
+
+template <class S, class Fn, class... In>
+void map_elementwise(S* out, int64_t numel, const Fn& fn, const In*... in) {
+  map_elementwise(std::array<S*, 1>{out}, numel, fn, in...);
 }
 
 // Rows of a tensor viewed as (outer, n, inner). Contiguous rows (inner == 1) are handed to `body` in
