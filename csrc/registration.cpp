@@ -38,6 +38,18 @@ TORCH_LIBRARY(torch_vjp, m) {
   m.def("log_softmax_backward(Tensor grad_output, Tensor output, int dim) -> Tensor");
   m.def("logsumexp(Tensor input, int dim, bool keepdim) -> Tensor");
   m.def("logsumexp_backward(Tensor grad_output, Tensor input, Tensor output, int dim, bool keepdim) -> Tensor");
+
+  // Losses (math/cross_entropy.h). cross_entropy also returns the per-row log-sum-exp its VJP needs.
+  // fused_linear_cross_entropy(compute_grad=True) also returns the gradients for grad_output = 1 (three
+  // matrix products in all); its _backward recomputes the logits chunk by chunk for any grad_output.
+  m.def("cross_entropy(Tensor input, Tensor target, int ignore_index, str reduction, float label_smoothing) "
+        "-> (Tensor, Tensor)");
+  m.def("cross_entropy_backward(Tensor grad_output, Tensor input, Tensor target, Tensor lse, int ignore_index, "
+        "str reduction, float label_smoothing) -> Tensor");
+  m.def("fused_linear_cross_entropy(Tensor input, Tensor weight, Tensor target, Tensor? bias, int ignore_index, "
+        "str reduction, float label_smoothing, bool compute_grad) -> (Tensor, Tensor?, Tensor?, Tensor?)");
+  m.def("fused_linear_cross_entropy_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor target, "
+        "Tensor? bias, int ignore_index, str reduction, float label_smoothing) -> (Tensor, Tensor, Tensor?)");
 }
 
 namespace {
