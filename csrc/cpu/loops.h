@@ -248,22 +248,30 @@ TVJP_HD opmath<S> sum_row(int64_t n, const Term& term, const S* first, const Res
   return sums_row<1>(n, [&](const auto&... v) { return std::array{term(v...)}; }, first, rest...)[0];
 }
 
-// acc[j] += fn(in[j]...) for j < n, into an opmath array (per-block column sums).
-template <class S, class Fn, class... In>
-TVJP_ROW_LOOP void add_map_row(opmath<S>* acc, int64_t n, const Fn& fn, const In*... in) {
+// accs[k][j] += fn(in[j]...)[k] for j < n, into K opmath arrays (per-block column sums); fn returns one
+// opmath vector (K = 1) or std::array of K.
+template <class S, size_t K, class Fn, class... In>
+TVJP_ROW_LOOP void add_map_row(const std::array<opmath<S>*, K>& accs, int64_t n, const Fn& fn, const In*... in) {
   static_assert(kRowInputs<S, In...>, "row inputs in S or opmath<S> (loadu would reinterpret)");
   using L = Lanes<S>;
   using T = opmath<S>;
   constexpr int64_t kPart = Vec<T>::size();
   for (int64_t j = 0; j < n; j += L::kWidth) {
     const int64_t count = std::min(L::kWidth, n - j);
-    const auto terms = apply_outputs<L, 1>(fn, L::load(in + j, count)...)[0];
-    for (int k = 0; k < L::kParts && k * kPart < count; ++k) {
-      const int64_t c = std::min(kPart, count - k * kPart);
-      T* a = acc + j + k * kPart;
-      (Vec<T>::loadu(a, c) + terms[k]).store(a, c);
+    const auto terms = apply_outputs<L, K>(fn, L::load(in + j, count)...);
+    for (size_t out = 0; out < K; ++out) {
+      for (int k = 0; k < L::kParts && k * kPart < count; ++k) {
+        const int64_t c = std::min(kPart, count - k * kPart);
+        T* a = accs[out] + j + k * kPart;
+        (Vec<T>::loadu(a, c) + terms[out][k]).store(a, c);
+      }
     }
   }
+}
+
+template <class S, class Fn, class... In>
+TVJP_HD void add_map_row(opmath<S>* acc, int64_t n, const Fn& fn, const In*... in) {
+  add_map_row<S>(std::array<opmath<S>*, 1>{acc}, n, fn, in...);
 }
 
 // max_j x[j], NaN if any element is NaN (as torch's max).
