@@ -9,11 +9,15 @@
 //             (up to 1024 threads), on sm_90 a cluster of blocks of up to 512 threads (so that two rows'
 //             blocks share an SM), split rows beyond; one read of x, one write of y.
 //   backward  dy and x, 4 packs each; with parameter sums 2 packs each and at most 768 threads a block
-//             (80 registers: 32 of them hold the thread's fp32 dweight, dbias sums), clusters of blocks of up
-//             to 256 threads on sm_90. Reads dy and x once, writes dx once; the parameter sums add one fp32
-//             partial row per resident row slot (a few MiB) and a small second launch. When n % P != 0 rows
-//             start at different pack offsets, a thread maps different row positions in different rows, and
-//             the sums take a second pass over dy and x instead (the engine's param_sums_kernel).
+//             (80 registers, so 3 blocks of 256 an SM: 32 of them hold the thread's fp32 dweight and dbias
+//             sums; ptxas spills a few loop invariants of the half types' layer_norm, ~15 L1 accesses a row),
+//             clusters of blocks of up to 256 threads on sm_90. Reads dy and x once, writes dx once; the
+//             parameter sums add one fp32 partial row per resident row slot (a few MiB) and a small second
+//             launch. Rows of up to 8 · 768 · 2 packs (bf16 98304, fp32 49152, fp64 24576 elements) take an
+//             sm_90 cluster; on sm_80 one block holds 12288, 6144, 3072; longer rows are split across blocks
+//             and dy and x are read twice. When n % P != 0 rows start at different pack offsets, a thread maps
+//             different row positions in different rows, and the sums take a second pass over dy and x
+//             instead (the engine's param_sums_kernel), as does a backward that wants no dx.
 //
 // Special values: a row holding NaN gives NaN (as torch); rows of one value give x̂ = 0 (σ² = 0, rstd =
 // 1/√eps). Instruction budget (bf16, ~35 an element at 90% of an H200's bandwidth, 5 tensor-passes forward
