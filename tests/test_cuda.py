@@ -361,8 +361,10 @@ NORM_KINDS = ["layer_norm", "rms_norm"]
 #   1024, 1031, 2048, 4096  a block a row (4096 bf16 backward: 256 threads, the sm_90 cluster threshold)
 #   4104, 8192, 12289       8192 bf16 backward: a 2-block cluster on sm_90, split on sm_80; 12289: odd, long
 #   16384, 32768, 65536     clusters of 4 and 8 (bf16 backward, fp32 forward), split beyond (fp32 backward 65536)
+#   50257, 128256           vocabulary lengths: odd and long (unfused sums); past the backward's largest cluster
 # Three rows each (row starts at three alignments when n is odd; few rows: long ones are split across blocks).
-NORM_LENGTHS = [1, 2, 7, 8, 31, 33, 64, 255, 256, 1000, 1024, 1031, 2048, 4096, 4104, 8192, 12289, 16384, 32768, 65536]
+NORM_LENGTHS = [1, 2, 7, 8, 31, 33, 64, 255, 256, 1000, 1024, 1031, 2048, 4096, 4104, 8192, 12289, 16384, 32768, 50257,
+                65536, 128256]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -454,7 +456,7 @@ def test_paths_norm_large_mean_fp32():
 # (the norm below eps: dx = dy / eps).
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_paths_normalize(dtype):
-    cases = [((3, n), -1) for n in (1, 7, 33, 1000, 1031, 8192, 65537)]
+    cases = [((3, n), -1) for n in (1, 7, 33, 1000, 1031, 8192, 50257, 65537)]
     cases += [((8, 1000, 64), 1), ((5, 300, 7), 1), ((2, 4096, 512), 1), ((64, 7), 0), ((1, 20000, 8), 1)]
     for shape, dim in cases:
         x = _randn(shape, dtype, 1)

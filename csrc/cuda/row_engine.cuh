@@ -53,7 +53,8 @@
 // the element inputs once more (one element a thread, coalesced).
 //
 // ## The Op (epilogue) contract
-// Ops derive from EpilogueDefaults, which gives the optional members below their defaults.
+// Ops derive from EpilogueDefaults, which gives the optional members below their defaults (or from
+// SumEpilogue<S>, which adds the Stat, pad, identity and combine of a plain sum).
 //   using T, S, R;                       storage type, compute type (at::opmath_type<T>), and the storage type
 //                                        of per-row inputs and outputs (T, or S for saved statistics)
 //   static constexpr int  kIn;           element inputs read per element (x; or dy and y), 1 or 2
@@ -102,8 +103,8 @@
 //   - Parameter sums are added in a fixed order (rows of a slot in order, groups and slots in order): the same
 //     bits on every run of one shape on one device.
 // Two statistics are one Stat struct (mean and M2, merged with Chan's formula; a pair of sums for a norm
-// backward); per-row saved values (mean, rstd, lse) are row inputs; cross-entropy's target logit is found
-// through e while its (max, Σexp) is reduced.
+// backward); per-row saved values (mean, rstd, lse) are row inputs; cross-entropy's (max, Σexp) is its Stat,
+// and its gradient finds the target's element through e.
 #pragma once
 
 #include <ATen/ATen.h>
