@@ -36,7 +36,7 @@ opmath<S> forward_row(int64_t n, const S* x, S* y, bool stream) {
     return T(0);
   } else {
     const T shift = math::shift_for<K>(m);
-    const T s = sum_row(n, [shift](auto v) { return math::exp_(v - decltype(v)(shift)); }, x);
+    const T s = sum_row(n, [shift](auto v) { return math::ExpMinus<T>(shift)(v); }, x);
     if constexpr (K == SoftmaxKind::LogSumExp) {
       return shift + math::log_(s);
     } else {
