@@ -4,9 +4,10 @@
 // evaluated with T = float or double (CUDA threads) and, on the CPU, with
 // T = at::vec::Vectorized<float|double> (the vectorised CPU loops; partial vectors cover row tails). The
 // helpers below give both kinds of T the same spelling: exp_, log_, log1p_, tanh_, erf_, and
-//   exp_nonpositive_(x)  eˣ for x ≤ 0 (or +inf), where the softmax family takes exp(x - max): cheaper on the
-//                    CPU, where results below FLT_MIN (x < -87.34) are 0, not denormals: they add nothing
-//                    to a row sum of at least 1, and a softmax output under 1.2e-38 is 0 there;
+//   exp_nonpositive_(x)  eˣ for x ≤ 0 (or +inf): x - max in the softmax family, -|x| and -x²/2 in the
+//                    activations. Cheaper on the CPU, where results below FLT_MIN (x < -87.34) are 0, not
+//                    denormals: they add nothing to a row sum of at least 1, and an output under 1.2e-38
+//                    (a softmax of such a term, an activation's far tail) is 0 there;
 //   log1p_unit_(u)   log(1 + u) for u in [0, 1] only (a cheaper reduction on the CPU),
 //   normal_cdf_(x)   Φ(x) = erfc(-x/√2)/2, accurate relative to itself in both tails,
 //   abs_, positive_part (max(x, 0)), greater, select.

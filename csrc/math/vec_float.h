@@ -46,7 +46,7 @@ TVJP_VEC_INLINE V exp(const V& x) {
 }
 
 // eˣ for x ≤ 0 (and +inf → inf, NaN → NaN), as exp above with one scale factor: where eˣ < FLT_MIN
-// (x < ln FLT_MIN = -87.3365) the result is 0, not a denormal. For the softmax family's exp(x - max).
+// (x < ln FLT_MIN = -87.3365) the result is 0, not a denormal (see exp_nonpositive_ in math/common.h).
 TVJP_VEC_INLINE V exp_nonpositive(const V& x) {
   const V xc = at::vec::clamp(x, V(-87.3365478515625f), V(89.f));  // n ≥ -126: one normal 2ⁿ; n = 128 → inf
   const V n = (xc * V(1.44269504088896341f)).round();
@@ -72,7 +72,7 @@ TVJP_VEC_INLINE V tanh(const V& x) {
   q = fmadd(q, a2, V(0.13332586f));
   q = fmadd(q, a2, V(-0.33333316f));
   const V small = fmadd(q, a2 * a, a);
-  const V e = exp(V(-2.f) * a);
+  const V e = exp_nonpositive(V(-2.f) * a);
   const V large = V(1.f) - (e + e) / (V(1.f) + e);
   return V::blendv(large, small, a < V(0.55f)) | (x & sign_bit);
 }
@@ -110,7 +110,7 @@ TVJP_VEC_INLINE V normal_cdf(const V& x) {
   c = fmadd(c, t, V(0.37409196f));
   c = fmadd(c, t, V(1.00002368f));
   c = fmadd(c, t, V(-1.26551223f));
-  const V h = V(0.5f) * t * exp(c - a * a);
+  const V h = V(0.5f) * t * exp_nonpositive(c - a * a);  // c ≤ 3e-8: the argument is (about) ≤ 0
   return V::blendv(V(1.f) - h, h, x < V(0.f));
 }
 
