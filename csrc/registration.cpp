@@ -32,6 +32,19 @@ TORCH_LIBRARY(torch_vjp, m) {
   m.def("log_softmax_backward(Tensor grad_output, Tensor output, int dim) -> Tensor");
   m.def("logsumexp(Tensor input, int dim, bool keepdim) -> Tensor");
   m.def("logsumexp_backward(Tensor grad_output, Tensor input, Tensor output, int dim, bool keepdim) -> Tensor");
+
+  // Normalization family (math/norm.h). The forwards also return the per-row statistics the VJP needs
+  // (mean, rstd; normalize: the norm), in the compute type; output_mask says which gradients to compute
+  // (input, weight, bias), and an absent parameter's gradient is None.
+  m.def("layer_norm(Tensor input, SymInt[] normalized_shape, Tensor? weight, Tensor? bias, float eps) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("layer_norm_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, "
+        "Tensor? bias, SymInt[] normalized_shape, bool[3] output_mask) -> (Tensor?, Tensor?, Tensor?)");
+  m.def("rms_norm(Tensor input, SymInt[] normalized_shape, Tensor? weight, float eps) -> (Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor grad_output, Tensor input, Tensor rstd, Tensor? weight, SymInt[] normalized_shape, "
+        "bool[2] output_mask) -> (Tensor?, Tensor?)");
+  m.def("normalize(Tensor input, int dim, float eps) -> (Tensor, Tensor)");
+  m.def("normalize_backward(Tensor grad_output, Tensor output, Tensor norm, int dim, float eps) -> Tensor");
 }
 
 namespace {
