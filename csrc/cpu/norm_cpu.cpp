@@ -120,12 +120,16 @@ struct CpuNorm {
         }
         cpu::fence();
       });
-      // Column sums of the partial rows, block after block: the same order on every run.
-      const auto sum_blocks = [&](const std::vector<T>& partials, const at::Tensor& out) {
+      // Column sums of the partial rows, pairwise (block b += block b + step, step = 1, 2, 4, ...): the same
+      // order on every run, and a rounding error that grows with log2(blocks), not with blocks.
+      const auto sum_blocks = [&](std::vector<T>& partials, const at::Tensor& out) {
         T* total = out.template mutable_data_ptr<T>();
         at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
-          for (int64_t block = 0; block < blocks; ++block)
-            add_map_row<T>(total + begin, end - begin, [](auto v) { return v; }, partials.data() + block * n + begin);
+          for (int64_t step = 1; step < blocks; step *= 2)
+            for (int64_t block = 0; block + step < blocks; block += 2 * step)
+              add_map_row<T>(partials.data() + block * n + begin, end - begin, [](auto v) { return v; },
+                             partials.data() + (block + step) * n + begin);
+          add_map_row<T>(total + begin, end - begin, [](auto v) { return v; }, partials.data() + begin);
         });
       };
       if (want_dw) sum_blocks(partial_w, grad_weight);
