@@ -152,6 +152,14 @@ CROSS_ENTROPY = VJPOp(
 # fused_linear_cross_entropy(input, weight, target, bias?, ignore_index, reduction, label_smoothing, compute_grad)
 #   -> (loss, grad_input?, grad_weight?, grad_bias?)
 
+def _cross_entropy_for(call):
+    """cross_entropy's forward and VJP op for a vmap rule calling `call`: the registered ops under the
+    registered op's rule (no Function may run there), the differentiable paths under a Function's."""
+    if isinstance(call, torch._ops.OpOverloadPacket):
+        return torch.ops.torch_vjp.cross_entropy, torch.ops.torch_vjp.cross_entropy_backward
+    return CROSS_ENTROPY.forward, CROSS_ENTROPY.backward
+
+
 def _logits(input, weight, bias, batched_weight=False):
     logits = torch.matmul(input, weight.transpose(-1, -2) if batched_weight else weight.t())
     return logits if bias is None else logits + (bias.unsqueeze(-2) if batched_weight else bias)
@@ -229,8 +237,8 @@ def _fused_vmap(call, info, in_dims, input, weight, target, bias, ignore_index, 
         weight = _moved(weight, in_dims[1], size)
         bias = None if bias is None else _moved(bias, in_dims[3], size)
         logits = _logits(input, weight, bias, batched_weight=True)
-        loss = CROSS_ENTROPY(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index, "none",
-                             label_smoothing)
+        loss = _cross_entropy_for(call)[0](logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index,
+                                           "none", label_smoothing)[0]
     return (_reduce_per_sample(loss.reshape(rows), target, ignore_index, reduction), None, None, None), \
         (0, None, None, None)
 
@@ -249,10 +257,11 @@ def _fused_backward_vmap(call, info, in_dims, grad_output, input, weight, target
     logits = _logits(input, weight, bias, batched_weight=True if batched_weight else False)
     classes = logits.shape[-1]
     flat_logits, flat_target = logits.reshape(-1, classes), target.reshape(-1)
-    _, lse = CROSS_ENTROPY.forward(flat_logits, flat_target, ignore_index, "none", label_smoothing)
+    forward, backward = _cross_entropy_for(call)
+    _, lse = forward(flat_logits, flat_target, ignore_index, "none", label_smoothing)
     g = _row_scale_per_sample(grad_output, target, ignore_index, reduction, input.dtype)
-    dlogits = CROSS_ENTROPY.backward(g.reshape(-1), flat_logits, flat_target, lse, ignore_index, "none",
-                                     label_smoothing).reshape(logits.shape)
+    dlogits = backward(g.reshape(-1), flat_logits, flat_target, lse, ignore_index, "none",
+                       label_smoothing).reshape(logits.shape)
     grad_input = torch.matmul(dlogits, weight)
     grad_weight = torch.matmul(dlogits.transpose(-1, -2), input)
     grad_bias = None if bias is None else dlogits.sum(-2)

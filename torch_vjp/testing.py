@@ -24,8 +24,8 @@ import torch.nn.functional as F
 import torch_vjp
 import torch_vjp.nn
 
-__all__ = ["OpInfo", "OPS", "OPS_BY_NAME", "ModuleInfo", "MODULES", "Call", "SAMPLED", "op_variants", "sample",
-           "dim_calls", "IGNORE_INDEX"]
+__all__ = ["OpInfo", "OPS", "OPS_BY_NAME", "ModuleInfo", "MODULES", "Call", "Batch", "SAMPLED", "op_variants",
+           "sample", "dim_calls", "sample_shapes", "batch_of_calls", "IGNORE_INDEX"]
 
 SAMPLED = "sampled"  # a variant's value for a tensor argument that is drawn to fit the input (a weight, a bias)
 IGNORE_INDEX = -100  # the default ignore_index: drawn targets carry some, so the default variant ignores rows
@@ -298,6 +298,61 @@ def dim_calls(info: OpInfo, ndim: int, **variant) -> list[dict]:
     if info.has_normalized_shape:
         return [dict(normalized_dims=k, **variant) for k in range(1, ndim + 1)]
     return [dict(variant)]
+
+
+def sample_shapes(info: OpInfo) -> list[tuple]:
+    """Per-sample shapes a row's op is batched over by vmap: ranks 0-3 (a norm: 1-3; cross_entropy: (C,) and
+    (N, C), as the registered op takes them; the fused loss: (N, H))."""
+    if info.name == "fused_linear_cross_entropy":
+        return [(3, 4)]
+    if info.family == "loss":
+        return [(5,), (3, 4)]
+    if info.has_normalized_shape:
+        return [(5,), (3, 4), (2, 3, 4)]
+    return [(), (5,), (3, 4), (2, 3, 4)]
+
+
+@dataclass
+class Batch:
+    """`size` calls of a row's op on samples of one shape, as vmap sees them: `args` (the primals, then the
+    non-floating tensors such as targets), each stacked along its `in_dims` entry (None: shared by every
+    sample, a parameter), and `fn(kind)`, the per-sample function of those args ("op", "ref", "raw", "exact")."""
+    calls: list
+    args: tuple
+    in_dims: tuple
+    keys: tuple  # the keyword of each arg after x; None: a primal passed positionally by its Call
+
+    def fn(self, kind: str) -> Callable:
+        template = self.calls[0]
+        n = len(template.primals)
+
+        def per_sample(*args):
+            kwargs = dict(template.kwargs, **{k: a for k, a in zip(self.keys[n:], args[n:])})
+            return getattr(Call(template.info, args[:n], template.names, kwargs), kind)(*args[:n])
+
+        return per_sample
+
+
+def batch_of_calls(info: OpInfo, sample_shape, size: int, dtype, device, in_dim: int = 0, seed: int = 0,
+                   batch_shared: bool = False, **call) -> Batch:
+    """`size` samples of sample_shape, each with its own drawn tensors, stacked for vmap: x (and tensors
+    shaped like it, an up projection) along in_dim, other per-sample tensors (targets) along 0, a shared
+    parameter not at all (unless batch_shared: one per sample, along 0)."""
+    calls = [info.call(sample(info, sample_shape, dtype, device, seed + i), seed=seed + i, **call) for i in range(size)]
+    c0 = calls[0]
+    tensor_kwargs = [k for k, v in c0.kwargs.items() if isinstance(v, torch.Tensor)]
+    keys = (None, *c0.names, *tensor_kwargs)
+    args, in_dims = [], []
+    for slot, key in enumerate(keys):
+        per = [c.primals[slot] if slot < len(c0.primals) else c.kwargs[key] for c in calls]
+        if key in info.shared and not batch_shared:
+            args.append(per[0])
+            in_dims.append(None)
+            continue
+        dim = in_dim if per[0].shape == c0.x.shape else 0
+        args.append(torch.stack(per, dim))
+        in_dims.append(dim)
+    return Batch(calls, tuple(args), tuple(in_dims), keys)
 
 
 @dataclass(frozen=True)
