@@ -190,8 +190,10 @@ def _fused_vjp_args(grad_output, saved, params, needs):
 
 
 def _fused_cached_vjp(grad_output, saved, params):
+    """The forward's gradients (for grad_output = 1) scaled by grad_output: only for a reduced loss. With
+    reduction='none' they are the gradients of Σ loss_i, which a per-row grad_output cannot scale."""
     grad_input, grad_weight, grad_bias = saved[4:]
-    if grad_input is None:
+    if grad_input is None or params[1] == "none":
         return None
     return (grad_output * grad_input, grad_output * grad_weight, None,
             None if grad_bias is None else grad_output * grad_bias)

@@ -132,6 +132,12 @@ class Call:
     def raw(self, *primals):
         return self.info.raw(primals[0], **self._kwargs(primals))
 
+    def raw_args(self, **overrides) -> tuple:
+        """The registered op's arguments for this call, in its schema's order (overrides by argument name)."""
+        params = self.info.raw_params(self.x, **self._kwargs(self.primals))
+        names = [a.name for a in getattr(torch.ops.torch_vjp, self.info.name).default._schema.arguments[1:]]
+        return (self.x, *(overrides.get(n, p) for n, p in zip(names, params)))
+
     def baseline(self, *primals):
         """The accuracy baseline in the op's own dtype: the unfused form on torch_vjp's ops, else torch's."""
         return (self.info.unfused or self.info.ref)(primals[0], **self._kwargs(primals))
