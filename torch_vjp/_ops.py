@@ -211,7 +211,8 @@ class VJPOp:
     autocast_output: under autocast, the public output's dtype, where the counterpart's differs from the
                    kernel's ("fp32": the counterpart ends in an op of the "fp32" list).
     integers:      what the public op does with an integer or bool input, as its counterpart does:
-                   "promote" (to the default float dtype) or "error" (integer_error, NotImplementedError).
+                   "promote" (to the default float dtype) or "error": integer_error (NotImplementedError), or
+                   a function of the arguments giving the error type where torch's depends on them.
     """
 
     name: str
@@ -233,7 +234,7 @@ class VJPOp:
     autocast: dict = field(default_factory=dict)
     autocast_output: str | None = None
     integers: str = "error"
-    integer_error: type = NotImplementedError
+    integer_error: type | Callable = NotImplementedError
 
     def __post_init__(self):
         if self.vjp_ref is not None:
@@ -307,7 +308,7 @@ class VJPOp:
             if not isinstance(input, _Tensor):
                 raise TypeError(f"torch_vjp.{name}(): argument '{first}' must be Tensor, not {type(input).__name__}")
             if not input.is_floating_point():
-                args = (integral_input(input), *args[1:])
+                args = (integral_input(input, args), *args[1:])
             if _is_compiling() or _tracing_state() is not None:
                 return public(traceable(*args))
             if casts and _any_autocast():
@@ -324,14 +325,15 @@ class VJPOp:
 
         return call
 
-    def integral_input(self, input: torch.Tensor) -> torch.Tensor:
+    def integral_input(self, input: torch.Tensor, args: tuple = ()) -> torch.Tensor:
         """torch's rule for an integer or bool input (see `integers`). A complex input goes on to the kernels'
         TypeError: torch_vjp has no complex kernels."""
         if input.is_complex():
             return input
         if self.integers == "promote":
             return input.to(torch.get_default_dtype())
-        raise self.integer_error(
+        error = self.integer_error if isinstance(self.integer_error, type) else self.integer_error(args)
+        raise error(
             f"torch_vjp.{self.name}: not implemented for {input.dtype} input (as torch's counterpart, which only "
             f"computes it for floating types); cast the input to a floating dtype first")
 

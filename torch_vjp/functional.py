@@ -418,6 +418,10 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Te
     :math:`dw = \sum_\text{rows} dy \odot \hat x`, deterministic.
     """
     fn = "rms_norm"
+    if isinstance(input, Tensor) and isinstance(normalized_shape, (tuple, list, torch.Size)) \
+            and input.dim() < len(normalized_shape):
+        raise ValueError(f"torch_vjp.rms_norm: normalized_shape={list(normalized_shape)} has more dims than the input "
+                         f"of size {list(input.shape)} (torch raises ValueError here too)")
     if eps is None:
         eps = torch.finfo(input.dtype).eps if isinstance(input, Tensor) and input.is_floating_point() else 0.0
     return _RMS_NORM(input, _shape(normalized_shape, fn), _tensor(weight, fn, "weight", True), _float(eps, fn, "eps"))
@@ -540,6 +544,10 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     if target.is_floating_point() and target.shape == input.shape and input.dim() > 0:
         raise NotImplementedError("torch_vjp.cross_entropy: class-probability targets (a floating target shaped like "
                                   "the input) are not implemented; give class indices")
+    if input.dim() == 1 and target.dim() == 1:  # torch takes a target of one element for one row of logits
+        if target.numel() != 1:
+            raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.numel()}")
+        target = target.reshape(())
     if input.dim() <= 2:
         return _CROSS_ENTROPY(input, target, ignore_index, reduction, label_smoothing)
     # (N, C, d1, ...): every position a row of C logits.

@@ -276,6 +276,7 @@ FUSED_LINEAR_CROSS_ENTROPY = VJPOp(
     vjp_args=_fused_vjp_args, nondifferentiable=("target",), cached_vjp=_fused_cached_vjp, vmap=_fused_vmap,
     backward_vmap=_fused_backward_vmap, autocast={"cuda": "lower_precision_fp", "cpu": "lower_precision_fp"},
     autocast_output="fp32",
+    integer_error=RuntimeError,  # as torch's linear, whose product refuses an integer input beside a float head
 )
 OPS = {op.name: op for op in (CROSS_ENTROPY, FUSED_LINEAR_CROSS_ENTROPY)}
 
@@ -286,7 +287,7 @@ OPS = {op.name: op for op in (CROSS_ENTROPY, FUSED_LINEAR_CROSS_ENTROPY)}
 
 def _check_label_smoothing(label_smoothing):
     if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
 
 
 def _check_target(target, rows, batched, device, name):
@@ -294,9 +295,10 @@ def _check_target(target, rows, batched, device, name):
         raise RuntimeError(f"torch_vjp.{name}: expected target dtype to be Long or Byte, but got {target.dtype}")
     if target.device != device:
         raise RuntimeError(f"torch_vjp.{name}: expected target on the input's device {device}, got {target.device}")
-    if batched and (target.dim() != 1 or target.shape[0] != rows):
-        size = target.shape[0] if target.dim() == 1 else target.numel()
-        raise ValueError(f"Expected input batch_size ({rows}) to match target batch_size ({size}).")
+    if batched and target.dim() != 1:
+        raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+    if batched and target.shape[0] != rows:
+        raise ValueError(f"Expected input batch_size ({rows}) to match target batch_size ({target.shape[0]}).")
     if not batched and target.dim() != 0:
         raise RuntimeError(f"torch_vjp.{name}: expected a 0-d target for input of shape (C,), got target of shape "
                            f"{list(target.shape)}")
@@ -343,6 +345,7 @@ def _(grad_output, input, target, lse, ignore_index, reduction, label_smoothing)
 
 def _check_fused(input, weight, target, bias, reduction, label_smoothing, name):
     check_reduction(reduction)
+    check_floating(input, name, "input")
     if input.dim() != 2:
         raise RuntimeError(f"torch_vjp.{name}: expected input of shape (N, H), got {list(input.shape)}")
     if weight.dim() != 2:
@@ -356,7 +359,6 @@ def _check_fused(input, weight, target, bias, reduction, label_smoothing, name):
         if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
             raise RuntimeError(f"torch_vjp.{name}: expected bias of shape ({weight.shape[0]},), got {list(bias.shape)}")
     _check_label_smoothing(label_smoothing)
-    check_floating(input, name, "input")
     _check_target(target, input.shape[0], True, input.device, name)
 
 

@@ -206,8 +206,14 @@ def _make_norm(name: str, centered: bool) -> VJPOp:
         output = (dx, dw, db) if centered else (dx, dw)
         return output, tuple(None if t is None else 0 for t in output)
 
+    def integer_error(args):
+        # torch's layer_norm checks its parameters' dtype against the input's before the kernel's dtype
+        # dispatch: an integer input with a weight or bias is its RuntimeError, alone its NotImplementedError.
+        x, _, w, b, _ = unpack(args)
+        return RuntimeError if centered and (w is not None or b is not None) else NotImplementedError
+
     op = VJPOp(name, saves=saves, jvp=jvp, vjp_ref=vjp_ref, vjp_args=vjp_args, extras_vjp=extras_vjp, vmap=vmap,
-               backward_vmap=backward_vmap, autocast={"cuda": "fp32"})
+               backward_vmap=backward_vmap, autocast={"cuda": "fp32"}, integer_error=integer_error)
     return op
 
 

@@ -74,7 +74,7 @@ class OpInfo:
             if arg.name == "compute_grad":  # the fused loss's: not a public argument
                 params.append(False)
             elif arg.name == "eps" and bound.arguments["eps"] is None:  # rms_norm's default, as the public op
-                params.append(torch.finfo(input.dtype).eps)
+                params.append(torch.finfo(input.dtype).eps if input.is_floating_point() else 0.0)
             else:
                 params.append(bound.arguments[arg.name])
         return tuple(params)
@@ -167,8 +167,10 @@ class Call:
 
 
 def _draw_like(x, gen, scale=1.0, shape=None):
+    """randn · scale in x's dtype (the default float dtype beside an integer x, whose op then refuses it)."""
+    dtype = x.dtype if x.is_floating_point() or x.is_complex() else torch.get_default_dtype()
     return (torch.randn(x.shape if shape is None else shape, generator=gen, dtype=torch.float64) * scale).to(
-        dtype=x.dtype, device=x.device)
+        dtype=dtype, device=x.device)
 
 
 def _draw_params(names):
