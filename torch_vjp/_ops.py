@@ -302,6 +302,7 @@ class VJPOp:
         tensors, first = forward.tensors, forward.arg_names[0]
         public = (lambda outputs: outputs[0]) if forward.n_outputs > 1 else (lambda output: output)
         cast_output = self.cast_output
+        optional_outputs = any(str(ret.type) != "Tensor" for ret in forward.overload._schema.returns)
 
         def call(*args):
             input = args[0]
@@ -309,6 +310,10 @@ class VJPOp:
                 raise TypeError(f"torch_vjp.{name}(): argument '{first}' must be Tensor, not {type(input).__name__}")
             if not input.is_floating_point():
                 args = (integral_input(input, args), *args[1:])
+            if optional_outputs and _tracing_state() is not None:
+                raise RuntimeError(
+                    f"torch.jit.trace cannot record torch_vjp.{name}: its registered op returns optional tensors, "
+                    f"which TorchScript does not support; use torch.export or torch.compile")
             if _is_compiling() or _tracing_state() is not None:
                 return public(traceable(*args))
             if casts and _any_autocast():

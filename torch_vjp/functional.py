@@ -519,7 +519,8 @@ _LOSS_ARGS = """
         input (Tensor): logits, ``(N, C)``, ``(C,)`` or ``(N, C, d1, ...)`` (the class dim second), floating.
         target (Tensor): class indices (int64 or uint8), ``(N,)``, ``()`` or ``(N, d1, ...)``.
         weight (Tensor, optional): class weights: not supported (NotImplementedError unless None).
-        size_average, reduce: torch's deprecated forms of ``reduction`` (with its warning).""" + _LOSS_ARGS + """
+        size_average (bool, optional): torch's deprecated form of ``reduction`` (with its warning).
+        reduce (bool, optional): likewise.""" + _LOSS_ARGS + """
     Shape: the loss is a scalar, or the target's shape for ``reduction='none'``. Under autocast (CUDA and CPU)
     it runs in float32, as torch's does.
 """)
