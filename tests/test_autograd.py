@@ -286,3 +286,41 @@ def test_shared_parameter_gradient_is_the_batch_sum_of_per_sample_gradients(info
     for per, whole in zip(per_sample_grads, batch_grads):
         assert per.shape == (6, *whole.shape)
         torch.testing.assert_close(per.sum(0), whole, rtol=1e-10, atol=1e-12)
+
+
+# The graph Liger-Kernel gets wrong (it writes dlogits into the logits' storage): the logits feed the loss
+# and another term, so their stored value must survive the loss's forward and backward.
+OTHER_TERMS = {
+    "square": lambda z: (z * z).sum(),
+    "softmax": lambda z: (torch.softmax(z, -1) * torch.arange(z.shape[-1], dtype=z.dtype, device=z.device)).sum(),
+    "saved by exp": lambda z: z.exp().sum(),
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("term", OTHER_TERMS, ids=str)
+def test_loss_plus_another_term_of_the_logits(term, reduction, device):
+    """loss = cross_entropy(logits) + f(logits), logits = x Wᵀ (non-leaf), and the fused loss beside f of the
+    same logits: the gradients are torch's, and the logits' storage and version are untouched (no kernel
+    writes into a tensor of the user's graph)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    w = torch.randn(7, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    target = torch.tensor([0, 3, -100, 6, 2, 1], device=device)
+    f = OTHER_TERMS[term]
+
+    def total(ce, fused):
+        logits = x @ w.t()
+        before, version = logits.detach().clone(), logits._version
+        loss = ce(logits, target, reduction=reduction, label_smoothing=0.1).sum() + f(logits)
+        if fused is not None:
+            loss = loss + fused(x, w, target, reduction=reduction).sum()
+        grads = torch.autograd.grad(loss, (x, w))
+        assert torch.equal(logits, before) and logits._version == version
+        return grads
+
+    def torch_fused(x, w, target, reduction):
+        return torch.nn.functional.cross_entropy(x @ w.t(), target, reduction=reduction)
+
+    expected = total(torch.nn.functional.cross_entropy, torch_fused)
+    torch.testing.assert_close(total(torch_vjp.cross_entropy, torch_vjp.fused_linear_cross_entropy), expected)

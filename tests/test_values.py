@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from torch_vjp.testing import dim_calls, op_variants, sample
+from torch_vjp.testing import OPS_BY_NAME, Call, dim_calls, op_variants, sample
 
 # Half types are computed in float32 and rounded once, so ~2 ulps of the dtype cover them; float64 is
 # near exact. Everything is compared with the float64 reference.
@@ -172,3 +172,34 @@ def test_special_values(info, variant, dtype, device):
     c64 = c.cast(torch.float64)
     y, y_ref = c.op(*c.primals), c64.ref(*c64.primals).to(dtype)
     torch.testing.assert_close(y, y_ref, equal_nan=True, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_loss_bfloat16_vocab_50000(reduction, device):
+    """The fused loss in bfloat16 over a 50000-word vocabulary: 700 rows, so that on the CPU (64 MiB of logits
+    a chunk) the rows span two chunks. Loss and every gradient against float64 on the same inputs, to the
+    accuracy of the unfused kernels (torch's linear, then torch_vjp.cross_entropy) and within bfloat16's
+    relative tolerance of float64 torch."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(700, 32, generator=g) * 2).to(device, torch.bfloat16)
+    w = (torch.randn(50000, 32, generator=g) / 4).to(device, torch.bfloat16)
+    b = (torch.randn(50000, generator=g) / 4).to(device, torch.bfloat16)
+    target = torch.randint(0, 50000, (700,), generator=g).to(device)
+    target[::9] = -100
+    call = OPS_BY_NAME["fused_linear_cross_entropy"].call(x)
+    call = Call(call.info, (x, w, b), ("weight", "bias"), {"target": target, "reduction": reduction,
+                                                            "label_smoothing": 0.1})
+    check = [call.cast(requires_grad=True), call.cast(torch.float64, requires_grad=True),
+             call.cast(requires_grad=True)]
+    results = []
+    for c, fn in zip(check, ("op", "ref", "baseline")):
+        y = getattr(c, fn)(*c.primals)
+        dy = torch.ones_like(y) if y.dim() == 0 else sample(c.info, y.shape, torch.bfloat16, device, 1).to(y.dtype)
+        results.append((y.detach(), torch.autograd.grad(y, c.primals, dy)))
+    (y, grads), (y_ref, grads_ref), (_, grads_unfused) = results
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), y_ref, rtol=1.6e-2, atol=1e-3)
+    for grad, ref, unfused in zip(grads, grads_ref, grads_unfused):
+        assert grad.dtype == torch.bfloat16
+        assert_gradient_close(grad, unfused, ref, TOLERANCES[torch.bfloat16])
+        assert (grad.double() - ref).norm() <= 1.6e-2 * ref.norm()
