@@ -54,6 +54,7 @@ class OpInfo:
     # fused op must lose no more than they do (measured: the fused loss against torch's linear + cross_entropy
     # in half precision differs by single roundings of logits and dlogits either way).
     unfused: Callable | None = None
+    bench: dict = field(default_factory=dict)  # the variant the benchmarks time (a norm's: with its parameters)
 
     @property
     def has_dim(self) -> bool:
@@ -270,10 +271,11 @@ OPS = [
     # Normalization: with and without weight and bias (the bias alone with another eps). Inputs of mean 0
     # and spread 2; tests/test_accuracy.py holds the mean-1e4 case.
     _row("layer_norm", torch_vjp.layer_norm, F.layer_norm, "norm", scale=2.0, variants=_AFFINE,
-         draw=_draw_params(("weight", "bias")), shared=("weight", "bias"), exact_ref=_layer_norm_composite),
+         draw=_draw_params(("weight", "bias")), shared=("weight", "bias"), exact_ref=_layer_norm_composite,
+         bench=_AFFINE[2]),
     _row("rms_norm", torch_vjp.rms_norm, F.rms_norm, "norm", scale=2.0,
          variants=({}, {"weight": SAMPLED}, {"weight": SAMPLED, "eps": 1e-3}),
-         draw=_draw_params(("weight",)), shared=("weight",),
+         draw=_draw_params(("weight",)), shared=("weight",), bench={"weight": SAMPLED},
          pin=lambda kwargs, dtype: {"eps": torch.finfo(dtype).eps, **{k: v for k, v in kwargs.items() if v is not None}}),
     _row("normalize", torch_vjp.normalize, F.normalize, "norm", scale=2.0, variants=({}, {"eps": 0.5})),
     # Gated: the gate's spread reaches silu's and gelu's tails; up is drawn like the gate.
