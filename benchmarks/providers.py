@@ -39,6 +39,11 @@ def _compile(call, device):
     # A fresh Dynamo state per case: the wrappers share one code object, so without the reset every
     # new op or shape is a recompile of the last, and Dynamo stops compiling at its recompile limit.
     torch._dynamo.reset()
+    # The bwd phase runs a recorded graph's backward again (retain_graph=True), which a compiled backward
+    # that donates its saved buffers refuses (AOTAutograd donates them for layer_norm's statistics, say).
+    import torch._functorch.config as functorch_config
+
+    functorch_config.donated_buffer = False
     ref = call.ref
 
     def reference(*primals):
