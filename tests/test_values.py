@@ -203,3 +203,23 @@ def test_fused_loss_bfloat16_vocab_50000(reduction, device):
         assert grad.dtype == torch.bfloat16
         assert_gradient_close(grad, unfused, ref, TOLERANCES[torch.bfloat16])
         assert (grad.double() - ref).norm() <= 1.6e-2 * ref.norm()
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_norm_float32_parameters_with_half_activations(name, dtype, device):
+    """Mixed precision's norms: float32 weight and bias with bfloat16/float16 input give torch's output dtype
+    (the input's) and values; each gradient comes back in its tensor's dtype, to torch's own accuracy."""
+    info = OPS_BY_NAME[name]
+    x = sample(info, (64, 48), dtype, device)
+    c = info.call(x.float(), **info.bench)  # parameters drawn in float32
+    c = Call(info, (x, *c.primals[1:]), c.names, c.kwargs)
+    y, grads = run(c, c.op)
+    y_torch, grads_torch = run(c, c.ref)
+    c64 = c.cast(torch.float64)
+    y_ref, grads_ref = run(c64, c64.ref, sample(info, y.shape, y.dtype, device, generator_seed=1))
+    assert y.dtype == y_torch.dtype == dtype
+    torch.testing.assert_close(y.double(), y_ref, **TOLERANCES[dtype])
+    for t, g, g_torch, g_ref in zip(c.primals, grads, grads_torch, grads_ref):
+        assert g.dtype == g_torch.dtype == t.dtype
+        assert_gradient_close(g, g_torch, g_ref, TOLERANCES[t.dtype])
