@@ -377,20 +377,25 @@ def _logsumexp(input: Tensor, dim, keepdim: bool) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------
 # Normalization: over the trailing normalized_shape (layer_norm, rms_norm) or along one dim (normalize).
 
-_NORM_ARGS = """
+def _norm_args(params: str, eps: str) -> str:
+    return f"""
     Args:
         input (Tensor): any shape ``(*, *normalized_shape)``, floating.
         normalized_shape (tuple of ints): the trailing dims each row normalizes over (a list or torch.Size too).
-        weight (Tensor, optional): of shape ``normalized_shape``, any floating dtype; the output has the input's
-            dtype whatever the weight's (fp32 weights with bf16 activations give bf16), and the weight's gradient
-            the weight's dtype.
+{params}        eps ({eps}
+
+    The parameters may have any floating dtype: the output has the input's whatever theirs (float32 weights
+    with bfloat16 activations give bfloat16, torch's rule), each parameter's gradient its own.
 
     Shape: output as input. Under CUDA autocast it runs in float32, as torch's does.
 """
 
 
-@_with_args(_NORM_ARGS + """        eps (float): added to the variance. Default: 1e-5. bias (Tensor, optional): as weight.
-""")
+_WEIGHT = "        weight (Tensor, optional): of shape ``normalized_shape``, multiplies x̂. Default: None (ones).\n"
+
+
+@_with_args(_norm_args(_WEIGHT + "        bias (Tensor, optional): of shape ``normalized_shape``, added. Default: None.\n",
+                       "float): added to the variance. Default: 1e-5."))
 def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     r"""layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-05) -> Tensor
@@ -406,8 +411,8 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[
                        _tensor(bias, fn, "bias", True), _float(eps, fn, "eps"))
 
 
-@_with_args(_NORM_ARGS + """        eps (float, optional): added to the mean square; None: ``torch.finfo(input.dtype).eps``, as torch.
-""")
+@_with_args(_norm_args(_WEIGHT, "float, optional): added to the mean square. Default: None, which is "
+                                "``torch.finfo(input.dtype).eps``, as torch's."))
 def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
              eps: Optional[float] = None) -> Tensor:
     r"""rms_norm(input, normalized_shape, weight=None, eps=None) -> Tensor
