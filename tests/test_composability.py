@@ -5,6 +5,7 @@ import os
 import pathlib
 import re
 import socket
+import warnings
 
 import pytest
 import torch
@@ -303,3 +304,15 @@ def test_ddp_gloo_two_processes_equal_the_full_batch(tmp_path):
     for rank in range(2):
         grads = torch.load(tmp_path / f"grads{rank}.pt")
         torch.testing.assert_close(grads, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_autocast_of_another_device_leaves_the_ops_alone():
+    """CUDA autocast enabled while the tensors are on the CPU: no cast, the fused loss's bfloat16 loss stays
+    bfloat16 (the policy is the tensors' device's)."""
+    x, w = torch.randn(4, 6, dtype=torch.bfloat16), torch.randn(7, 6, dtype=torch.bfloat16)
+    target = torch.tensor([0, 3, -100, 5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # enabling CUDA autocast without a GPU warns
+        with torch.autocast("cuda", dtype=torch.float16):
+            assert torch_vjp.fused_linear_cross_entropy(x, w, target).dtype == torch.bfloat16
+            assert torch_vjp.layer_norm(x, (6,)).dtype == torch.bfloat16

@@ -317,8 +317,8 @@ class VJPOp:
             if _is_compiling() or _tracing_state() is not None:
                 return public(traceable(*args))
             if casts and _any_autocast():
-                args = autocast_args(args)
-                return cast_output(public(_dispatch(args)))
+                output = public(_dispatch(autocast_args(args)))
+                return cast_output(output, input.device.type)
             return public(_dispatch(args))
 
         def _dispatch(args):
@@ -352,9 +352,10 @@ class VJPOp:
         cast = _autocast_cast(policy, device_type)
         return tuple(cast(a) for a in args)
 
-    def cast_output(self, output):
-        """The public output as torch's counterpart gives it under autocast (see `autocast_output`)."""
-        if self.autocast_output == "fp32" and output.dtype in (torch.float16, torch.bfloat16):
+    def cast_output(self, output, device_type: str):
+        """The public output as torch's counterpart gives it under the device's autocast (`autocast_output`)."""
+        if (self.autocast_output == "fp32" and output.dtype in (torch.float16, torch.bfloat16)
+                and device_type in self.autocast and torch.is_autocast_enabled(device_type)):
             return output.float()
         return output
 
