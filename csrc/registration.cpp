@@ -25,6 +25,12 @@ TORCH_LIBRARY(torch_vjp, m) {
   m.def("mish(Tensor input) -> Tensor");
   m.def("mish_backward(Tensor grad_output, Tensor input) -> Tensor");
 
+  // Gated family (math/gated.h): f(gate) ⊙ up; the backward returns (grad_gate, grad_up).
+  m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
+  m.def("swiglu_backward(Tensor grad_output, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  m.def("geglu(Tensor gate, Tensor up, str approximate) -> Tensor");
+  m.def("geglu_backward(Tensor grad_output, Tensor gate, Tensor up, str approximate) -> (Tensor, Tensor)");
+
   // Softmax family (math/softmax.h).
   m.def("softmax(Tensor input, int dim) -> Tensor");
   m.def("softmax_backward(Tensor grad_output, Tensor output, int dim) -> Tensor");
@@ -32,6 +38,31 @@ TORCH_LIBRARY(torch_vjp, m) {
   m.def("log_softmax_backward(Tensor grad_output, Tensor output, int dim) -> Tensor");
   m.def("logsumexp(Tensor input, int dim, bool keepdim) -> Tensor");
   m.def("logsumexp_backward(Tensor grad_output, Tensor input, Tensor output, int dim, bool keepdim) -> Tensor");
+
+  // Normalization family (math/norm.h). The forwards also return the per-row statistics the VJP needs
+  // (mean, rstd; normalize: the norm), in the compute type; output_mask says which gradients to compute
+  // (input, weight, bias), and an absent parameter's gradient is None.
+  m.def("layer_norm(Tensor input, SymInt[] normalized_shape, Tensor? weight, Tensor? bias, float eps) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("layer_norm_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, "
+        "Tensor? bias, SymInt[] normalized_shape, bool[3] output_mask) -> (Tensor?, Tensor?, Tensor?)");
+  m.def("rms_norm(Tensor input, SymInt[] normalized_shape, Tensor? weight, float eps) -> (Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor grad_output, Tensor input, Tensor rstd, Tensor? weight, SymInt[] normalized_shape, "
+        "bool[2] output_mask) -> (Tensor?, Tensor?)");
+  m.def("normalize(Tensor input, int dim, float eps) -> (Tensor, Tensor)");
+  m.def("normalize_backward(Tensor grad_output, Tensor output, Tensor norm, int dim, float eps) -> Tensor");
+
+  // Losses (math/cross_entropy.h). cross_entropy also returns the per-row log-sum-exp its VJP needs.
+  // fused_linear_cross_entropy(compute_grad=True) also returns the gradients for grad_output = 1 (three
+  // matrix products in all); its _backward recomputes the logits chunk by chunk for any grad_output.
+  m.def("cross_entropy(Tensor input, Tensor target, int ignore_index, str reduction, float label_smoothing) "
+        "-> (Tensor, Tensor)");
+  m.def("cross_entropy_backward(Tensor grad_output, Tensor input, Tensor target, Tensor lse, int ignore_index, "
+        "str reduction, float label_smoothing) -> Tensor");
+  m.def("fused_linear_cross_entropy(Tensor input, Tensor weight, Tensor target, Tensor? bias, int ignore_index, "
+        "str reduction, float label_smoothing, bool compute_grad) -> (Tensor, Tensor?, Tensor?, Tensor?)");
+  m.def("fused_linear_cross_entropy_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor target, "
+        "Tensor? bias, int ignore_index, str reduction, float label_smoothing) -> (Tensor, Tensor, Tensor?)");
 }
 
 namespace {

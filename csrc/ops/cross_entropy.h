@@ -1,0 +1,264 @@
+// Losses: cross_entropy and fused_linear_cross_entropy, op schemas' implementations for one backend (math
+// in math/cross_entropy.h).
+//
+// A backend supplies two row kernels over logits x of shape (rows, C), contiguous, rows > 0, with int64
+// targets (rows,) and per-row values in the compute type T (opmath of x):
+//   Backend::cross_entropy_rows(x, target, ignore_index, smoothing, loss, lse)
+//       loss_i and lse_i; loss_i = 0 where target_i == ignore_index
+//   Backend::cross_entropy_grad_rows(x, target, lse, scale, ignore_index, smoothing, dx)
+//       dx_i = scale_i (softmax(x_i) - smoothed one-hot(t_i)); dx may be x itself (written in place)
+//   Backend::chunk_budget_bytes(device) the memory fused_linear_cross_entropy may give one chunk of logits
+// and calls register_cross_entropy<Backend>(m) in its TORCH_LIBRARY_IMPL. Checks, shapes, the reductions and
+// the fused op's chunk loop (matrix products through at::mm / at::addmm: cuBLAS or the CPU BLAS) are here.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+
+#include "common/checks.h"
+#include "math/cross_entropy.h"
+
+namespace torch_vjp {
+
+using math::Reduction;
+
+inline Reduction parse_reduction(c10::string_view reduction) {
+  if (reduction == "none") return Reduction::None;
+  if (reduction == "mean") return Reduction::Mean;
+  TORCH_CHECK_VALUE(reduction == "sum", reduction, " is not a valid value for reduction");
+  return Reduction::Sum;
+}
+
+// Class-index targets: (rows,) (or 0-d for one unbatched row), Long or Byte as torch's, each in [0, classes)
+// or ignore_index.
+inline void check_target(const at::Tensor& target, int64_t rows, int64_t classes, bool batched,
+                         const at::Device& device, int64_t ignore_index, const char* op) {
+  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte, "torch_vjp.", op,
+              ": expected target dtype to be Long or Byte, but got ", target.scalar_type());
+  TORCH_CHECK(target.device() == device, "torch_vjp.", op, ": expected target on the input's device ", device,
+              ", got ", target.device());
+  if (batched) {
+    TORCH_CHECK(target.dim() == 1, "0D or 1D target tensor expected, multi-target not supported");  // torch's
+    TORCH_CHECK_VALUE(target.size(0) == rows, "Expected input batch_size (", rows, ") to match target batch_size (",
+                      target.size(0), ").");
+  } else {
+    TORCH_CHECK(target.dim() == 0, "torch_vjp.", op, ": expected a 0-d target for input of shape (C,), got target of "
+                "shape ", target.sizes());
+  }
+  // Checking on the device would cost a sync on CUDA; the CUDA kernels assert instead (documented).
+  if (target.is_cpu() && rows > 0) {
+    const auto t = target.to(at::kLong);
+    const auto bad = ((t < 0) | (t >= classes)) & (t != ignore_index);
+    if (bad.any().item<bool>()) {
+      TORCH_CHECK_INDEX(false, "Target ", t.masked_select(bad)[0].item<int64_t>(), " is out of bounds.");
+    }
+  }
+}
+
+// Logits (N, C) with targets (N,), or (C,) with a 0-d target; returns (rows, classes).
+inline std::pair<int64_t, int64_t> check_logits_and_target(const at::Tensor& input, const at::Tensor& target,
+                                                           int64_t ignore_index, const char* op) {
+  check_floating(input, op, "input");
+  TORCH_CHECK(input.dim() == 1 || input.dim() == 2, "torch_vjp.", op, ": expected input of shape (N, C) or (C,) "
+              "(class-index targets), got ", input.sizes());
+  const int64_t rows = input.dim() == 2 ? input.size(0) : 1;
+  check_target(target, rows, input.size(-1), input.dim() == 2, input.device(), ignore_index, op);
+  return {rows, input.size(-1)};
+}
+
+// The loss of `rows` per-row losses (compute type) under a reduction, in the input's dtype.
+inline at::Tensor reduce_loss(const at::Tensor& row_losses, const at::Tensor& target, int64_t ignore_index,
+                              Reduction reduction, at::ScalarType dtype) {
+  if (reduction == Reduction::None) return row_losses.to(dtype).view(target.sizes());
+  auto total = row_losses.sum();
+  if (reduction == Reduction::Mean) total = total / (target != ignore_index).sum().to(total.scalar_type());
+  return total.to(dtype);
+}
+
+// Per-row scale of the VJP: dy_i ('none'), dy ('sum') or dy / count ('mean'), and 0 for ignored rows.
+inline at::Tensor row_scale(const at::Tensor& grad_output, const at::Tensor& target, int64_t ignore_index,
+                            Reduction reduction, at::ScalarType compute, const char* op) {
+  const int64_t rows = target.numel();
+  auto counted = (target != ignore_index).reshape({rows});
+  auto g = grad_output.to(compute);
+  if (reduction == Reduction::None) {
+    TORCH_CHECK(grad_output.sizes() == target.sizes(), "torch_vjp.", op, ": expected grad_output of shape ",
+                target.sizes(), " for reduction='none', got ", grad_output.sizes());
+    g = g.reshape({rows});
+  } else {
+    TORCH_CHECK(grad_output.dim() == 0, "torch_vjp.", op, ": expected a 0-d grad_output, got ",
+                grad_output.sizes());
+    if (reduction == Reduction::Mean) g = g / counted.sum().to(compute);
+    g = g.expand({rows});
+  }
+  return at::where(counted, g, at::zeros({}, g.options())).contiguous();
+}
+
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& input, const at::Tensor& target,
+                                                         int64_t ignore_index, c10::string_view reduction,
+                                                         double label_smoothing) {
+  const char* op = "cross_entropy";
+  const Reduction r = parse_reduction(reduction);
+  const auto [rows, classes] = check_logits_and_target(input, target, ignore_index, op);
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, "label_smoothing must be between 0.0 and 1.0. Got: ",
+                    label_smoothing);
+  const c10::OptionalDeviceGuard guard(input.device());
+  const auto compute = input.options().dtype(at::toOpMathType(input.scalar_type()));
+  auto x = input.contiguous().view({rows, classes});
+  auto t = target.to(at::kLong).contiguous().view({rows});
+  auto losses = at::zeros({rows}, compute);
+  auto lse = at::empty({rows}, compute);
+  if (rows > 0 && classes > 0) Backend::cross_entropy_rows(x, t, ignore_index, label_smoothing, losses, lse);
+  else lse.fill_(-std::numeric_limits<double>::infinity());
+  return {reduce_loss(losses, target, ignore_index, r, input.scalar_type()), lse.view(target.sizes())};
+}
+
+template <class Backend>
+at::Tensor cross_entropy_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
+                                  const at::Tensor& lse, int64_t ignore_index, c10::string_view reduction,
+                                  double label_smoothing) {
+  const char* op = "cross_entropy_backward";
+  const Reduction r = parse_reduction(reduction);
+  const auto [rows, classes] = check_logits_and_target(input, target, ignore_index, op);
+  const auto compute = at::toOpMathType(input.scalar_type());
+  TORCH_CHECK(lse.sizes() == target.sizes() && lse.scalar_type() == compute && lse.device() == input.device(),
+              "torch_vjp.", op, ": expected lse of shape ", target.sizes(), " and dtype ", compute, ", got ", lse.sizes(),
+              " ", lse.scalar_type());
+  TORCH_CHECK(grad_output.device() == input.device(), "torch_vjp.", op, ": expected grad_output on ", input.device());
+  const c10::OptionalDeviceGuard guard(input.device());
+  auto x = input.contiguous().view({rows, classes});
+  auto dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (rows > 0 && classes > 0) {
+    auto t = target.to(at::kLong).contiguous().view({rows});
+    Backend::cross_entropy_grad_rows(x, t, lse.contiguous().view({rows}), row_scale(grad_output, target, ignore_index, r, compute, op),
+                                     ignore_index, label_smoothing, dx);
+  }
+  return dx.view(input.sizes());
+}
+
+// fused_linear_cross_entropy: cross_entropy(input @ weightᵀ + bias) without ever holding all the logits.
+// Rows go in chunks; for each, logits = x_c weightᵀ + bias (at::addmm), their loss, and, when gradients are
+// wanted, dlogits written over the chunk's own logits, then grad_input_c = dlogits weight and
+// grad_weight += dlogitsᵀ x_c (at::addmm_, accumulated in the weight's dtype), grad_bias += Σ_rows dlogits.
+struct LinearCrossEntropy {
+  at::Tensor input, weight, target;  // (N, H), (V, H), (N,) int64
+  std::optional<at::Tensor> bias;    // (V,)
+  int64_t ignore_index;
+  double label_smoothing;
+};
+
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> linear_cross_entropy_chunks(
+    const LinearCrossEntropy& a, const at::Tensor& scale /* (N,) compute type, or undefined: no gradients */) {
+  const int64_t rows = a.input.size(0), vocab = a.weight.size(0);
+  const auto compute = a.input.options().dtype(at::toOpMathType(a.input.scalar_type()));
+  const int64_t budget = Backend::chunk_budget_bytes(a.input.device());
+  const int64_t chunk = std::clamp<int64_t>(budget / std::max<int64_t>(1, vocab * a.input.element_size()) / 8 * 8, 8, std::max<int64_t>(rows, 8));
+  auto losses = at::zeros({rows}, compute);
+  auto lse = at::empty({rows}, compute);
+  const bool grads = scale.defined();
+  at::Tensor grad_input = grads ? at::empty_like(a.input) : at::Tensor();
+  at::Tensor grad_weight = grads ? at::zeros_like(a.weight) : at::Tensor();
+  std::optional<at::Tensor> grad_bias;
+  if (grads && a.bias.has_value()) grad_bias = at::zeros({vocab}, compute);
+  for (int64_t begin = 0; begin < rows; begin += chunk) {
+    const int64_t n = std::min(chunk, rows - begin);
+    const auto x = a.input.narrow(0, begin, n);
+    const auto t = a.target.narrow(0, begin, n);
+    auto logits = a.bias.has_value() ? at::addmm(*a.bias, x, a.weight.t()) : at::mm(x, a.weight.t());
+    Backend::cross_entropy_rows(logits, t, a.ignore_index, a.label_smoothing, losses.narrow(0, begin, n),
+                                lse.narrow(0, begin, n));
+    if (!grads) continue;
+    Backend::cross_entropy_grad_rows(logits, t, lse.narrow(0, begin, n), scale.narrow(0, begin, n), a.ignore_index,
+                                     a.label_smoothing, logits);  // dlogits over the chunk's own logits
+    auto grad_input_rows = grad_input.narrow(0, begin, n);
+    at::mm_out(grad_input_rows, logits, a.weight);
+    grad_weight.addmm_(logits.t(), x);
+    if (grad_bias.has_value()) grad_bias->add_(logits.sum(0, false, compute.dtype().toScalarType()));
+  }
+  if (grad_bias.has_value()) grad_bias = grad_bias->to(a.bias->scalar_type());
+  return {losses, grad_input, grad_weight, grad_bias};
+}
+
+inline LinearCrossEntropy check_linear_cross_entropy(const at::Tensor& input, const at::Tensor& weight,
+                                                     const at::Tensor& target, const std::optional<at::Tensor>& bias,
+                                                     int64_t ignore_index, double label_smoothing, const char* op) {
+  check_floating(input, op, "input");  // first: an integer input is told so, not that the head's dtype differs
+  TORCH_CHECK(input.dim() == 2, "torch_vjp.", op, ": expected input of shape (N, H), got ", input.sizes());
+  TORCH_CHECK(weight.dim() == 2, "torch_vjp.", op, ": expected weight of shape (V, H), got ", weight.sizes());
+  TORCH_CHECK(weight.size(1) == input.size(1), "torch_vjp.", op, ": the hidden sizes differ: input ", input.sizes(),
+              " and weight ", weight.sizes(), " (expected weight of shape (V, ", input.size(1), "))");
+  check_like(weight, "weight", input, "input", op);
+  if (bias.has_value()) {
+    check_like(*bias, "bias", input, "input", op);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "torch_vjp.", op, ": expected bias of shape (",
+                weight.size(0), ",), got ", bias->sizes());
+  }
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, "label_smoothing must be between 0.0 and 1.0. Got: ",
+                    label_smoothing);
+  check_target(target, input.size(0), weight.size(0), true, input.device(), ignore_index, op);
+  return {input.contiguous(), weight.contiguous(), target.to(at::kLong).contiguous(),
+          bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt, ignore_index, label_smoothing};
+}
+
+// compute_grad: also the gradients of the reduced loss for grad_output = 1 (of Σ loss_i for 'none'), which
+// autograd then only scales: three matrix products in all, no second pass over the logits.
+template <class Backend>
+std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
+fused_linear_cross_entropy(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target,
+                           const std::optional<at::Tensor>& bias, int64_t ignore_index, c10::string_view reduction,
+                           double label_smoothing, bool compute_grad) {
+  const char* op = "fused_linear_cross_entropy";
+  const Reduction r = parse_reduction(reduction);
+  const c10::OptionalDeviceGuard guard(input.device());
+  const auto a = check_linear_cross_entropy(input, weight, target, bias, ignore_index, label_smoothing, op);
+  const auto compute = at::toOpMathType(input.scalar_type());
+  const auto ones = at::ones({}, input.options().dtype(compute));
+  at::Tensor scale;
+  if (compute_grad && a.input.size(0) > 0)
+    scale = row_scale(r == Reduction::None ? ones.expand(a.target.sizes()) : ones, a.target, ignore_index, r, compute, op);
+  auto [losses, grad_input, grad_weight, grad_bias] = linear_cross_entropy_chunks<Backend>(a, scale);
+  auto loss = reduce_loss(losses, a.target, ignore_index, r, input.scalar_type());
+  if (!compute_grad) return {loss, std::nullopt, std::nullopt, std::nullopt};
+  if (!grad_input.defined()) {  // no rows
+    grad_input = at::zeros_like(a.input);
+    grad_weight = at::zeros_like(a.weight);
+    if (bias.has_value()) grad_bias = at::zeros_like(*bias);
+  }
+  return {loss, grad_input, grad_weight, grad_bias};
+}
+
+// The VJP for any grad_output (per row for 'none'), recomputing the logits chunk by chunk.
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> fused_linear_cross_entropy_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target,
+    const std::optional<at::Tensor>& bias, int64_t ignore_index, c10::string_view reduction, double label_smoothing) {
+  const char* op = "fused_linear_cross_entropy_backward";
+  const Reduction r = parse_reduction(reduction);
+  const c10::OptionalDeviceGuard guard(input.device());
+  const auto a = check_linear_cross_entropy(input, weight, target, bias, ignore_index, label_smoothing, op);
+  TORCH_CHECK(grad_output.device() == input.device(), "torch_vjp.", op, ": expected grad_output on ", input.device());
+  if (a.input.size(0) == 0)
+    return {at::zeros_like(a.input), at::zeros_like(a.weight),
+            bias.has_value() ? std::optional<at::Tensor>(at::zeros_like(*bias)) : std::nullopt};
+  const auto scale = row_scale(grad_output, a.target, ignore_index, r, at::toOpMathType(input.scalar_type()), op);
+  auto [losses, grad_input, grad_weight, grad_bias] = linear_cross_entropy_chunks<Backend>(a, scale);
+  return {grad_input, grad_weight, grad_bias};
+}
+
+template <class Backend>
+void register_cross_entropy(torch::Library& m) {
+  m.impl("cross_entropy", &cross_entropy_forward<Backend>);
+  m.impl("cross_entropy_backward", &cross_entropy_backward<Backend>);
+  m.impl("fused_linear_cross_entropy", &fused_linear_cross_entropy<Backend>);
+  m.impl("fused_linear_cross_entropy_backward", &fused_linear_cross_entropy_backward<Backend>);
+}
+
+}  // namespace torch_vjp

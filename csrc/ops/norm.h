@@ -1,0 +1,211 @@
+// Normalization family: op schemas' implementations for one backend (math in math/norm.h).
+//
+// layer_norm / rms_norm normalize rows of n = prod(normalized_shape) elements (the trailing dims of a
+// contiguous input, so rows·n = numel). Weight and bias are handed to the backend as contiguous n-vectors in
+// the compute type T = opmath of the input (float for half types), ones and zeros when absent, so a backend
+// has one code path; parameter gradients come back in T and are returned in each parameter's own dtype. The
+// output has the input's dtype (as torch's, whatever the parameters' dtype); mean and rstd are per row, in T.
+//
+// A backend supplies (tensors contiguous, rows·n > 0):
+//   Backend::norm_forward<kCentered>(NormRows, x, weight, bias, eps, y, mean, rstd)   mean undefined if !kCentered
+//   Backend::norm_backward<kCentered>(NormRows, dy, x, mean, rstd, weight, dx, dweight, dbias)
+//       dx, dweight, dbias undefined when not wanted; dweight, dbias in T
+//   Backend::normalize_forward(RowLayout, x, eps, y, norm)
+//   Backend::normalize_backward(RowLayout, dy, y, norm, eps, dx)
+// and calls register_norm<Backend>(m) in its TORCH_LIBRARY_IMPL. Checks, shapes, allocation, parameter
+// conversion and the device guard are here, once.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "common/checks.h"
+#include "math/norm.h"
+#include "ops/softmax.h"  // RowLayout
+
+namespace torch_vjp {
+
+struct NormRows {
+  int64_t rows, n;
+};
+
+inline at::ScalarType compute_type(const at::Tensor& input) {
+  return at::toOpMathType(input.scalar_type());
+}
+
+// Checks normalized_shape against the input's trailing dims and returns (rows, n).
+inline NormRows norm_rows(const at::Tensor& input, at::IntArrayRef normalized_shape, const char* op) {
+  const int64_t k = normalized_shape.size();
+  TORCH_CHECK(k >= 1, "torch_vjp.", op, ": expected normalized_shape to be at least 1-dimensional, i.e., containing "
+              "at least one element, but got normalized_shape = ", normalized_shape);
+  TORCH_CHECK(input.dim() >= k && input.sizes().slice(input.dim() - k).equals(normalized_shape), "torch_vjp.", op,
+              ": given normalized_shape=", normalized_shape, ", expected input with shape [*, ",
+              c10::Join(", ", normalized_shape), "], but got input of size", input.sizes());
+  int64_t n = 1;
+  for (int64_t d : normalized_shape) n *= d;
+  return {n == 0 ? 0 : input.numel() / n, n};
+}
+
+// weight or bias: absent, or of shape normalized_shape, floating, on the input's device.
+inline void check_parameter(const std::optional<at::Tensor>& p, const char* name, const at::Tensor& input,
+                            at::IntArrayRef normalized_shape, const char* op) {
+  if (!p.has_value() || !p->defined()) return;
+  check_floating(*p, op, name);
+  TORCH_CHECK(p->device() == input.device(), "torch_vjp.", op, ": expected ", name, " on the input's device ",
+              input.device(), ", got ", p->device());
+  TORCH_CHECK(p->sizes().equals(normalized_shape), "torch_vjp.", op, ": expected ", name,
+              " to be of same shape as normalized_shape, but got ", name, " of shape ", p->sizes(),
+              " and normalized_shape = ", normalized_shape);
+}
+
+// The parameter as a contiguous n-vector in the compute type, or `fill` when absent.
+inline at::Tensor parameter_vector(const std::optional<at::Tensor>& p, const at::Tensor& input, int64_t n,
+                                   double fill) {
+  const auto options = input.options().dtype(compute_type(input));
+  if (!p.has_value() || !p->defined()) return at::full({n}, fill, options);
+  return p->to(options.dtype()).contiguous().view({n});
+}
+
+inline std::vector<int64_t> stats_shape(const at::Tensor& input, int64_t k) {
+  return std::vector<int64_t>(input.sizes().begin(), input.sizes().end() - k);
+}
+
+template <class Backend, bool kCentered>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward(const at::Tensor& input, c10::SymIntArrayRef shape,
+                                                            const std::optional<at::Tensor>& weight,
+                                                            const std::optional<at::Tensor>& bias, double eps,
+                                                            const char* op) {
+  const auto normalized_shape = C10_AS_INTARRAYREF_SLOW(shape);
+  check_floating(input, op, "input");
+  const NormRows r = norm_rows(input, normalized_shape, op);
+  check_parameter(weight, "weight", input, normalized_shape, op);
+  check_parameter(bias, "bias", input, normalized_shape, op);
+  const c10::OptionalDeviceGuard guard(input.device());
+  auto x = input.contiguous();
+  auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const auto stats_options = x.options().dtype(compute_type(x));
+  const auto shape_of_stats = stats_shape(x, normalized_shape.size());
+  auto rstd = at::empty(shape_of_stats, stats_options);
+  auto mean = kCentered ? at::empty(shape_of_stats, stats_options) : at::Tensor();
+  if (r.rows > 0 && r.n > 0) {
+    Backend::template norm_forward<kCentered>(r, x, parameter_vector(weight, x, r.n, 1.0),
+                                              parameter_vector(bias, x, r.n, 0.0), eps, y, mean, rstd);
+  } else if (r.rows > 0) {  // rows of no elements: torch's statistics of nothing (mean 0, rstd NaN)
+    rstd.fill_(std::numeric_limits<double>::quiet_NaN());
+    if (kCentered) mean.zero_();
+  }
+  return {y, mean, rstd};
+}
+
+template <class Backend, bool kCentered>
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>> norm_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, c10::SymIntArrayRef shape,
+    std::array<bool, 3> output_mask, const char* op) {
+  const auto normalized_shape = C10_AS_INTARRAYREF_SLOW(shape);
+  check_floating(input, op, "input");
+  check_same(grad_output, "grad_output", input, "input", op);
+  const NormRows r = norm_rows(input, normalized_shape, op);
+  check_parameter(weight, "weight", input, normalized_shape, op);
+  check_parameter(bias, "bias", input, normalized_shape, op);
+  const auto expected_stats = stats_shape(input, normalized_shape.size());
+  for (const at::Tensor* stat : {&mean, &rstd}) {
+    if (!kCentered && stat == &mean) continue;
+    TORCH_CHECK(stat->sizes().equals(expected_stats) && stat->scalar_type() == compute_type(input) &&
+                    stat->device() == input.device(),
+                "torch_vjp.", op, ": expected ", stat == &mean ? "mean" : "rstd", " of shape ",
+                at::IntArrayRef(expected_stats), " and dtype ", compute_type(input), " on ", input.device(), ", got ",
+                stat->sizes(), " ", stat->scalar_type(), " on ", stat->device());
+  }
+  const bool has_weight = weight.has_value() && weight->defined();
+  const bool has_bias = bias.has_value() && bias->defined();
+  const c10::OptionalDeviceGuard guard(input.device());
+  auto x = input.contiguous();
+  const auto compute = x.options().dtype(compute_type(x));
+  at::Tensor dx = output_mask[0] ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::Tensor();
+  at::Tensor dweight = output_mask[1] && has_weight ? at::zeros({r.n}, compute) : at::Tensor();
+  at::Tensor dbias = output_mask[2] && has_bias ? at::zeros({r.n}, compute) : at::Tensor();
+  if (r.rows > 0 && r.n > 0 && (dx.defined() || dweight.defined() || dbias.defined())) {
+    Backend::template norm_backward<kCentered>(r, grad_output.contiguous(), x, kCentered ? mean.contiguous() : mean,
+                                               rstd.contiguous(), parameter_vector(weight, x, r.n, 1.0), dx, dweight,
+                                               dbias);
+  }
+  const auto as_parameter = [&](const at::Tensor& grad, const std::optional<at::Tensor>& p) -> std::optional<at::Tensor> {
+    if (!grad.defined()) return std::nullopt;
+    return grad.view(p->sizes()).to(p->scalar_type());
+  };
+  return {dx.defined() ? std::optional<at::Tensor>(dx) : std::nullopt, as_parameter(dweight, weight),
+          as_parameter(dbias, bias)};
+}
+
+// normalize(input, dim, eps) -> (output, norm): p = 2 along dim; norm is ‖x‖₂ per row, in the compute type,
+// shaped like the input with dim kept as 1.
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> normalize_forward(const at::Tensor& input, int64_t dim, double eps) {
+  const char* op = "normalize";
+  check_floating(input, op, "input");
+  dim = at::maybe_wrap_dim(dim, input.dim());
+  const c10::OptionalDeviceGuard guard(input.device());
+  auto x = input.contiguous();
+  auto y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto norm = at::empty(reduced_sizes(x, dim, true), x.options().dtype(compute_type(x)));
+  const RowLayout layout = row_layout(x, dim);
+  if (x.numel() > 0) Backend::normalize_forward(layout, x, eps, y, norm);
+  else norm.zero_();
+  return {y, norm};
+}
+
+template <class Backend>
+at::Tensor normalize_backward(const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& norm,
+                              int64_t dim, double eps) {
+  const char* op = "normalize_backward";
+  check_floating(output, op, "output");
+  check_same(grad_output, "grad_output", output, "output", op);
+  dim = at::maybe_wrap_dim(dim, output.dim());
+  const auto expected = reduced_sizes(output, dim, true);
+  TORCH_CHECK(norm.sizes().equals(expected) && norm.scalar_type() == compute_type(output) &&
+                  norm.device() == output.device(),
+              "torch_vjp.", op, ": expected norm of shape ", at::IntArrayRef(expected), " and dtype ",
+              compute_type(output), ", got ", norm.sizes(), " ", norm.scalar_type());
+  const c10::OptionalDeviceGuard guard(output.device());
+  auto y = output.contiguous();
+  auto dx = at::empty_like(y, at::MemoryFormat::Contiguous);
+  if (y.numel() > 0) Backend::normalize_backward(row_layout(y, dim), grad_output.contiguous(), y, norm.contiguous(), eps, dx);
+  return dx;
+}
+
+template <class Backend>
+void register_norm(torch::Library& m) {
+  using at::Tensor;
+  using OptTensor = std::optional<Tensor>;
+  m.impl("layer_norm", [](const Tensor& x, c10::SymIntArrayRef shape, const OptTensor& w, const OptTensor& b, double eps) {
+    return norm_forward<Backend, true>(x, shape, w, b, eps, "layer_norm");
+  });
+  m.impl("layer_norm_backward", [](const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& rstd,
+                                   const OptTensor& w, const OptTensor& b, c10::SymIntArrayRef shape,
+                                   std::array<bool, 3> mask) {
+    return norm_backward<Backend, true>(dy, x, mean, rstd, w, b, shape, mask, "layer_norm_backward");
+  });
+  m.impl("rms_norm", [](const Tensor& x, c10::SymIntArrayRef shape, const OptTensor& w, double eps) {
+    auto [y, no_mean, rstd] = norm_forward<Backend, false>(x, shape, w, std::nullopt, eps, "rms_norm");
+    return std::make_tuple(y, rstd);
+  });
+  m.impl("rms_norm_backward", [](const Tensor& dy, const Tensor& x, const Tensor& rstd, const OptTensor& w,
+                                 c10::SymIntArrayRef shape, std::array<bool, 2> mask) {
+    auto [dx, dw, unused] = norm_backward<Backend, false>(dy, x, Tensor(), rstd, w, std::nullopt, shape,
+                                                          {mask[0], mask[1], false}, "rms_norm_backward");
+    return std::make_tuple(dx, dw);
+  });
+  m.impl("normalize", &normalize_forward<Backend>);
+  m.impl("normalize_backward", &normalize_backward<Backend>);
+}
+
+}  // namespace torch_vjp
