@@ -28,7 +28,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", help="cpu or cuda[:i] (default: cuda if available, else cpu)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes: about 2 minutes on 2 CPU cores")
     parser.add_argument("--out", help="output folder (default: bench_out/<device>-<date>)")
-    parser.add_argument("--only", choices=("main", "jacobian"), help="run one part only")
+    parser.add_argument("--only", choices=("main", "jacobian", "fused"), help="run one part only")
     parser.add_argument("--overhead", action="store_true",
                         help="only the per-call cost at small sizes (8x8, 64x256; --shape replaces them), against torch")
     parser.add_argument("--shape", help="ROWSxN: replace the preset's main shape (and drop its row sweep)")
@@ -92,7 +92,7 @@ def main(argv=None):
         preset = dataclasses.replace(preset, shapes=((rows, n),), row_sweep=())
     kind = "cuda" if device.startswith("cuda") else "cpu"
     out = args.out or os.path.join("bench_out", f"{kind}-{datetime.date.today().isoformat()}")
-    sections = (args.only,) if args.only else ("main", "jacobian")
+    sections = (args.only,) if args.only else ("main", "jacobian", "fused")
     command = command_line(argv)
 
     try:

@@ -9,7 +9,7 @@ import torch
 
 from torch_vjp.testing import OPS
 
-from . import jacobian, providers as providers_mod
+from . import fused_loss, jacobian, providers as providers_mod
 from .harness import DTYPES, make_cases, run_case
 from .report import JAC_COLUMNS, MAIN_COLUMNS, write_csv, write_report
 from .ceiling import describe, memory_ceiling
@@ -65,7 +65,8 @@ def memory_method(device: str) -> str:
             "less what was allocated before; malloc outside torch's allocator is not seen")
 
 
-def run_benchmark(device: str, preset, out_dir: str, ops=None, provider_names=None, dtypes=None, sections=("main", "jacobian"),
+def run_benchmark(device: str, preset, out_dir: str, ops=None, provider_names=None, dtypes=None,
+                  sections=("main", "jacobian", "fused"),
                   makers=None, all_variants=False, time_budget: float | None = None, progress: bool = True,
                   command: str | None = None, seed: int = 0) -> dict:
     """Runs the benchmark and writes the report into out_dir; returns {"main": rows, "jacobian": rows, "paths": ...}."""
@@ -85,7 +86,10 @@ def run_benchmark(device: str, preset, out_dir: str, ops=None, provider_names=No
     cases = make_cases(infos, preset, dtypes, all_variants) if "main" in sections else []
     row_sweep = make_cases(infos, preset, dtypes, row_sweep=True) if "main" in sections else []
     sweep = jacobian.sweep_ops(ops) if "jacobian" in sections else []
-    total = (len(cases) + len(row_sweep)) * len(names) + len(sweep) * len(preset.jac_ns) * len(jacobian.METHODS)
+    fused = preset.fused_shapes if "fused" in sections and (ops is None or "fused_linear_cross_entropy" in ops) else ()
+    fused_providers = [p for p in fused_loss.PROVIDERS if p == "matmuls" or p in names]
+    total = ((len(cases) + len(row_sweep)) * len(names) + len(sweep) * len(preset.jac_ns) * len(jacobian.METHODS)
+             + len(fused) * (len(fused_providers) - 1))
 
     bar = None
     if progress:
@@ -98,9 +102,9 @@ def run_benchmark(device: str, preset, out_dir: str, ops=None, provider_names=No
             bar.set_description_str(label[:60])
             bar.update(1)
 
-    # Order = priority under a time budget: the reference sizes, the Jacobian comparison, the row sweep.
-    # The CSVs are rewritten after every case, so a run cut off from outside keeps what it measured.
-    main_rows, jac_rows = [], []
+    # Order = priority under a time budget: the reference sizes, the Jacobian comparison, the fused loss, the
+    # row sweep. The CSVs are rewritten after every case, so a run cut off from outside keeps what it measured.
+    main_rows, jac_rows, fused_rows = [], [], []
     os.makedirs(out_dir, exist_ok=True)
 
     def save_progress():
@@ -117,6 +121,8 @@ def run_benchmark(device: str, preset, out_dir: str, ops=None, provider_names=No
             jac_rows += jacobian.run_sweep(info, preset.jac_ns, preset.jac_batch, device, budget, preset.jac_timing, base,
                                            seed=seed + 1000, max_call_s=preset.jac_max_call_s, tick=tick, deadline=deadline)
             save_progress()
+        fused_rows = fused_loss.run(fused, DTYPES[preset.fused_dtype], device, fused_providers, preset.timing, base,
+                                    tick=tick, deadline=deadline)
         for i, case in enumerate(row_sweep):
             main_rows += run_case(case, makers, names, device, preset.timing, ceiling_bps, base, seed=seed + 500 + 2 * i,
                                   tick=tick, deadline=deadline)
@@ -136,15 +142,16 @@ def run_benchmark(device: str, preset, out_dir: str, ops=None, provider_names=No
         "(benchmarks/sol.py) / that ceiling; a time under its SoL time is flagged, not printed as a percentage",
         f"- time: {timer_name(device)}; memory: {memory_method(device)}; allocator: {allocator}",
         *([f"- other work on the machine during the run: {others}"] if not device.startswith("cuda") else []),
-        "- every provider's output and input gradient were checked against the float64 reference before timing "
-        "(a mismatch is shown as **wrong**, untimed)",
+        "- every provider's output and gradients (input, weight, bias, up) were checked against the float64 reference "
+        "before timing (a mismatch is shown as **wrong**, untimed)",
         "",
     ])
-    paths = write_report(out_dir, main_rows, jac_rows, header)
+    paths = write_report(out_dir, main_rows, jac_rows, header, fused_rows)
     with open(os.path.join(out_dir, "command.txt"), "w") as f:
         f.write(f"{command or 'python -m benchmarks'}\n\n"
                 f"device: {env['device']}\ntorch: {env['torch']}\ncommit: {env['commit']}\ndate: {env['date']}\n"
                 f"preset: {preset.name}\nseconds: {elapsed:.0f}\n"
                 + (f"other work during the run: {others}\n" if not device.startswith("cuda") else ""))
     paths["command"] = os.path.join(out_dir, "command.txt")
-    return {"main": main_rows, "jacobian": jac_rows, "paths": paths, "seconds": elapsed, "ceiling_gbps": ceiling_bps / 1e9}
+    return {"main": main_rows, "jacobian": jac_rows, "fused": fused_rows, "paths": paths, "seconds": elapsed,
+            "ceiling_gbps": ceiling_bps / 1e9}

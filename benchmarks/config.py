@@ -19,6 +19,8 @@ class Preset:
     jac_budget_bytes: int | None  # estimated peak above which a case is skipped; None: device memory
     jac_timing: TimingConfig = field(default_factory=TimingConfig)
     jac_max_call_s: float = 5.0  # a point whose call is predicted (from the last n) to take longer is skipped
+    fused_shapes: tuple = ()  # (tokens, hidden, vocab) of the fused loss section (benchmarks/fused_loss.py)
+    fused_dtype: str = "float32"
 
 
 PRESETS = {
@@ -40,6 +42,11 @@ PRESETS = {
         jac_budget_bytes=None,
         jac_timing=TimingConfig(warmup_ms=10, rep_ms=50),
         jac_max_call_s=4.0,
+        # The anchors' reference (shared/anchors/): 8192 tokens × 4096 hidden × vocab 128256 in bf16, where the
+        # three products alone take 37.6 ms on an H200 and eager holds 6-12 GiB; Llama-2's vocab 32000 at the
+        # same tokens; and 2048 tokens, where a chunk is a larger share of the rows.
+        fused_shapes=((8192, 4096, 128256), (8192, 4096, 32000), (2048, 4096, 128256)),
+        fused_dtype="bfloat16",
     ),
     "cuda-quick": Preset(
         name="cuda-quick",
@@ -53,13 +60,17 @@ PRESETS = {
         jac_budget_bytes=None,
         jac_timing=TimingConfig(warmup_ms=5, rep_ms=20),
         jac_max_call_s=2.0,
+        fused_shapes=((4096, 4096, 128256),),
+        fused_dtype="bfloat16",
     ),
     # 2 cores, ~2 minutes for everything. 32 MiB a tensor (fp32 4096 × 2048): x, y, dy and dx together
     # (128 MiB) are 4× a 32 MiB L3, and the timing rotates among 4 input sets, so the numbers are about
     # memory, not cache. (timing.keep_freed_memory keeps glibc from page-faulting such blocks anew on every
     # call.) The row sweep keeps rows × n = 2^23 with rows of 256 and 32768. The Jacobian sweep runs 8
     # rows: the whole-batch Jacobian is (8n)² floats (1 GiB at n = 2048), the per-row Jacobians 8n²
-    # (512 MiB at n = 4096); the 2 GiB budget skips what would swap the machine.
+    # (512 MiB at n = 4096); the 2 GiB budget skips what would swap the machine. The fused loss: the two
+    # vocabularies of the CUDA preset at 256 and 1024 tokens of hidden size 128 (each product 1-4 GFLOP: about
+    # a second per forward + backward at vocab 128256 on 2 cores; eager's logits 130-500 MiB).
     "cpu": Preset(
         name="cpu",
         shapes=((4096, 2048),),
@@ -72,6 +83,7 @@ PRESETS = {
         jac_budget_bytes=2 << 30,
         jac_timing=TimingConfig(min_run_time=0.1),
         jac_max_call_s=2.0,
+        fused_shapes=((256, 128, 32000), (1024, 128, 32000), (256, 128, 128256)),
     ),
     # Half the bytes of "cpu" (16 MiB a tensor: the 4 rotated input sets are still 6× the L3), no row
     # sweep, a shorter Jacobian sweep and shorter timing: about a minute.
@@ -87,6 +99,7 @@ PRESETS = {
         jac_budget_bytes=1 << 30,
         jac_timing=TimingConfig(min_run_time=0.05),
         jac_max_call_s=1.0,
+        fused_shapes=((256, 128, 32000),),
     ),
 }
 

@@ -25,8 +25,9 @@ from torch_vjp.testing import OPS_BY_NAME
 from .harness import TOLERANCE, describe_error, rel_err, sample
 from .timing import TimingConfig, peak_memory_bytes, time_ms
 
-# The ops swept, by torch_vjp/testing.py name: one entry per op. An op not (yet) in the library is skipped
-# (layer_norm joins when its torch_vjp.testing row exists). Each is called as its reference with dim=-1.
+# The ops swept, by torch_vjp/testing.py name: one entry per op (an op not in the library is skipped). Each is
+# called in its default variant along the last dim (layer_norm: over the last dim, without weight and bias:
+# J = ∂x̂/∂x, the Jacobian the VJP kernel contracts).
 SWEEP_OPS = ("softmax", "layer_norm", "exp")
 METHODS = ("vjp", "autograd", "jac_vmap", "jac_full")
 DTYPE = torch.float32  # as the anchors: the comparison is about growth, not precision
@@ -48,16 +49,15 @@ def estimate_bytes(method: str, b: int, m: int, n: int, itemsize: int) -> int:
     raise ValueError(method)
 
 
-def method_fn(method: str, info, kwargs: dict, x: torch.Tensor, dy: torch.Tensor):
-    """A function computing dx = dyᵀJ by one method."""
+def method_fn(method: str, call, x: torch.Tensor, dy: torch.Tensor):
+    """A function computing dx = dyᵀJ by one method, for the op's call (testing.Call) as a function of x."""
     b, n = x.shape
-    ref, op = info.ref, info.op
 
     def f(t):
-        return ref(t, **kwargs)
+        return call.ref(t)
 
     if method == "vjp":
-        return lambda: torch.autograd.grad(op(x, **kwargs), x, dy)[0]
+        return lambda: torch.autograd.grad(call.op(x), x, dy)[0]
     if method == "autograd":
         return lambda: torch.autograd.grad(f(x), x, dy)[0]
     if method == "jac_vmap":
@@ -123,10 +123,10 @@ def run_point(info, n: int, batch: int, device: str, budget: int, timing: Timing
     """Rows (one per method) for one op at one row length. too_slow: {method: predicted seconds a call}."""
     import torch_vjp
 
-    kwargs = info.call_kwargs()
     x = sample(info, (batch, n), DTYPE, device, seed).requires_grad_()
+    call = info.call(x.detach())
     x64 = x.detach().to(torch.float64).requires_grad_()
-    y64 = info.ref(x64, **kwargs)
+    y64 = call.cast(torch.float64).ref(x64)
     g = torch.Generator(device=device).manual_seed(seed + 1)
     dy = torch.randn(y64.shape, generator=g, device=device, dtype=DTYPE)
     (dx64,) = torch.autograd.grad(y64, x64, dy.to(torch.float64))
@@ -151,7 +151,7 @@ def run_point(info, n: int, batch: int, device: str, budget: int, timing: Timing
         if method == "vjp" and not torch_vjp.has_kernel(info.name, device.split(":")[0]):
             rows.append(dict(row, status=f"no {device} kernel"))
             continue
-        fn = method_fn(method, info, kwargs, x, dy)
+        fn = method_fn(method, call, x, dy)
         try:
             err = rel_err(fn(), dx64)
             if not err <= TOLERANCE[DTYPE]:

@@ -1,6 +1,6 @@
 """Per-call cost at small sizes, where the host (Python, dispatch, autograd) dominates the kernel.
 
-`python -m benchmarks --overhead [--shape 8x8] [--ops ...]`: for every op (its default variant), at 8×8 and
+`python -m benchmarks --overhead [--shape 8x8] [--ops ...]`: for every op (its benchmark variant), at 8×8 and
 64×256 float32, median µs of one call, torch_vjp against its torch reference, in three phases:
 
   no grad   the input does not require grad: the op alone, no graph recorded
@@ -45,17 +45,18 @@ def _pair_us(ref_call, op_call, min_run_time: float, rounds: int) -> tuple[float
     return best[0] * 1e6, best[1] * 1e6
 
 
-def _calls(info, kwargs, x, dy):
-    """phase -> (torch call, torch_vjp call)."""
-    xg = x.detach().requires_grad_()
+def _calls(call, dy):
+    """phase -> (torch call, torch_vjp call), for a testing.Call (every differentiated tensor requires grad
+    from "fwd" on)."""
+    primals, leaves = call.primals, call.cast(requires_grad=True).primals
 
     def fwd_bwd(f):
-        return lambda: torch.autograd.grad(f(xg, **kwargs), xg, dy)
+        return lambda: torch.autograd.grad(f(*leaves), leaves, dy)
 
     return {
-        "no grad": (lambda: info.ref(x, **kwargs), lambda: info.op(x, **kwargs)),
-        "fwd": (lambda: info.ref(xg, **kwargs), lambda: info.op(xg, **kwargs)),
-        "fwd+bwd": (fwd_bwd(info.ref), fwd_bwd(info.op)),
+        "no grad": (lambda: call.ref(*primals), lambda: call.op(*primals)),
+        "fwd": (lambda: call.ref(*leaves), lambda: call.op(*leaves)),
+        "fwd+bwd": (fwd_bwd(call.ref), fwd_bwd(call.op)),
     }
 
 
@@ -65,11 +66,11 @@ def run_overhead(infos, shapes=DEFAULT_SHAPES, dtype=torch.float32, device="cpu"
     rows = []
     for shape in shapes:
         for info in infos:
-            kwargs = info.call_kwargs(**info.variants[0])
             gen = torch.Generator().manual_seed(0)
             x = (torch.randn(shape, generator=gen) * info.scale).to(dtype=dtype, device=device)
-            dy = torch.randn(info.ref(x, **kwargs).shape, generator=gen).to(dtype=dtype, device=device)
-            for phase, (ref_call, op_call) in _calls(info, kwargs, x, dy).items():
+            call = info.call(x, **info.bench)
+            dy = torch.randn(call.ref(*call.primals).shape, generator=gen).to(dtype=dtype, device=device)
+            for phase, (ref_call, op_call) in _calls(call, dy).items():
                 t_ref, t_op = _pair_us(ref_call, op_call, min_run_time, rounds)
                 rows.append(dict(env, op=info.name, shape="x".join(map(str, shape)),
                                  dtype=str(dtype).replace("torch.", ""), phase=phase, torch_us=f"{t_ref:.2f}",

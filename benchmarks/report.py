@@ -271,8 +271,10 @@ def plot_jacobian(rows, path) -> bool:
     return True
 
 
-def write_report(out_dir, main_rows, jac_rows, header: str) -> dict:
-    """Writes results.csv, jacobian.csv, summary.md, sol.png, jacobian.png; returns their paths."""
+def write_report(out_dir, main_rows, jac_rows, header: str, fused_rows=()) -> dict:
+    """Writes results.csv, jacobian.csv, fused.csv, summary.md, sol.png, jacobian.png; returns their paths."""
+    from . import fused_loss
+
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
     if main_rows:
@@ -285,11 +287,16 @@ def write_report(out_dir, main_rows, jac_rows, header: str) -> dict:
         write_csv(paths["jacobian_csv"], jac_rows, JAC_COLUMNS)
         if plot_jacobian(jac_rows, os.path.join(out_dir, "jacobian.png")):
             paths["jacobian_png"] = os.path.join(out_dir, "jacobian.png")
+    if fused_rows:
+        paths["fused_csv"] = os.path.join(out_dir, "fused.csv")
+        write_csv(paths["fused_csv"], fused_rows, fused_loss.COLUMNS)
     parts = [header]
     if main_rows:
         parts += ["## Ops against eager, torch.compile (and Liger-Kernel)", "", main_markdown(main_rows)]
         if "sol_png" in paths:
             parts += ["![% of speed-of-light](sol.png)", ""]
+    if fused_rows:
+        parts += ["## The fused linear cross-entropy against materialised logits", "", fused_loss.markdown(fused_rows)]
     if jac_rows:
         parts += ["## The VJP against full Jacobians", "", jacobian_markdown(jac_rows)]
         if "jacobian_png" in paths:

@@ -4,8 +4,10 @@ SoL time = these bytes / the memory ceiling measured in the same run (ceiling.me
 A fused kernel cannot beat it: every tensor named below must cross memory at least once.
 
 The table counts *tensor-passes*: one read or one write of a tensor the size of the input
-(rows × n elements of the benchmark dtype). Row vectors (one value per row) are ignored: at the
-benchmark sizes (n ≥ 1024) they are under 0.1% of a pass.
+(rows × n elements of the benchmark dtype). Row vectors (one value per row) and n-vectors (a norm's
+weight and bias, their gradients) are ignored: at the benchmark sizes (rows, n ≥ 256, rows·n ≥ 2²³) they
+are under 0.4% of a pass. The fused loss is matrix products, timed against the products themselves
+(benchmarks/fused_loss.py), not against bytes.
 """
 from __future__ import annotations
 
@@ -21,6 +23,18 @@ PASSES: dict[str, tuple[int, int]] = {
     # logsumexp reduces each row to one value: forward reads x and writes one value per row (1).
     # Backward reads x (and the per-row dy and output, negligible), writes dx (2). Total 3.
     "logsumexp": (1, 2),
+    # layer_norm, rms_norm: forward reads x, writes y (2); saves x and per-row statistics, never x̂. Backward
+    # reads dy and x, writes dx (3); dweight and dbias are column sums accumulated in that same pass into
+    # per-block partial rows (blocks × n values, negligible) and summed after. Total 5.
+    # normalize: forward reads x, writes y (2). Backward reads dy and the saved y, writes dx (3). Total 5.
+    "norm": (2, 3),
+    # swiglu, geglu, in passes of the gate's size: forward reads gate and up, writes y (3); saves only the
+    # inputs. Backward reads dy, gate and up, writes dgate and dup (5), recomputing the activation. Total 8.
+    "gated": (3, 5),
+    # cross_entropy over logits (rows × n classes): forward reads them once (online max and log-sum-exp per
+    # row; the loss and lse per row are negligible) (1). Backward reads the logits and writes dlogits (2):
+    # grad_output is a scalar or a value per row. Total 3.
+    "cross_entropy": (1, 2),
 }
 
 PHASES = ("fwd", "bwd", "fwd+bwd")

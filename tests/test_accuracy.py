@@ -125,3 +125,64 @@ def test_result_does_not_depend_on_position(name, op, dtype):
             outs.append(y[position].item())
             grads.append(dx[position].item())
         assert len(set(outs)) == 1 and len(set(grads)) == 1, f"{name} {dtype} x={v.item()}: {set(outs)} {set(grads)}"
+
+
+@pytest.mark.parametrize("mean", [1e4, -1e4])
+def test_layer_norm_mean_far_from_zero_stays_accurate_in_float32(mean):
+    """Rows of mean ±1e4 and unit variance in float32 (the issue's case): the variance is the mean of squared
+    deviations from the row mean (two passes over the row, no E[x²] - E[x]² cancellation, which loses every
+    digit here), so rstd matches float64 on the same (float32) input to a few ulps (torch's own CPU rstd is
+    off by about 7e-5 here; what remains is the float32 row mean's error, squared), and the output and the
+    gradient lose no more than torch's own float32 does."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 1024, generator=g, dtype=torch.float64) + mean).float()
+    w, b = (torch.rand(1024, generator=g) + 0.5), torch.randn(1024, generator=g)
+    y, mu, rstd = torch.ops.torch_vjp.layer_norm(x, [1024], w, b, 1e-5)
+    x64 = x.double()
+    var64 = x64.var(-1, unbiased=False)
+    torch.testing.assert_close(mu.double(), x64.mean(-1), rtol=2e-7, atol=0)
+    torch.testing.assert_close(rstd.double(), (var64 + 1e-5).rsqrt(), rtol=1e-6, atol=0)
+    naive = (x.pow(2).mean(-1) - x.mean(-1).pow(2)).clamp_min(0)  # E[x²] - E[x]² in float32: no digit left
+    assert ((naive.double() - var64) / var64).abs().max() > 0.1
+    dy = torch.randn(64, 1024, generator=g)
+    errors = {}
+    for name, fn in (("ours", torch_vjp.layer_norm), ("torch", torch.nn.functional.layer_norm),
+                     ("ref", torch.nn.functional.layer_norm)):
+        dtype = torch.float64 if name == "ref" else torch.float32
+        leaf = x.to(dtype).requires_grad_()
+        out = fn(leaf, (1024,), w.to(dtype), b.to(dtype))
+        errors[name] = (out.detach().double(), torch.autograd.grad(out, leaf, dy.to(dtype))[0].double())
+    for k, what in enumerate(("output", "gradient")):
+        err = (errors["ours"][k] - errors["ref"][k]).abs().max().item()
+        torch_err = (errors["torch"][k] - errors["ref"][k]).abs().max().item()
+        assert err <= 2 * torch_err + 1e-6, f"{what}: {err:.3g}, torch's own {torch_err:.3g}"
+
+
+def test_rms_norm_with_a_large_mean_stays_accurate_in_float32():
+    """rms_norm of rows with mean 1e4 in float32: rstd against float64 on the same input, to a few ulps."""
+    x = (torch.randn(8, 4096, dtype=torch.float64) + 1e4).float()
+    _, rstd = torch.ops.torch_vjp.rms_norm(x, [4096], None, 1e-6)
+    torch.testing.assert_close(rstd.double(), (x.double().pow(2).mean(-1) + 1e-6).rsqrt(), rtol=1e-6, atol=0)
+
+
+def test_cross_entropy_float32_gradient_is_bounded_by_the_saved_lse_rounding():
+    """cross_entropy's VJP reads p = exp(x - lse) from the per-row lse the forward saved (docs/vjp.md): in
+    float32 the exponent x - lse carries the rounding of lse and of the difference, so
+    |dx - exact| ≤ s·p·((ulp(lse) + ulp(x - lse))/2 + 4 eps) + 2 eps |dx|, s the row's scale. Checked on rows
+    whose logits reach 30 (lse's ulp 2e-6), where that bound is what is reached."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 50, generator=g, dtype=torch.float64) * 8 + 10).float().requires_grad_()
+    target = torch.randint(0, 50, (64,), generator=g)
+    (dx,) = torch.autograd.grad(torch_vjp.cross_entropy(x, target), x)
+    x64 = x.detach().double().requires_grad_()
+    (exact,) = torch.autograd.grad(torch.nn.functional.cross_entropy(x64, target), x64)
+    lse = torch.logsumexp(x64, -1, keepdim=True)
+    p = torch.exp(x64 - lse)
+    eps = torch.finfo(torch.float32).eps
+    def ulp(v):
+        return eps * 2.0 ** torch.floor(torch.log2(v.abs().clamp_min(1e-30)))
+
+    s = 1 / 64
+    bound = s * p * ((ulp(lse) + ulp(x64 - lse)) / 2 + 4 * eps) + 2 * eps * exact.abs()
+    assert ((dx.double() - exact).abs() <= bound).all()
+    assert ((dx.double() - exact).abs() > s * p * 8 * eps).any()  # the lse term is what binds, not exp's rounding

@@ -17,23 +17,31 @@ from torch_vjp.testing import OPS, OPS_BY_NAME
 # A preset small enough for a unit test: the harness end to end in a few seconds.
 TINY = dataclasses.replace(
     PRESETS["cpu-quick"], name="tiny", shapes=((8, 64),), copy_bytes=1 << 20, timing=TimingConfig(min_run_time=0.005),
-    jac_batch=2, jac_ns=(8, 16), jac_timing=TimingConfig(min_run_time=0.005),
+    jac_batch=2, jac_ns=(8, 16), jac_timing=TimingConfig(min_run_time=0.005), fused_shapes=((16, 8, 64),),
 )
 BASE = {"date": "d", "device": "cpu", "torch": torch.__version__, "commit": "c", "timer": "t"}
 
 
 def test_bytes_table_covers_every_op():
+    from benchmarks.harness import OWN_SECTION
+
     for info in OPS:
+        if info.name in OWN_SECTION:  # timed against its matrix products (benchmarks/fused_loss.py)
+            continue
         fwd, bwd = sol.passes(info.name, info.family)
         assert fwd >= 1 and bwd >= 1, info.name
     assert sol.sol_bytes("exp", "elementwise", 10, 4, "fwd+bwd") == 5 * 10 * 4
     assert sol.sol_bytes("softmax", "softmax", 10, 2, "fwd+bwd") == 5 * 10 * 2
     assert sol.sol_bytes("logsumexp", "softmax", 10, 4, "fwd+bwd") == 3 * 10 * 4
+    assert sol.sol_bytes("layer_norm", "norm", 10, 2, "fwd+bwd") == 5 * 10 * 2
+    assert sol.sol_bytes("swiglu", "gated", 10, 2, "fwd") == 3 * 10 * 2 and sol.passes("geglu", "gated") == (3, 5)
+    assert sol.sol_bytes("cross_entropy", "loss", 10, 4, "fwd+bwd") == 3 * 10 * 4
 
 
 def test_tiny_run_writes_csv_markdown_and_plots(tmp_path):
     run_benchmark("cpu", TINY, str(tmp_path), ops=["exp", "softmax", "logsumexp"],
-                           provider_names=["torch_vjp", "eager", "liger"], progress=False, command="test")
+                  provider_names=["torch_vjp", "eager", "liger"], sections=("main", "jacobian"), progress=False,
+                  command="test")
     for name in ("results.csv", "jacobian.csv", "summary.md", "sol.png", "jacobian.png", "command.txt"):
         assert (tmp_path / name).stat().st_size > 0, name
     with open(tmp_path / "results.csv") as f:
@@ -63,6 +71,20 @@ def test_tiny_run_on_cuda(tmp_path):
     assert all(r["status"] in ("ok", "no cuda kernel") for r in result["jacobian"]), result["jacobian"]
 
 
+def test_new_families_and_the_fused_section_run(tmp_path):
+    """A norm with its parameters, a gated op and cross_entropy through the main harness (every gradient
+    checked, then timed), and the fused loss's section: every provider, the matrix products, a CSV and a table."""
+    result = run_benchmark("cpu", TINY, str(tmp_path), ops=["layer_norm", "swiglu", "cross_entropy",
+                                                             "fused_linear_cross_entropy"],
+                           provider_names=["torch_vjp", "eager"], sections=("main", "fused"), progress=False)
+    assert {r["op"] for r in result["main"]} == {"layer_norm", "swiglu", "cross_entropy"}
+    assert all(r["status"] == "ok" for r in result["main"]), [r for r in result["main"] if r["status"] != "ok"]
+    assert {r["provider"] for r in result["fused"]} == {"torch_vjp", "eager", "matmuls"}
+    assert all(r["status"] == "ok" and float(r["median_ms"]) > 0 for r in result["fused"]), result["fused"]
+    assert (tmp_path / "fused.csv").stat().st_size > 0
+    assert "| 16 × 8 × 64 | float32 |" in (tmp_path / "summary.md").read_text()
+
+
 def test_compile_provider_runs(tmp_path):
     result = run_benchmark("cpu", TINY, str(tmp_path), ops=["exp"], provider_names=["compile"], sections=("main",),
                            progress=False)
@@ -70,8 +92,8 @@ def test_compile_provider_runs(tmp_path):
 
 
 def test_wrong_provider_is_reported_wrong_not_timed():
-    def off_by_one_percent(info, kwargs, device):
-        return lambda x: info.ref(x, **kwargs) * 1.01
+    def off_by_one_percent(call, device):
+        return lambda *primals: call.ref(*primals) * 1.01
 
     case = Case(OPS_BY_NAME["softmax"], {}, 4, 32, torch.float32)
     rows = run_case(case, {"bad": off_by_one_percent}, ["bad"], "cpu", TINY.timing, 1e10, BASE, seed=0)
@@ -81,13 +103,13 @@ def test_wrong_provider_is_reported_wrong_not_timed():
 
 
 def test_failing_provider_is_recorded_and_the_run_goes_on():
-    def broken(info, kwargs, device):
-        def fn(x):
+    def broken(call, device):
+        def fn(*primals):
             raise RuntimeError("kernel exploded")
         return fn
 
     case = Case(OPS_BY_NAME["exp"], {}, 4, 32, torch.float32)
-    rows = run_case(case, {"broken": broken, "eager": lambda i, k, d: lambda x: i.ref(x, **k)}, ["broken", "eager"],
+    rows = run_case(case, {"broken": broken, "eager": lambda c, d: c.ref}, ["broken", "eager"],
                     "cpu", TINY.timing, 1e10, BASE, seed=0)
     assert {r["status"] for r in rows if r["provider"] == "broken"} == {"error: RuntimeError: kernel exploded"}
     assert {r["status"] for r in rows if r["provider"] == "eager"} == {"ok"}
@@ -124,20 +146,21 @@ def test_predicted_slow_points_are_skipped():
     assert all(r["status"] == "ok" for r in rows)
 
 
-@pytest.mark.parametrize("name", ["softmax", "exp", "logsumexp"])
+@pytest.mark.parametrize("name", ["softmax", "exp", "logsumexp", "layer_norm"])
 def test_every_method_computes_dy_times_jacobian(name):
     info = OPS_BY_NAME[name]
-    kwargs = info.call_kwargs()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    dy = torch.randn(info.ref(x, **kwargs).shape, generator=gen, dtype=torch.float64)
+    call = info.call(x.detach())
+    dy = torch.randn(call.ref(x).shape, generator=gen, dtype=torch.float64)
+    row_call = info.call(x[0].detach())  # a row's own call (a norm over its 5 elements)
     # dyᵀJ from each row's explicit Jacobian.
     expected = torch.stack([
-        dy[i].reshape(1, -1) @ torch.autograd.functional.jacobian(lambda r: info.ref(r, **kwargs), x[i].detach()).reshape(-1, 5)
+        dy[i].reshape(1, -1) @ torch.autograd.functional.jacobian(row_call.ref, x[i].detach()).reshape(-1, 5)
         for i in range(3)
     ]).reshape(3, 5)
     for method in jacobian.METHODS:
-        got = jacobian.method_fn(method, info, kwargs, x, dy)()
+        got = jacobian.method_fn(method, call, x, dy)()
         torch.testing.assert_close(got, expected, msg=method)
 
 

@@ -32,7 +32,8 @@ def runnable_capabilities():
     return [isa for isa in NEEDS if isa in built and NEEDS[isa] <= flags]
 
 
-# Every op forward and backward, on shapes with vector tails and a non-last dim, in each dtype.
+# Every op forward and backward (every differentiable argument), on shapes with vector tails and a non-last
+# dim, in each dtype.
 PROBE = r"""
 import json, sys, torch, torch_vjp
 from torch_vjp.testing import OPS, sample
@@ -40,12 +41,14 @@ out = {"backends": torch_vjp.backends(), "torch": torch.backends.cpu.get_cpu_cap
 for info in OPS:
     for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         for shape, dim in (((5, 37), -1), ((37, 5), 0), ((1000,), 0)):
-            kwargs = info.call_kwargs(dim=dim) if info.has_dim else {}
-            x = sample(info, shape, dtype).requires_grad_()
-            y = info.op(x, **kwargs)
-            (dx,) = torch.autograd.grad(y, x, sample(info, y.shape, dtype, generator_seed=1))
+            if info.name == "fused_linear_cross_entropy" and len(shape) != 2:
+                continue
+            kwargs = {"dim": dim} if info.has_dim else {}
+            c = info.call(sample(info, shape, dtype), **kwargs, **info.variants[-1]).cast(requires_grad=True)
+            y = c.op(*c.primals)
+            grads = torch.autograd.grad(y, c.primals, sample(info, y.shape, dtype, generator_seed=1))
             key = f"{info.name} {dtype} {shape}"
-            out["values"][key] = [y.double().flatten().tolist(), dx.double().flatten().tolist()]
+            out["values"][key] = [y.double().flatten().tolist(), *(g.double().flatten().tolist() for g in grads)]
 json.dump(out, sys.stdout)
 """
 
@@ -78,13 +81,12 @@ def test_each_cpu_capability_is_loaded_on_request_and_agrees_with_default():
         result = probe(capability)
         assert result["backends"]["cpu"] == capability, (capability, result["torch"])
         assert result["values"].keys() == reference["values"].keys()
-        for key, (y, dx) in result["values"].items():
-            y_ref, dx_ref = (torch.tensor(v, dtype=torch.float64) for v in reference["values"][key])
+        for key, values in result["values"].items():
             rtol = tolerance[key.split()[1]]
-            torch.testing.assert_close(torch.tensor(y, dtype=torch.float64), y_ref, rtol=rtol, atol=rtol,
-                                       equal_nan=True, msg=f"{capability} {key} output")
-            torch.testing.assert_close(torch.tensor(dx, dtype=torch.float64), dx_ref, rtol=rtol, atol=rtol,
-                                       equal_nan=True, msg=f"{capability} {key} gradient")
+            for k, (value, ref) in enumerate(zip(values, reference["values"][key])):
+                torch.testing.assert_close(torch.tensor(value, dtype=torch.float64), torch.tensor(ref, dtype=torch.float64),
+                                           rtol=rtol, atol=rtol, equal_nan=True,
+                                           msg=f"{capability} {key} {'output' if k == 0 else f'gradient {k}'}")
 
 
 @pytest.mark.skipif(torch_vjp.backends()["cuda"] is not None, reason="this build has CUDA kernels")
@@ -95,14 +97,15 @@ def test_cpu_only_build_names_the_fix_for_cuda_tensors(info):
     from torch_vjp._ops import REGISTRY
 
     cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
-    x = sample(info, (2, 3), torch.float32)
-    params = info.raw_params(**info.call_kwargs())
-    y = info.raw(x, **info.call_kwargs())
-    saved = [x if s == "input" else y for s in REGISTRY[info.name].saves]
-    calls = {info.name: (x, *params), info.name + "_backward": (torch.ones_like(y), *saved, *params)}
-    for name, args in calls.items():
+    c = info.call(sample(info, (2, 3), torch.float32))
+    args = c.raw_args()
+    outputs = getattr(torch.ops.torch_vjp, info.name)(*args)
+    y = outputs[0] if isinstance(outputs, tuple) else outputs
+    calls = {info.name: args,
+             info.name + "_backward": REGISTRY[info.name].vjp_call_args(args, outputs, torch.ones_like(y))}
+    for name, call_args in calls.items():
         with pytest.raises(RuntimeError, match="no CUDA kernels.*FORCE_CUDA=1"):
-            getattr(torch.ops.torch_vjp, name).default.redispatch(cuda, *args)
+            getattr(torch.ops.torch_vjp, name).default.redispatch(cuda, *call_args)
 
 
 def test_installs_the_torch_vjp_package_only():

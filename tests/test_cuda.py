@@ -31,12 +31,29 @@ SOFTMAX_FAMILY = op_variants(families=("softmax",))
 
 
 def forward_backward(info, x, kwargs, dy=None):
+    """A single-input op's output and input gradient, on the CPU."""
     x = x.detach().requires_grad_()
     y = info.op(x, **kwargs)
     if dy is None:
         dy = sample(info, y.shape, y.dtype, "cpu", generator_seed=7).to(y.device)
     (dx,) = torch.autograd.grad(y, x, dy)
     return y.cpu(), dx.cpu()
+
+
+def call_forward_backward(call):
+    """Output and every gradient of a Call (any op of the table, on CPU or CUDA), on the CPU."""
+    c = call.cast(requires_grad=True)
+    y = c.op(*c.primals)
+    dy = sample(c.info, y.shape, y.dtype, "cpu", generator_seed=7).to(y.device)
+    return y.cpu(), [g.cpu() for g in torch.autograd.grad(y, c.primals, dy)]
+
+
+def on_cuda(call):
+    """The same call with every tensor argument on the GPU."""
+    from torch_vjp.testing import Call
+
+    kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in call.kwargs.items()}
+    return Call(call.info, tuple(t.cuda() for t in call.primals), call.names, kwargs)
 
 
 def assert_cuda_matches_cpu(info, x, kwargs, dy=None):
@@ -55,24 +72,25 @@ def assert_cuda_matches_cpu(info, x, kwargs, dy=None):
 def test_cuda_matches_cpu(info, variant, shape, dtype):
     x = sample(info, shape, dtype)
     for dim in ([-1, 0] if info.has_dim else [-1]):
-        kwargs = info.call_kwargs(dim=dim, **variant)
-        y_cpu, dx_cpu = forward_backward(info, x, kwargs)
-        y_gpu, dx_gpu = forward_backward(info, x.cuda(), kwargs)
+        call = info.call(x, **(dict(dim=dim) if info.has_dim else {}), **variant)
+        y_cpu, grads_cpu = call_forward_backward(call)
+        y_gpu, grads_gpu = call_forward_backward(on_cuda(call))
         torch.testing.assert_close(y_gpu, y_cpu, equal_nan=True, **TOL[dtype])
-        torch.testing.assert_close(dx_gpu, dx_cpu, equal_nan=True, **TOL[dtype])
+        torch.testing.assert_close(grads_gpu, grads_cpu, equal_nan=True, **TOL[dtype])
 
 
 @pytest.mark.parametrize("offset", [1, 3])
 @pytest.mark.parametrize("info,variant", op_variants())
 def test_misaligned_storage(info, variant, offset):
-    """Rows starting off a 16-byte boundary (realigned in registers) agree with the aligned copy."""
+    """Rows starting off a 16-byte boundary (the input's; its drawn companions are aligned), realigned in
+    registers, agree with the aligned copy."""
     base = sample(info, (6 * 1031 + offset,), torch.bfloat16).cuda()
     x = base[offset:].view(6, 1031)
-    kwargs = info.call_kwargs(**variant)
-    y, dx = forward_backward(info, x, kwargs)
-    y_ref, dx_ref = forward_backward(info, x.contiguous().clone(), kwargs)
+    call = info.call(x, **variant)
+    y, grads = call_forward_backward(call)
+    y_ref, grads_ref = call_forward_backward(call.with_primals(x.contiguous().clone(), *call.primals[1:]))
     torch.testing.assert_close(y, y_ref, **TOL[torch.bfloat16])
-    torch.testing.assert_close(dx, dx_ref, **TOL[torch.bfloat16])
+    torch.testing.assert_close(grads, grads_ref, **TOL[torch.bfloat16])
 
 
 def test_runs_on_the_current_stream_and_device():

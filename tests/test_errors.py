@@ -25,26 +25,25 @@ def test_integer_input_behaves_as_torch(info, variant, dtype, device):
     """Integer and bool input: promoted to the default float dtype where torch promotes (exp, sigmoid,
     tanh, logsumexp), else torch's error type (NotImplementedError); on the registered op, the kernels'
     TypeError."""
-    x = torch.arange(-3, 9, device=device).reshape(3, 4).to(dtype)
-    kwargs = info.call_kwargs(**variant)
-    expected, expected_error = outcome(lambda: info.ref(x, **kwargs))
-    got, error = outcome(lambda: info.op(x, **kwargs))
+    c = info.call(torch.arange(-3, 9, device=device).reshape(3, 4).to(dtype), **variant)
+    expected, expected_error = outcome(lambda: c.ref(*c.primals))
+    got, error = outcome(lambda: c.op(*c.primals))
     assert error is expected_error, (error, expected_error)
     if expected is not None:
         assert got.dtype == expected.dtype == torch.get_default_dtype()
         torch.testing.assert_close(got, expected)
     with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
-        info.raw(x, **kwargs)
+        c.raw(*c.primals)
 
 
 @pytest.mark.parametrize("info,variant", op_variants())
 def test_complex_input_is_refused(info, variant, device):
-    x = torch.ones(3, 4, device=device, dtype=torch.complex64)
+    c = info.call(torch.ones(3, 4, device=device, dtype=torch.complex64), **variant)
     with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
-        info.op(x, **info.call_kwargs(**variant))
+        c.op(*c.primals)
 
 
-@pytest.mark.parametrize("info,variant", op_variants(("softmax",)))
+@pytest.mark.parametrize("info,variant", [case for case in op_variants() if case.values[0].has_dim])
 @pytest.mark.parametrize("shape,dim", [((3, 4), 2), ((3, 4), -3), ((5,), 1), ((), 1), ((), -2)])
 def test_dim_out_of_range(info, variant, shape, dim, device):
     x = torch.randn(shape, device=device)
@@ -131,23 +130,30 @@ def test_bad_scalar_arguments(device):
 
 @pytest.mark.parametrize("info,variant", op_variants())
 def test_backward_op_rejects_wrong_grad(info, variant, device):
-    """A grad of the wrong shape, dtype or device reaching a VJP op."""
+    """A grad of the wrong shape, dtype or device reaching a VJP op. A loss's grad_output is a per-row scale,
+    read in the compute type: any floating dtype is taken (and gives the converted grad's result)."""
     from torch_vjp._ops import REGISTRY
 
-    x = sample(info, (3, 4), torch.float32, device)
-    kwargs = info.call_kwargs(**variant)
-    params = info.raw_params(**kwargs)
-    y = info.raw(x, **kwargs)
-    saved = [x if s == "input" else y for s in REGISTRY[info.name].saves]
+    c = info.call(sample(info, (3, 4), torch.float32, device), **variant)
+    args = c.raw_args()
+    outputs = getattr(torch.ops.torch_vjp, info.name)(*args)
+    y = outputs[0] if isinstance(outputs, tuple) else outputs
     backward = getattr(torch.ops.torch_vjp, info.name + "_backward")
-    wrong_shape = torch.ones(y.numel() + 1, device=device)
-    with pytest.raises(RuntimeError, match="expected grad_output of shape"):
-        backward(wrong_shape, *saved, *params)
-    with pytest.raises(TypeError, match="same dtype"):
-        backward(torch.ones_like(y, dtype=torch.float64), *saved, *params)
+
+    def vjp(grad):
+        return backward(*REGISTRY[info.name].vjp_call_args(args, outputs, grad))
+
+    with pytest.raises(RuntimeError, match="grad_output of shape|a 0-d grad_output"):
+        vjp(torch.ones(y.numel() + 1, device=device))
+    wide = torch.ones_like(y, dtype=torch.float64)
+    if info.family == "loss":
+        torch.testing.assert_close(vjp(wide), vjp(wide.float()), rtol=0, atol=0)
+    else:
+        with pytest.raises(TypeError, match="same dtype"):
+            vjp(wide)
     other = "meta" if device == "cpu" else "cpu"
-    with pytest.raises(RuntimeError, match="same device"):
-        backward(torch.ones_like(y, device=other), *saved, *params)
+    with pytest.raises(RuntimeError, match="same device|grad_output on"):
+        vjp(torch.ones_like(y, device=other))
 
 
 def test_logsumexp_backward_rejects_wrong_output_shape():
@@ -168,3 +174,170 @@ def test_tensors_on_different_devices():
 def test_non_tensor_input():
     with pytest.raises(TypeError):
         torch_vjp.softmax([1.0, 2.0])
+
+
+# Normalization: each bad argument with torch's error type (compared) and a message that names it, on the
+# device and in the fake kernel (meta tensors: torch.compile's view) alike.
+NORM_BAD = [
+    ("normalized_shape not the input's trailing dims", lambda t: (t(2, 6), (5,), None, None), "normalized_shape=\\[5\\]"),
+    ("normalized_shape longer than the input", lambda t: (t(6), (2, 6), None, None), "normalized_shape=\\[2, 6\\]"),
+    ("empty normalized_shape", lambda t: (t(2, 6), (), None, None), "at least 1-dimensional"),
+    ("weight of another shape", lambda t: (t(2, 6), (6,), t(5), None), "weight to be of same shape"),
+    ("bias of another shape", lambda t: (t(2, 6), (6,), None, t(2, 3)), "bias to be of same shape"),
+]
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("case,make,message", NORM_BAD, ids=[c[0] for c in NORM_BAD])
+def test_norm_bad_shapes(name, case, make, message, device):
+    if name == "rms_norm" and "bias" in case:
+        return  # rms_norm has no bias
+    expected = None
+    for dev in (device, "meta"):
+        x, shape, w, b = make(lambda *s: torch.randn(*s, device=dev))
+        args = (x, shape, w, b) if name == "layer_norm" else (x, shape, w)
+        if expected is None:
+            _, expected = outcome(lambda: getattr(torch.nn.functional, name)(*args))
+            assert expected in (RuntimeError, ValueError), expected
+        with pytest.raises(expected, match=message):
+            getattr(torch_vjp, name)(*args)
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_norm_integer_weight_is_refused(name, dtype, device):
+    """An integer weight or bias: a TypeError naming it (torch's layer_norm raises RuntimeError 'mixed dtype',
+    its rms_norm silently computes in float32)."""
+    x = torch.randn(2, 6, device=device)
+    w = torch.ones(6, device=device, dtype=dtype)
+    for t in (x, x.to("meta")):
+        with pytest.raises(TypeError, match="expected weight to be float32, float64, float16 or bfloat16"):
+            getattr(torch_vjp, name)(t, (6,), w.to(t.device))
+    with pytest.raises(TypeError, match="expected bias to be float32"):
+        torch_vjp.layer_norm(x, (6,), None, w)
+
+
+def test_norm_bad_argument_types(device):
+    x = torch.randn(2, 6, device=device)
+    for fn in (torch.nn.functional.layer_norm, torch_vjp.layer_norm, torch_vjp.rms_norm):
+        with pytest.raises(TypeError, match="normalized_shape"):
+            fn(x, 6)
+    with pytest.raises(TypeError, match="weight"):
+        torch_vjp.layer_norm(x, (6,), [1.0] * 6)
+    with pytest.raises(TypeError, match="eps"):
+        torch_vjp.rms_norm(x, (6,), None, "1e-5")
+
+
+def test_normalize_other_p_and_bad_dim(device):
+    """p other than 2 is torch's own computation (so its autograd); a dim out of range is torch's IndexError."""
+    x = torch.randn(3, 4, device=device, dtype=torch.float64, requires_grad=True)
+    for p in (1.0, 3.0, float("inf")):
+        torch.testing.assert_close(torch_vjp.normalize(x, p=p), torch.nn.functional.normalize(x, p=p))
+        assert torch.autograd.gradcheck(lambda t: torch_vjp.normalize(t, p=p, dim=0), (x,))
+    with pytest.raises(IndexError, match="Dimension out of range"):
+        torch_vjp.normalize(torch.randn(3, device=device))  # dim=1 of a 1-D input, as torch
+    with pytest.raises(TypeError, match="'p'"):
+        torch_vjp.normalize(x, p="2")
+
+
+# Losses: torch's error type for each (compared), and a message that says what is wrong.
+CE_BAD = [
+    ("target of floats", lambda t: (t(4, 5), torch.tensor([0.0, 1.0, 2.0, 3.0])), {}, "Long or Byte"),
+    ("target of int32", lambda t: (t(4, 5), torch.tensor([0, 1, 2, 3], dtype=torch.int32)), {}, "Long or Byte"),
+    ("target of another length", lambda t: (t(4, 5), torch.tensor([0, 1, 2])), {}, "batch_size \\(4\\)"),
+    ("target of two dims", lambda t: (t(4, 5), torch.zeros(4, 1, dtype=torch.long)), {}, "multi-target not supported"),
+    ("target out of range", lambda t: (t(4, 5), torch.tensor([0, 1, 5, 2])), {}, "Target 5 is out of bounds"),
+    ("negative target", lambda t: (t(4, 5), torch.tensor([0, -1, 2, 2])), {}, "Target -1 is out of bounds"),
+    ("unknown reduction", lambda t: (t(4, 5), torch.tensor([0, 1, 2, 3])), {"reduction": "avg"},
+     "avg is not a valid value for reduction"),
+    ("label_smoothing above 1", lambda t: (t(4, 5), torch.tensor([0, 1, 2, 3])), {"label_smoothing": 1.5},
+     "label_smoothing must be between 0.0 and 1.0"),
+]
+
+
+@pytest.mark.parametrize("case,make,kwargs,message", CE_BAD, ids=[c[0] for c in CE_BAD])
+def test_cross_entropy_bad_input(case, make, kwargs, message, device):
+    x, target = make(lambda *s: torch.randn(*s, device=device))
+    target = target.to(device)
+    _, expected = outcome(lambda: torch.nn.functional.cross_entropy(x, target, **kwargs))
+    with pytest.raises(expected, match=message):
+        torch_vjp.cross_entropy(x, target, **kwargs)
+    head = torch.randn(5, 3, device=device)  # the fused loss checks its targets and arguments alike
+    with pytest.raises(expected, match=message):
+        torch_vjp.fused_linear_cross_entropy(torch.randn(4, 3, device=device), head, target, **kwargs)
+
+
+def test_cross_entropy_what_is_not_implemented(device):
+    """Class weights and class-probability targets: NotImplementedError that says so."""
+    x = torch.randn(4, 5, device=device)
+    with pytest.raises(NotImplementedError, match="class weights"):
+        torch_vjp.cross_entropy(x, torch.tensor([0, 1, 2, 3], device=device), weight=torch.ones(5, device=device))
+    with pytest.raises(NotImplementedError, match="class-probability targets"):
+        torch_vjp.cross_entropy(x, torch.softmax(torch.randn(4, 5, device=device), -1))
+    with pytest.raises(RuntimeError, match="Expected target size \\[2, 3\\], got \\[2, 4\\]"):
+        torch_vjp.cross_entropy(torch.randn(2, 5, 3, device=device), torch.zeros(2, 4, dtype=torch.long, device=device))
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_mean_over_only_ignored_targets_is_nan_as_torch(label_smoothing, device):
+    """'mean' over targets that are all ignore_index: NaN (0/0), and zero gradients, as torch's; 'sum' is 0."""
+    for x in (torch.randn(3, 5, device=device), torch.randn(5, device=device)):
+        target = torch.full(x.shape[:-1], -100, dtype=torch.long, device=device)
+        for reduction in ("mean", "sum", "none"):
+            leaf, leaf_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+            loss = torch_vjp.cross_entropy(leaf, target, reduction=reduction, label_smoothing=label_smoothing)
+            expected = torch.nn.functional.cross_entropy(leaf_ref, target, reduction=reduction,
+                                                         label_smoothing=label_smoothing)
+            torch.testing.assert_close(loss, expected, equal_nan=True)
+            assert loss.isnan().all() == (reduction == "mean")
+            torch.testing.assert_close(torch.autograd.grad(loss.sum(), leaf)[0],
+                                       torch.autograd.grad(expected.sum(), leaf_ref)[0])
+    hidden, head = torch.randn(3, 4, device=device), torch.randn(5, 4, device=device)
+    target = torch.full((3,), -100, dtype=torch.long, device=device)
+    assert torch_vjp.fused_linear_cross_entropy(hidden, head, target).isnan()
+
+
+FUSED_BAD = [
+    ("hidden sizes differ", lambda t: (t(4, 3), t(5, 6), None), RuntimeError, "hidden sizes differ"),
+    ("3-D hidden states", lambda t: (t(2, 4, 3), t(5, 3), None), RuntimeError, "input of shape \\(N, H\\)"),
+    ("1-D head", lambda t: (t(4, 3), t(5), None), RuntimeError, "weight of shape \\(V, H\\)"),
+    ("bias of another length", lambda t: (t(4, 3), t(5, 3), t(4)), RuntimeError, "bias of shape \\(5,\\)"),
+    ("head of another dtype", lambda t: (t(4, 3), t(5, 3).double(), None), TypeError, "same dtype"),
+]
+
+
+@pytest.mark.parametrize("case,make,error,message", FUSED_BAD, ids=[c[0] for c in FUSED_BAD])
+def test_fused_linear_cross_entropy_bad_input(case, make, error, message, device):
+    for dev in (device, "meta"):  # the fake kernel agrees
+        x, w, b = make(lambda *s: torch.randn(*s, device=dev))
+        with pytest.raises(error, match=message):
+            torch_vjp.fused_linear_cross_entropy(x, w, torch.zeros(x.shape[0], dtype=torch.long, device=dev), b)
+
+
+def test_gated_bad_input(device):
+    """gate and up of different shapes (no broadcasting) or dtypes; an unknown gelu form."""
+    a = torch.randn(3, 4, device=device)
+    for fn in (torch_vjp.swiglu, torch_vjp.geglu):
+        for t in (a, a.to("meta")):
+            with pytest.raises(RuntimeError, match="expected up of shape \\[3, 4\\]"):
+                fn(t, t[:, :1])
+            with pytest.raises(TypeError, match="same dtype"):
+                fn(t, t.double())
+        with pytest.raises(TypeError, match="'up' must be Tensor"):
+            fn(a, 1.0)
+    with pytest.raises(RuntimeError, match="approximate argument must be either none or tanh"):
+        torch_vjp.geglu(a, a, approximate="fast")
+    with pytest.raises(ValueError, match="geglu: approximate must be 'none' or 'tanh'"):
+        torch.ops.torch_vjp.geglu(a, a, "fast")
+
+
+def test_cross_entropy_one_row_with_a_target_of_one_element(device):
+    """(C,) logits take a 0-d target, or one of shape (1,), as torch's; longer is torch's ValueError."""
+    x = torch.randn(5, device=device)
+    for target in (torch.tensor(2), torch.tensor([2]), torch.tensor([-100])):
+        for reduction in ("mean", "none"):
+            target = target.to(device)
+            torch.testing.assert_close(torch_vjp.cross_entropy(x, target, reduction=reduction),
+                                       torch.nn.functional.cross_entropy(x, target, reduction=reduction), equal_nan=True)
+    with pytest.raises(ValueError, match="1D target must have size 1"):
+        torch_vjp.cross_entropy(x, torch.tensor([1, 2], device=device))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from torch_vjp.testing import OPS, op_variants, sample
+from torch_vjp.testing import OPS, SAMPLED, dim_calls, op_variants, sample
 from torch_vjp._ops import REGISTRY
 
 
@@ -12,53 +12,98 @@ def test_every_registered_op_is_in_the_table():
     assert registered == names and set(REGISTRY) == {info.name for info in OPS}
 
 
+def opcheck_calls(info, variant, device):
+    """Calls along dim 0 and -1 (with keepdim both ways), over one and two normalized dims, on (3, 5) float32
+    inputs; the fused loss also with its forward computing the gradients (compute_grad)."""
+    x = sample(info, (3, 5), torch.float32, device)
+    if info.has_dim:
+        kwargs = [dict(dim=d, keepdim=k) for d in (0, -1) for k in (False, True)]
+    else:
+        kwargs = dim_calls(info, 2)
+    calls = [info.call(x, **k, **variant) for k in kwargs]
+    overrides = [{}, {"compute_grad": True}] if info.name == "fused_linear_cross_entropy" else [{}]
+    return [(c, o) for c in calls for o in overrides]
+
+
 @pytest.mark.parametrize("info,variant", op_variants())
 def test_opcheck(info, variant, device):
-    """Schema, autograd registration, fake kernel and AOT dispatch with dynamic shapes, forward and VJP op."""
+    """Schema, autograd registration, fake kernel and AOT dispatch with dynamic shapes, forward and VJP op, with
+    every floating tensor argument requiring grad (a norm's saved statistics too: the VJP op is differentiable
+    in each of its arguments)."""
     spec = REGISTRY[info.name]
-    x = sample(info, (3, 5), torch.float32, device).requires_grad_()
-    for kwargs in [info.call_kwargs(dim=d, keepdim=k, **variant) for d in (0, -1) for k in (False, True)]:
-        params = info.raw_params(**kwargs)
-        y = info.raw(x, **kwargs)
-        torch.library.opcheck(getattr(torch.ops.torch_vjp, info.name).default, (x, *params))
-        saved = [x if s == "input" else y for s in spec.saves]
-        dy = sample(info, y.shape, y.dtype, device, generator_seed=1).requires_grad_()
-        args = (dy, *[t.detach().requires_grad_() for t in saved], *params)
-        torch.library.opcheck(getattr(torch.ops.torch_vjp, info.name + "_backward").default, args)
+
+    def grad_leaf(t):
+        return t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    for c, overrides in opcheck_calls(info, variant, device):
+        args = tuple(grad_leaf(a) for a in c.raw_args(**overrides))
+        torch.library.opcheck(getattr(torch.ops.torch_vjp, info.name).default, args)
+        outputs = getattr(torch.ops.torch_vjp, info.name)(*args)
+        y = outputs[0] if isinstance(outputs, tuple) else outputs
+        dy = sample(info, y.shape, y.dtype, device, generator_seed=1)
+        vjp_args = spec.vjp_call_args(args, outputs, dy)
+        torch.library.opcheck(getattr(torch.ops.torch_vjp, info.name + "_backward").default,
+                              tuple(grad_leaf(a) for a in vjp_args))
 
 
 def composite(ops):
-    def f(x):
+    """f(x, *tensors): every (row, variant) of ops applied to x, each with its own drawn tensors (weight, bias,
+    up, targets, a head; `draw(x)` gives them for an x, in f's order), summed with position weights. A norm
+    normalizes x's last dim, read from x's shape (a new shape recompiles)."""
+    def tensors_of(c):
+        return [*c.primals[1:], *(v for v in c.kwargs.values() if isinstance(v, torch.Tensor))]
+
+    def draw(x):
+        return [t for info, variant in ops for t in tensors_of(info.call(x.detach(), **variant))]
+
+    def f(x, *tensors):
         out = x.new_zeros(())
+        k = 0
         for info, variant in ops:
-            y = info.op(x, **info.call_kwargs(**variant))
+            kwargs = info.call_kwargs(**{key: v for key, v in variant.items() if v is not SAMPLED})
+            if info.has_normalized_shape:
+                kwargs["normalized_shape"] = x.shape[-1:]
+            for name in drawn_names[(info.name, tuple(variant.items()))]:
+                kwargs[name] = tensors[k]
+                k += 1
+            y = info.op(x, **kwargs)
             out = out + (y * torch.arange(y.numel(), device=y.device).reshape(y.shape)).sum()
         return out
 
-    return f
+    probe = torch.zeros(2, 3)
+    drawn_names = {}
+    for info, variant in ops:
+        c = info.call(probe, **variant)
+        drawn_names[(info.name, tuple(variant.items()))] = [*c.names, *(k for k, v in c.kwargs.items()
+                                                                        if isinstance(v, torch.Tensor))]
+    return f, draw
 
 
 def test_compile_fullgraph_matches_eager(device):
-    """One compiled graph through every op (fullgraph=True: no graph break), forward and backward."""
+    """One compiled graph through every op (fullgraph=True: no graph break), forward and backward, w.r.t. x
+    and every drawn tensor that is differentiated."""
     ops = [case.values for case in op_variants()]
-    f = composite(ops)
+    f, draw = composite(ops)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
     for shape in [(4, 33), (6, 17)]:  # a second shape exercises recompilation
         x = torch.randn(shape, device=device, requires_grad=True)
-        y, y_c = f(x), compiled(x)
-        (dx,) = torch.autograd.grad(y, x)
-        (dx_c,) = torch.autograd.grad(y_c, x)
+        tensors = [t.requires_grad_() if t.is_floating_point() else t for t in draw(x)]
+        leaves = [x, *(t for t in tensors if t.requires_grad)]
+        y, y_c = f(x, *tensors), compiled(x, *tensors)
         torch.testing.assert_close(y_c, y)
-        torch.testing.assert_close(dx_c, dx)
+        torch.testing.assert_close(torch.autograd.grad(y_c, leaves), torch.autograd.grad(y, leaves))
 
 
 def test_compile_inductor_on_cpu():
     """The default backend too (inductor, which generates C++ for the surrounding ops on CPU)."""
     from torch_vjp.testing import OPS_BY_NAME
 
-    ops = [(OPS_BY_NAME[n], {}) for n in ("gelu", "softmax", "logsumexp")]
-    f = composite(ops)
+    ops = [(OPS_BY_NAME[n], v) for n, v in (("gelu", {}), ("softmax", {}), ("logsumexp", {}),
+                                            ("layer_norm", {"weight": SAMPLED, "bias": SAMPLED}),
+                                            ("cross_entropy", {}), ("swiglu", {}))]
+    f, draw = composite(ops)
     x = torch.randn(5, 9, requires_grad=True)
-    y_c = torch.compile(f, fullgraph=True)(x)
-    torch.testing.assert_close(y_c, f(x))
-    torch.testing.assert_close(torch.autograd.grad(y_c, x)[0], torch.autograd.grad(f(x), x)[0])
+    tensors = [t.requires_grad_() if t.is_floating_point() else t for t in draw(x)]
+    y_c = torch.compile(f, fullgraph=True)(x, *tensors)
+    torch.testing.assert_close(y_c, f(x, *tensors))
+    torch.testing.assert_close(torch.autograd.grad(y_c, x)[0], torch.autograd.grad(f(x, *tensors), x)[0])

@@ -16,7 +16,9 @@ def cases():
 
 
 def test_every_module_is_tested_and_exported():
-    assert {info.module.__name__ for info in MODULES} == set(torch_vjp.nn.__all__)
+    """Every module has its MODULES row; FusedLinearCrossEntropyLoss, which torch.nn has no counterpart of,
+    has its own test below."""
+    assert {info.module.__name__ for info in MODULES} | {"FusedLinearCrossEntropyLoss"} == set(torch_vjp.nn.__all__)
     assert {info.op for info in MODULES} <= set(OPS_BY_NAME)
 
 
@@ -37,26 +39,38 @@ def test_drop_in_for_torch_nn(info, kwargs, device):
 
     op = OPS_BY_NAME[info.op]
     x = sample(op, (2, 3, 4, 5), torch.float64, device)
-    dy = sample(op, (2, 3, 4, 5), torch.float64, device, generator_seed=1)
+    # A loss module's other input (targets), drawn by its row; a norm's parameters: the module's own, made
+    # different from their initial ones (then loaded into torch's module too).
+    extra = [v for v in op.call(x, **kwargs).kwargs.values() if isinstance(v, torch.Tensor)] if op.family == "loss" else []
+    ours, theirs = ours.to(device, torch.float64), theirs.to(device, torch.float64)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.copy_(sample(op, p.shape, torch.float64, device, generator_seed=3))
+    theirs.load_state_dict(ours.state_dict())
     results = []
     for module in (ours, theirs):
         leaf = x.clone().requires_grad_()
-        y = module(leaf * 1)  # a non-leaf input, so inplace=True modules may write into it
-        results.append((y.detach(), torch.autograd.grad(y, leaf, dy)[0]))
+        y = module(leaf * 1, *extra)  # a non-leaf input, so inplace=True modules may write into it
+        dy = sample(op, y.shape, torch.float64, device, generator_seed=1)
+        params = list(module.parameters())
+        results.append((y.detach(), torch.autograd.grad(y, [leaf, *params], dy)))
     torch.testing.assert_close(results[0], results[1])
-    node = ours(x.clone().requires_grad_() * 1).grad_fn
+    node = ours(x.clone().requires_grad_() * 1, *extra).grad_fn
     if kwargs.get("inplace"):  # the copy into the input, fed by the op's node
         assert node.name().endswith("CopyBackwards")
         node = next(fn for fn, _ in node.next_functions if fn is not None and fn.name() != "MulBackward0")
+    while node.name() == "ViewBackward0":  # cross_entropy's (N, C, d) loss per position: the op's, reshaped
+        node = node.next_functions[0][0]
     assert node.name() == "".join(p.title() for p in info.op.split("_")) + "Backward"
 
 
 def test_modules_in_a_model_train_like_torch_nn():
-    """A small model with torch_vjp.nn swapped in for torch.nn takes the same optimizer step."""
+    """A small model with torch_vjp.nn swapped in for torch.nn (activations, LayerNorm, RMSNorm and the loss)
+    takes the same optimizer steps."""
     def model(nn):
         torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(6, 8), nn.GELU(), torch.nn.Linear(8, 8), nn.SiLU(inplace=True),
-                                   torch.nn.Linear(8, 5), nn.LogSoftmax(dim=-1)).double()
+        return torch.nn.Sequential(torch.nn.Linear(6, 8), nn.GELU(), nn.LayerNorm(8), torch.nn.Linear(8, 8),
+                                   nn.SiLU(inplace=True), nn.RMSNorm(8), torch.nn.Linear(8, 5)).double()
 
     x = torch.randn(16, 6, dtype=torch.float64)
     target = torch.randint(0, 5, (16,))
@@ -64,7 +78,41 @@ def test_modules_in_a_model_train_like_torch_nn():
     for nn in (torch_vjp.nn, torch.nn):
         m = model(nn)
         optimizer = torch.optim.SGD(m.parameters(), lr=0.1)
-        torch.nn.functional.nll_loss(m(x), target).backward()
+        nn.CrossEntropyLoss(label_smoothing=0.1)(m(x), target).backward()
         optimizer.step()
         steps.append([p.detach().clone() for p in m.parameters()])
     torch.testing.assert_close(steps[0], steps[1])
+
+
+def test_layer_norm_and_rms_norm_load_torch_state_dicts_of_any_dtype():
+    """A torch module's state_dict loads (fp32 parameters into a module used with bf16 activations gives
+    bf16 output, torch's rule), and the weight gradient comes back in the parameter's dtype."""
+    for ours, theirs in ((torch_vjp.nn.LayerNorm(8), torch.nn.LayerNorm(8)), (torch_vjp.nn.RMSNorm(8), torch.nn.RMSNorm(8))):
+        with torch.no_grad():
+            for p in theirs.parameters():
+                p.uniform_(0.5, 1.5)
+        ours.load_state_dict(theirs.state_dict())
+        x = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
+        y, y_ref = ours(x), theirs(x)
+        assert y.dtype == y_ref.dtype == torch.bfloat16
+        torch.testing.assert_close(y, y_ref, rtol=1.6e-2, atol=1e-2)
+        y.sum().backward()
+        assert ours.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+
+
+def test_fused_linear_cross_entropy_loss_module():
+    """FusedLinearCrossEntropyLoss(ignore_index, reduction, label_smoothing)(input, weight, target, bias)
+    equals torch.nn.CrossEntropyLoss on the head's logits, gradients included; no state of its own."""
+    module = torch_vjp.nn.FusedLinearCrossEntropyLoss(ignore_index=1, reduction="sum", label_smoothing=0.1)
+    assert repr(module) == "FusedLinearCrossEntropyLoss(ignore_index=1, reduction='sum', label_smoothing=0.1)"
+    assert module.state_dict() == {} and list(module.parameters()) == []
+    head = torch.nn.Linear(6, 9, dtype=torch.float64)
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 1, 8, 3, 1])
+    loss = module(x, head.weight, target, head.bias)
+    expected = torch.nn.CrossEntropyLoss(ignore_index=1, reduction="sum", label_smoothing=0.1)(head(x), target)
+    torch.testing.assert_close(loss, expected)
+    params = [x, head.weight, head.bias]
+    torch.testing.assert_close(torch.autograd.grad(loss, params), torch.autograd.grad(expected, params))
+    for clone in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
+        assert repr(clone) == repr(module)

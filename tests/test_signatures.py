@@ -42,10 +42,11 @@ def test_docstring_documents_args_shape_and_dtype(info):
     doc = info.op.__doc__
     first = doc.strip().splitlines()[0]
     assert first.startswith(f"{info.name}(") and first.endswith("-> Tensor")
-    for part in ("Args:", "input (Tensor)", "Shape:", "floating"):
+    first_arg = next(iter(inspect.signature(info.op).parameters))  # input, or a gated op's gate
+    for part in ("Args:", f"{first_arg} (Tensor)", "Shape:", "floating"):
         assert part in doc, (info.name, part)
     for name in inspect.signature(info.op).parameters:
-        assert name == "input" or f"{name} (" in doc, (info.name, name)
+        assert f"{name} (" in doc, (info.name, name)
 
 
 def test_py_typed_marker_is_shipped():
@@ -206,28 +207,31 @@ def title(name):
 def test_grad_fn_is_named_after_the_op(info, variant, device):
     """SoftmaxBackward, not a generic node: the profiler and anomaly mode can tell ops apart; the VJP op's
     own node (double backward) is SoftmaxBackwardBackward. The same under torch.func's path."""
-    x = sample(info, (3, 4), torch.float64, device).requires_grad_()
-    kwargs = info.call_kwargs(**variant)
-    y = info.op(x, **kwargs)
+    c = info.call(sample(info, (3, 4), torch.float64, device), **variant).cast(requires_grad=True)
+    y = c.op(*c.primals)
     assert y.grad_fn.name() == f"{title(info.name)}Backward"
-    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y), create_graph=True)
+    (dx, *_) = torch.autograd.grad(y, c.primals, torch.ones_like(y), create_graph=True)
     assert dx.grad_fn.name() == f"{title(info.name)}BackwardBackward"
-    assert info.raw(x, **kwargs).grad_fn.name() == f"{title(info.name)}Backward"
+    assert c.raw(*c.primals).grad_fn.name() == f"{title(info.name)}Backward"
     import torch.autograd.forward_ad as fwAD
 
     with fwAD.dual_level():  # the torch.func-capable Function
-        assert info.op(fwAD.make_dual(x, torch.ones_like(x)), **kwargs).grad_fn.name() == f"{title(info.name)}Backward"
+        duals = [fwAD.make_dual(t, torch.ones_like(t)) for t in c.primals]
+        assert c.op(*duals).grad_fn.name() == f"{title(info.name)}Backward"
 
 
 def test_profiler_tells_the_ops_apart():
-    """The profiler's trace names each op's forward, VJP kernel and autograd node."""
+    """The profiler's trace names each op's forward, VJP kernel and autograd node (a reduced fused loss
+    computes its gradients in the forward: its 'none' form runs the VJP kernel)."""
     from torch.profiler import profile
 
-    x = torch.randn(3, 4, requires_grad=True)
+    x = torch.randn(3, 4)
+    calls = [info.call(x, **({"reduction": "none"} if info.scaled_grads else {})).cast(requires_grad=True)
+             for info in OPS]
     with profile() as prof:
-        for info in OPS:
-            y = info.op(x, **info.call_kwargs())
-            torch.autograd.grad(y, x, torch.ones_like(y))
+        for c in calls:
+            y = c.op(*c.primals)
+            torch.autograd.grad(y, c.primals, torch.ones_like(y))
     names = {event.name for event in prof.events()}
     for info in OPS:
         node = f"{title(info.name)}Backward"
@@ -235,12 +239,27 @@ def test_profiler_tells_the_ops_apart():
 
 
 def traced_model():
+    weight, bias = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    target = torch.tensor([0, 3, -100, 5])
+
     def f(x):
         h = torch_vjp.gelu(x, approximate="tanh") + torch_vjp.softplus(x, 2.0, 5.0) + torch_vjp.silu(x)
         h = torch_vjp.mish(h) * torch_vjp.sigmoid(x) + torch_vjp.tanh(x) + torch_vjp.exp(-x.abs())
-        return torch_vjp.log_softmax(h, -1) + torch_vjp.softmax(h, 0) + torch_vjp.logsumexp(h, 1, True)
+        h = torch_vjp.log_softmax(h, -1) + torch_vjp.softmax(h, 0) + torch_vjp.logsumexp(h, 1, True)
+        h = torch_vjp.layer_norm(h, (6,), weight, bias) + torch_vjp.rms_norm(h, (6,)) + torch_vjp.normalize(x)
+        h = torch_vjp.swiglu(h, x) + torch_vjp.geglu(x, h)
+        return h * torch_vjp.cross_entropy(h, target)
 
     return f
+
+
+def test_jit_trace_refuses_the_fused_loss_clearly():
+    """TorchScript has no optional outputs: torch.jit.trace of the fused loss says so and names the way out."""
+    x, head, target = torch.randn(4, 6), torch.randn(7, 6), torch.tensor([0, 3, -100, 5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated
+        with pytest.raises(RuntimeError, match="cannot record torch_vjp.fused_linear_cross_entropy.*torch.export"):
+            torch.jit.trace(lambda t: torch_vjp.fused_linear_cross_entropy(t, head, target), (x,))
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])

@@ -1,8 +1,10 @@
 """Values and gradients against the float64 torch reference, in every dtype, shape and dim."""
+import math
+
 import pytest
 import torch
 
-from torch_vjp.testing import op_variants, sample
+from torch_vjp.testing import OPS_BY_NAME, Call, dim_calls, op_variants, sample
 
 # Half types are computed in float32 and rounded once, so ~2 ulps of the dtype cover them; float64 is
 # near exact. Everything is compared with the float64 reference.
@@ -18,72 +20,107 @@ DTYPES = list(TOLERANCES)
 # 100003 a long prime row); 1-D to 4-D, so that every dim of a 4-D tensor is a reduced dim once.
 ELEMENTWISE_SHAPES = [(), (0,), (1,), (1023,), (100003,), (3, 0, 2), (7, 33), (2, 3, 5, 7)]
 SOFTMAX_SHAPES = [(), (1,), (0,), (5, 0), (0, 5), (1023,), (7, 33), (3, 1025), (2, 100003), (2, 3, 5, 7)]
+# Norms over the trailing 1..4 dims: one row and many, rows of 0 elements (NaN statistics, as torch) and no
+# rows, the odd lengths and the long prime row as above; the column sums of dw, db over 1 to 1000 rows.
+NORM_SHAPES = [(1,), (5, 0), (0, 5), (1023,), (7, 33), (3, 1025), (1000, 3), (2, 100003), (2, 3, 5, 7)]
+# Logits (N, C): one class, one row, no rows, odd vocabularies, a long vocabulary; (C,) with a 0-d target;
+# (N, C, d) with the class dim second. The fused loss's input is (N, H), its head VOCAB × H.
+LOSS_SHAPES = [(5,), (1, 1), (0, 5), (7, 33), (3, 1025), (4, 50257), (2, 7, 3)]
+FUSED_SHAPES = [(1, 1), (0, 5), (7, 33), (3, 1025), (64, 16)]
 
 
-def softmax_cases():
-    return [(shape, dim) for shape in SOFTMAX_SHAPES for dim in range(-max(len(shape), 1), max(len(shape), 1))]
+def shape_cases(info):
+    """(shape, call) pairs of a row's family: every shape, with every dim (or count of normalized dims)."""
+    if info.family == "loss":
+        return [(s, {}) for s in (FUSED_SHAPES if info.name.startswith("fused") else LOSS_SHAPES)]
+    shapes = {"elementwise": ELEMENTWISE_SHAPES, "gated": ELEMENTWISE_SHAPES, "softmax": SOFTMAX_SHAPES,
+              "norm": SOFTMAX_SHAPES if info.has_dim else NORM_SHAPES}[info.family]
+    return [(s, call) for s in shapes for call in dim_calls(info, len(s))]
 
 
-def run(info, fn, x, dy_seed, kwargs):
-    """Output and input gradient of fn at x for a fixed random grad_output. The backward runs for empty
-    tensors too: their gradient's shape, dtype and device are then what is compared."""
-    x = x.detach().requires_grad_(True)
-    y = fn(x, **kwargs)
+def run(call, fn, dy=None):
+    """Output and the gradients of every primal of fn (a Call's op or ref) for grad_output dy (default: drawn
+    in the output's dtype). The backward runs for empty tensors too: their gradient's shape, dtype and device
+    are then compared."""
+    primals = tuple(t.detach().requires_grad_(True) for t in call.primals)
+    y = fn(*primals)
     assert y.grad_fn is not None  # recorded even when empty: the VJP below is the op's own
-    dy = sample(info, y.shape, y.dtype, y.device, generator_seed=dy_seed)
-    (dx,) = torch.autograd.grad(y, x, dy)
-    return y.detach(), dx
+    dy = sample(call.info, y.shape, y.dtype, y.device, generator_seed=1) if dy is None else dy.to(y.dtype)
+    return y.detach(), torch.autograd.grad(y, primals, dy)
 
 
 def assert_gradient_close(dx, dx_torch, dx_ref, tol):
     """Gradients are held to torch's own accuracy in the same dtype (the criterion of FlashAttention's
-    tests): max |dx - ref| ≤ 2 · max |dx_torch - ref| + atol, with ref in float64. A backward reads
-    rounded saved tensors (sigmoid's dy·y(1-y) from a rounded y near 1, log_softmax's exp(y)), so neither
-    implementation can match the float64 gradient elementwise to the dtype's tolerance; the check is
-    that torch_vjp loses no more than torch does. NaNs must sit where the reference has them."""
+    tests): max |dx - ref| ≤ 2 · max(max |dx_torch - ref|, rounding) + atol, with ref in float64. A backward
+    reads rounded saved tensors (sigmoid's dy·y(1-y) from a rounded y near 1, log_softmax's exp(y)), so neither
+    implementation can match the float64 gradient elementwise to the dtype's tolerance; the check is that
+    torch_vjp loses no more than torch does. `rounding`, half an ulp of the largest |ref| in the dtype, is what
+    a correctly rounded gradient may lose: where torch happens to be exact at its worst element, a correctly
+    rounded result must still pass (atol alone is under half an ulp for gradients above 8 in float32, as a
+    norm's column sums and a gated op's products are). NaNs must sit where the reference has them."""
     torch.testing.assert_close(dx.isnan(), dx_ref.isnan())
     finite = ~dx_ref.isnan()
     if not finite.any():
         return
     err = (dx.double() - dx_ref)[finite].abs().max().item()
     torch_err = (dx_torch.double() - dx_ref)[finite].abs().max().item()
-    assert err <= 2 * torch_err + tol["atol"], f"gradient max error {err:.3g}; torch's own: {torch_err:.3g}"
+    largest = dx_ref[finite].abs().max().item()
+    rounding = 0.0 if largest == 0 or math.isinf(largest) else \
+        torch.finfo(dx.dtype).eps * 2.0 ** math.floor(math.log2(largest)) / 2
+    assert err <= 2 * max(torch_err, rounding) + tol["atol"], \
+        f"gradient max error {err:.3g}; torch's own: {torch_err:.3g}; rounding: {rounding:.3g}"
 
 
 def check_against_reference(info, variant, x, **call):
-    kwargs = info.call_kwargs(**call, **variant)
-    y, dx = run(info, info.op, x, 1, kwargs)
-    y_ref, dx_ref = run(info, info.ref, x.double(), 1, kwargs)
-    _, dx_torch = run(info, info.ref, x, 1, kwargs)
+    """Output and every gradient (input, weight, bias, up) against the float64 reference, the gradients to
+    torch's own accuracy in x's dtype (a fused op's: its unfused parts'); returns the output and the input's
+    gradient."""
+    c = info.call(x, **call, **variant)
+    y, grads = run(c, c.op)
+    # The reference computes in float64 on exactly the inputs the ops get: x and dy rounded to x's dtype.
+    c64 = c.cast(torch.float64)
+    y_ref, grads_ref = run(c64, c64.ref, sample(info, y.shape, y.dtype, y.device, generator_seed=1))
+    # The baseline: torch's own op in x's dtype, or a fused op's unfused form (OpInfo.unfused), whose parts
+    # are held to torch's accuracy by their own rows.
+    _, grads_torch = run(c, c.baseline)
+    if info.scaled_grads and y.dim() == 0 and x.dtype in (torch.float16, torch.bfloat16):
+        # The op's documented rounding (OpInfo.scaled_grads): the baseline is its gradient for grad_output = 1,
+        # scaled by grad_output in x's dtype, the same two roundings.
+        dy = sample(info, y.shape, y.dtype, y.device, generator_seed=1)
+        grads_torch = tuple(g * dy for g in run(c, c.baseline, torch.ones_like(dy))[1])
     tol = TOLERANCES[x.dtype]
     assert y.dtype == x.dtype and y.device == x.device and y.shape == y_ref.shape
     torch.testing.assert_close(y.double(), y_ref, equal_nan=True, **tol)
-    assert dx.dtype == x.dtype and dx.device == x.device and dx.shape == x.shape == dx_torch.shape
-    assert_gradient_close(dx, dx_torch, dx_ref, tol)
-    return y, dx
+    for t, g, g_torch, g_ref in zip(c.primals, grads, grads_torch, grads_ref):
+        assert g.dtype == t.dtype and g.device == t.device and g.shape == t.shape == g_torch.shape
+        assert_gradient_close(g, g_torch, g_ref, tol)
+    return y, grads[0]
+
+
+def family_cases(*families):
+    return [pytest.param(info, variant, shape, call, id=f"{case.id}-{list(shape)}-{call}")
+            for case in op_variants(families) for info, variant in [case.values]
+            for shape, call in shape_cases(info)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", ELEMENTWISE_SHAPES, ids=str)
-@pytest.mark.parametrize("info,variant", op_variants(("elementwise",)))
-def test_elementwise(info, variant, shape, dtype, device):
-    check_against_reference(info, variant, sample(info, shape, dtype, device))
-
-
-def softmax_ops():
-    """(info, variant, keepdim): keepdim both ways where the op takes it."""
-    return [
-        pytest.param(*case.values, keepdim, id=f"{case.id}-keepdim={keepdim}")
-        for case in op_variants(("softmax",))
-        for keepdim in ([False, True] if case.values[0].keepdim else [False])
-    ]
+@pytest.mark.parametrize("info,variant,shape,call", family_cases("elementwise", "gated"))
+def test_elementwise(info, variant, shape, call, dtype, device):
+    check_against_reference(info, variant, sample(info, shape, dtype, device), **call)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,dim", softmax_cases(), ids=str)
-@pytest.mark.parametrize("info,variant,keepdim", softmax_ops())
-def test_softmax_family(info, variant, keepdim, shape, dim, dtype, device):
-    check_against_reference(info, variant, sample(info, shape, dtype, device), dim=dim, keepdim=keepdim)
+@pytest.mark.parametrize("info,variant,shape,call", family_cases("softmax", "norm"))
+def test_row_families(info, variant, shape, call, dtype, device):
+    """Softmax family and normalize along every dim; layer_norm and rms_norm over every count of trailing
+    dims, with and without weight and bias."""
+    check_against_reference(info, variant, sample(info, shape, dtype, device), **call)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("info,variant,shape,call", family_cases("loss"))
+def test_losses(info, variant, shape, call, dtype, device):
+    check_against_reference(info, variant, sample(info, shape, dtype, device), **call)
 
 
 def strided_inputs(info, dtype, device):
@@ -101,19 +138,23 @@ def strided_inputs(info, dtype, device):
 @pytest.mark.parametrize("info,variant", op_variants())
 def test_strided_and_channels_last_against_torch(info, variant, dtype, device):
     """Values and gradients of non-contiguous and channels-last inputs against the float64 torch
-    reference, along every dim; an elementwise op's output keeps its input's memory format (the strides
-    torch's own op gives it, for every dim longer than 1)."""
+    reference, along every dim (every count of normalized dims); an elementwise op's output keeps its input's
+    memory format (the strides torch's own op gives it, for every dim longer than 1). The fused loss takes
+    2-D hidden states only."""
     for layout, x in strided_inputs(info, dtype, device).items():
         assert not x.is_contiguous(), layout
-        for dim in (range(-x.dim(), x.dim()) if info.has_dim else [-1]):
-            y, dx = check_against_reference(info, variant, x, dim=dim)
+        if info.name == "fused_linear_cross_entropy" and x.dim() != 2:
+            continue
+        for call in dim_calls(info, x.dim()):
+            y, dx = check_against_reference(info, variant, x, **call)
             if info.family == "elementwise":
                 y_torch = info.ref(x, **info.call_kwargs(**variant))
                 strides = lambda t: [st for st, n in zip(t.stride(), t.shape) if n > 1]  # noqa: E731
                 assert strides(y) == strides(y_torch), (layout, y.stride(), y_torch.stride())
 
 
-# Rows of -inf, +inf and NaN, and overflow/underflow, behave like torch.
+# Rows of -inf, +inf and NaN, and overflow/underflow, behave like torch (a norm's row, a row of logits, a
+# row of hidden states).
 SPECIAL_ROWS = [
     [0.0, float("-inf"), 1.0, 2.0],
     [float("-inf")] * 4,
@@ -126,8 +167,59 @@ SPECIAL_ROWS = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("info,variant", op_variants())
 def test_special_values(info, variant, dtype, device):
-    x = torch.tensor(SPECIAL_ROWS, dtype=dtype, device=device)
-    kwargs = info.call_kwargs(**variant)
+    c = info.call(torch.tensor(SPECIAL_ROWS, dtype=dtype, device=device), **variant)
     # float64 torch as the reference: torch's float32 CPU gelu(inf) is NaN, a vectorised-erf artefact.
-    y, y_ref = info.op(x, **kwargs), info.ref(x.double(), **kwargs).to(dtype)
+    c64 = c.cast(torch.float64)
+    y, y_ref = c.op(*c.primals), c64.ref(*c64.primals).to(dtype)
     torch.testing.assert_close(y, y_ref, equal_nan=True, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_loss_bfloat16_vocab_50000(reduction, device):
+    """The fused loss in bfloat16 over a 50000-word vocabulary: 700 rows, so that on the CPU (64 MiB of logits
+    a chunk) the rows span two chunks. Loss and every gradient against float64 on the same inputs, to the
+    accuracy of the unfused kernels (torch's linear, then torch_vjp.cross_entropy) and within bfloat16's
+    relative tolerance of float64 torch."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(700, 32, generator=g) * 2).to(device, torch.bfloat16)
+    w = (torch.randn(50000, 32, generator=g) / 4).to(device, torch.bfloat16)
+    b = (torch.randn(50000, generator=g) / 4).to(device, torch.bfloat16)
+    target = torch.randint(0, 50000, (700,), generator=g).to(device)
+    target[::9] = -100
+    call = OPS_BY_NAME["fused_linear_cross_entropy"].call(x)
+    call = Call(call.info, (x, w, b), ("weight", "bias"), {"target": target, "reduction": reduction,
+                                                            "label_smoothing": 0.1})
+    check = [call.cast(requires_grad=True), call.cast(torch.float64, requires_grad=True),
+             call.cast(requires_grad=True)]
+    results = []
+    for c, fn in zip(check, ("op", "ref", "baseline")):
+        y = getattr(c, fn)(*c.primals)
+        dy = torch.ones_like(y) if y.dim() == 0 else sample(c.info, y.shape, torch.bfloat16, device, 1).to(y.dtype)
+        results.append((y.detach(), torch.autograd.grad(y, c.primals, dy)))
+    (y, grads), (y_ref, grads_ref), (_, grads_unfused) = results
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), y_ref, rtol=1.6e-2, atol=1e-3)
+    for grad, ref, unfused in zip(grads, grads_ref, grads_unfused):
+        assert grad.dtype == torch.bfloat16
+        assert_gradient_close(grad, unfused, ref, TOLERANCES[torch.bfloat16])
+        assert (grad.double() - ref).norm() <= 1.6e-2 * ref.norm()
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_norm_float32_parameters_with_half_activations(name, dtype, device):
+    """Mixed precision's norms: float32 weight and bias with bfloat16/float16 input give torch's output dtype
+    (the input's) and values; each gradient comes back in its tensor's dtype, to torch's own accuracy."""
+    info = OPS_BY_NAME[name]
+    x = sample(info, (64, 48), dtype, device)
+    c = info.call(x.float(), **info.bench)  # parameters drawn in float32
+    c = Call(info, (x, *c.primals[1:]), c.names, c.kwargs)
+    y, grads = run(c, c.op)
+    y_torch, grads_torch = run(c, c.ref)
+    c64 = c.cast(torch.float64)
+    y_ref, grads_ref = run(c64, c64.ref, sample(info, y.shape, y.dtype, device, generator_seed=1))
+    assert y.dtype == y_torch.dtype == dtype
+    torch.testing.assert_close(y.double(), y_ref, **TOLERANCES[dtype])
+    for t, g, g_torch, g_ref in zip(c.primals, grads, grads_torch, grads_ref):
+        assert g.dtype == g_torch.dtype == t.dtype
+        assert_gradient_close(g, g_torch, g_ref, TOLERANCES[t.dtype])

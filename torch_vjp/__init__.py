@@ -26,15 +26,22 @@ from . import functional, nn  # noqa: E402
 from ._extension import backends  # noqa: E402
 from ._ops import has_kernel  # noqa: E402
 from .functional import (  # noqa: E402
+    cross_entropy,
     exp,
+    fused_linear_cross_entropy,
+    geglu,
     gelu,
+    layer_norm,
     log_softmax,
     logsumexp,
     mish,
+    normalize,
+    rms_norm,
     sigmoid,
     silu,
     softmax,
     softplus,
+    swiglu,
     tanh,
 )
 

@@ -45,10 +45,10 @@ def _dg_mish(x):
     return s * (1 - t * t) * (2 + x * (1 - s - 2 * t * s))
 
 
-def _check_approximate(approximate: str) -> None:
+def _check_approximate(approximate: str, name: str = "gelu") -> None:
     """The fake kernel's copy of the C++ check (gelu_is_tanh)."""
     if approximate not in ("none", "tanh"):
-        raise ValueError(f"torch_vjp.gelu: approximate must be 'none' or 'tanh', got '{approximate}'")
+        raise ValueError(f"torch_vjp.{name}: approximate must be 'none' or 'tanh', got '{approximate}'")
 
 
 def _no_check(*params) -> None:
@@ -74,8 +74,8 @@ def _make(name, saved, dg, check_params, autocast):
     integers = "promote" if name in ("exp", "sigmoid", "tanh") else "error"
     op = None
 
-    def jvp(tangent, saved_tensors, params):
-        return op.backward(tangent, *saved_tensors, *params)
+    def jvp(tangents, saved_tensors, params):
+        return op.backward(tangents[0], *saved_tensors, *params)
 
     def vjp_grads(g, grad_output, saved_tensors, params):
         (s,) = saved_tensors

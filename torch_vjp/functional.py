@@ -15,15 +15,22 @@ import torch
 
 from ._ops import NO_AUTOCAST, _any_autocast, _grad_enabled, _is_compiling, transforms_active, wrap_dim
 from .elementwise import OPS as _ELEMENTWISE
+from .gated import OPS as _GATED
+from .losses import OPS as _LOSSES
+from .norm import OPS as _NORM
 from .softmax import OPS as _SOFTMAX
 
-__all__ = ["exp", "sigmoid", "tanh", "softplus", "gelu", "silu", "mish", "softmax", "log_softmax", "logsumexp"]
+__all__ = ["exp", "sigmoid", "tanh", "softplus", "gelu", "silu", "mish", "softmax", "log_softmax", "logsumexp",
+           "layer_norm", "rms_norm", "normalize", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy"]
 
 Tensor = torch.Tensor
 # Each op's per-call entry (VJPOp.call), bound once.
 _EXP, _SIGMOID, _TANH, _SOFTPLUS, _GELU, _SILU, _MISH = (
     _ELEMENTWISE[n].call for n in ("exp", "sigmoid", "tanh", "softplus", "gelu", "silu", "mish"))
 _SOFTMAX_OP, _LOG_SOFTMAX, _LOGSUMEXP = (_SOFTMAX[n].call for n in ("softmax", "log_softmax", "logsumexp"))
+_LAYER_NORM, _RMS_NORM, _NORMALIZE = (_NORM[n].call for n in ("layer_norm", "rms_norm", "normalize"))
+_SWIGLU, _GEGLU = _GATED["swiglu"].call, _GATED["geglu"].call
+_CROSS_ENTROPY, _FUSED_LINEAR_CROSS_ENTROPY = (_LOSSES[n].call for n in ("cross_entropy", "fused_linear_cross_entropy"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -54,6 +61,25 @@ def _float(value, fn: str, arg: str) -> float:
     if isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.dim() == 0):
         return float(value)
     raise TypeError(f"{fn}(): argument '{arg}' must be Number, not {type(value).__name__}")
+
+
+def _str(value, fn: str, arg: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{fn}(): argument '{arg}' must be str, not {type(value).__name__}")
+    return value
+
+
+def _tensor(value, fn: str, arg: str, optional: bool = False):
+    if isinstance(value, Tensor) or (optional and value is None):
+        return value
+    raise TypeError(f"{fn}(): argument '{arg}' must be Tensor, not {type(value).__name__}")
+
+
+def _shape(value, fn: str) -> list[int]:
+    """normalized_shape: a tuple, list or torch.Size of ints (torch refuses a bare int, as here)."""
+    if isinstance(value, (tuple, list, torch.Size)):
+        return [_int(v, fn, "normalized_shape") for v in value]
+    raise TypeError(f"{fn}(): argument 'normalized_shape' must be tuple of ints, not {type(value).__name__}")
 
 
 def _dims(dim, fn: str) -> list[int] | int:
@@ -346,3 +372,228 @@ def _logsumexp(input: Tensor, dim, keepdim: bool) -> Tensor:
     if keepdim:
         result = result.reshape([1 if d in dims else s for d, s in enumerate(input.shape)])
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Normalization: over the trailing normalized_shape (layer_norm, rms_norm) or along one dim (normalize).
+
+def _norm_args(params: str, eps: str) -> str:
+    return f"""
+    Args:
+        input (Tensor): any shape ``(*, *normalized_shape)``, floating.
+        normalized_shape (tuple of ints): the trailing dims each row normalizes over (a list or torch.Size too).
+{params}        eps ({eps}
+
+    The parameters may have any floating dtype: the output has the input's whatever theirs (float32 weights
+    with bfloat16 activations give bfloat16, torch's rule), each parameter's gradient its own.
+
+    Shape: output as input. Under CUDA autocast it runs in float32, as torch's does.
+"""
+
+
+_WEIGHT = "        weight (Tensor, optional): of shape ``normalized_shape``, multiplies x̂. Default: None (ones).\n"
+
+
+@_with_args(_norm_args(_WEIGHT + "        bias (Tensor, optional): of shape ``normalized_shape``, added. Default: None.\n",
+                       "float): added to the variance. Default: 1e-5."))
+def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    r"""layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-05) -> Tensor
+
+    :math:`y = \hat x \odot w + b`, :math:`\hat x = (x - \mu)\,/\sqrt{\sigma^2 + \epsilon}` over each row of the
+    trailing ``normalized_shape``, like :func:`torch.nn.functional.layer_norm`. Backward (saves x and the
+    per-row :math:`\mu`, :math:`r = 1/\sqrt{\sigma^2+\epsilon}`):
+    :math:`dx = r\,(g - \overline{g} - \hat x\,\overline{g \hat x})` with :math:`g = dy \odot w`;
+    :math:`dw = \sum_\text{rows} dy \odot \hat x`, :math:`db = \sum_\text{rows} dy`, deterministic.
+    """
+    fn = "layer_norm"
+    return _LAYER_NORM(input, _shape(normalized_shape, fn), _tensor(weight, fn, "weight", True),
+                       _tensor(bias, fn, "bias", True), _float(eps, fn, "eps"))
+
+
+@_with_args(_norm_args(_WEIGHT, "float, optional): added to the mean square. Default: None, which is "
+                                "``torch.finfo(input.dtype).eps``, as torch's."))
+def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+             eps: Optional[float] = None) -> Tensor:
+    r"""rms_norm(input, normalized_shape, weight=None, eps=None) -> Tensor
+
+    :math:`y = \hat x \odot w`, :math:`\hat x = x\,/\sqrt{\overline{x^2} + \epsilon}` over each row of the
+    trailing ``normalized_shape``, like :func:`torch.nn.functional.rms_norm`. Backward (saves x and the
+    per-row :math:`r`): :math:`dx = r\,(g - \hat x\,\overline{g \hat x})` with :math:`g = dy \odot w`;
+    :math:`dw = \sum_\text{rows} dy \odot \hat x`, deterministic.
+    """
+    fn = "rms_norm"
+    if isinstance(input, Tensor) and isinstance(normalized_shape, (tuple, list, torch.Size)) \
+            and input.dim() < len(normalized_shape):
+        raise ValueError(f"torch_vjp.rms_norm: normalized_shape={list(normalized_shape)} has more dims than the input "
+                         f"of size {list(input.shape)} (torch raises ValueError here too)")
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps if isinstance(input, Tensor) and input.is_floating_point() else 0.0
+    return _RMS_NORM(input, _shape(normalized_shape, fn), _tensor(weight, fn, "weight", True), _float(eps, fn, "eps"))
+
+
+def normalize(input: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12, out: Optional[Tensor] = None) -> Tensor:
+    r"""normalize(input, p=2.0, dim=1, eps=1e-12, out=None) -> Tensor
+
+    :math:`y = x / \max(\lVert x \rVert_p, \epsilon)` along ``dim``, like :func:`torch.nn.functional.normalize`.
+    For p = 2, fused kernels; backward (saves y and the per-row norm :math:`\rho`):
+    :math:`dx = (dy - y\,\langle y, dy\rangle)/\rho`, or :math:`dy/\epsilon` where :math:`\rho < \epsilon`.
+    Any other p is computed as torch computes it (its norm, clamp and division, so its autograd).
+
+    Args:
+        input (Tensor): any shape, floating.
+        p (float): the exponent of the norm. Default: 2.
+        dim (int): the dim the rows run along. Default: 1 (torch's).
+        eps (float): the smallest norm divided by. Default: 1e-12.
+        out (Tensor, optional): the output tensor (not differentiable, as in torch).
+
+    Shape: output as input. Under CUDA autocast it runs in float32 (torch's norm does, and its division then
+    gives float32).
+    """
+    fn = "normalize"
+    p, dim, eps = _float(p, fn, "p"), _int(dim, fn, "dim"), _float(eps, fn, "eps")
+    if p == 2.0:
+        call = lambda t: _NORMALIZE(t, dim, eps)  # noqa: E731
+    else:
+        call = lambda t: t / t.norm(p, dim, keepdim=True).clamp_min(eps).expand_as(t)  # noqa: E731  torch's own
+    return call(input) if out is None else _into(out, call, input, fn)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gated activations: f(gate) ⊙ up, gate and up of one shape.
+
+_GATED_ARGS = """
+    Args:
+        gate (Tensor): any shape, floating: the activation's argument.
+        up (Tensor): the shape, dtype and device of gate (no broadcasting).
+
+    Shape: output as gate.
+"""
+
+
+@_with_args(_GATED_ARGS)
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    r"""swiglu(gate, up) -> Tensor
+
+    :math:`y = \operatorname{silu}(a) \odot b` for the gate a and the up projection b (a SwiGLU MLP's
+    ``silu(x W_g) * (x W_u)``). Backward (saves a and b): :math:`da = dy \odot b \odot \operatorname{silu}'(a)`,
+    :math:`db = dy \odot \operatorname{silu}(a)`, one pass.
+    """
+    return _SWIGLU(gate, _tensor(up, "swiglu", "up"))
+
+
+@_with_args(_GATED_ARGS + """        approximate (str): gelu's form, ``'tanh'`` or ``'none'``. Default: ``'tanh'``.
+""")
+def geglu(gate: Tensor, up: Tensor, approximate: str = "tanh") -> Tensor:
+    r"""geglu(gate, up, approximate='tanh') -> Tensor
+
+    :math:`y = \operatorname{gelu}(a) \odot b`, gelu's tanh form by default. Backward (saves a and b):
+    :math:`da = dy \odot b \odot \operatorname{gelu}'(a)`, :math:`db = dy \odot \operatorname{gelu}(a)`.
+    """
+    if approximate != "none" and approximate != "tanh":
+        _str(approximate, "geglu", "approximate")
+        raise RuntimeError(f"torch_vjp.geglu: approximate argument must be either none or tanh, got '{approximate}'")
+    return _GEGLU(gate, _tensor(up, "geglu", "up"), approximate)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Losses over class-index targets.
+
+def _reduction(size_average, reduce, reduction: str, fn: str) -> str:
+    """torch's legacy size_average / reduce, which override reduction (with torch's deprecation warning)."""
+    if size_average is not None or reduce is not None:
+        from torch.nn import _reduction as legacy
+
+        return legacy.legacy_get_string(size_average, reduce)
+    return _str(reduction, fn, "reduction")
+
+
+_LOSS_ARGS = """
+        ignore_index (int): a target value that is ignored: its loss is 0 and it does not count in the mean
+            (a 'mean' over only ignored targets is NaN, as torch's). Default: -100.
+        reduction (str): ``'none'`` (a loss per row), ``'mean'`` or ``'sum'``. Default: ``'mean'``.
+        label_smoothing (float): ε in [0, 1]: the target is (1 - ε) one-hot + ε/C uniform. Default: 0.
+
+    The loss and the gradient come back in the input's dtype, computed in float32 for half types. A target out
+    of range raises IndexError on the CPU; on CUDA the kernel asserts on the device.
+"""
+
+
+@_with_args("""
+    Args:
+        input (Tensor): logits, ``(N, C)``, ``(C,)`` or ``(N, C, d1, ...)`` (the class dim second), floating.
+        target (Tensor): class indices (int64 or uint8), ``(N,)``, ``()`` or ``(N, d1, ...)``.
+        weight (Tensor, optional): class weights: not supported (NotImplementedError unless None).
+        size_average (bool, optional): torch's deprecated form of ``reduction`` (with its warning).
+        reduce (bool, optional): likewise.""" + _LOSS_ARGS + """
+    Shape: the loss is a scalar, or the target's shape for ``reduction='none'``. Under autocast (CUDA and CPU)
+    it runs in float32, as torch's does.
+""")
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average: Optional[bool] = None,
+                  ignore_index: int = -100, reduce: Optional[bool] = None, reduction: str = "mean",
+                  label_smoothing: float = 0.0) -> Tensor:
+    r"""cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction='mean', label_smoothing=0.0) -> Tensor
+
+    :math:`\ell_i = \operatorname{lse}(x_i) - (1 - \varepsilon) x_{i,t_i} - \tfrac{\varepsilon}{C} \sum_j x_{ij}`,
+    reduced, like :func:`torch.nn.functional.cross_entropy` with class-index targets. Backward (saves x and the
+    per-row lse): :math:`dx_i = s_i\,(\operatorname{softmax}(x_i) - \tfrac{\varepsilon}{C} - (1-\varepsilon)\,
+    \operatorname{onehot}(t_i))`, one pass, with :math:`s_i` the row's share of dy (0 for an ignored row).
+    """
+    fn = "cross_entropy"
+    _tensor(input, fn, "input")
+    _tensor(target, fn, "target")
+    if weight is not None:
+        raise NotImplementedError("torch_vjp.cross_entropy: class weights (weight=) are not implemented; "
+                                  "use torch.nn.functional.cross_entropy for them")
+    reduction = _reduction(size_average, reduce, reduction, fn)
+    ignore_index, label_smoothing = _int(ignore_index, fn, "ignore_index"), _float(label_smoothing, fn, "label_smoothing")
+    if target.is_floating_point() and target.shape == input.shape and input.dim() > 0:
+        raise NotImplementedError("torch_vjp.cross_entropy: class-probability targets (a floating target shaped like "
+                                  "the input) are not implemented; give class indices")
+    if input.dim() == 1 and target.dim() == 1:  # torch takes a target of one element for one row of logits
+        if target.numel() != 1:
+            raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.numel()}")
+        target = target.reshape(())
+    if input.dim() <= 2:
+        return _CROSS_ENTROPY(input, target, ignore_index, reduction, label_smoothing)
+    # (N, C, d1, ...): every position a row of C logits.
+    expected = [input.shape[0], *input.shape[2:]]
+    if list(target.shape) != expected:
+        raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
+    rows = input.movedim(1, -1).reshape(-1, input.shape[1])
+    loss = _CROSS_ENTROPY(rows, target.reshape(-1), ignore_index, reduction, label_smoothing)
+    return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+@_with_args("""
+    Args:
+        input (Tensor): hidden states, ``(N, H)``, floating.
+        weight (Tensor): the head, ``(V, H)``, of the input's dtype and device.
+        target (Tensor): class indices (int64 or uint8), ``(N,)``.
+        bias (Tensor, optional): ``(V,)``.""" + _LOSS_ARGS + """
+    Shape: the loss is a scalar, or ``(N,)`` for ``reduction='none'``. Under autocast (CUDA and CPU) the matrix
+    products run in the autocast dtype and the loss comes back in float32, as torch's linear + cross_entropy
+    give it (the loss is rounded once to the autocast dtype on the way).
+""")
+def fused_linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
+                               ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
+    r"""fused_linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, reduction='mean', label_smoothing=0.0) -> Tensor
+
+    ``cross_entropy(input @ weight.T + bias, target, ...)`` without ever holding the ``(N, V)`` logits or their
+    gradient: rows go in chunks, each chunk's logits reduced and turned into its gradient contribution at once.
+    Where the gradient is wanted (and not differentiated again), the forward computes it too, so forward and
+    backward together take three matrix products and the backward only scales the result.
+    """
+    fn = "fused_linear_cross_entropy"
+    _tensor(input, fn, "input")
+    weight, target, bias = _tensor(weight, fn, "weight"), _tensor(target, fn, "target"), _tensor(bias, fn, "bias", True)
+    reduction = _str(reduction, fn, "reduction")
+    ignore_index, label_smoothing = _int(ignore_index, fn, "ignore_index"), _float(label_smoothing, fn, "label_smoothing")
+    # The gradients in the forward pass (three products in all) where a plain backward will scale them: a
+    # graph is recorded, the loss is reduced (a 'none' backward weighs every row differently), no transform.
+    compute_grad = (reduction != "none" and _grad_enabled()
+                    and any(t is not None and t.requires_grad for t in (input, weight, bias))
+                    and (_is_compiling() or not transforms_active()))
+    return _FUSED_LINEAR_CROSS_ENTROPY(input, weight, target, bias, ignore_index, reduction, label_smoothing,
+                                       compute_grad)
+

@@ -12,7 +12,8 @@ import torch
 
 from . import functional as F
 
-__all__ = ["Softmax", "LogSoftmax", "GELU", "SiLU", "Mish", "Softplus", "Tanh", "Sigmoid"]
+__all__ = ["Softmax", "LogSoftmax", "GELU", "SiLU", "Mish", "Softplus", "Tanh", "Sigmoid", "LayerNorm", "RMSNorm",
+           "CrossEntropyLoss", "FusedLinearCrossEntropyLoss"]
 
 Tensor = torch.Tensor
 
@@ -71,3 +72,47 @@ class Sigmoid(torch.nn.Sigmoid):
 
     def forward(self, input: Tensor) -> Tensor:
         return F.sigmoid(input)
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """torch.nn.LayerNorm(normalized_shape, eps=1e-05, elementwise_affine=True, bias=True, device=None, dtype=None)
+    computed by torch_vjp.layer_norm: the same parameters (weight, bias), so it loads torch's state_dict."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch.nn.RMSNorm(normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None) computed by
+    torch_vjp.rms_norm: the same parameter (weight), so it loads torch's state_dict."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """torch.nn.CrossEntropyLoss(weight=None, size_average=None, ignore_index=-100, reduce=None, reduction='mean',
+    label_smoothing=0.0) computed by torch_vjp.cross_entropy (class-index targets; class weights are refused)."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                               reduction=self.reduction, label_smoothing=self.label_smoothing)
+
+
+class FusedLinearCrossEntropyLoss(torch.nn.Module):
+    """The loss of a linear head without its logits: forward(input, weight, target, bias=None) is
+    torch_vjp.fused_linear_cross_entropy, ``cross_entropy(input @ weight.T + bias, target)``, with the head's
+    parameters passed in (``loss_fn(hidden, lm_head.weight, target)``), as torch.nn's losses take their inputs.
+    No state of its own (an empty state_dict)."""
+
+    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+
+    def forward(self, input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None) -> Tensor:
+        return F.fused_linear_cross_entropy(input, weight, target, bias, ignore_index=self.ignore_index,
+                                            reduction=self.reduction, label_smoothing=self.label_smoothing)
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}"
+

@@ -41,8 +41,8 @@ def _softmax_backward_jvp(t_dy, t_saved, dy, saved, params):
     return out
 
 
-def _log_softmax_jvp(t, saved, params):
-    (y,), (dim,) = saved, params
+def _log_softmax_jvp(tangents, saved, params):
+    (t,), (y,), (dim,) = tangents, saved, params
     return t - _row_dot(t, y.exp(), dim)
 
 
@@ -77,8 +77,8 @@ def _logsumexp_weights(x, params):
     return SOFTMAX(x, dim), dim, keepdim
 
 
-def _logsumexp_jvp(t, saved, params):
-    (x, _out) = saved
+def _logsumexp_jvp(tangents, saved, params):
+    (t,), (x, _out) = tangents, saved
     p, dim, keepdim = _logsumexp_weights(x, params)
     return _row_sum(p * t, x, dim, keepdim)
 
@@ -107,7 +107,7 @@ def _logsumexp_backward_jvp(t_dy, t_saved, dy, saved, params):
 SOFTMAX = VJPOp(
     "softmax",
     saves=("output",),
-    jvp=lambda t, saved, params: SOFTMAX.backward(t, *saved, *params),
+    jvp=lambda tangents, saved, params: SOFTMAX.backward(tangents[0], *saved, *params),
     vjp_grads=_softmax_grads,
     backward_jvp=_softmax_backward_jvp,
     dim_param=0,

@@ -4,10 +4,17 @@ Every check in tests/ and every benchmark case iterates over OPS, so adding an o
 one OpInfo row here (plus its kernels). Each row pairs the torch_vjp function with its torch counterpart
 (same signature), says which family it belongs to (which decides the shapes and dims it is tried on) and
 which extra keyword variants to try. MODULES pairs torch_vjp.nn's modules with torch.nn's.
+
+An op is called on a primary input x (the input, or a gate) and, for some ops, other tensors drawn to fit it:
+a weight and bias shaped like the normalized dims, an up projection shaped like the gate, class-index targets
+for the rows of logits, a head for hidden states. `OpInfo.call(x, ...)` draws them and returns a `Call`,
+which calls torch_vjp's op, the reference and the registered op on the same arguments and knows which of
+them are differentiated (its `primals`: x first).
 """
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -17,7 +24,12 @@ import torch.nn.functional as F
 import torch_vjp
 import torch_vjp.nn
 
-__all__ = ["OpInfo", "OPS", "OPS_BY_NAME", "ModuleInfo", "MODULES", "op_variants", "sample"]
+__all__ = ["OpInfo", "OPS", "OPS_BY_NAME", "ModuleInfo", "MODULES", "Call", "Batch", "SAMPLED", "op_variants",
+           "sample", "dim_calls", "sample_shapes", "batch_of_calls", "IGNORE_INDEX"]
+
+SAMPLED = "sampled"  # a variant's value for a tensor argument that is drawn to fit the input (a weight, a bias)
+IGNORE_INDEX = -100  # the default ignore_index: drawn targets carry some, so the default variant ignores rows
+VOCAB = 7  # classes of the fused loss's head in the tests (the benchmarks choose their own)
 
 
 @dataclass(frozen=True)
@@ -25,30 +37,56 @@ class OpInfo:
     name: str
     op: Callable  # torch_vjp.<name>
     ref: Callable  # the torch reference, same signature
-    family: str  # "elementwise" (shape-preserving map) | "softmax" (reduces or normalises along dim)
-    variants: tuple[dict, ...] = ({},)  # keyword arguments to try, beyond dim/keepdim
+    family: str  # "elementwise" | "softmax" (along dim) | "norm" | "gated" | "loss": decides shapes and dims
+    variants: tuple[dict, ...] = ({},)  # keyword arguments to try, beyond dim/keepdim (SAMPLED: drawn tensors)
     keepdim: bool = False  # takes keepdim (logsumexp)
     scale: float = 1.0  # spread of the random inputs (randn * scale)
     registered: tuple[str, ...] = field(default=())  # names in torch.ops.torch_vjp this row exercises
+    draw: Callable | None = None  # (x, kwargs, generator) -> {name: tensor}: the other tensor arguments
+    shared: tuple[str, ...] = ()  # drawn tensors every sample of a batch shares (parameters): unbatched in vmap
+    exact_ref: Callable | None = None  # a torch-ops reference where torch's own op has a wrong derivative
+    pin: Callable | None = None  # (kwargs, dtype) -> kwargs: defaults that depend on the dtype, made explicit
+    # Its backward scales gradients the forward computed for grad_output = 1 (a reduced fused loss): in float16
+    # and bfloat16 that rounds once more than torch's own backward, which folds grad_output in before rounding.
+    scaled_grads: bool = False
+    # A fused op's unfused form on torch_vjp's own ops (same signature): the accuracy baseline of its values
+    # test in place of torch's composite. The parts are held to torch's accuracy by their own rows; the
+    # fused op must lose no more than they do (measured: the fused loss against torch's linear + cross_entropy
+    # in half precision differs by single roundings of logits and dlogits either way).
+    unfused: Callable | None = None
+    bench: dict = field(default_factory=dict)  # the variant the benchmarks time (a norm's: with its parameters)
 
     @property
     def has_dim(self) -> bool:
-        return self.family == "softmax"
+        return self.family == "softmax" or self.name == "normalize"
 
-    def raw_params(self, **kwargs) -> tuple:
-        """The non-tensor arguments of the registered op, positionally, by the names its schema gives them
-        (the public function's defaults filling in)."""
+    @property
+    def has_normalized_shape(self) -> bool:
+        return self.family == "norm" and not self.has_dim
+
+    def raw_params(self, input=None, **kwargs) -> tuple:
+        """The non-tensor (and other tensor) arguments of the registered op, positionally, by the names its
+        schema gives them (the public function's defaults filling in; input resolves what depends on it)."""
         bound = inspect.signature(self.op).bind(None, **kwargs)
         bound.apply_defaults()
         schema = getattr(torch.ops.torch_vjp, self.name).default._schema
-        return tuple(bound.arguments[arg.name] for arg in schema.arguments[1:])
+        params = []
+        for arg in schema.arguments[1:]:
+            if arg.name == "compute_grad":  # the fused loss's: not a public argument
+                params.append(False)
+            elif arg.name == "eps" and bound.arguments["eps"] is None:  # rms_norm's default, as the public op
+                params.append(torch.finfo(input.dtype).eps if input.is_floating_point() else 0.0)
+            else:
+                params.append(bound.arguments[arg.name])
+        return tuple(params)
 
     def raw(self, input, **kwargs):
-        """The same call on the registered op, torch.ops.torch_vjp.<name>."""
-        return getattr(torch.ops.torch_vjp, self.name)(input, *self.raw_params(**kwargs))
+        """The same call on the registered op, torch.ops.torch_vjp.<name>: its public output."""
+        out = getattr(torch.ops.torch_vjp, self.name)(input, *self.raw_params(input, **kwargs))
+        return out[0] if isinstance(out, tuple) else out
 
     def call_kwargs(self, dim=-1, keepdim=False, **variant):
-        """Keyword arguments for one call, shared by op and ref."""
+        """Keyword arguments for one call, shared by op and ref (drawn tensors still SAMPLED)."""
         kwargs = dict(variant)
         if self.has_dim:
             kwargs["dim"] = dim
@@ -56,10 +94,166 @@ class OpInfo:
             kwargs["keepdim"] = keepdim
         return kwargs
 
+    def call(self, x, seed: int = 0, normalized_dims: int = 1, **call) -> "Call":
+        """One call on x: `call` holds dim/keepdim and a variant; normalized_dims, the trailing dims a norm
+        normalizes over; the other tensors are drawn with `seed`, in x's dtype and device."""
+        kwargs = self.call_kwargs(**call)
+        if self.has_normalized_shape:
+            kwargs["normalized_shape"] = tuple(x.shape[x.dim() - normalized_dims:])
+        drawn = self.draw(x, kwargs, torch.Generator().manual_seed(1000 + seed)) if self.draw else {}
+        kwargs.update({k: v for k, v in drawn.items() if not v.is_floating_point()})
+        names = tuple(k for k, v in drawn.items() if v.is_floating_point())
+        for k in [k for k, v in kwargs.items() if v is SAMPLED]:
+            del kwargs[k]
+        return Call(self, (x, *(drawn[k] for k in names)), names, kwargs)
+
+
+@dataclass
+class Call:
+    """One call of a row's op: the differentiated tensors (`primals`: x, then drawn ones passed by `names`) and
+    every other argument (`kwargs`, a target among them)."""
+    info: OpInfo
+    primals: tuple
+    names: tuple
+    kwargs: dict
+
+    def _kwargs(self, primals):
+        return {**self.kwargs, **dict(zip(self.names, primals[1:]))}
+
+    def op(self, *primals):
+        return self.info.op(primals[0], **self._kwargs(primals))
+
+    def ref(self, *primals):
+        return self.info.ref(primals[0], **self._kwargs(primals))
+
+    def exact(self, *primals):
+        """The reference for derivatives: exact_ref where torch's own op is wrong in one, else ref."""
+        return (self.info.exact_ref or self.info.ref)(primals[0], **self._kwargs(primals))
+
+    def raw(self, *primals):
+        return self.info.raw(primals[0], **self._kwargs(primals))
+
+    def raw_args(self, **overrides) -> tuple:
+        """The registered op's arguments for this call, in its schema's order (overrides by argument name)."""
+        params = self.info.raw_params(self.x, **self._kwargs(self.primals))
+        names = [a.name for a in getattr(torch.ops.torch_vjp, self.info.name).default._schema.arguments[1:]]
+        return (self.x, *(overrides.get(n, p) for n, p in zip(names, params)))
+
+    def baseline(self, *primals):
+        """The accuracy baseline in the op's own dtype: the unfused form on torch_vjp's ops, else torch's."""
+        return (self.info.unfused or self.info.ref)(primals[0], **self._kwargs(primals))
+
+    @property
+    def x(self):
+        return self.primals[0]
+
+    def shared(self, name: str) -> bool:
+        return name in self.info.shared
+
+    def with_primals(self, *primals) -> "Call":
+        return Call(self.info, tuple(primals), self.names, self.kwargs)
+
+    def cast(self, dtype=None, requires_grad=None) -> "Call":
+        """The same call with the primals in another dtype and/or requiring grad (fresh leaves). A default that
+        depends on the dtype (rms_norm's eps) keeps the value it had: the reference computes the same function."""
+        def convert(t):
+            t = t.detach().to(dtype) if dtype is not None else t.detach()
+            return t.requires_grad_() if requires_grad else t
+        kwargs = self.info.pin(self.kwargs, self.x.dtype) if self.info.pin and dtype is not None else self.kwargs
+        return Call(self.info, tuple(convert(t) for t in self.primals), self.names, kwargs)
+
+    def __repr__(self):
+        shapes = ", ".join(f"{n}{list(t.shape)}" for n, t in zip(("x", *self.names), self.primals))
+        return f"{self.info.name}({shapes}, {self.kwargs})"
+
+
+def _draw_like(x, gen, scale=1.0, shape=None):
+    """randn · scale in x's dtype (the default float dtype beside an integer x, whose op then refuses it)."""
+    dtype = x.dtype if x.is_floating_point() or x.is_complex() else torch.get_default_dtype()
+    return (torch.randn(x.shape if shape is None else shape, generator=gen, dtype=torch.float64) * scale).to(
+        dtype=dtype, device=x.device)
+
+
+def _draw_params(names):
+    """weight and bias, where the variant asks for them: randn around 1 (weight) and 0 (bias), shaped like the
+    normalized dims."""
+    def draw(x, kwargs, gen):
+        shape = kwargs["normalized_shape"]
+        out = {}
+        for name in names:
+            if kwargs.get(name) is SAMPLED:
+                out[name] = _draw_like(x, gen, 0.5, shape) + (1 if name == "weight" else 0)
+        return out
+
+    return draw
+
+
+def _draw_up(x, kwargs, gen):
+    return {"up": _draw_like(x, gen, 2.0)}
+
+
+def _targets(rows_shape, classes, kwargs, gen, device):
+    """Class indices for rows of logits, with about a quarter of them the ignore_index (a class, when the
+    variant ignores one) so that every default call also ignores rows."""
+    t = torch.randint(0, max(classes, 1), rows_shape, generator=gen)
+    ignored = torch.rand(rows_shape, generator=gen) < 0.25
+    if classes > 0 and t.numel() > 1:
+        t = torch.where(ignored, kwargs.get("ignore_index", IGNORE_INDEX), t)
+    return t.to(device)
+
+
+def _draw_target(x, kwargs, gen):
+    if x.dim() > 2:  # (N, C, d1, ...): a target per position
+        rows = (x.shape[0], *x.shape[2:])
+    else:
+        rows = x.shape[:-1]
+    return {"target": _targets(rows, x.shape[1] if x.dim() > 2 else x.shape[-1], kwargs, gen, x.device)}
+
+
+def _draw_head(x, kwargs, gen):
+    """The fused loss's head (VOCAB × hidden), its bias where asked, and targets for x's rows."""
+    out = {"weight": _draw_like(x, gen, 1.0 / math.sqrt(max(x.shape[-1], 1)), (VOCAB, x.shape[-1]))}
+    if kwargs.get("bias") is SAMPLED:
+        out["bias"] = _draw_like(x, gen, 0.5, (VOCAB,))
+    out["target"] = _targets(x.shape[:-1], VOCAB, kwargs, gen, x.device)
+    return out
+
+
+def _layer_norm_composite(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """layer_norm in elementary torch ops. torch's F.layer_norm has a wrong forward-over-reverse block: the
+    Hessian's ∂²/∂w∂x is wrong when input, weight and bias all carry tangents (torch 2.14, float64; this
+    composite and reverse-over-reverse of F.layer_norm agree on it)."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    mean = input.mean(dims, keepdim=True)
+    var = ((input - mean) ** 2).mean(dims, keepdim=True)
+    y = (input - mean) / torch.sqrt(var + eps)
+    y = y if weight is None else y * weight
+    return y if bias is None else y + bias
+
+
+def _swiglu_ref(gate, up):
+    return F.silu(gate) * up
+
+
+def _geglu_ref(gate, up, approximate="tanh"):
+    return F.gelu(gate, approximate=approximate) * up
+
+
+def _fused_ref(input, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    return F.cross_entropy(F.linear(input, weight, bias), target, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+
+
+def _fused_unfused(input, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    return torch_vjp.cross_entropy(F.linear(input, weight, bias), target, ignore_index=ignore_index,
+                                   reduction=reduction, label_smoothing=label_smoothing)
+
 
 def _row(name, op, ref, family, **kw):
     return OpInfo(name, op, ref, family, registered=(name, name + "_backward"), **kw)
 
+
+_AFFINE = ({}, {"weight": SAMPLED}, {"weight": SAMPLED, "bias": SAMPLED}, {"bias": SAMPLED, "eps": 1e-3})
 
 OPS = [
     _row("exp", torch_vjp.exp, torch.exp, "elementwise"),
@@ -74,8 +268,101 @@ OPS = [
     _row("softmax", torch_vjp.softmax, F.softmax, "softmax", scale=3.0),
     _row("log_softmax", torch_vjp.log_softmax, F.log_softmax, "softmax", scale=3.0),
     _row("logsumexp", torch_vjp.logsumexp, torch.logsumexp, "softmax", scale=3.0, keepdim=True),
+    # Normalization: with and without weight and bias (the bias alone with another eps). Inputs of mean 0
+    # and spread 2; tests/test_accuracy.py holds the mean-1e4 case.
+    _row("layer_norm", torch_vjp.layer_norm, F.layer_norm, "norm", scale=2.0, variants=_AFFINE,
+         draw=_draw_params(("weight", "bias")), shared=("weight", "bias"), exact_ref=_layer_norm_composite,
+         bench=_AFFINE[2]),
+    _row("rms_norm", torch_vjp.rms_norm, F.rms_norm, "norm", scale=2.0,
+         variants=({}, {"weight": SAMPLED}, {"weight": SAMPLED, "eps": 1e-3}),
+         draw=_draw_params(("weight",)), shared=("weight",), bench={"weight": SAMPLED},
+         pin=lambda kwargs, dtype: {"eps": torch.finfo(dtype).eps, **{k: v for k, v in kwargs.items() if v is not None}}),
+    _row("normalize", torch_vjp.normalize, F.normalize, "norm", scale=2.0, variants=({}, {"eps": 0.5})),
+    # Gated: the gate's spread reaches silu's and gelu's tails; up is drawn like the gate.
+    _row("swiglu", torch_vjp.swiglu, _swiglu_ref, "gated", scale=3.0, draw=_draw_up,
+         unfused=lambda gate, up: torch_vjp.silu(gate) * up),
+    _row("geglu", torch_vjp.geglu, _geglu_ref, "gated", scale=3.0, variants=({}, {"approximate": "none"}),
+         draw=_draw_up, unfused=lambda gate, up, approximate="tanh": torch_vjp.gelu(gate, approximate) * up),
+    # Losses: every reduction, label smoothing with each, and a class that is ignored (drawn targets carry
+    # ignore_index in a quarter of the rows, so the defaults ignore rows too).
+    _row("cross_entropy", torch_vjp.cross_entropy, F.cross_entropy, "loss", scale=3.0,
+         variants=({}, {"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.1},
+                   {"reduction": "none", "label_smoothing": 0.3}, {"ignore_index": 1, "reduction": "sum"}),
+         draw=_draw_target),
+    _row("fused_linear_cross_entropy", torch_vjp.fused_linear_cross_entropy, _fused_ref, "loss", scale=3.0,
+         variants=({}, {"bias": SAMPLED}, {"reduction": "sum", "label_smoothing": 0.1},
+                   {"reduction": "none", "bias": SAMPLED}, {"reduction": "none", "label_smoothing": 0.2},
+                   {"ignore_index": 1}),
+         draw=_draw_head, shared=("weight", "bias"), scaled_grads=True, unfused=_fused_unfused),
 ]
 OPS_BY_NAME = {info.name: info for info in OPS}
+FAMILIES = ("elementwise", "softmax", "norm", "gated", "loss")
+
+
+def dim_calls(info: OpInfo, ndim: int, **variant) -> list[dict]:
+    """The calls an input of rank ndim is tried with: every dim (and keepdim) along which a softmax-family op
+    or normalize runs, every count of trailing dims a norm normalizes over, else the one call."""
+    keepdims = [False, True] if info.keepdim else [False]
+    if info.has_dim:
+        return [dict(dim=d, keepdim=k, **variant) for d in range(-max(ndim, 1), max(ndim, 1)) for k in keepdims]
+    if info.has_normalized_shape:
+        return [dict(normalized_dims=k, **variant) for k in range(1, ndim + 1)]
+    return [dict(variant)]
+
+
+def sample_shapes(info: OpInfo) -> list[tuple]:
+    """Per-sample shapes a row's op is batched over by vmap: ranks 0-3 (a norm: 1-3; cross_entropy: (C,) and
+    (N, C), as the registered op takes them; the fused loss: (N, H))."""
+    if info.name == "fused_linear_cross_entropy":
+        return [(3, 4)]
+    if info.family == "loss":
+        return [(5,), (3, 4)]
+    if info.has_normalized_shape:
+        return [(5,), (3, 4), (2, 3, 4)]
+    return [(), (5,), (3, 4), (2, 3, 4)]
+
+
+@dataclass
+class Batch:
+    """`size` calls of a row's op on samples of one shape, as vmap sees them: `args` (the primals, then the
+    non-floating tensors such as targets), each stacked along its `in_dims` entry (None: shared by every
+    sample, a parameter), and `fn(kind)`, the per-sample function of those args ("op", "ref", "raw", "exact")."""
+    calls: list
+    args: tuple
+    in_dims: tuple
+    keys: tuple  # the keyword of each arg after x; None: a primal passed positionally by its Call
+
+    def fn(self, kind: str) -> Callable:
+        template = self.calls[0]
+        n = len(template.primals)
+
+        def per_sample(*args):
+            kwargs = dict(template.kwargs, **{k: a for k, a in zip(self.keys[n:], args[n:])})
+            return getattr(Call(template.info, args[:n], template.names, kwargs), kind)(*args[:n])
+
+        return per_sample
+
+
+def batch_of_calls(info: OpInfo, sample_shape, size: int, dtype, device, in_dim: int = 0, seed: int = 0,
+                   batch_shared: bool = False, **call) -> Batch:
+    """`size` samples of sample_shape, each with its own drawn tensors, stacked for vmap: x (and tensors
+    shaped like it, an up projection) along in_dim, other per-sample tensors (targets) along 0, a shared
+    parameter not at all (unless batch_shared: one per sample, along 0)."""
+    calls = [info.call(sample(info, sample_shape, dtype, device, seed + i), seed=seed + i, **call) for i in range(size)]
+    c0 = calls[0]
+    tensor_kwargs = [k for k, v in c0.kwargs.items() if isinstance(v, torch.Tensor)]
+    keys = (None, *c0.names, *tensor_kwargs)
+    args, in_dims = [], []
+    for slot, key in enumerate(keys):
+        per = [c.primals[slot] if slot < len(c0.primals) else c.kwargs[key] for c in calls]
+        if key in info.shared and not batch_shared:
+            args.append(per[0])
+            in_dims.append(None)
+            continue
+        dim = in_dim if per[0].shape == c0.x.shape else 0
+        args.append(torch.stack(per, dim))
+        in_dims.append(dim)
+    return Batch(calls, tuple(args), tuple(in_dims), keys)
 
 
 @dataclass(frozen=True)
@@ -95,10 +382,18 @@ MODULES = [
     ModuleInfo(torch_vjp.nn.Softplus, torch.nn.Softplus, "softplus", ({}, {"beta": 2.0, "threshold": 5.0})),
     ModuleInfo(torch_vjp.nn.Tanh, torch.nn.Tanh, "tanh"),
     ModuleInfo(torch_vjp.nn.Sigmoid, torch.nn.Sigmoid, "sigmoid"),
+    ModuleInfo(torch_vjp.nn.LayerNorm, torch.nn.LayerNorm, "layer_norm",
+               ({"normalized_shape": 5}, {"normalized_shape": (4, 5), "eps": 1e-3},
+                {"normalized_shape": [5], "elementwise_affine": False}, {"normalized_shape": 5, "bias": False})),
+    ModuleInfo(torch_vjp.nn.RMSNorm, torch.nn.RMSNorm, "rms_norm",
+               ({"normalized_shape": 5}, {"normalized_shape": (4, 5), "eps": 1e-3},
+                {"normalized_shape": 5, "elementwise_affine": False})),
+    ModuleInfo(torch_vjp.nn.CrossEntropyLoss, torch.nn.CrossEntropyLoss, "cross_entropy",
+               ({}, {"reduction": "sum", "label_smoothing": 0.1}, {"reduction": "none", "ignore_index": 1})),
 ]
 
 
-def op_variants(families=("elementwise", "softmax")):
+def op_variants(families=FAMILIES):
     """(OpInfo, variant kwargs) pairs as pytest params with readable ids. pytest is imported here, not at
     the top: the benchmarks import this table and must not need the test dependencies."""
     import pytest

@@ -330,29 +330,41 @@ struct StridedRow {
 // Rows per parallel task: aim for ~32k elements of work per task.
 inline int64_t rows_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
 
-// Calls body(row, stream, ptrs...) for every row of the tensors in `rows`, in parallel: with the tensors'
-// own row pointers when rows are contiguous, else with gathered opmath buffers (the last, written, tensor
-// is scattered back unless `write_last` is false). `stream`: the row's output may be written with streaming
-// stores (contiguous rows of an output of at least cpu::kStreamBytes).
+// What a row body gets besides its row pointers.
+template <class S>
+struct RowContext {
+  int64_t row;          // in (outer, inner) row-major order: the index of the row's per-row values
+  bool stream;          // the row's output may be written with streaming stores
+  opmath<S>* scratch;   // n opmath values of this thread's own, for the body to use
+};
+
+// Calls body(ctx, ptrs...) for every row of the tensors in `bases`, in parallel: with the tensors' own row
+// pointers when rows are contiguous, else with gathered opmath buffers (the last, written, tensor is
+// scattered back unless `write_last` is false). `stream` is set for contiguous rows of an output of at
+// least kStreamBytes. Buffers and scratch are allocated once per parallel chunk, not per row.
 template <class S, size_t N, class Body>
 void for_each_row(const RowLayout& l, const std::array<S*, N>& bases, bool write_last, const Body& body) {
   const bool stream = l.inner == 1 && should_stream(l.outer * l.n * int64_t(sizeof(S)));
   at::parallel_for(0, l.outer * l.inner, rows_grain(l.n), [&](int64_t begin, int64_t end) {
-    if (l.inner == 1) {
+    const bool strided = l.inner != 1;
+    std::vector<opmath<S>> buffers((strided ? N + 1 : 1) * l.n);
+    RowContext<S> ctx{0, stream, buffers.data() + (strided ? N : 0) * l.n};
+    if (!strided) {
       for (int64_t row = begin; row < end; ++row) {
         std::array<S*, N> ptrs;
         for (size_t k = 0; k < N; ++k) ptrs[k] = bases[k] + row * l.n;
-        std::apply([&](auto*... p) { body(row, stream, p...); }, ptrs);
+        ctx.row = row;
+        std::apply([&](auto*... p) { body(ctx, p...); }, ptrs);
       }
       fence();
       return;
     }
-    std::vector<opmath<S>> buffers(N * l.n);
     std::array<opmath<S>*, N> ptrs;
     for (size_t k = 0; k < N; ++k) ptrs[k] = buffers.data() + k * l.n;
     for (int64_t row = begin; row < end; ++row) {
       for (size_t k = 0; k + (write_last ? 1 : 0) < N; ++k) StridedRow<S>{bases[k], l}.gather(row, ptrs[k]);
-      std::apply([&](auto*... p) { body(row, false, p...); }, ptrs);
+      ctx.row = row;
+      std::apply([&](auto*... p) { body(ctx, p...); }, ptrs);
       if (write_last) StridedRow<S>{bases[N - 1], l}.scatter(row, ptrs[N - 1]);
     }
   });

@@ -120,12 +120,16 @@ struct CpuNorm {
         }
         cpu::fence();
       });
-      // Column sums of the partial rows, block after block: the same order on every run.
-      const auto sum_blocks = [&](const std::vector<T>& partials, const at::Tensor& out) {
+      // Column sums of the partial rows, pairwise (block b += block b + step, step = 1, 2, 4, ...): the same
+      // order on every run, and a rounding error that grows with log2(blocks), not with blocks.
+      const auto sum_blocks = [&](std::vector<T>& partials, const at::Tensor& out) {
         T* total = out.template mutable_data_ptr<T>();
         at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
-          for (int64_t block = 0; block < blocks; ++block)
-            add_map_row<T>(total + begin, end - begin, [](auto v) { return v; }, partials.data() + block * n + begin);
+          for (int64_t step = 1; step < blocks; step *= 2)
+            for (int64_t block = 0; block + step < blocks; block += 2 * step)
+              add_map_row<T>(partials.data() + block * n + begin, end - begin, [](auto v) { return v; },
+                             partials.data() + (block + step) * n + begin);
+          add_map_row<T>(total + begin, end - begin, [](auto v) { return v; }, partials.data() + begin);
         });
       };
       if (want_dw) sum_blocks(partial_w, grad_weight);
@@ -140,11 +144,11 @@ struct CpuNorm {
       using T = opmath<scalar_t>;
       T* norms = norm.mutable_data_ptr<T>();
       cpu::for_each_row<scalar_t, 2>(l, {const_cast<scalar_t*>(x.const_data_ptr<scalar_t>()), y.mutable_data_ptr<scalar_t>()},
-                                     true, [&](int64_t row, bool stream, const auto* xr, auto* yr) {
+                                     true, [&](const auto& ctx, const auto* xr, auto* yr) {
         const T rho = math::sqrt_(sum_row(l.n, [](auto v) { return v * v; }, xr));
         const T inv = T(1) / std::max(rho, T(eps));
-        norms[row] = rho;
-        map_row(yr, l.n, stream, [inv](auto v) { return v * decltype(v)(inv); }, xr);
+        norms[ctx.row] = rho;
+        map_row(yr, l.n, ctx.stream, [inv](auto v) { return v * decltype(v)(inv); }, xr);
       });
     });
   }
@@ -158,11 +162,11 @@ struct CpuNorm {
       auto* dy = const_cast<scalar_t*>(grad_output.const_data_ptr<scalar_t>());
       auto* ys = const_cast<scalar_t*>(y.const_data_ptr<scalar_t>());
       cpu::for_each_row<scalar_t, 3>(l, {dy, ys, grad_input.mutable_data_ptr<scalar_t>()}, true,
-                                     [&](int64_t row, bool stream, const auto* g, const auto* v, auto* d) {
-        const bool clamped = norms[row] < T(eps);
+                                     [&](const auto& ctx, const auto* g, const auto* v, auto* d) {
+        const bool clamped = norms[ctx.row] < T(eps);
         const T dot = clamped ? T(0) : sum_row(l.n, [](auto a, auto b) { return a * b; }, g, v);
-        const T scale = T(1) / (clamped ? T(eps) : norms[row]);
-        map_row(d, l.n, stream, [dot, scale](auto a, auto b) { return math::normalize_vjp(a, b, dot, scale); }, g, v);
+        const T scale = T(1) / (clamped ? T(eps) : norms[ctx.row]);
+        map_row(d, l.n, ctx.stream, [dot, scale](auto a, auto b) { return math::normalize_vjp(a, b, dot, scale); }, g, v);
       });
     });
   }

@@ -20,23 +20,22 @@ using cpu::opmath;
 using cpu::sum_row;
 
 // One row, x and y of storage type S (the tensor's memory, or opmath buffers for a strided row).
-// Returns logsumexp's row value; writes y for the others. `stream`: y is written with streaming stores.
+// Returns logsumexp's row value; writes y for the others. `stream`: y is written with streaming stores;
+// scratch: n opmath values.
 template <SoftmaxKind K, class S>
-opmath<S> forward_row(int64_t n, const S* x, S* y, bool stream) {
+opmath<S> forward_row(int64_t n, const S* x, S* y, bool stream, opmath<S>* scratch) {
   using T = opmath<S>;
   const T m = cpu::max_row(n, x);
   if constexpr (K == SoftmaxKind::Softmax) {
-    // One exp per element: e = softmax_exp(x, m) is kept in a per-thread opmath buffer (cache-resident,
-    // and exact for half types) and summed in the same pass, then scaled into y: y is written once.
-    static thread_local std::vector<T> scratch;
-    scratch.resize(n);
-    T* e = scratch.data();
+    // One exp per element: e = softmax_exp(x, m) is kept in the scratch row (cache-resident, and exact for
+    // half types) and summed in the same pass, then scaled into y: y is written once.
+    T* e = scratch;
     const T inv_s = T(1) / cpu::widen_map_sum_row(e, n, [m](auto v) { return math::softmax_exp(v, m); }, x);
     map_row(y, n, stream, [inv_s](auto v) { return math::softmax_scale(v, inv_s); }, static_cast<const T*>(e));
     return T(0);
   } else {
     const T shift = math::shift_for<K>(m);
-    const T s = sum_row(n, [shift](auto v) { return math::exp_(v - decltype(v)(shift)); }, x);
+    const T s = sum_row(n, [shift](auto v) { return math::ExpMinus<T>(shift)(v); }, x);
     if constexpr (K == SoftmaxKind::LogSumExp) {
       return shift + math::log_(s);
     } else {
@@ -78,13 +77,15 @@ struct CpuSoftmax {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torch_vjp_softmax_cpu", [&] {
       scalar_t* out = output.mutable_data_ptr<scalar_t>();
       if constexpr (K == SoftmaxKind::LogSumExp) {  // output: one value per row, (outer, inner) row-major
-        cpu::for_each_row<scalar_t, 1>(l, {mutable_ptr<scalar_t>(input)}, false, [&](int64_t row, bool, const auto* x) {
+        cpu::for_each_row<scalar_t, 1>(l, {mutable_ptr<scalar_t>(input)}, false, [&](const auto& ctx, const auto* x) {
           using S = std::remove_cv_t<std::remove_pointer_t<decltype(x)>>;
-          out[row] = static_cast<scalar_t>(forward_row<K, S>(l.n, x, nullptr, false));
+          out[ctx.row] = static_cast<scalar_t>(forward_row<K, S>(l.n, x, nullptr, false, ctx.scratch));
         });
       } else {
         cpu::for_each_row<scalar_t, 2>(l, {mutable_ptr<scalar_t>(input), out}, true,
-                                  [&](int64_t, bool stream, const auto* x, auto* y) { forward_row<K>(l.n, x, y, stream); });
+                                  [&](const auto& ctx, const auto* x, auto* y) {
+                                         forward_row<K>(l.n, x, y, ctx.stream, ctx.scratch);
+                                       });
       }
     });
   }
@@ -98,13 +99,13 @@ struct CpuSoftmax {
       const scalar_t* y = output.const_data_ptr<scalar_t>();
       scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
       if constexpr (K == SoftmaxKind::LogSumExp) {  // dy and y (the forward's output): one value per row
-        cpu::for_each_row<scalar_t, 2>(l, {mutable_ptr<scalar_t>(input), dx}, true, [&](int64_t row, bool stream, const auto* x, auto* d) {
-          logsumexp_backward_row(l.n, static_cast<T>(dy[row]), x, static_cast<T>(y[row]), d, stream);
+        cpu::for_each_row<scalar_t, 2>(l, {mutable_ptr<scalar_t>(input), dx}, true, [&](const auto& ctx, const auto* x, auto* d) {
+          logsumexp_backward_row(l.n, static_cast<T>(dy[ctx.row]), x, static_cast<T>(y[ctx.row]), d, ctx.stream);
         });
       } else {
         cpu::for_each_row<scalar_t, 3>(l, {const_cast<scalar_t*>(dy), const_cast<scalar_t*>(y), dx}, true,
-                                  [&](int64_t, bool stream, const auto* g, const auto* v, auto* d) {
-                                    backward_row<K>(l.n, g, v, d, stream);
+                                  [&](const auto& ctx, const auto* g, const auto* v, auto* d) {
+                                    backward_row<K>(l.n, g, v, d, ctx.stream);
                                   });
       }
     });

@@ -4,6 +4,10 @@
 // evaluated with T = float or double (CUDA threads) and, on the CPU, with
 // T = at::vec::Vectorized<float|double> (the vectorised CPU loops; partial vectors cover row tails). The
 // helpers below give both kinds of T the same spelling: exp_, log_, log1p_, tanh_, erf_, and
+//   exp_nonpositive_(x)  eˣ for x ≤ 0 (or +inf): x - max in the softmax family, -|x| and -x²/2 in the
+//                    activations. Cheaper on the CPU, where results below FLT_MIN (x < -87.34) are 0, not
+//                    denormals: they add nothing to a row sum of at least 1, and an output under 1.2e-38
+//                    (a softmax of such a term, an activation's far tail) is 0 there;
 //   log1p_unit_(u)   log(1 + u) for u in [0, 1] only (a cheaper reduction on the CPU),
 //   normal_cdf_(x)   Φ(x) = erfc(-x/√2)/2, accurate relative to itself in both tails,
 //   abs_, positive_part (max(x, 0)), greater, select.
@@ -29,6 +33,8 @@ inline constexpr double kSqrtHalf = 0.70710678118654752440;
 
 TVJP_HD float exp_(float x) { return ::expf(x); }
 TVJP_HD double exp_(double x) { return ::exp(x); }
+TVJP_HD float exp_nonpositive_(float x) { return ::expf(x); }
+TVJP_HD double exp_nonpositive_(double x) { return ::exp(x); }
 TVJP_HD float log_(float x) { return ::logf(x); }
 TVJP_HD double log_(double x) { return ::log(x); }
 TVJP_HD float log1p_(float x) { return ::log1pf(x); }
@@ -59,6 +65,9 @@ using Vec = at::vec::Vectorized<S>;
 template <class S>
 TVJP_HD Vec<S> exp_(const Vec<S>& x) { return x.exp(); }
 TVJP_HD Vec<float> exp_(const Vec<float>& x) { return vecf::exp(x); }
+template <class S>
+TVJP_HD Vec<S> exp_nonpositive_(const Vec<S>& x) { return x.exp(); }
+TVJP_HD Vec<float> exp_nonpositive_(const Vec<float>& x) { return vecf::exp_nonpositive(x); }
 template <class S>
 TVJP_HD Vec<S> log_(const Vec<S>& x) { return x.log(); }
 template <class S>

@@ -40,7 +40,7 @@ struct Softplus {
   double beta, threshold;
   template <class T> TVJP_HD T forward(T x) const {
     T z = x * T(beta);
-    return select(greater(z, T(threshold)), x, (positive_part(z) + log1p_unit_(exp_(T(0) - abs_(z)))) / T(beta));
+    return select(greater(z, T(threshold)), x, (positive_part(z) + log1p_unit_(exp_nonpositive_(T(0) - abs_(z)))) / T(beta));
   }
   template <class T> TVJP_HD T backward(T dy, T x) const {
     T z = x * T(beta);
@@ -59,7 +59,7 @@ struct Gelu {
   template <class T> TVJP_HD void value_and_slope(T x, T& f, T& df) const {
     T cdf = normal_cdf_(x);
     f = x * cdf;
-    df = cdf + x * exp_(T(-0.5) * x * x) * T(kInvSqrt2Pi);
+    df = cdf + x * exp_nonpositive_(T(-0.5) * x * x) * T(kInvSqrt2Pi);
   }
   template <class T> TVJP_HD T backward(T dy, T x) const {
     T f, df;
@@ -79,13 +79,13 @@ struct GeluTanh {
   template <class T> TVJP_HD T u_of(T x) const { return T(kSqrt2OverPi) * (x + T(kKappa) * x * x * x); }
   template <class T> TVJP_HD T forward(T x) const {
     T u = u_of(x);
-    T e = exp_(T(-2) * abs_(u));
+    T e = exp_nonpositive_(T(-2) * abs_(u));
     T r = T(1) / (T(1) + e);
     return x * select(greater(u, T(0)), r, e * r);
   }
   template <class T> TVJP_HD void value_and_slope(T x, T& f, T& df) const {
     T u = u_of(x);
-    T e = exp_(T(-2) * abs_(u));
+    T e = exp_nonpositive_(T(-2) * abs_(u));
     T r = T(1) / (T(1) + e);
     T s = select(greater(u, T(0)), r, e * r);
     T du = T(kSqrt2OverPi) * (T(1) + T(3 * kKappa) * x * x);
@@ -124,7 +124,7 @@ struct Mish {
   static constexpr bool kSavesOutput = false;
   // e = e^{-|x|}, and t = p / (p + q).
   template <class T> TVJP_HD static void tanh_softplus(T x, T& e, T& p, T& q) {
-    e = exp_(T(0) - abs_(x));
+    e = exp_nonpositive_(T(0) - abs_(x));
     auto nonneg = greater(x, T(0));
     p = select(nonneg, T(1) + T(2) * e, e * e + T(2) * e);
     q = select(nonneg, T(2) * e * e, T(2));

@@ -47,12 +47,13 @@ struct ExpOf {
   template <class T>
   TVJP_HD T operator()(T x) const { return exp_(x); }
 };
+// e^(x - c) with c the row max or the row's log-sum-exp, so x - c ≤ 0 (exp_nonpositive_: see common.h).
 template <class S>
 struct ExpMinus {
   S c;
   TVJP_HD explicit ExpMinus(S c_) : c(c_) {}
   template <class T>
-  TVJP_HD T operator()(T x) const { return exp_(x - T(c)); }
+  TVJP_HD T operator()(T x) const { return exp_nonpositive_(x - T(c)); }
 };
 
 // y_j = exp(x_j - m) · (1/s), as two steps so a kernel holding the row can keep e_j = exp(x_j - m)

@@ -45,6 +45,21 @@ TVJP_VEC_INLINE V exp(const V& x) {
   return p * exp2_integer(half) * exp2_integer(n - half);
 }
 
+// eˣ for x ≤ 0 (and +inf → inf, NaN → NaN), as exp above with one scale factor: where eˣ < FLT_MIN
+// (x < ln FLT_MIN = -87.3365) the result is 0, not a denormal (see exp_nonpositive_ in math/common.h).
+TVJP_VEC_INLINE V exp_nonpositive(const V& x) {
+  const V xc = at::vec::clamp(x, V(-87.3365478515625f), V(89.f));  // n ≥ -126: one normal 2ⁿ; n = 128 → inf
+  const V n = (xc * V(1.44269504088896341f)).round();
+  V r = fmadd(n, V(-0.693145751953125f), xc);
+  r = fmadd(n, V(-1.428606765330187e-06f), r);
+  V p = fmadd(r, V(0.001381461f), V(0.00836871f));
+  p = fmadd(p, r, V(0.04166839f));
+  p = fmadd(p, r, V(0.16666521f));
+  p = fmadd(p, r, V(0.49999994f));
+  p = fmadd(p, r * r, r) + V(1.f);
+  return V::blendv(p * exp2_integer(n), V(0.f), x < V(-87.3365478515625f));
+}
+
 // tanh x, odd: for a = |x| < 0.55, a + a³ Q(a²) (Q minimax, degree 4, relative error 1e-9);
 // above, 1 - 2e/(1 + e) with e = e^{-2a} ≤ 1/3: no cancellation, and 1 - q is rounded once, so the
 // result reaches 1 only where the correctly rounded tanh does. The sign of x is copied back (tanh(-0) = -0).
@@ -57,7 +72,7 @@ TVJP_VEC_INLINE V tanh(const V& x) {
   q = fmadd(q, a2, V(0.13332586f));
   q = fmadd(q, a2, V(-0.33333316f));
   const V small = fmadd(q, a2 * a, a);
-  const V e = exp(V(-2.f) * a);
+  const V e = exp_nonpositive(V(-2.f) * a);
   const V large = V(1.f) - (e + e) / (V(1.f) + e);
   return V::blendv(large, small, a < V(0.55f)) | (x & sign_bit);
 }
@@ -95,7 +110,7 @@ TVJP_VEC_INLINE V normal_cdf(const V& x) {
   c = fmadd(c, t, V(0.37409196f));
   c = fmadd(c, t, V(1.00002368f));
   c = fmadd(c, t, V(-1.26551223f));
-  const V h = V(0.5f) * t * exp(c - a * a);
+  const V h = V(0.5f) * t * exp_nonpositive(c - a * a);  // c ≤ 3e-8: the argument is (about) ≤ 0
   return V::blendv(V(1.f) - h, h, x < V(0.f));
 }
 

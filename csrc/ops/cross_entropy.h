@@ -44,8 +44,9 @@ inline void check_target(const at::Tensor& target, int64_t rows, int64_t classes
   TORCH_CHECK(target.device() == device, "torch_vjp.", op, ": expected target on the input's device ", device,
               ", got ", target.device());
   if (batched) {
-    TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == rows, "Expected input batch_size (", rows,
-                      ") to match target batch_size (", target.dim() == 1 ? target.size(0) : target.numel(), ").");
+    TORCH_CHECK(target.dim() == 1, "0D or 1D target tensor expected, multi-target not supported");  // torch's
+    TORCH_CHECK_VALUE(target.size(0) == rows, "Expected input batch_size (", rows, ") to match target batch_size (",
+                      target.size(0), ").");
   } else {
     TORCH_CHECK(target.dim() == 0, "torch_vjp.", op, ": expected a 0-d target for input of shape (C,), got target of "
                 "shape ", target.sizes());
@@ -106,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& input
   const char* op = "cross_entropy";
   const Reduction r = parse_reduction(reduction);
   const auto [rows, classes] = check_logits_and_target(input, target, ignore_index, op);
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, "label_smoothing must be between 0.0 and 1.0. Got: ",
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, "label_smoothing must be between 0.0 and 1.0. Got: ",
                     label_smoothing);
   const c10::OptionalDeviceGuard guard(input.device());
   const auto compute = input.options().dtype(at::toOpMathType(input.scalar_type()));
@@ -189,6 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> linear
 inline LinearCrossEntropy check_linear_cross_entropy(const at::Tensor& input, const at::Tensor& weight,
                                                      const at::Tensor& target, const std::optional<at::Tensor>& bias,
                                                      int64_t ignore_index, double label_smoothing, const char* op) {
+  check_floating(input, op, "input");  // first: an integer input is told so, not that the head's dtype differs
   TORCH_CHECK(input.dim() == 2, "torch_vjp.", op, ": expected input of shape (N, H), got ", input.sizes());
   TORCH_CHECK(weight.dim() == 2, "torch_vjp.", op, ": expected weight of shape (V, H), got ", weight.sizes());
   TORCH_CHECK(weight.size(1) == input.size(1), "torch_vjp.", op, ": the hidden sizes differ: input ", input.sizes(),
@@ -199,9 +201,8 @@ inline LinearCrossEntropy check_linear_cross_entropy(const at::Tensor& input, co
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "torch_vjp.", op, ": expected bias of shape (",
                 weight.size(0), ",), got ", bias->sizes());
   }
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, "label_smoothing must be between 0.0 and 1.0. Got: ",
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, "label_smoothing must be between 0.0 and 1.0. Got: ",
                     label_smoothing);
-  check_floating(input, op, "input");
   check_target(target, input.size(0), weight.size(0), true, input.device(), ignore_index, op);
   return {input.contiguous(), weight.contiguous(), target.to(at::kLong).contiguous(),
           bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt, ignore_index, label_smoothing};

@@ -1,0 +1,383 @@
+"""Losses: cross_entropy over class-index targets, and fused_linear_cross_entropy = cross_entropy(x Wᵀ + b)
+without the (N, V) logits ever held; the kernels' math is csrc/math/cross_entropy.h.
+
+cross_entropy, per row i with target t, C classes, label smoothing ε, p = softmax(x_i), s_i the row's scale
+(dy_i for 'none', dy for 'sum', dy / count for 'mean', 0 for an ignored row):
+  loss_i = lse_i - (1 - ε) x_it - (ε/C) Σ_j x_ij       the Jacobian of a row's loss is one row:
+  dx_i = s_i (p - ε/C - (1 - ε) onehot(t))             the VJP op, one pass from x and the saved lse
+  J·t  = Σ_j dx_ij t_ij at s = 1                        forward mode: the VJP kernel's row, dotted with t
+The forward also returns lse per row (compute type), a differentiable output: ∂lse/∂x = p.
+
+fused_linear_cross_entropy: logits = x Wᵀ + b chunk by chunk (the matrix products through at::addmm: the CPU
+BLAS or cuBLAS), each chunk's loss and dlogits at once, grad_x = dlogits W, grad_W = dlogitsᵀ x, grad_b =
+Σ dlogits. With compute_grad the forward also returns the gradients for grad_output = 1 (caches, not
+differentiable): where the gradient is not differentiated further (plain backward; not under create_graph
+or torch.func), the backward only scales them, so forward + backward is three matrix products. Elsewhere the
+VJP op recomputes the logits chunk by chunk. Forward mode: for 'mean' and 'sum', J·t = ⟨∂loss/∂x, t_x⟩ +
+⟨∂loss/∂W, t_W⟩ + ⟨∂loss/∂b, t_b⟩ from the VJP op; for 'none' (a tangent per row) the logits and their tangent
+are formed whole, and cross_entropy's forward mode is applied to them.
+
+The VJP ops' own derivatives (second order, both modes) are those of the VJP written in torch ops below,
+taken by torch.func: exact, off the first-order path (the fused one forms the logits whole).
+
+Under vmap each sample's rows are flattened into one call with reduction='none', then reduced per sample in
+torch ops (the kernels' 'mean' and 'sum' would reduce across samples); the fused VJP under vmap forms each
+sample's logits (a per-sample weight gradient needs each sample's dlogits).
+
+Autocast: torch's CUDA and CPU lists run cross_entropy in float32 (CUDA: its log_softmax and nll_loss;
+CPU: cross_entropy_loss): "fp32". fused_linear_cross_entropy is torch's linear ("lower_precision_fp": the
+matrix products in the autocast dtype) followed by that cross_entropy, so its loss comes back in float32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._ops import VJPOp, check_floating, check_same, compute_type, register_fake
+from .softmax import SOFTMAX
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def check_reduction(reduction: str) -> None:
+    """parse_reduction's check (csrc/ops/cross_entropy.h), with torch's ValueError."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+
+
+def _moved(t, bdim, batch_size):
+    return t.movedim(bdim, 0) if bdim is not None else t.expand(batch_size, *t.shape)
+
+
+def _reduce_per_sample(losses, target, ignore_index, reduction):
+    """Per-row losses (batch, *rows) reduced over each sample's rows, as the kernel reduces one sample's."""
+    if reduction == "none":
+        return losses
+    dims = tuple(range(1, losses.dim()))
+    total = losses.to(compute_type(losses.dtype))
+    total = total.sum(dims) if dims else total
+    if reduction == "mean":
+        counted = target != ignore_index
+        total = total / (counted.sum(dims) if dims else counted)
+    return total.to(losses.dtype)
+
+
+def _row_scale_per_sample(grad_output, target, ignore_index, reduction, dtype):
+    """The VJP's per-row scale under vmap: grad_output (per sample, or per row for 'none') spread over each
+    sample's rows, divided by the sample's count for 'mean' (the kernel zeroes ignored rows)."""
+    g = grad_output.to(compute_type(dtype))
+    if reduction == "none":
+        return g
+    g = g.reshape(g.shape[0], *([1] * (target.dim() - 1))).expand(target.shape)
+    if reduction == "mean":
+        dims = tuple(range(1, target.dim()))
+        counted = target != ignore_index
+        count = counted.sum(dims, keepdim=True) if dims else counted
+        g = g / count
+    return g
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cross_entropy(input, target, ignore_index, reduction, label_smoothing) -> (loss, lse)
+
+def _ce_backward_ref(grad_output, input, target, lse, ignore_index, reduction, label_smoothing):
+    """cross_entropy's VJP in torch ops, as the kernel computes it: s (exp(x - lse) - ε/C - (1 - ε) onehot(t))."""
+    ct = lse.dtype
+    classes = input.shape[-1]
+    counted = target != ignore_index
+    g = grad_output.to(ct)
+    if reduction == "mean":
+        g = g / counted.sum().to(ct)
+    scale = torch.where(counted, g, 0)
+    onehot = F.one_hot(torch.where(counted, target, 0).long(), classes).to(ct)
+    p = torch.exp(input.to(ct) - lse.unsqueeze(-1))
+    dx = scale.unsqueeze(-1) * (p - label_smoothing / classes - (1 - label_smoothing) * onehot)
+    return dx.to(input.dtype)
+
+
+def _ce_tangent(G, t, target, ignore_index, reduction, ct):
+    """The loss tangent from G, the VJP kernel's rows at scale 1 ('none') or for the sum: per row for 'none',
+    else summed (and divided by the count for 'mean': NaN where every target is ignored, as torch's)."""
+    dot = G.to(ct) * t.to(ct)
+    if reduction == "none":
+        return dot.sum(-1)
+    total = dot.sum()
+    return total / (target != ignore_index).sum().to(ct) if reduction == "mean" else total
+
+
+def _ce_jvp(tangents, saved, params):
+    (t_x, _), (x, target, lse), (ignore_index, reduction, label_smoothing) = tangents, saved, params
+    if t_x is None:
+        return None, None
+    ct = lse.dtype
+    per_row = reduction == "none"
+    ones = torch.ones(target.shape if per_row else (), dtype=x.dtype, device=x.device)
+    G = CROSS_ENTROPY.backward(ones, x, target, lse, ignore_index, "none" if per_row else "sum", label_smoothing)
+    t_loss = _ce_tangent(G, t_x, target, ignore_index, reduction, ct).to(x.dtype)
+    t_lse = (SOFTMAX(x, -1).to(ct) * t_x.to(ct)).sum(-1)
+    return t_loss, t_lse
+
+
+def _ce_extras_vjp(grads, saved, params):
+    (g_lse,), (x, target, lse) = grads, saved
+    return (g_lse.to(lse.dtype).unsqueeze(-1) * SOFTMAX(x, -1).to(lse.dtype)).to(x.dtype), None
+
+
+def _ce_vmap(call, info, in_dims, input, target, ignore_index, reduction, label_smoothing):
+    check_reduction(reduction)
+    input, target = _moved(input, in_dims[0], info.batch_size), _moved(target, in_dims[1], info.batch_size)
+    loss, lse = call(input.reshape(-1, input.shape[-1]), target.reshape(-1), ignore_index, "none", label_smoothing)
+    loss, lse = loss.reshape(target.shape), lse.reshape(target.shape)
+    return (_reduce_per_sample(loss, target, ignore_index, reduction), lse), (0, 0)
+
+
+def _ce_backward_vmap(call, info, in_dims, grad_output, input, target, lse, ignore_index, reduction, label_smoothing):
+    check_reduction(reduction)
+    size = info.batch_size
+    grad_output, input, target, lse = (_moved(t, d, size) for t, d in zip((grad_output, input, target, lse), in_dims))
+    g = _row_scale_per_sample(grad_output, target, ignore_index, reduction, input.dtype)
+    dx = call(g.reshape(-1), input.reshape(-1, input.shape[-1]), target.reshape(-1), lse.reshape(-1), ignore_index,
+              "none", label_smoothing)
+    return dx.reshape(input.shape), 0
+
+
+CROSS_ENTROPY = VJPOp(
+    "cross_entropy", saves=lambda args, outputs: (args[0], args[1], outputs[1]), jvp=_ce_jvp,
+    vjp_ref=_ce_backward_ref, nondifferentiable=("target",), extras_vjp=_ce_extras_vjp, vmap=_ce_vmap,
+    backward_vmap=_ce_backward_vmap, autocast={"cuda": "fp32", "cpu": "fp32"},
+)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fused_linear_cross_entropy(input, weight, target, bias?, ignore_index, reduction, label_smoothing, compute_grad)
+#   -> (loss, grad_input?, grad_weight?, grad_bias?)
+
+def _cross_entropy_for(call):
+    """cross_entropy's forward and VJP op for a vmap rule calling `call`: the registered ops under the
+    registered op's rule (no Function may run there), the differentiable paths under a Function's."""
+    if isinstance(call, torch._ops.OpOverloadPacket):
+        return torch.ops.torch_vjp.cross_entropy, torch.ops.torch_vjp.cross_entropy_backward
+    return CROSS_ENTROPY.forward, CROSS_ENTROPY.backward
+
+
+def _logits(input, weight, bias, batched_weight=False):
+    logits = torch.matmul(input, weight.transpose(-1, -2) if batched_weight else weight.t())
+    return logits if bias is None else logits + (bias.unsqueeze(-2) if batched_weight else bias)
+
+
+def _fused_backward_ref(grad_output, input, weight, target, bias, ignore_index, reduction, label_smoothing):
+    """The fused VJP in torch ops, the logits formed whole: dlogits by _ce_backward_ref, then the products."""
+    ct = compute_type(input.dtype)
+    logits = _logits(input.to(ct), weight.to(ct), None if bias is None else bias.to(ct))
+    dlogits = _ce_backward_ref(grad_output, logits, target, torch.logsumexp(logits, -1), ignore_index, reduction,
+                               label_smoothing)
+    grad_bias = None if bias is None else dlogits.sum(0).to(bias.dtype)
+    return (dlogits @ weight.to(ct)).to(input.dtype), (dlogits.t() @ input.to(ct)).to(weight.dtype), grad_bias
+
+
+def _fused_forward_ref(input, weight, target, bias, ignore_index, reduction, label_smoothing, compute_grad):
+    """The fused forward in torch ops and cross_entropy's kernels, the logits formed whole; no cached gradients
+    (the VJP op then computes them)."""
+    return CROSS_ENTROPY(_logits(input, weight, bias), target, ignore_index, reduction, label_smoothing), None, None, None
+
+
+def _fused_saves(args, outputs):
+    return (*args[:4], *outputs[1:])  # input, weight, target, bias; the cached gradients (None without compute_grad)
+
+
+def _fused_vjp_args(grad_output, saved, params, needs):
+    return (grad_output, *saved[:4], *params[:3])
+
+
+def _fused_cached_vjp(grad_output, saved, params):
+    """The forward's gradients (for grad_output = 1) scaled by grad_output: only for a reduced loss. With
+    reduction='none' they are the gradients of Σ loss_i, which a per-row grad_output cannot scale."""
+    grad_input, grad_weight, grad_bias = saved[4:]
+    if grad_input is None or params[1] == "none":
+        return None
+    return (grad_output * grad_input, grad_output * grad_weight, None,
+            None if grad_bias is None else grad_output * grad_bias)
+
+
+def _fused_jvp(tangents, saved, params):
+    (t_input, t_weight, _, t_bias), (input, weight, target, bias) = tangents, saved[:4]
+    ignore_index, reduction, label_smoothing, _ = params
+    if t_input is None and t_weight is None and t_bias is None:
+        return None, None, None, None
+    ct = compute_type(input.dtype)
+    if reduction != "none":  # J·t = Σ ⟨∂(Σ loss)/∂θ, t_θ⟩, the gradients from the VJP op (chunked)
+        ones = torch.ones((), dtype=input.dtype, device=input.device)
+        grads = FUSED_LINEAR_CROSS_ENTROPY.backward(ones, input, weight, target, bias, ignore_index, "sum",
+                                                    label_smoothing)
+        total = sum((g.to(ct) * t.to(ct)).sum() for g, t in zip(grads, (t_input, t_weight, t_bias)) if t is not None)
+        if reduction == "mean":
+            total = total / (target != ignore_index).sum().to(ct)
+        return total.to(input.dtype), None, None, None
+    # A tangent per row: cross_entropy's forward mode on the logits, formed whole.
+    logits = _logits(input, weight, bias)
+    t_logits = 0
+    if t_input is not None:
+        t_logits = t_logits + _logits(t_input, weight, None)
+    if t_weight is not None:
+        t_logits = t_logits + _logits(input, t_weight, None)
+    if t_bias is not None:
+        t_logits = t_logits + t_bias
+    loss, lse = CROSS_ENTROPY.forward(logits, target, ignore_index, "none", label_smoothing)
+    G = CROSS_ENTROPY.backward(torch.ones_like(loss), logits, target, lse, ignore_index, "none", label_smoothing)
+    return _ce_tangent(G, t_logits, target, ignore_index, "none", ct).to(input.dtype), None, None, None
+
+
+def _fused_vmap(call, info, in_dims, input, weight, target, bias, ignore_index, reduction, label_smoothing, compute_grad):
+    check_reduction(reduction)
+    size = info.batch_size
+    input, target = _moved(input, in_dims[0], size), _moved(target, in_dims[2], size)
+    rows = target.shape
+    if in_dims[1] is None and in_dims[3] is None:  # one head for every sample: every row in one call
+        loss = call(input.reshape(-1, input.shape[-1]), weight, target.reshape(-1), bias, ignore_index, "none",
+                    label_smoothing, False)[0]
+    else:  # a head per sample: its logits, then cross_entropy's kernels
+        weight = _moved(weight, in_dims[1], size)
+        bias = None if bias is None else _moved(bias, in_dims[3], size)
+        logits = _logits(input, weight, bias, batched_weight=True)
+        loss = _cross_entropy_for(call)[0](logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index,
+                                           "none", label_smoothing)[0]
+    return (_reduce_per_sample(loss.reshape(rows), target, ignore_index, reduction), None, None, None), \
+        (0, None, None, None)
+
+
+def _fused_backward_vmap(call, info, in_dims, grad_output, input, weight, target, bias, ignore_index, reduction,
+                         label_smoothing):
+    """Per-sample gradients of a shared head (each sample's own dlogitsᵀ x): each sample's logits, their
+    dlogits by cross_entropy's kernels, then the products."""
+    check_reduction(reduction)
+    size = info.batch_size
+    grad_output, input, target = (_moved(t, in_dims[i], size) for i, t in ((0, grad_output), (1, input), (3, target)))
+    batched_weight = in_dims[2] is not None or (bias is not None and in_dims[4] is not None)
+    if batched_weight:
+        weight = _moved(weight, in_dims[2], size)
+        bias = None if bias is None else _moved(bias, in_dims[4], size)
+    logits = _logits(input, weight, bias, batched_weight=True if batched_weight else False)
+    classes = logits.shape[-1]
+    flat_logits, flat_target = logits.reshape(-1, classes), target.reshape(-1)
+    forward, backward = _cross_entropy_for(call)
+    _, lse = forward(flat_logits, flat_target, ignore_index, "none", label_smoothing)
+    g = _row_scale_per_sample(grad_output, target, ignore_index, reduction, input.dtype)
+    dlogits = backward(g.reshape(-1), flat_logits, flat_target, lse, ignore_index, "none",
+                       label_smoothing).reshape(logits.shape)
+    grad_input = torch.matmul(dlogits, weight)
+    grad_weight = torch.matmul(dlogits.transpose(-1, -2), input)
+    grad_bias = None if bias is None else dlogits.sum(-2)
+    return (grad_input, grad_weight, grad_bias), (0, 0, None if grad_bias is None else 0)
+
+
+FUSED_LINEAR_CROSS_ENTROPY = VJPOp(
+    "fused_linear_cross_entropy", saves=_fused_saves, jvp=_fused_jvp, vjp_ref=_fused_backward_ref,
+    forward_ref=_fused_forward_ref,
+    vjp_args=_fused_vjp_args, nondifferentiable=("target",), cached_vjp=_fused_cached_vjp, vmap=_fused_vmap,
+    backward_vmap=_fused_backward_vmap, autocast={"cuda": "lower_precision_fp", "cpu": "lower_precision_fp"},
+    autocast_output="fp32",
+    integer_error=RuntimeError,  # as torch's linear, whose product refuses an integer input beside a float head
+)
+OPS = {op.name: op for op in (CROSS_ENTROPY, FUSED_LINEAR_CROSS_ENTROPY)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fake kernels: the C++ frontend's checks (csrc/ops/cross_entropy.h) and shapes, for torch.compile and meta
+# tensors. Out-of-range targets are a data check: the kernels make it.
+
+def _check_label_smoothing(label_smoothing):
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+
+
+def _check_target(target, rows, batched, device, name):
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(f"torch_vjp.{name}: expected target dtype to be Long or Byte, but got {target.dtype}")
+    if target.device != device:
+        raise RuntimeError(f"torch_vjp.{name}: expected target on the input's device {device}, got {target.device}")
+    if batched and target.dim() != 1:
+        raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+    if batched and target.shape[0] != rows:
+        raise ValueError(f"Expected input batch_size ({rows}) to match target batch_size ({target.shape[0]}).")
+    if not batched and target.dim() != 0:
+        raise RuntimeError(f"torch_vjp.{name}: expected a 0-d target for input of shape (C,), got target of shape "
+                           f"{list(target.shape)}")
+
+
+def _check_logits(input, target, name):
+    check_floating(input, name, "input")
+    if input.dim() not in (1, 2):
+        raise RuntimeError(f"torch_vjp.{name}: expected input of shape (N, C) or (C,) (class-index targets), got "
+                           f"{list(input.shape)}")
+    _check_target(target, input.shape[0] if input.dim() == 2 else 1, input.dim() == 2, input.device, name)
+
+
+@register_fake("cross_entropy")
+def _(input, target, ignore_index, reduction, label_smoothing):
+    check_reduction(reduction)
+    _check_logits(input, target, "cross_entropy")
+    _check_label_smoothing(label_smoothing)
+    loss = input.new_empty(target.shape if reduction == "none" else ())
+    return loss, input.new_empty(target.shape, dtype=compute_type(input.dtype))
+
+
+def _check_grad_output(grad_output, target, reduction, device, name):
+    if grad_output.device != device:
+        raise RuntimeError(f"torch_vjp.{name}: expected grad_output on {device}")
+    if reduction == "none" and grad_output.shape != target.shape:
+        raise RuntimeError(f"torch_vjp.{name}: expected grad_output of shape {list(target.shape)} for "
+                           f"reduction='none', got {list(grad_output.shape)}")
+    if reduction != "none" and grad_output.dim() != 0:
+        raise RuntimeError(f"torch_vjp.{name}: expected a 0-d grad_output, got {list(grad_output.shape)}")
+
+
+@register_fake("cross_entropy_backward")
+def _(grad_output, input, target, lse, ignore_index, reduction, label_smoothing):
+    name = "cross_entropy_backward"
+    check_reduction(reduction)
+    _check_logits(input, target, name)
+    if lse.shape != target.shape or lse.dtype != compute_type(input.dtype) or lse.device != input.device:
+        raise RuntimeError(f"torch_vjp.{name}: expected lse of shape {list(target.shape)} and dtype "
+                           f"{compute_type(input.dtype)}, got {list(lse.shape)} {lse.dtype}")
+    _check_grad_output(grad_output, target, reduction, input.device, name)
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+def _check_fused(input, weight, target, bias, reduction, label_smoothing, name):
+    check_reduction(reduction)
+    check_floating(input, name, "input")
+    if input.dim() != 2:
+        raise RuntimeError(f"torch_vjp.{name}: expected input of shape (N, H), got {list(input.shape)}")
+    if weight.dim() != 2:
+        raise RuntimeError(f"torch_vjp.{name}: expected weight of shape (V, H), got {list(weight.shape)}")
+    if weight.shape[1] != input.shape[1]:
+        raise RuntimeError(f"torch_vjp.{name}: the hidden sizes differ: input {list(input.shape)} and weight "
+                           f"{list(weight.shape)} (expected weight of shape (V, {input.shape[1]}))")
+    check_same(weight, "weight", input, "input", name, shape=False)
+    if bias is not None:
+        check_same(bias, "bias", input, "input", name, shape=False)
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise RuntimeError(f"torch_vjp.{name}: expected bias of shape ({weight.shape[0]},), got {list(bias.shape)}")
+    _check_label_smoothing(label_smoothing)
+    _check_target(target, input.shape[0], True, input.device, name)
+
+
+def _empty(t):
+    return None if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+@register_fake("fused_linear_cross_entropy")
+def _(input, weight, target, bias, ignore_index, reduction, label_smoothing, compute_grad):
+    _check_fused(input, weight, target, bias, reduction, label_smoothing, "fused_linear_cross_entropy")
+    loss = input.new_empty(target.shape if reduction == "none" else ())
+    if not compute_grad:
+        return loss, None, None, None
+    return loss, _empty(input), _empty(weight), _empty(bias)
+
+
+@register_fake("fused_linear_cross_entropy_backward")
+def _(grad_output, input, weight, target, bias, ignore_index, reduction, label_smoothing):
+    name = "fused_linear_cross_entropy_backward"
+    _check_fused(input, weight, target, bias, reduction, label_smoothing, name)
+    _check_grad_output(grad_output, target, reduction, input.device, name)
+    return _empty(input), _empty(weight), _empty(bias)
