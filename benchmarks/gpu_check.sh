@@ -10,7 +10,7 @@
 #   4. bench        the benchmark at the reference sizes (16384 × 4096 bf16 and fp32, row sweep n = 1024,
 #                   8192, 32768) and the Jacobian sweep, timed by CUDA graph replay (host overhead apart)
 #   5. memcheck     compute-sanitizer memcheck over benchmarks/sanitize_cases.py (every path, small sizes)
-#   6. racecheck    compute-sanitizer racecheck over its softmax-family cases (the shared-memory reductions)
+#   6. racecheck    compute-sanitizer racecheck over its softmax- and norm-family cases (the shared-memory reductions)
 #   7. tests_rest   the rest of the test suite (CUDA through the `device` fixture), with whatever time is left
 #
 # Every step runs under a cap (CAP below; the caps of steps 1-6 add up to less than the deadline, and step 7
@@ -156,7 +156,7 @@ if ((DRY)); then
     step bench "${CAP[bench]}" "$PY" -m benchmarks --device cpu --quick --ops exp,softmax,logsumexp --no-progress \
         --out "$OUT/bench" --time-budget "$(bench_budget "$(bench_limit)")"
     step memcheck "${CAP[memcheck]}" "$PY" -m benchmarks.sanitize_cases --device cpu --dtypes float32,bfloat16
-    step racecheck "${CAP[racecheck]}" "$PY" -m benchmarks.sanitize_cases --device cpu --family softmax --dtypes float32,bfloat16
+    step racecheck "${CAP[racecheck]}" "$PY" -m benchmarks.sanitize_cases --device cpu --family softmax,norm --dtypes float32,bfloat16
     step tests_rest "$(rest_limit)" "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" "${REST_TIMEOUT[@]}" tests/test_benchmarks.py tests/test_cuda.py \
         -k "not ($QUICK)"
 else
@@ -181,7 +181,7 @@ else
             record racecheck "skipped (Device not supported)" 0 "$(now)"
         else
             step racecheck "${CAP[racecheck]}" "$SAN" --tool racecheck --report-api-errors no --error-exitcode 1 \
-                "$PY" -m benchmarks.sanitize_cases --family softmax --dtypes float32,bfloat16
+                "$PY" -m benchmarks.sanitize_cases --family softmax,norm --dtypes float32,bfloat16
         fi
     fi
     step tests_rest "$(rest_limit)" "$PY" -m pytest -v -p no:cacheprovider "${XDIST[@]}" "${REST_TIMEOUT[@]}" tests -k "not ($QUICK)"

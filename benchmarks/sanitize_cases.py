@@ -1,7 +1,7 @@
 """Every kernel path of every op, once, at small sizes: the workload compute-sanitizer runs over.
 
     compute-sanitizer --tool memcheck  python -m benchmarks.sanitize_cases
-    compute-sanitizer --tool racecheck python -m benchmarks.sanitize_cases --family softmax
+    compute-sanitizer --tool racecheck python -m benchmarks.sanitize_cases --family softmax,norm
 
 The shapes reach every path of the CUDA kernels (csrc/cuda/row_engine.cuh, elementwise.cu), small enough
 to run under the sanitizers in about a minute: rows of 1 to 33 elements (several rows a warp), 128 to 1025
@@ -12,6 +12,14 @@ phases); over a non-last dim: 5 and 7 columns (one a lane), 64 and 512 columns (
 element counts around the 16-byte pack with the input at every offset from the output's alignment
 (realigned in registers). Each result is also compared with the float64 reference on the CPU, so a kernel
 that reads the wrong memory without faulting still fails. Exit status 1 on any mismatch or error.
+
+The normalization, gated and loss families run through their registered ops (torch.ops.torch_vjp.*; the
+Python layer need not have them) against float64 torch: layer_norm and rms_norm with weight and bias over
+rows of 1 to 40000 (several rows a warp with their parameter sums added across the block's groups, a warp, a
+block, an sm_90 cluster, split rows; odd lengths take the unfused parameter sums, as does a backward with no
+dx), normalize along the last and other dims, swiglu and geglu at several element counts and offsets, and
+cross_entropy over vocabularies of 1 to 128256 with ignore_index and label smoothing, plus the fused linear
+loss (logits chunked, dlogits written over them in place).
 """
 from __future__ import annotations
 
@@ -51,9 +59,133 @@ def _inputs(info, device, dtype, gen):
     yield "non-contiguous 129x65.T dim=-1", randn(129, 65).t(), -1
 
 
+FAMILIES = ("elementwise", "softmax", "norm", "gated", "loss")
+VJP = torch.ops.torch_vjp
+NORM_SHAPES = ((3, 1), (5, 33), (70, 8), (300, 64), (3, 1000), (3, 1024), (2, 4096), (40, 8192), (2, 40000))
+NORMALIZE_CASES = (((3, 1000), -1), ((5, 33), -1), ((8, 300, 64), 1), ((64, 7), 0), ((2, 40000), -1))
+GATED_COUNTS = (1, 7, 1000, 4099, 65537)
+CE_SHAPES = ((3, 1), (37, 33), (5, 1024), (3, 50257), (2, 128256))
+
+
+def _new_family_cases(family, device, dtype, gen):
+    """(label, run) pairs: run() returns [(what, got, float64 reference)], the op run on `device`."""
+    def randn(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift).to(device=device, dtype=dtype)
+
+    def grads(fn, inputs, dy):
+        inputs64 = [t.detach().cpu().double().requires_grad_() for t in inputs]
+        out = fn(*inputs64)
+        return out.detach(), torch.autograd.grad(out, inputs64, dy.detach().cpu().double())
+
+    F = torch.nn.functional
+    if family == "norm":
+        for kind in ("layer_norm", "rms_norm"):
+            for rows, n in NORM_SHAPES:
+                for mask in ((True, True, True), (False, True, True)):
+                    if mask[0] is False and n not in (1024, 33):
+                        continue
+
+                    def run(kind=kind, rows=rows, n=n, mask=mask):
+                        x, dy = randn(rows, n), randn(rows, n)
+                        w, b = randn(n, scale=0.5, shift=1.0), randn(n, scale=0.5)
+                        if kind == "layer_norm":
+                            y, mean, rstd = VJP.layer_norm(x, [n], w, b, 1e-5)
+                            dx, dw, db = VJP.layer_norm_backward(dy, x, mean, rstd, w, b, [n], list(mask))
+                            y64, (dx64, dw64, db64) = grads(lambda x, w, b: F.layer_norm(x, (n,), w, b, 1e-5), (x, w, b), dy)
+                        else:
+                            y, rstd = VJP.rms_norm(x, [n], w, 1e-5)
+                            dx, dw = VJP.rms_norm_backward(dy, x, rstd, w, [n], list(mask[:2]))
+                            db = db64 = None
+                            y64, (dx64, dw64) = grads(lambda x, w: F.rms_norm(x, (n,), w, 1e-5), (x, w), dy)
+                        checks = [("out", y, y64), ("dweight", dw, dw64)]
+                        if dx is not None:
+                            checks.append(("grad", dx, dx64))
+                        if db is not None:
+                            checks.append(("dbias", db, db64))
+                        return checks
+
+                    yield f"{kind} {rows}x{n}{'' if mask[0] else ' no dx'}", run
+        for shape, dim in NORMALIZE_CASES:
+            def run(shape=shape, dim=dim):
+                x, dy = randn(*shape), randn(*shape)
+                y, norm = VJP.normalize(x, dim, 1e-12)
+                dx = VJP.normalize_backward(dy, y, norm, dim, 1e-12)
+                y64, (dx64,) = grads(lambda x: F.normalize(x, 2.0, dim, 1e-12), (x,), dy)
+                return [("out", y, y64), ("grad", dx, dx64)]
+
+            yield f"normalize {'x'.join(map(str, shape))} dim={dim}", run
+    elif family == "gated":
+        for name, extra in (("swiglu", ()), ("geglu", ("tanh",)), ("geglu", ("none",))):
+            act = F.silu if name == "swiglu" else (lambda a, approximate=extra[0]: F.gelu(a, approximate=approximate))
+            for count in GATED_COUNTS:
+                for offset in ELEMENT_OFFSETS:
+                    def run(name=name, extra=extra, act=act, count=count, offset=offset):
+                        a = randn(count + offset, scale=2.0)[offset:]
+                        b, dy = randn(count + 1)[1:], randn(count)
+                        y = getattr(VJP, name)(a, b, *extra)
+                        da, db = getattr(VJP, name + "_backward")(dy, a, b, *extra)
+                        y64, (da64, db64) = grads(lambda a, b: act(a) * b, (a, b), dy)
+                        return [("out", y, y64), ("grad gate", da, da64), ("grad up", db, db64)]
+
+                    yield f"{name}{extra} numel={count} offset={offset}", run
+    elif family == "loss":
+        for rows, classes in CE_SHAPES:
+            def run(rows=rows, classes=classes):
+                x = randn(rows, classes, scale=3.0)
+                t = torch.randint(0, classes, (rows,), generator=gen)
+                t[0] = -100
+                t = t.to(device)
+                loss, lse = VJP.cross_entropy(x, t, -100, "none", 0.1)
+                dy = randn(rows)
+                dx = VJP.cross_entropy_backward(dy, x, t, lse, -100, "none", 0.1)
+                tc = t.cpu()
+                loss64, (dx64,) = grads(lambda x: F.cross_entropy(x, tc, reduction="none", label_smoothing=0.1), (x,), dy)
+                return [("out", loss, loss64), ("grad", dx, dx64)]
+
+            yield f"cross_entropy {rows}x{classes}", run
+
+        def run_fused():
+            x, w = randn(300, 64), randn(5003, 64, scale=0.1)
+            t = torch.randint(0, 5003, (300,), generator=gen).to(device)
+            loss, gx, gw, _ = VJP.fused_linear_cross_entropy(x, w, t, None, -100, "mean", 0.0, True)
+            tc = t.cpu()
+            loss64, (gx64, gw64) = grads(lambda x, w: F.cross_entropy(x @ w.T, tc), (x, w), torch.ones((), dtype=torch.float64))
+            return [("out", loss, loss64), ("grad input", gx, gx64), ("grad weight", gw, gw64)]
+
+        yield "fused_linear_cross_entropy 300x64x5003", run_fused
+
+
+def _check(name, checks, dtype, failures):
+    for what, got, want in checks:
+        got, want = got.detach().cpu().double(), want.detach()
+        rtol, atol = TOL[dtype]
+        atol *= max(float(want.abs().max()) if want.numel() else 0.0, 1.0)
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=rtol, atol=atol):
+            worst = float((got - want).abs().max()) if got.shape == want.shape else float("nan")
+            failures.append(f"{name}: {what} max abs err {worst:.2e}")
+
+
 def run(families, dtypes, device) -> int:
     gen = torch.Generator().manual_seed(0)
     failures, count = [], 0
+    for family in ("norm", "gated", "loss"):
+        if family not in families:
+            continue
+        op = {"norm": "layer_norm", "gated": "swiglu", "loss": "cross_entropy"}[family]
+        if not torch_vjp.has_kernel(op, device):
+            print(f"skip {family}: no {device} kernel")
+            continue
+        for dtype in dtypes:
+            for label, case in _new_family_cases(family, device, dtype, gen):
+                name = f"{label} {str(dtype)[6:]}"
+                count += 1
+                try:
+                    checks = case()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    _check(name, checks, dtype, failures)
+                except Exception as error:  # noqa: BLE001
+                    failures.append(f"{name}: {type(error).__name__}: {error}")
     for info in OPS:
         if info.family not in families:
             continue
@@ -77,13 +209,7 @@ def run(families, dtypes, device) -> int:
                             x64 = x.detach().cpu().double().requires_grad_()
                             y64 = info.ref(x64, **kwargs)
                             (dx64,) = torch.autograd.grad(y64, x64, dy.cpu().double())
-                            for what, got, want in (("out", y, y64), ("grad", dx, dx64)):
-                                got, want = got.detach().cpu().double(), want.detach()
-                                rtol, atol = TOL[dtype]
-                                atol *= max(float(want.abs().max()) if want.numel() else 0.0, 1.0)
-                                if got.shape != want.shape or not torch.allclose(got, want, rtol=rtol, atol=atol):
-                                    worst = float((got - want).abs().max()) if got.shape == want.shape else float("nan")
-                                    failures.append(f"{name}: {what} max abs err {worst:.2e}")
+                            _check(name, (("out", y, y64), ("grad", dx, dx64)), dtype, failures)
                         except Exception as error:  # noqa: BLE001
                             failures.append(f"{name}: {type(error).__name__}: {error}")
     for line in failures:
@@ -94,11 +220,14 @@ def run(families, dtypes, device) -> int:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=("all", "elementwise", "softmax"), default="all")
+    parser.add_argument("--family", default="all", help=f"all, or a comma-separated list of {', '.join(FAMILIES)}")
     parser.add_argument("--dtypes", default="float32,bfloat16,float16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    families = ("elementwise", "softmax") if args.family == "all" else (args.family,)
+    families = FAMILIES if args.family == "all" else tuple(args.family.split(","))
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        parser.error(f"unknown families {sorted(unknown)}; choose from all, {', '.join(FAMILIES)}")
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     sys.exit(run(families, dtypes, args.device))
 

@@ -61,24 +61,40 @@ inline cudaLaunchConfig_t cluster_config(dim3 grid, int threads, int cluster, cu
   return config;
 }
 
-// Whether the current device can run clusters of `cluster` blocks of `threads` threads of `kernel` at all
-// (a partitioned GPU may not). Asked once per device, kernel and shape; thread-safe.
+// Blocks of `kernel` (no dynamic shared memory) that the current device holds at once when launched with
+// `threads` threads a block, in clusters of `cluster` blocks when cluster > 1: one full wave. 0 when such
+// clusters cannot run at all (a partitioned GPU may not run them). Asked once per device, kernel and shape;
+// thread-safe.
 template <class Kernel>
-bool cluster_fits(Kernel kernel, int threads, int cluster) {
+int64_t resident_blocks(Kernel kernel, int threads, int cluster) {
   static std::mutex mutex;
-  static std::map<std::tuple<int, const void*, int, int>, bool> known;
+  static std::map<std::tuple<int, const void*, int, int>, int64_t> known;
   const auto key = std::make_tuple(int(c10::cuda::current_device()), reinterpret_cast<const void*>(kernel), threads, cluster);
   const std::lock_guard<std::mutex> lock(mutex);
   const auto found = known.find(key);
   if (found != known.end()) return found->second;
-  cudaLaunchAttribute attribute;
-  const cudaLaunchConfig_t config = cluster_config(dim3(cluster), threads, cluster, nullptr, attribute);
-  int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
-    (void)cudaGetLastError();  // "cannot" is an answer here, not an error to report later
-    clusters = 0;
+  int64_t blocks = 0;
+  if (cluster <= 1) {
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+    blocks = int64_t(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  } else {
+    cudaLaunchAttribute attribute;
+    const cudaLaunchConfig_t config = cluster_config(dim3(cluster), threads, cluster, nullptr, attribute);
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+      (void)cudaGetLastError();  // "cannot" is an answer here, not an error to report later
+      clusters = 0;
+    }
+    blocks = int64_t(clusters) * cluster;
   }
-  return known[key] = clusters > 0;
+  return known[key] = blocks;
+}
+
+// Whether the current device can run clusters of `cluster` blocks of `threads` threads of `kernel` at all.
+template <class Kernel>
+bool cluster_fits(Kernel kernel, int threads, int cluster) {
+  return resident_blocks(kernel, threads, cluster) > 0;
 }
 
 // kernel<<<grid, threads>>>(args...) on the current stream, as clusters of `cluster` blocks along x when

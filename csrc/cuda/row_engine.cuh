@@ -1,5 +1,5 @@
 // The row engine: one load / reduce / store skeleton for every op that, per row, reduces the row to a
-// statistic and then maps it (softmax, log_softmax, logsumexp; next layer_norm, rms_norm, normalize and
+// statistic and then maps it (softmax, log_softmax, logsumexp, layer_norm, rms_norm, normalize and
 // cross_entropy). Each op supplies a small epilogue (the Op below), as ATen's SoftMax.cu does; the engine
 // chooses the kernel shape from the row length, the number of rows, the layout and the device.
 //
@@ -12,7 +12,9 @@
 // inner == 1, row_kernel<Op, V>: each thread holds V 16-byte packs of each element input in registers, so a
 // row is read once and written once whatever its length. P = 16 / sizeof(T) elements a pack; V is at most
 // kRowPacks (8 packs for one float input, 32 elements; else 4 packs: 32 elements of a half type, 8 of
-// double, and 4 packs of each of two inputs). Chosen by the packs a row spans:
+// double, and 4 packs of each of two inputs; 2 with parameter sums). Chosen by the packs a row spans (the
+// figures below are for the default block sizes, 1024 threads; an op may set smaller ones, kMaxThreads, and
+// on sm_90 kClusterThreads, the block size above which a row takes a cluster):
 //   - up to 32 packs: G = 1..32 lanes a row (the fewest that hold it), several rows a warp, shuffles only;
 //   - up to 32·kRowPacks packs: a warp a row, V = 2..kRowPacks, shuffles only (float forward: n <= 1024);
 //   - up to 1024·kRowPacks packs: a block a row (32..1024 threads), reduced through shared memory (float
@@ -32,26 +34,63 @@
 //   memory; longer columns take a cluster of up to 8 blocks (sm_90), narrowing W to fit, or are split along
 //   n as above (also when there are too few tiles to fill the GPU).
 // No dynamic shared memory anywhere (so no opt-in above 48 KB to get wrong): the reductions' static buffers
-// are 32 statistics per block (rows), 32 × 32 (columns), and 2 × that per block in a cluster.
+// are 32 statistics per block (rows), 32 × 32 (columns), and 2 × that per block in a cluster; ops with
+// parameter sums add 8 warps × 32 lanes × P values of S (8 KiB for the half types) to add up a block's groups.
+//
+// ## Parameter vectors and parameter sums (rows only: layer_norm, rms_norm)
+// An op may read parameter vectors (n values of S shared by every row: weight, bias), which reach partial and
+// map beside the element values; the engine loads them for each grid pack (16-byte loads when the pack's
+// positions are 16-byte aligned in the vector, else one value at a time; L1-resident, as every row reads the
+// same n values). And it may produce parameter sums: for each row position j, Σ over all rows of terms the
+// op computes per element (param_terms: dweight and dbias of a norm). These are fused into the pass that
+// writes the element output: each thread adds its elements' terms to fp32 (S) sums held in registers across
+// all the rows it maps, which needs every row at the same grid offset (n % P == 0: then a thread maps the
+// same row positions in every row); groups of one block are summed through shared memory, and each row slot
+// (a block, or a cluster, along x) writes one partial row ws[c][slot][0:n]. The grid is then one wave of
+// resident blocks, so that there are few partial rows. A second launch sums the partial rows in slot order
+// (SlotSum through column_kernel): deterministic, no atomics. When rows start at different grid offsets
+// (n % P != 0), or no element output is wanted, param_sums_kernel computes the partial rows instead, reading
+// the element inputs once more (one element a thread, coalesced).
 //
 // ## The Op (epilogue) contract
-//   using T, S;                          storage type and compute type (at::opmath_type<T>)
+// Ops derive from EpilogueDefaults, which gives the optional members below their defaults (or from
+// SumEpilogue<S>, which adds the Stat, pad, identity and combine of a plain sum).
+//   using T, S, R;                       storage type, compute type (at::opmath_type<T>), and the storage type
+//                                        of per-row inputs and outputs (T, or S for saved statistics)
 //   static constexpr int  kIn;           element inputs read per element (x; or dy and y), 1 or 2
-//   static constexpr int  kRowIn;        per-row inputs (one value per row each), 0..2
+//   static constexpr int  kParamIn;      parameter vectors, 0..2 (default 0; rows only)
+//   static constexpr int  kRowIn;        per-row inputs (one value per row each), 0..2 (default 0)
 //   static constexpr bool kElementOut;   writes an element output (shaped like the inputs)
-//   static constexpr bool kRowOut;       writes one value per row
+//   static constexpr int  kRowOut;       per-row outputs, 0..2 (default 0)
+//   static constexpr int  kParamSums;    parameter sums, 0..2 (default 0; rows only)
 //   static constexpr bool kReduces;      has a row reduction (else only finish + map)
+//   static constexpr bool kMasked;       partial sees only the row's elements, not the padding (default false)
+//   static constexpr bool kRowsOnly;     inner == 1 only: uses e, parameters or parameter sums (default false)
+//   static constexpr bool kAsserts;      rows may break a precondition (an out-of-range target; default false):
+//                                        bool row_ok(const Row&) const says, and a kernel that finished a row
+//                                        that does not fails with a device-side assert (CUDA_KERNEL_ASSERT)
+//                                        once its loops are done (rows only)
+//   static constexpr int  kMaxThreads;   threads a block at most (the launch bound; default 1024)
+//   static constexpr int  kClusterThreads;  threads a block of a cluster at most on sm_90 (default 1024): fewer
+//                                        make a long row a cluster of smaller blocks, so that blocks of other
+//                                        rows share an SM and load while this one reduces
 //   using Stat;                          the reduction's partial: trivially copyable, size a multiple of 4
 //   S pad(int i) const;                  the value element slots outside the row read as, for input i
 //   Stat identity() const; Stat combine(Stat, Stat) const;   associative; combine(identity, b) == b
-//   template <class Each> Stat partial(const Each& each) const;
-//       this thread's partial: each(f) calls f(const S (&v)[kIn]) for every element slot the thread holds
-//       for the row, padding included, in a fixed order; call it as often as needed (a two-pass over
-//       registers is two calls). Padding slots carry pad(i), so partial must be unchanged by them
-//       (softmax: -inf adds nothing to a max or to a sum of exp once the row max is finite; sums: 0).
-//   Row finish(Stat, const S (&row_in)[kRowInSlots], int64_t n) const;   the row's constants
-//   S map(const Row&, const S (&v)[kIn]) const;                           element output
-//   S row_out(const Row&) const;                                           per-row output
+//   template <class Each> Stat partial(const Each& each, const S (&row_in)[kRowInSlots], const RowAt& at) const;
+//       this thread's partial: each(f) calls f(const S (&v)[kVals], int e) for every element slot the thread
+//       holds for the row (padding too unless kMasked), in a fixed order; v = the element inputs, then the
+//       parameters; e = the slot's index in the run (row position at.first + e; row path only, the column
+//       kernel passes 0). Call it as often as needed (a two-pass over registers is two calls). Padding slots
+//       carry pad(i) and parameters 0, so an unmasked partial must be unchanged by them (softmax: -inf adds
+//       nothing to a max or to a sum of exp once the row max is finite; sums: 0).
+//   Row finish(Stat, const S (&row_in)[kRowInSlots], const RowAt& at) const;   the row's constants
+//   S map(const Row&, const S (&v)[kVals], int e) const;                       element output
+//   S row_out(const Row&, int r) const;                                         per-row output r
+//   void param_terms(const Row&, const S (&v)[kVals], S (&t)[kParamSums]) const;
+//       the element's terms of the parameter sums; 0 for padding slots (pad values, parameters 0) of rows
+//       whose row inputs are 0. Must depend only on the Row's part that finish takes from row_in:
+//       param_sums_kernel builds its Row as finish(identity(), row_in, at).
 // The VJP derivation of a family is written once, atop its backward epilogue.
 //
 // ## Guarantees the engine gives the Op
@@ -60,18 +99,19 @@
 //     the chunk partials in the same order in every block).
 //   - Loads and stores are 16-byte packs for any alignment (vec.cuh's pack grid): only packs straddling the
 //     ends of a row (or chunk) go element by element. All indexing is 64-bit.
-//   - Reads are issued before any reduction: V packs per operand in flight per thread.
-// Designed for the later families: two statistics are one Stat struct (mean and M2, merged with Chan's
-// formula; a pair of sums for a norm backward); per-row saved values (mean, rstd, lse) are row inputs;
-// cross-entropy's target logit is a row input and its (max, Σexp) the Stat. Per-column parameter gradients
-// (dweight) are not the engine's: a norm backward accumulates fp32 per-block column partials itself and
-// reduces them in a second kernel, without atomics.
+//   - Reads are issued before any reduction: V packs per operand in flight per thread, with the row inputs.
+//   - Parameter sums are added in a fixed order (rows of a slot in order, groups and slots in order): the same
+//     bits on every run of one shape on one device.
+// Two statistics are one Stat struct (mean and M2, merged with Chan's formula; a pair of sums for a norm
+// backward); per-row saved values (mean, rstd, lse) are row inputs; cross-entropy's (max, Σexp) is its Stat,
+// and its gradient finds the target's element through e.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/detail/IntegerDivider.cuh>
+#include <c10/macros/Macros.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -86,10 +126,10 @@ namespace torch_vjp::cuda {
 template <class T>
 using Opmath = at::opmath_type<T>;
 
-constexpr int kRowMaxThreads = 1024;    // row_kernel: a block per row of up to 1024 threads (64 registers)
 constexpr int kColumnMaxThreads = 512;  // column_kernel: holds P statistics per thread, needs up to 128 registers
 constexpr int kSubWarpThreads = 256;    // row_kernel with G <= 32 lanes a row: 256 / G rows a block
 constexpr int kSplitMinThreads = 128;   // the smallest chunk of a split row, in threads
+constexpr int kParamSumThreads = 256;   // param_sums_kernel: row positions a block
 
 enum class Mode : int {
   Full,     // reduce the row (or column) and map it
@@ -97,23 +137,62 @@ enum class Mode : int {
   Finish,   // split phase 2: combine the row's partials from the workspace, map this chunk
 };
 
+// Where a row (or its chunk) is: the row (segment) index, the row position of the run's element 0 (row path:
+// element e of the run is row element first + e), and the row length.
+struct RowAt {
+  int64_t row, first, n;
+};
+
+// The optional members of the Op contract (see the top of this file), for ops to derive from.
+struct EpilogueDefaults {
+  static constexpr int kParamIn = 0;
+  static constexpr int kRowIn = 0;
+  static constexpr int kRowOut = 0;
+  static constexpr int kParamSums = 0;
+  static constexpr bool kMasked = false;
+  static constexpr bool kRowsOnly = false;
+  static constexpr bool kAsserts = false;
+  static constexpr int kMaxThreads = 1024;
+  static constexpr int kClusterThreads = 1024;
+};
+
+// The members of an op whose statistic is a plain sum of S, padding 0 (or that reduces nothing).
+template <class S>
+struct SumEpilogue : EpilogueDefaults {
+  using Stat = S;
+  __device__ __forceinline__ S pad(int) const { return S(0); }
+  __device__ __forceinline__ S identity() const { return S(0); }
+  __device__ __forceinline__ S combine(S a, S b) const { return a + b; }
+};
+
+template <int N>
+inline constexpr int kSlotsFor = N > 0 ? N : 1;  // array length for 0..N things (C++ has no empty arrays)
 template <class Op>
-inline constexpr int kRowInSlots = Op::kRowIn > 0 ? Op::kRowIn : 1;
+inline constexpr int kRowInSlots = kSlotsFor<Op::kRowIn>;
+template <class Op>
+inline constexpr int kVals = Op::kIn + Op::kParamIn;  // values an element slot hands partial and map
 
 // Packs per thread per input in the engine's largest kernels: one float input, 8 (32 elements); otherwise 4
 // (the half types' 32 elements unpack to 32 floats; double computes in pairs of registers; two inputs, 4
-// each). At most 32 registers of data, so 1024-thread blocks fit 64 registers a thread.
+// each). At most 32 registers of data, so 1024-thread blocks fit 64 registers a thread. Ops with parameter
+// sums hold their sums too: 2 packs (a bf16 layer_norm backward: 16 registers of data, 32 of sums; 80
+// registers in all, so 3 blocks of 256 threads an SM).
 template <class Op>
-inline constexpr int kRowPacks = Op::kIn == 1 && sizeof(typename Op::T) == 4 ? 8 : 4;
+inline constexpr int kRowPacks =
+    Op::kParamSums > 0 ? 2 : (Op::kIn == 1 && sizeof(typename Op::T) == 4 ? 8 : 4);
 
 template <class Op>
 struct EngineArgs {
   using T = typename Op::T;
+  using S = typename Op::S;
+  using R = typename Op::R;
   Op op;
   const T* in[Op::kIn];
-  T* out;                            // element output, or nullptr
-  const T* row_in[kRowInSlots<Op>];  // per-row inputs
-  T* row_out;                        // per-row output, or nullptr
+  const S* param[kSlotsFor<Op::kParamIn>];  // parameter vectors (n values each)
+  T* out;                                  // element output, or nullptr
+  const R* row_in[kRowInSlots<Op>];        // per-row inputs
+  R* row_out[kSlotsFor<Op::kRowOut>];      // per-row outputs
+  S* param_ws;             // row path: partial parameter sums [c][slot][n], or nullptr: none this launch
   int64_t outer, n, inner;
   int grid_mis;            // row path: misalignment (elements) of the grid operand's element 0
   int shift[Op::kIn];      // row path: each input's misalignment relative to the grid, mod P
@@ -128,6 +207,86 @@ struct EngineArgs {
 // The kernels divide only by compile-time constants and through inner_div: a run-time 64-bit division
 // compiles to a call, whose ABI made ptxas spill the kernels' loop invariants around it.
 
+// N values of S at positions [e0, e0 + N) of base (a parameter vector, or a row of parameter sums); positions
+// outside [lo, hi) read as 0 (load) or are left alone (store). 16-byte accesses when all N lie inside and
+// base + e0 is 16-byte aligned (N·sizeof(S) is a multiple of 16: N = P >= 16 / sizeof(S)), else one at a time.
+// No shuffles: lanes may take different paths.
+template <class S, int N>
+__device__ __forceinline__ void load_values(const S* base, int e0, int lo, int hi, S (&v)[N]) {
+  constexpr int kPer = kPackElems<S>;
+  static_assert(N % kPer == 0, "whole 16-byte packs of S");
+  if (e0 >= lo && e0 + N <= hi && reinterpret_cast<std::uintptr_t>(base + e0) % 16 == 0) {
+#pragma unroll
+    for (int q = 0; q < N / kPer; ++q) {
+      const Pack<S> p = load_pack(base + e0 + q * kPer);
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) v[q * kPer + k] = pack_elem(p, k);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) v[k] = (e0 + k >= lo && e0 + k < hi) ? base[e0 + k] : S(0);
+  }
+}
+
+template <class S, int N>
+__device__ __forceinline__ void store_values(S* base, int e0, int lo, int hi, const S (&v)[N]) {
+  constexpr int kPer = kPackElems<S>;
+  static_assert(N % kPer == 0, "whole 16-byte packs of S");
+  if (e0 >= lo && e0 + N <= hi && reinterpret_cast<std::uintptr_t>(base + e0) % 16 == 0) {
+#pragma unroll
+    for (int q = 0; q < N / kPer; ++q) {
+      S part[kPer];
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) part[k] = v[q * kPer + k];
+      store_pack(base + e0 + q * kPer, make_pack<S>(part));
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k)
+      if (e0 + k >= lo && e0 + k < hi) base[e0 + k] = v[k];
+  }
+}
+
+// Several row groups a block (G < blockDim.x <= kSubWarpThreads: the shuffle-only paths): the threads with
+// one t % G hold the same row positions (every row at one grid offset), so their sums are added, in a fixed
+// order, into group 0 (threads t < G). A butterfly within the warp, then the warps in order through shared
+// memory. Called by every thread of the block (barriers).
+template <class S, int kSums, int V, int P>
+__device__ __forceinline__ void sum_row_groups(S (&v)[kSums][V][P], int G) {
+  constexpr int kMaxWarps = kSubWarpThreads / kWarpSize;
+  __shared__ S buf[kMaxWarps][kWarpSize][P];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+#pragma unroll
+  for (int c = 0; c < kSums; ++c)
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+#pragma unroll
+      for (int k = 0; k < P; ++k)
+        for (int offset = G; offset < kWarpSize; offset *= 2) v[c][j][k] += shfl_xor_any(v[c][j][k], offset);
+  if (warps == 1) return;
+#pragma unroll
+  for (int c = 0; c < kSums; ++c) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      __syncthreads();  // the previous round's readers are done with buf
+      if (lane < G) {
+#pragma unroll
+        for (int k = 0; k < P; ++k) buf[warp][lane][k] = v[c][j][k];
+      }
+      __syncthreads();
+      if (warp == 0 && lane < G) {
+#pragma unroll
+        for (int k = 0; k < P; ++k) {
+          S total = buf[0][lane][k];
+          for (int w = 1; w < warps; ++w) total += buf[w][lane][k];
+          v[c][j][k] = total;
+        }
+      }
+    }
+  }
+}
+
 // =========================================================================================================
 // inner == 1. A group of G threads (G <= 32: part of a warp; else the block, times the cluster's blocks)
 // handles one row, or one chunk of a row when split. Member m of the group holds grid packs
@@ -135,12 +294,17 @@ struct EngineArgs {
 // consecutive packs, so every warp-wide access is contiguous. Element indices inside the run are 32-bit,
 // relative to the run's first grid pack (a run holds at most 8·1024·V·P elements; longer rows are split).
 template <class Op, int V>
-__global__ void __launch_bounds__(kRowMaxThreads, 1) row_kernel(const EngineArgs<Op> a) {
+__global__ void __launch_bounds__(Op::kMaxThreads, 1) row_kernel(const EngineArgs<Op> a) {
+  static_assert(Op::kMaxThreads % kWarpSize == 0 && Op::kClusterThreads % kWarpSize == 0 &&
+                Op::kClusterThreads <= Op::kMaxThreads && Op::kMaxThreads >= kSubWarpThreads, "block sizes");
   using T = typename Op::T;
   using S = typename Op::S;
+  using R = typename Op::R;
   using Stat = typename Op::Stat;
   constexpr int P = kPackElems<T>;
   constexpr int kIn = Op::kIn;
+  constexpr int kParamIn = Op::kParamIn;
+  constexpr int kSums = Op::kParamSums;
   const ClusterInfo cluster = cluster_info();
   const int G = a.lanes;
   const int lane = threadIdx.x % kWarpSize;
@@ -148,90 +312,159 @@ __global__ void __launch_bounds__(kRowMaxThreads, 1) row_kernel(const EngineArgs
   const int width = G * cluster.size;
   const int groups = blockDim.x / G;
   const bool last_in_run = (lane + 1) % (G < kWarpSize ? G : kWarpSize) == 0;
-  // Chunks (split rows) along y; phase 2 of an op without an element output only combines: one y.
-  const bool combine_only = !Op::kElementOut && a.mode == Mode::Finish;
+  // Chunks (split rows) along y; phase 2 of an op with neither element output nor parameter sums only
+  // combines: one y.
+  const bool combine_only = !Op::kElementOut && kSums == 0 && a.mode == Mode::Finish;
+  const bool sums_here = kSums > 0 && a.param_ws != nullptr && a.mode != Mode::Partial;
   const int64_t chunks_here = combine_only ? 1 : a.chunks;
   const int64_t stride = int64_t(gridDim.x / cluster.size) * groups;
   const int run_len = (a.chunks > 1 ? static_cast<int>(a.chunk_len) : V * width) * P;  // grid elements a run spans
+  const auto e0_of = [&](int j) { return (member + j * width) * P; };
   int parity = 0;
+  bool rows_ok = true;  // kAsserts: every row this thread finished met the op's precondition
   // `base` and `chunk` are uniform across the block (and the cluster): every thread runs the same
   // iterations, as the shuffles and barriers inside require; groups past the last row run with an empty row.
-  for (int64_t chunk = blockIdx.y; chunk < chunks_here; chunk += gridDim.y)
-  for (int64_t base = int64_t(blockIdx.x / cluster.size) * groups; base < a.outer; base += stride, parity ^= 1) {
-    const int64_t row_or_end = base + threadIdx.x / G;
-    const bool active = row_or_end < a.outer;
-    const int64_t row = active ? row_or_end : 0;
-    // The run starts at row element run0 (grid pack chunk·chunk_len); [lo, hi) is the row relative to it,
-    // clamped to two packs around the run.
-    const int64_t row_start = row * a.n;
-    const int64_t run0 = chunk * a.chunk_len * P - (a.grid_mis + row_start) % P;
-    const int lo = static_cast<int>(std::max<int64_t>(-run0, -2 * P));
-    const int hi = active ? static_cast<int>(std::min<int64_t>(a.n - run0, run_len + 2 * P)) : lo;
-    const auto e0_of = [&](int j) { return (member + j * width) * P; };
+  for (int64_t chunk = blockIdx.y; chunk < chunks_here; chunk += gridDim.y) {
+    S sums[kSlotsFor<kSums>][V][P] = {};  // parameter sums of this thread's slots over the rows it maps
+    for (int64_t base = int64_t(blockIdx.x / cluster.size) * groups; base < a.outer; base += stride, parity ^= 1) {
+      const int64_t row_or_end = base + threadIdx.x / G;
+      const bool active = row_or_end < a.outer;
+      const int64_t row = active ? row_or_end : 0;
+      // The run starts at row element run0 (grid pack chunk·chunk_len); [lo, hi) is the row relative to it,
+      // clamped to two packs around the run.
+      const int64_t row_start = row * a.n;
+      const int64_t run0 = chunk * a.chunk_len * P - (a.grid_mis + row_start) % P;
+      const int lo = static_cast<int>(std::max<int64_t>(-run0, -2 * P));
+      const int hi = active ? static_cast<int>(std::min<int64_t>(a.n - run0, run_len + 2 * P)) : lo;
+      const RowAt at{row, run0, a.n};
 
-    Pack<T> tile[kIn][V];
-    if (!combine_only) {
+      Pack<T> tile[kIn][V];
+      if (!combine_only) {
 #pragma unroll
-      for (int i = 0; i < kIn; ++i) {
-        const T* in = a.in[i] + (row_start + run0);
+        for (int i = 0; i < kIn; ++i) {
+          const T* in = a.in[i] + (row_start + run0);
 #pragma unroll
-        for (int j = 0; j < V; ++j) tile[i][j] = load_grid_pack(in, e0_of(j), lo, hi, a.shift[i], last_in_run, a.op.pad(i));
-      }
-    }
-
-    Stat st[1] = {a.op.identity()};
-    if constexpr (Op::kReduces) {
-      if (a.mode == Mode::Finish) {
-        for (int64_t c = member; active && c < a.chunks; c += width) st[0] = a.op.combine(st[0], a.ws[row * a.chunks + c]);
-      } else {
-        st[0] = a.op.partial([&](const auto& f) {
-#pragma unroll
-          for (int j = 0; j < V; ++j)
-#pragma unroll
-            for (int k = 0; k < P; ++k) {
-              S v[kIn];
-#pragma unroll
-              for (int i = 0; i < kIn; ++i) v[i] = pack_elem(tile[i][j], k);
-              f(v);
-            }
-        });
-      }
-      const auto combine = [&](const Stat& x, const Stat& y) { return a.op.combine(x, y); };
-      if (G <= kWarpSize) {
-        st[0] = group_allreduce(st[0], combine, G);
-      } else {
-        block_allreduce_columns<1>(st, combine, a.op.identity(), 1);
-        cluster_allreduce_columns<1>(st, combine, 1, cluster, parity);
-      }
-      if (a.mode == Mode::Partial) {
-        if (active && member == 0) a.ws[row * a.chunks + chunk] = st[0];
-        continue;
-      }
-    }
-
-    S row_in[kRowInSlots<Op>] = {};
-#pragma unroll
-    for (int r = 0; r < Op::kRowIn; ++r) row_in[r] = active ? static_cast<S>(a.row_in[r][row]) : S(0);
-    const auto rc = a.op.finish(st[0], row_in, a.n);
-    if constexpr (Op::kRowOut) {
-      if (active && member == 0 && chunk == 0) a.row_out[row] = static_cast<T>(a.op.row_out(rc));
-    }
-    if constexpr (Op::kElementOut) {
-      T* out = a.out + (row_start + run0);
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        S o[P];
-#pragma unroll
-        for (int k = 0; k < P; ++k) {
-          S v[kIn];
-#pragma unroll
-          for (int i = 0; i < kIn; ++i) v[i] = pack_elem(tile[i][j], k);
-          o[k] = a.op.map(rc, v);
+          for (int j = 0; j < V; ++j) tile[i][j] = load_grid_pack(in, e0_of(j), lo, hi, a.shift[i], last_in_run, a.op.pad(i));
         }
-        store_grid_pack(out, e0_of(j), lo, hi, o);
+      }
+      S row_in[kRowInSlots<Op>] = {};
+#pragma unroll
+      for (int r = 0; r < Op::kRowIn; ++r) row_in[r] = active ? static_cast<S>(a.row_in[r][row]) : S(0);
+
+      // The values of grid pack j's element slots: the element inputs, then the parameters (loaded per pack
+      // where used; every row reads the same n values, so they come from L1).
+      const auto params_of = [&](int j, S (&p)[kSlotsFor<kParamIn>][P]) {
+#pragma unroll
+        for (int c = 0; c < kParamIn; ++c) load_values(a.param[c] + run0, e0_of(j), lo, hi, p[c]);
+      };
+      const auto values_of = [&](int j, int k, const S (&p)[kSlotsFor<kParamIn>][P], S (&v)[kVals<Op>]) {
+#pragma unroll
+        for (int i = 0; i < kIn; ++i) v[i] = pack_elem(tile[i][j], k);
+#pragma unroll
+        for (int c = 0; c < kParamIn; ++c) v[kIn + c] = p[c][k];
+      };
+
+      Stat st[1] = {a.op.identity()};
+      if constexpr (Op::kReduces) {
+        if (a.mode == Mode::Finish) {
+          for (int64_t c = member; active && c < a.chunks; c += width) st[0] = a.op.combine(st[0], a.ws[row * a.chunks + c]);
+        } else {
+          const auto each = [&](const auto& f) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+              S p[kSlotsFor<kParamIn>][P];
+              params_of(j, p);
+              const int e0 = e0_of(j);
+              if (!Op::kMasked || (e0 >= lo && e0 + P <= hi)) {  // a whole pack of the row: no per-element test
+#pragma unroll
+                for (int k = 0; k < P; ++k) {
+                  S v[kVals<Op>];
+                  values_of(j, k, p, v);
+                  f(v, e0 + k);
+                }
+              } else {
+#pragma unroll
+                for (int k = 0; k < P; ++k) {
+                  if (e0 + k >= lo && e0 + k < hi) {
+                    S v[kVals<Op>];
+                    values_of(j, k, p, v);
+                    f(v, e0 + k);
+                  }
+                }
+              }
+            }
+          };
+          st[0] = a.op.partial(each, row_in, at);
+        }
+        const auto combine = [&](const Stat& x, const Stat& y) { return a.op.combine(x, y); };
+        if (G <= kWarpSize) {
+          st[0] = group_allreduce(st[0], combine, G);
+        } else {
+          block_allreduce_columns<1>(st, combine, a.op.identity(), 1);
+          cluster_allreduce_columns<1>(st, combine, 1, cluster, parity);
+        }
+        if (a.mode == Mode::Partial) {
+          if (active && member == 0) a.ws[row * a.chunks + chunk] = st[0];
+          continue;
+        }
+      }
+
+      const auto rc = a.op.finish(st[0], row_in, at);
+      if constexpr (Op::kAsserts) rows_ok = rows_ok && a.op.row_ok(rc);
+      if constexpr (Op::kRowOut > 0) {
+#pragma unroll
+        for (int r = 0; r < Op::kRowOut; ++r) {
+          if (active && member == 0 && chunk == 0) a.row_out[r][row] = static_cast<R>(a.op.row_out(rc, r));
+        }
+      }
+      if constexpr (Op::kElementOut || kSums > 0) {
+        const bool add = sums_here && active;
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          S p[kSlotsFor<kParamIn>][P];
+          params_of(j, p);
+          S o[P];
+#pragma unroll
+          for (int k = 0; k < P; ++k) {
+            S v[kVals<Op>];
+            values_of(j, k, p, v);
+            if constexpr (Op::kElementOut) o[k] = a.op.map(rc, v, e0_of(j) + k);
+            if constexpr (kSums > 0) {
+              if (add) {
+                S t[kSlotsFor<kSums>];
+                a.op.param_terms(rc, v, t);
+#pragma unroll
+                for (int c = 0; c < kSums; ++c) sums[c][j][k] += t[c];
+              }
+            }
+          }
+          if constexpr (Op::kElementOut) store_grid_pack(a.out + (row_start + run0), e0_of(j), lo, hi, o);
+        }
+      }
+    }
+    if constexpr (kSums > 0) {
+      // This chunk's rows are done. Every row this thread mapped started at one grid offset (the host fuses the
+      // sums only when n % P == 0), so its slots are row positions first + e0_of(j) + k in all of them.
+      if (sums_here) {
+        if (groups > 1) sum_row_groups(sums, G);
+        if (static_cast<int>(threadIdx.x) < G) {
+          const int64_t first = chunk * a.chunk_len * P - a.grid_mis;
+          const int lo = static_cast<int>(std::max<int64_t>(-first, -2 * P));
+          const int hi = static_cast<int>(std::min<int64_t>(a.n - first, run_len + 2 * P));
+          const int64_t slots = gridDim.x / cluster.size, slot = blockIdx.x / cluster.size;
+#pragma unroll
+          for (int c = 0; c < kSums; ++c) {
+            S* ws = a.param_ws + (c * slots + slot) * a.n + first;
+#pragma unroll
+            for (int j = 0; j < V; ++j) store_values(ws, e0_of(j), lo, hi, sums[c][j]);
+          }
+        }
       }
     }
   }
+  // After the loops, where little is live: the assert's failure path is a call, which inside the loops made
+  // ptxas spill their registers around it.
+  if constexpr (Op::kAsserts) CUDA_KERNEL_ASSERT(rows_ok);
   cluster_sync(cluster);  // no block leaves while another reads its shared memory
 }
 
@@ -241,8 +474,10 @@ __global__ void __launch_bounds__(kRowMaxThreads, 1) row_kernel(const EngineArgs
 // o, a 16-byte pack; else Pe = 1 column); member m holds rows j = chunk·chunk_len + m + v·width, v < V.
 template <class Op, int V, bool kVec>
 __global__ void __launch_bounds__(kColumnMaxThreads) column_kernel(const EngineArgs<Op> a) {
+  static_assert(!Op::kRowsOnly, "an op that uses row positions or parameters runs on rows only");
   using T = typename Op::T;
   using S = typename Op::S;
+  using R = typename Op::R;
   using Stat = typename Op::Stat;
   constexpr int kIn = Op::kIn;
   constexpr int Pe = kVec ? kPackElems<T> : 1;
@@ -286,6 +521,11 @@ __global__ void __launch_bounds__(kColumnMaxThreads) column_kernel(const EngineA
       if constexpr (kVec) return pack_elem(tile[i][v], k);
       else return static_cast<S>(tile[i][v]);
     };
+    // Segment col0 + k's row inputs (read where used: not held across the reduction).
+    const auto row_in_of = [&](int k, S (&r)[kRowInSlots<Op>]) {
+#pragma unroll
+      for (int q = 0; q < kRowInSlots<Op>; ++q) r[q] = (q < Op::kRowIn && active) ? static_cast<S>(a.row_in[q][col0 + k]) : S(0);
+    };
 
     Stat st[Pe];
 #pragma unroll
@@ -299,15 +539,20 @@ __global__ void __launch_bounds__(kColumnMaxThreads) column_kernel(const EngineA
       } else {
 #pragma unroll
         for (int k = 0; k < Pe; ++k) {
-          st[k] = a.op.partial([&](const auto& f) {
+          S row_in[kRowInSlots<Op>];
+          row_in_of(k, row_in);
+          const auto each = [&](const auto& f) {
 #pragma unroll
             for (int v = 0; v < V; ++v) {
-              S x[kIn];
+              if (!Op::kMasked || v * width < rows) {
+                S x[kIn];
 #pragma unroll
-              for (int i = 0; i < kIn; ++i) x[i] = elem(i, v, k);
-              f(x);
+                for (int i = 0; i < kIn; ++i) x[i] = elem(i, v, k);
+                f(x, 0);
+              }
             }
-          });
+          };
+          st[k] = a.op.partial(each, row_in, RowAt{col0 + k, 0, a.n});
         }
       }
       const auto combine = [&](const Stat& x, const Stat& y) { return a.op.combine(x, y); };
@@ -324,12 +569,14 @@ __global__ void __launch_bounds__(kColumnMaxThreads) column_kernel(const EngineA
 
 #pragma unroll
     for (int k = 0; k < Pe; ++k) {
-      S row_in[kRowInSlots<Op>] = {};
+      S row_in[kRowInSlots<Op>];
+      row_in_of(k, row_in);
+      const auto rc = a.op.finish(st[k], row_in, RowAt{col0 + k, 0, a.n});
+      if constexpr (Op::kRowOut > 0) {
 #pragma unroll
-      for (int r = 0; r < Op::kRowIn; ++r) row_in[r] = active ? static_cast<S>(a.row_in[r][col0 + k]) : S(0);
-      const auto rc = a.op.finish(st[k], row_in, a.n);
-      if constexpr (Op::kRowOut) {
-        if (active && member == 0 && chunk == 0) a.row_out[col0 + k] = static_cast<T>(a.op.row_out(rc));
+        for (int r = 0; r < Op::kRowOut; ++r) {
+          if (active && member == 0 && chunk == 0) a.row_out[r][col0 + k] = static_cast<R>(a.op.row_out(rc, r));
+        }
       }
       if constexpr (Op::kElementOut) {
         // Outputs replace input 0 in the tile (column k is done with it), so that they leave as whole packs.
@@ -338,7 +585,7 @@ __global__ void __launch_bounds__(kColumnMaxThreads) column_kernel(const EngineA
           S x[kIn];
 #pragma unroll
           for (int i = 0; i < kIn; ++i) x[i] = elem(i, v, k);
-          const S y = a.op.map(rc, x);
+          const S y = a.op.map(rc, x, 0);
           if constexpr (kVec) set_pack_elem(tile[0][v], k, y);
           else tile[0][v] = static_cast<T>(y);
         }
@@ -359,6 +606,44 @@ __global__ void __launch_bounds__(kColumnMaxThreads) column_kernel(const EngineA
 }
 
 // =========================================================================================================
+// Parameter sums without the row kernel: rows at different grid offsets (n % P != 0), where a thread of
+// row_kernel would map different row positions in different rows, or no element output wanted. A thread
+// is one row position (a warp reads 32 consecutive elements of a row: coalesced, one element at a time);
+// block y is a slot of `rows_per_slot` consecutive rows. Writes ws[c][slot][position] as row_kernel does.
+template <class Op>
+__global__ void __launch_bounds__(kParamSumThreads) param_sums_kernel(const EngineArgs<Op> a, int64_t rows_per_slot) {
+  using S = typename Op::S;
+  constexpr int kIn = Op::kIn;
+  constexpr int kSums = Op::kParamSums;
+  const int64_t pos = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (pos >= a.n) return;  // no barriers below
+  const int64_t slot = blockIdx.y, slots = gridDim.y;
+  const int64_t end = std::min(a.outer, (slot + 1) * rows_per_slot);
+  S p[kSlotsFor<Op::kParamIn>];
+#pragma unroll
+  for (int c = 0; c < Op::kParamIn; ++c) p[c] = a.param[c][pos];
+  S sums[kSums] = {};
+#pragma unroll 4
+  for (int64_t row = slot * rows_per_slot; row < end; ++row) {
+    S row_in[kRowInSlots<Op>] = {};
+#pragma unroll
+    for (int r = 0; r < Op::kRowIn; ++r) row_in[r] = static_cast<S>(a.row_in[r][row]);
+    const auto rc = a.op.finish(a.op.identity(), row_in, RowAt{row, 0, a.n});
+    S v[kVals<Op>];
+#pragma unroll
+    for (int i = 0; i < kIn; ++i) v[i] = static_cast<S>(a.in[i][row * a.n + pos]);
+#pragma unroll
+    for (int c = 0; c < Op::kParamIn; ++c) v[kIn + c] = p[c];
+    S t[kSums];
+    a.op.param_terms(rc, v, t);
+#pragma unroll
+    for (int c = 0; c < kSums; ++c) sums[c] += t[c];
+  }
+#pragma unroll
+  for (int c = 0; c < kSums; ++c) a.param_ws[(c * slots + slot) * a.n + pos] = sums[c];
+}
+
+// =========================================================================================================
 // Host side: the plan (which kernel, which shape) and the launch.
 
 struct Plan {
@@ -373,9 +658,13 @@ struct Plan {
                        // rest beyond 2^31 - 1, and over chunks beyond 65535)
 };
 
-// inner == 1. P: elements a pack; Vmax: kRowPacks; sms: multiprocessors; clusters: sm_90 clusters usable;
-// max_off: the largest grid offset of a row start (every row's when n % P == 0, else up to P - 1).
-inline Plan plan_rows(int64_t rows, int64_t n, int P, int Vmax, int sms, bool clusters, int max_off) {
+// inner == 1. P: elements a pack; Vmax: kRowPacks; max_threads: a block's threads at most (Op::kMaxThreads);
+// cluster_threads: with clusters, the block size above which a row takes a cluster (Op::kClusterThreads; up to
+// max_threads a block when 8 blocks of cluster_threads do not hold the row); sms: multiprocessors; clusters:
+// sm_90 clusters usable; max_off: the largest grid offset of a row start (every row's when n % P == 0, else
+// up to P - 1).
+inline Plan plan_rows(int64_t rows, int64_t n, int P, int Vmax, int max_threads, int cluster_threads, int sms,
+                      bool clusters, int max_off) {
   const int64_t packs = ceil_div(n + max_off, P);  // packs a row touches, at most
   if (packs <= int64_t(kWarpSize) * Vmax) {
     // Shuffles only. Up to 32 packs: one pack a lane, the fewest lanes that hold the row (several rows a
@@ -387,8 +676,8 @@ inline Plan plan_rows(int64_t rows, int64_t n, int P, int Vmax, int sms, bool cl
   }
   const int64_t width = ceil_div(packs, Vmax);  // threads that hold the row at Vmax packs each
   int cluster = 0;
-  if (width <= kRowMaxThreads) cluster = 1;
-  else if (clusters && width <= 8 * kRowMaxThreads) cluster = static_cast<int>(ceil_div(width, kRowMaxThreads));
+  if (width <= (clusters ? cluster_threads : max_threads)) cluster = 1;
+  else if (clusters && width <= 8 * max_threads) cluster = static_cast<int>(std::min<int64_t>(8, ceil_div(width, cluster_threads)));
   // Too few rows to give every SM a block: split long rows into more, smaller pieces (the tensor is then
   // small, so phase 2's re-read comes from L2).
   const bool few = rows * cluster < sms / 2 && packs >= 4 * int64_t(kSplitMinThreads) * Vmax;
@@ -396,7 +685,7 @@ inline Plan plan_rows(int64_t rows, int64_t n, int P, int Vmax, int sms, bool cl
     const int threads = static_cast<int>(round_up(ceil_div(width, cluster), kWarpSize));
     return {Vmax, false, true, threads, threads, cluster, 1, 0, rows * cluster};
   }
-  const int64_t least = ceil_div(packs, int64_t(kRowMaxThreads) * Vmax);
+  const int64_t least = ceil_div(packs, int64_t(max_threads) * Vmax);
   const int64_t most = std::max(least, ceil_div(packs, int64_t(kSplitMinThreads) * Vmax));
   const int64_t chunks0 = std::min(most, std::max(least, ceil_div(2 * int64_t(sms), rows)));
   const int threads = static_cast<int>(round_up(ceil_div(ceil_div(packs, chunks0), Vmax), kWarpSize));
@@ -441,11 +730,76 @@ inline Plan plan_columns(int64_t outer, int64_t n, int64_t inner, int P, int V, 
 template <class Op>
 struct Operands {
   using T = typename Op::T;
+  using S = typename Op::S;
+  using R = typename Op::R;
   const T* in[Op::kIn];
+  const S* param[kSlotsFor<Op::kParamIn>] = {};
   T* out = nullptr;
-  const T* row_in[kRowInSlots<Op>] = {};
-  T* row_out = nullptr;
+  const R* row_in[kRowInSlots<Op>] = {};
+  R* row_out[kSlotsFor<Op::kRowOut>] = {};
+  S* param_sums[kSlotsFor<Op::kParamSums>] = {};  // outputs, n values each; nullptr: not wanted
 };
+
+template <class Op>
+void run_rows(const Op& op, const RowLayout& l, const Operands<Op>& ops);
+
+// Σ over slots of the partial parameter sums, for each row position: a column reduction of the [slot][n]
+// partial rows (column_kernel; row_kernel when n == 1), which adds the slots in order.
+template <class S_>
+struct SlotSum : SumEpilogue<S_> {
+  using T = S_;
+  using S = S_;
+  using R = S_;
+  static constexpr int kIn = 1;
+  static constexpr bool kElementOut = false;
+  static constexpr int kRowOut = 1;
+  static constexpr bool kReduces = true;
+  struct Row {
+    S total;
+  };
+  template <class Each>
+  __device__ __forceinline__ S partial(const Each& each, const S (&)[1], const RowAt&) const {
+    S total = 0;
+    each([&](const S (&v)[1], int) { total += v[0]; });
+    return total;
+  }
+  __device__ __forceinline__ Row finish(S st, const S (&)[1], const RowAt&) const { return {st}; }
+  __device__ __forceinline__ S map(const Row&, const S (&)[1], int) const { return S(0); }
+  __device__ __forceinline__ S row_out(const Row& r, int) const { return r.total; }
+};
+
+// ws: [kSums][slots][n] partial sums; outputs[c]: n values, or nullptr (not wanted).
+template <class S, int kSums>
+void sum_param_slots(const S* ws, S* const (&outputs)[kSums], int64_t slots, int64_t n) {
+  for (int c = 0; c < kSums; ++c) {
+    if (outputs[c] == nullptr) continue;
+    Operands<SlotSum<S>> ops;
+    ops.in[0] = ws + c * slots * n;
+    ops.row_out[0] = outputs[c];
+    run_rows(SlotSum<S>{}, RowLayout{1, slots, n}, ops);
+  }
+}
+
+template <class S>
+at::Tensor param_workspace(int sums, int64_t slots, int64_t n) {
+  return at::empty({sums, slots, n}, at::TensorOptions()
+                                         .dtype(c10::CppTypeToScalarType<S>::value)
+                                         .device(at::kCUDA, c10::cuda::current_device()));
+}
+
+template <class Op>
+EngineArgs<Op> engine_args(const Op& op, const RowLayout& l, const Operands<Op>& ops) {
+  EngineArgs<Op> args{op};
+  for (int i = 0; i < Op::kIn; ++i) args.in[i] = ops.in[i];
+  for (int c = 0; c < kSlotsFor<Op::kParamIn>; ++c) args.param[c] = ops.param[c];
+  args.out = ops.out;
+  for (int r = 0; r < kRowInSlots<Op>; ++r) args.row_in[r] = ops.row_in[r];
+  for (int r = 0; r < kSlotsFor<Op::kRowOut>; ++r) args.row_out[r] = ops.row_out[r];
+  args.outer = l.outer;
+  args.n = l.n;
+  args.inner = l.inner;
+  return args;
+}
 
 template <class Op, class Kernel>
 void launch_plan(Kernel kernel, const Plan& plan, EngineArgs<Op> args) {
@@ -454,7 +808,7 @@ void launch_plan(Kernel kernel, const Plan& plan, EngineArgs<Op> args) {
   args.chunks = plan.chunks;
   if (Op::kReduces && plan.chunks > 1) {
     // Split: partials into a workspace (stream-ordered by the caching allocator), then the finish; an op
-    // without an element output finishes a row in one block (grid y = 1).
+    // with neither element output nor parameter sums finishes a row in one block (grid y = 1).
     const int64_t segments = args.outer * args.inner;
     const at::Tensor ws = at::empty({segments * plan.chunks * int64_t(sizeof(typename Op::Stat))},
                                     at::TensorOptions().dtype(at::kByte).device(at::kCUDA, c10::cuda::current_device()));
@@ -462,82 +816,143 @@ void launch_plan(Kernel kernel, const Plan& plan, EngineArgs<Op> args) {
     args.mode = Mode::Partial;
     launch_kernel(kernel, grid, plan.threads, plan.cluster, args);
     args.mode = Mode::Finish;
-    launch_kernel(kernel, Op::kElementOut ? grid : dim3(grid.x), plan.threads, plan.cluster, args);
+    launch_kernel(kernel, Op::kElementOut || Op::kParamSums > 0 ? grid : dim3(grid.x), plan.threads, plan.cluster, args);
     return;
   }
   args.mode = plan.chunks > 1 ? Mode::Finish : Mode::Full;  // a split op without reduction only maps
   launch_kernel(kernel, grid, plan.threads, plan.cluster, args);
 }
 
+// row_kernel with parameter sums fused (every row at one grid offset): a grid of at most one wave of
+// resident row slots (blocks, or clusters, along x), each mapping rows base, base + slots, ...; so there
+// are few partial rows to write and sum. Then their sum over slots into the outputs.
+template <class Op, class Kernel>
+void launch_with_param_sums(Kernel kernel, Plan plan, EngineArgs<Op> args, typename Op::S* const (&outputs)[Op::kParamSums]) {
+  using S = typename Op::S;
+  const int64_t y = std::min<int64_t>(plan.chunks, 65535);
+  const int64_t wave = std::max<int64_t>(1, resident_blocks(kernel, plan.threads, plan.cluster) / plan.cluster / y);
+  const int64_t wanted = ceil_div(plan.blocks, plan.cluster);  // row slots that have rows to map
+  const int64_t per_slot = ceil_div(wanted, std::min(wanted, wave));
+  const int64_t slots = ceil_div(wanted, per_slot);  // as few as keep per_slot: balanced
+  plan.blocks = slots * plan.cluster;
+  const at::Tensor ws = param_workspace<S>(Op::kParamSums, slots, args.n);
+  args.param_ws = ws.mutable_data_ptr<S>();
+  launch_plan<Op>(kernel, plan, args);
+  sum_param_slots<S, Op::kParamSums>(args.param_ws, outputs, slots, args.n);
+}
+
+// Parameter sums alone (param_sums_kernel, then the sum over slots): for rows at different grid offsets, or
+// when no element output is wanted. Enough slots of rows to give every SM several blocks.
+template <class Op>
+void run_param_sums(const Op& op, const RowLayout& l, const Operands<Op>& ops) {
+  using S = typename Op::S;
+  static_assert(Op::kParamSums > 0, "an op with parameter sums");
+  TORCH_INTERNAL_ASSERT(l.inner == 1 && l.outer > 0 && l.n > 0);
+  EngineArgs<Op> args = engine_args(op, l, ops);
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t blocks_x = ceil_div(l.n, kParamSumThreads);
+  TORCH_CHECK(blocks_x <= INT_MAX, "torch_vjp: rows of ", l.n, " elements are too long");
+  const int64_t wanted = std::clamp<int64_t>(ceil_div(8 * int64_t(sms), blocks_x), 1, std::min<int64_t>(l.outer, 65535));
+  const int64_t per_slot = ceil_div(l.outer, wanted);
+  const int64_t slots = ceil_div(l.outer, per_slot);
+  const at::Tensor ws = param_workspace<S>(Op::kParamSums, slots, l.n);
+  args.param_ws = ws.mutable_data_ptr<S>();
+  param_sums_kernel<Op><<<dim3(static_cast<unsigned>(blocks_x), static_cast<unsigned>(slots)), kParamSumThreads, 0,
+                          at::cuda::getCurrentCUDAStream()>>>(args, per_slot);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  sum_param_slots<S, Op::kParamSums>(args.param_ws, ops.param_sums, slots, l.n);
+}
+
+// Whether run_rows fuses Op's parameter sums into the row kernel over layout l: every row at one grid offset.
+template <class Op>
+bool fuses_param_sums(const RowLayout& l) {
+  return l.inner == 1 && l.n % kPackElems<typename Op::T> == 0;
+}
+
+// Every plan_rows result names one of these instances (V = 1, 2, 4 or kRowPacks).
+template <class Op, class Go>
+void with_row_kernel(int V, const Go& go) {
+  switch (V) {
+    case 1: return go(row_kernel<Op, 1>);
+    case 2: return go(row_kernel<Op, 2>);
+    case 4:
+      if constexpr (kRowPacks<Op> >= 4) return go(row_kernel<Op, 4>);
+      break;
+    case 8:
+      if constexpr (kRowPacks<Op> >= 8) return go(row_kernel<Op, 8>);
+      break;
+  }
+  TORCH_INTERNAL_ASSERT(false, "torch_vjp: no row kernel with ", V, " packs per thread");
+}
+
 // Runs Op over a tensor of layout l: plans, checks that a planned cluster can run on this device (else
-// plans again without), launches on the current stream.
+// plans again without), launches on the current stream. Parameter sums (ops.param_sums) are fused into the
+// row kernel when n % P == 0, else computed by run_param_sums after it.
 template <class Op>
 void run_rows(const Op& op, const RowLayout& l, const Operands<Op>& ops) {
   using T = typename Op::T;
   constexpr int P = kPackElems<T>;
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  EngineArgs<Op> args{op};
-  for (int i = 0; i < Op::kIn; ++i) args.in[i] = ops.in[i];
-  args.out = ops.out;
-  for (int r = 0; r < kRowInSlots<Op>; ++r) args.row_in[r] = ops.row_in[r];
-  args.row_out = ops.row_out;
-  args.outer = l.outer;
-  args.n = l.n;
-  args.inner = l.inner;
+  EngineArgs<Op> args = engine_args(op, l, ops);
   if (l.inner == 1) {
     // The grid is aligned for the element output where there is one, else for input 0.
     args.grid_mis = Op::kElementOut ? misalignment(ops.out) : misalignment(ops.in[0]);
     for (int i = 0; i < Op::kIn; ++i) args.shift[i] = (misalignment(ops.in[i]) - args.grid_mis + P) % P;
     const int max_off = l.n % P == 0 ? args.grid_mis : P - 1;
+    bool want_sums = false;
+    for (int c = 0; c < Op::kParamSums; ++c) want_sums = want_sums || ops.param_sums[c] != nullptr;
+    const bool fused_sums = want_sums && fuses_param_sums<Op>(l);
     const auto plan_for = [&](bool clusters) {
-      return plan_rows(l.outer, l.n, P, kRowPacks<Op>, sms, clusters, max_off);
+      return plan_rows(l.outer, l.n, P, kRowPacks<Op>, Op::kMaxThreads, Op::kClusterThreads, sms, clusters, max_off);
     };
     Plan plan = plan_for(has_clusters());
-    const auto go = [&](auto kernel) {
+    with_row_kernel<Op>(plan.V, [&](auto kernel) {
       if (plan.cluster > 1 && !cluster_fits(kernel, plan.threads, plan.cluster)) plan = plan_for(false);
       args.lanes = plan.lanes;
       args.chunk_len = plan.chunk_len;
+      if constexpr (Op::kParamSums > 0) {
+        if (fused_sums) return launch_with_param_sums(kernel, plan, args, ops.param_sums);
+      }
       launch_plan<Op>(kernel, plan, args);
-    };
-    // Every plan_rows result names one of these instances (V = 1, 2, 4 or kRowPacks).
-    switch (plan.V) {
-      case 1: return go(row_kernel<Op, 1>);
-      case 2: return go(row_kernel<Op, 2>);
-      case 4: return go(row_kernel<Op, 4>);
-      default:
-        if constexpr (kRowPacks<Op> == 8) return go(row_kernel<Op, 8>);
+    });
+    if constexpr (Op::kParamSums > 0) {
+      if (want_sums && !fused_sums) run_param_sums(op, l, ops);
     }
-    TORCH_INTERNAL_ASSERT(false, "torch_vjp: no row kernel with ", plan.V, " packs per thread");
+    return;
   }
-  bool vec = l.inner % P == 0 && misalignment(ops.out ? ops.out : ops.in[0]) == 0;
-  for (int i = 0; i < Op::kIn; ++i) vec = vec && misalignment(ops.in[i]) == 0;
-  const int Pe = vec ? P : 1;
-  // One launch covers fewer than 2^31 flattened columns (o, i) when outer > 1, so that the kernel finds o
-  // with a 32-bit magic-number division; a larger tensor takes several launches over ranges of outer.
-  const int64_t outer_part = std::max<int64_t>(1, std::min<int64_t>(l.outer, (int64_t(INT_MAX) / l.inner)));
-  Plan plan = plan_columns(outer_part, l.n, l.inner, P, kRowPacks<Op>, vec, sms, has_clusters());
-  const auto go = [&](auto kernel) {
-    if (plan.cluster > 1 && !cluster_fits(kernel, plan.threads, plan.cluster))
-      plan = plan_columns(outer_part, l.n, l.inner, P, kRowPacks<Op>, vec, sms, false);
-    args.lanes = plan.lanes;
-    args.chunk_len = plan.chunk_len;
-    args.inner_div = at::cuda::detail::IntDivider<uint32_t>(static_cast<uint32_t>(std::min<int64_t>(l.inner, INT32_MAX)));
-    for (int64_t o0 = 0; o0 < l.outer; o0 += outer_part) {
-      EngineArgs<Op> part = args;
-      part.outer = std::min(outer_part, l.outer - o0);
-      const int64_t elems = o0 * l.n * l.inner, segs = o0 * l.inner;
-      for (int i = 0; i < Op::kIn; ++i) part.in[i] += elems;
-      if (part.out) part.out += elems;
-      for (int r = 0; r < Op::kRowIn; ++r) part.row_in[r] += segs;
-      if (part.row_out) part.row_out += segs;
-      part.tiles = ceil_div(part.outer * l.inner / Pe, plan.lanes);
-      Plan launch = plan;
-      launch.blocks = part.tiles * plan.cluster;
-      launch_plan<Op>(kernel, launch, part);
-    }
-  };
-  if (vec) go(column_kernel<Op, kRowPacks<Op>, true>);
-  else go(column_kernel<Op, kRowPacks<Op>, false>);
+  if constexpr (Op::kRowsOnly) {
+    TORCH_INTERNAL_ASSERT(false, "torch_vjp: a rows-only op over a dim that is not the last");
+  } else {
+    bool vec = l.inner % P == 0 && misalignment(ops.out ? ops.out : ops.in[0]) == 0;
+    for (int i = 0; i < Op::kIn; ++i) vec = vec && misalignment(ops.in[i]) == 0;
+    const int Pe = vec ? P : 1;
+    // One launch covers fewer than 2^31 flattened columns (o, i) when outer > 1, so that the kernel finds o
+    // with a 32-bit magic-number division; a larger tensor takes several launches over ranges of outer.
+    const int64_t outer_part = std::max<int64_t>(1, std::min<int64_t>(l.outer, (int64_t(INT_MAX) / l.inner)));
+    Plan plan = plan_columns(outer_part, l.n, l.inner, P, kRowPacks<Op>, vec, sms, has_clusters());
+    const auto go = [&](auto kernel) {
+      if (plan.cluster > 1 && !cluster_fits(kernel, plan.threads, plan.cluster))
+        plan = plan_columns(outer_part, l.n, l.inner, P, kRowPacks<Op>, vec, sms, false);
+      args.lanes = plan.lanes;
+      args.chunk_len = plan.chunk_len;
+      args.inner_div = at::cuda::detail::IntDivider<uint32_t>(static_cast<uint32_t>(std::min<int64_t>(l.inner, INT32_MAX)));
+      for (int64_t o0 = 0; o0 < l.outer; o0 += outer_part) {
+        EngineArgs<Op> part = args;
+        part.outer = std::min(outer_part, l.outer - o0);
+        const int64_t elems = o0 * l.n * l.inner, segs = o0 * l.inner;
+        for (int i = 0; i < Op::kIn; ++i) part.in[i] += elems;
+        if (part.out) part.out += elems;
+        for (int r = 0; r < Op::kRowIn; ++r) part.row_in[r] += segs;
+        for (int r = 0; r < Op::kRowOut; ++r) part.row_out[r] += segs;
+        part.tiles = ceil_div(part.outer * l.inner / Pe, plan.lanes);
+        Plan launch = plan;
+        launch.blocks = part.tiles * plan.cluster;
+        launch_plan<Op>(kernel, launch, part);
+      }
+    };
+    if (vec) go(column_kernel<Op, kRowPacks<Op>, true>);
+    else go(column_kernel<Op, kRowPacks<Op>, false>);
+  }
 }
 
 }  // namespace torch_vjp::cuda

@@ -9,12 +9,13 @@
 //
 // Instruction budget (bf16, the tightest: ~35 instructions an element at 90% of an H200's bandwidth): a
 // forward element costs a max, an exp and an add (the partial), then an exp and a multiply (the map), plus
-// conversions; exp is ExpMinusFor<T> below, one FFMA and one MUFU.EX2 for the half types.
+// conversions; exp is ExpMinusFor<T> (cuda/fast_math.cuh), one FFMA and one MUFU.EX2 for the half types.
 #pragma once
 
 #include <cmath>
 #include <type_traits>
 
+#include "cuda/fast_math.cuh"
 #include "cuda/row_engine.cuh"
 #include "math/softmax.h"
 
@@ -22,50 +23,19 @@ namespace torch_vjp::cuda {
 
 using math::SoftmaxKind;
 
-constexpr float kLog2e = 1.4426950408889634f;
-
-__device__ __forceinline__ float ex2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// e^(x - c) for a fixed c, as 2^(x·log2e - c·log2e): c·log2e is folded once per row, so an element costs
-// one FFMA and one MUFU.EX2 (ex2.approx: about 2 ulp of float; results below 2^-126 flush to 0). For the
-// half types only, whose outputs round to 8 or 11 bits: that rounding is far larger than this error.
-// Special values as exp_(x - c): x = -inf gives 0; x = c = ±inf gives NaN.
-struct FastExpMinus {
-  float neg_c_log2e;
-  __device__ __forceinline__ explicit FastExpMinus(float c) : neg_c_log2e(-c * kLog2e) {}
-  __device__ __forceinline__ float operator()(float x) const { return ex2_approx(fmaf(x, kLog2e, neg_c_log2e)); }
-};
-
-// 1 / s without the IEEE division's out-of-line slow path (a call, whose ABI makes ptxas spill around it):
-// MUFU.RCP and one Newton step, within an ulp. s is a row's Σ exp, in [1, n] or 0, inf or NaN on rows whose
-// outputs are NaN anyway.
-__device__ __forceinline__ float reciprocal(float s) {
-  float r;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(s));
-  return fmaf(r, fmaf(-s, r, 1.0f), r);
-}
-__device__ __forceinline__ double reciprocal(double s) { return 1.0 / s; }
-
-template <class T>
-using ExpMinusFor = std::conditional_t<sizeof(T) == 2, FastExpMinus, math::ExpMinus<Opmath<T>>>;
-
 // ---------------------------------------------------------------------------------------------------------
 // Forward. Stat = (m, s): m the max of the elements seen, s = Σ exp(x - shift_for<K>(m)) over them; each
 // thread computes its own exactly (a max pass, then a sum pass over its registers), and partials merge.
 template <SoftmaxKind K, class T_>
-struct SoftmaxForward {
+struct SoftmaxForward : EpilogueDefaults {
   using T = T_;
   using S = Opmath<T>;
+  using R = T;
   using Exp = ExpMinusFor<T>;
   using Stat = MaxSum<S>;
   static constexpr int kIn = 1;
-  static constexpr int kRowIn = 0;
   static constexpr bool kElementOut = K != SoftmaxKind::LogSumExp;
-  static constexpr bool kRowOut = K == SoftmaxKind::LogSumExp;
+  static constexpr int kRowOut = K == SoftmaxKind::LogSumExp ? 1 : 0;
   static constexpr bool kReduces = true;
 
   struct Row {
@@ -89,17 +59,17 @@ struct SoftmaxForward {
   }
 
   template <class Each>
-  __device__ __forceinline__ Stat partial(const Each& each) const {
+  __device__ __forceinline__ Stat partial(const Each& each, const S (&)[1], const RowAt&) const {
     S m = neg_inf<S>();
-    each([&](const S (&v)[1]) { m = max_nan(m, v[0]); });
+    each([&](const S (&v)[1], int) { m = max_nan(m, v[0]); });
     if (m == neg_inf<S>()) return identity();  // padding only, or -inf only: nothing to add
     const Exp e(math::shift_for<K>(m));
     S s = 0;
-    each([&](const S (&v)[1]) { s += e(v[0]); });
+    each([&](const S (&v)[1], int) { s += e(v[0]); });
     return {m, s};
   }
 
-  __device__ __forceinline__ Row finish(Stat st, const S (&)[1], int64_t) const {
+  __device__ __forceinline__ Row finish(Stat st, const S (&)[1], const RowAt&) const {
     if constexpr (K == SoftmaxKind::LogSumExp) {
       // m = +inf and no NaN (see combine): the two-pass s is Σ exp(x - 0) = +inf, whatever the merges gave.
       if (st.m == S(INFINITY)) st.s = S(INFINITY);
@@ -111,12 +81,12 @@ struct SoftmaxForward {
     }
   }
 
-  __device__ __forceinline__ S map(const Row& r, const S (&v)[1]) const {
+  __device__ __forceinline__ S map(const Row& r, const S (&v)[1], int) const {
     if constexpr (K == SoftmaxKind::Softmax) return math::softmax_scale(r.exp_minus_m(v[0]), r.c);
     else return math::log_softmax_out(v[0], r.m, r.c);
   }
 
-  __device__ __forceinline__ S row_out(const Row& r) const { return r.c; }
+  __device__ __forceinline__ S row_out(const Row& r, int) const { return r.c; }
 };
 
 // ---------------------------------------------------------------------------------------------------------
@@ -129,57 +99,48 @@ struct SoftmaxForward {
 // Row: that sum; map: dx = math::softmax_vjp(dy, y, c) / math::log_softmax_vjp_with(dy, y, S, exp).
 // Inputs: 0 = dy, 1 = y; padding dy = y = 0 adds 0 to either sum. Reads dy and y once, writes dx once.
 template <SoftmaxKind K, class T_>
-struct SoftmaxBackward {
+struct SoftmaxBackward : SumEpilogue<Opmath<T_>> {
   static_assert(K != SoftmaxKind::LogSumExp, "logsumexp backward has no row reduction");
   using T = T_;
   using S = Opmath<T>;
-  using Stat = S;
+  using R = T;
   static constexpr int kIn = 2;
-  static constexpr int kRowIn = 0;
   static constexpr bool kElementOut = true;
-  static constexpr bool kRowOut = false;
   static constexpr bool kReduces = true;
 
   struct Row {
     S sum;
   };
 
-  __device__ __forceinline__ S pad(int) const { return S(0); }
-  __device__ __forceinline__ Stat identity() const { return S(0); }
-  __device__ __forceinline__ Stat combine(Stat a, Stat b) const { return a + b; }
-
   template <class Each>
-  __device__ __forceinline__ Stat partial(const Each& each) const {
+  __device__ __forceinline__ S partial(const Each& each, const S (&)[1], const RowAt&) const {
     S sum = 0;
-    each([&](const S (&v)[2]) {
+    each([&](const S (&v)[2], int) {
       if constexpr (K == SoftmaxKind::Softmax) sum += math::softmax_vjp_term(v[0], v[1]);
       else sum += math::log_softmax_vjp_term(v[0], v[1]);
     });
     return sum;
   }
 
-  __device__ __forceinline__ Row finish(Stat st, const S (&)[1], int64_t) const { return {st}; }
+  __device__ __forceinline__ Row finish(S st, const S (&)[1], const RowAt&) const { return {st}; }
 
-  __device__ __forceinline__ S map(const Row& r, const S (&v)[2]) const {
+  __device__ __forceinline__ S map(const Row& r, const S (&v)[2], int) const {
     if constexpr (K == SoftmaxKind::Softmax) return math::softmax_vjp(v[0], v[1], r.sum);
     else return math::log_softmax_vjp_with(v[0], v[1], r.sum, ExpMinusFor<T>(S(0)));
   }
-
-  __device__ __forceinline__ S row_out(const Row&) const { return S(0); }
 };
 
 // Backward of logsumexp: out = lse(x) over each row, a 1×n Jacobian J = pᵀ with p = exp(x - out), so
 //   dx = Jᵀ dy_row = dy_row · exp(x - out)
 // elementwise, no reduction. Input 0 = x; row inputs: 0 = dy_row, 1 = out. Reads x once, writes dx once.
 template <class T_>
-struct LogSumExpBackward {
+struct LogSumExpBackward : SumEpilogue<Opmath<T_>> {
   using T = T_;
   using S = Opmath<T>;
-  using Stat = S;
+  using R = T;
   static constexpr int kIn = 1;
   static constexpr int kRowIn = 2;
   static constexpr bool kElementOut = true;
-  static constexpr bool kRowOut = false;
   static constexpr bool kReduces = false;
 
   struct Row {
@@ -187,19 +148,15 @@ struct LogSumExpBackward {
     ExpMinusFor<T> exp_minus_out;
   };
 
-  __device__ __forceinline__ S pad(int) const { return S(0); }
-  __device__ __forceinline__ Stat identity() const { return S(0); }
-  __device__ __forceinline__ Stat combine(Stat a, Stat b) const { return a + b; }
   template <class Each>
-  __device__ __forceinline__ Stat partial(const Each&) const { return S(0); }
+  __device__ __forceinline__ S partial(const Each&, const S (&)[2], const RowAt&) const { return S(0); }
 
-  __device__ __forceinline__ Row finish(Stat, const S (&row_in)[2], int64_t) const {
+  __device__ __forceinline__ Row finish(S, const S (&row_in)[2], const RowAt&) const {
     return {row_in[0], ExpMinusFor<T>(row_in[1])};
   }
-  __device__ __forceinline__ S map(const Row& r, const S (&v)[1]) const {
+  __device__ __forceinline__ S map(const Row& r, const S (&v)[1], int) const {
     return math::logsumexp_vjp_with(r.dy, v[0], r.exp_minus_out);
   }
-  __device__ __forceinline__ S row_out(const Row&) const { return S(0); }
 };
 
 // ---------------------------------------------------------------------------------------------------------
@@ -209,7 +166,7 @@ template <SoftmaxKind K, class T>
 void softmax_forward_cuda(const RowLayout& l, const T* x, T* y) {
   Operands<SoftmaxForward<K, T>> ops;
   ops.in[0] = x;
-  if constexpr (K == SoftmaxKind::LogSumExp) ops.row_out = y;
+  if constexpr (K == SoftmaxKind::LogSumExp) ops.row_out[0] = y;
   else ops.out = y;
   run_rows(SoftmaxForward<K, T>{}, l, ops);
 }

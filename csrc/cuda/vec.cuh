@@ -209,11 +209,13 @@ __device__ __forceinline__ Pack<T> load_grid_pack(const T* base, int e0, int lo,
 }
 
 // Stores grid pack [e0, e0 + P) (values v) of the grid operand: one 128-bit store when the pack lies in
-// [lo, hi), else element by element for the part that does.
+// [lo, hi), else element by element for the part that does. `aligned` false: an output off the grid's
+// alignment (a second output whose misalignment differs from the first's), stored element by element.
 template <class T, class S>
-__device__ __forceinline__ void store_grid_pack(T* base, int e0, int lo, int hi, const S (&v)[kPackElems<T>]) {
+__device__ __forceinline__ void store_grid_pack(T* base, int e0, int lo, int hi, const S (&v)[kPackElems<T>],
+                                                bool aligned = true) {
   constexpr int P = kPackElems<T>;
-  if (e0 >= lo && e0 + P <= hi) {
+  if (aligned && e0 >= lo && e0 + P <= hi) {
     store_pack(base + e0, make_pack<T>(v));
   } else {
 #pragma unroll

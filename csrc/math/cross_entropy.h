@@ -13,21 +13,32 @@
 #pragma once
 
 #include "math/common.h"
+#include "math/softmax.h"  // ExpMinus
 
 namespace torch_vjp::math {
 
 enum class Reduction { None, Mean, Sum };
 
-// loss_i from the row's lse, its target logit and its sum of logits.
+// loss_i from the row's lse, its target logit and its sum of logits. _with: ε/C given (a kernel computes it
+// once, not once a row).
+template <class S>
+TVJP_HD S cross_entropy_loss_with(S lse, S target_logit, S sum_logits, S smoothing, S smoothing_per_class) {
+  return lse - (S(1) - smoothing) * target_logit - smoothing_per_class * sum_logits;
+}
 template <class S>
 TVJP_HD S cross_entropy_loss(S lse, S target_logit, S sum_logits, S smoothing, S classes) {
-  return lse - (S(1) - smoothing) * target_logit - smoothing / classes * sum_logits;
+  return cross_entropy_loss_with(lse, target_logit, sum_logits, smoothing, smoothing / classes);
 }
 
 // dx_ij without the target's term: s (exp(x - lse) - ε/C); the caller subtracts s (1 - ε) at j = t.
+// _with: the same with exp(x - lse) from a functor (math/softmax.h's ExpMinus, or a kernel's faster one).
+template <class T, class S, class ExpMinusLse>
+TVJP_HD T cross_entropy_vjp_with(T x, const ExpMinusLse& exp_minus_lse, S scale, S smoothing_per_class) {
+  return T(scale) * (exp_minus_lse(x) - T(smoothing_per_class));
+}
 template <class T, class S>
 TVJP_HD T cross_entropy_vjp(T x, S lse, S scale, S smoothing_per_class) {
-  return T(scale) * (exp_(x - T(lse)) - T(smoothing_per_class));
+  return cross_entropy_vjp_with(x, ExpMinus<S>(lse), scale, smoothing_per_class);
 }
 
 }  // namespace torch_vjp::math

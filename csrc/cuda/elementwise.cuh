@@ -1,0 +1,118 @@
+// The elementwise map kernel: kOut outputs from kIn inputs, element by element, over contiguous tensors of
+// one numel: the elementwise family (y = f(x); dx = f'·dy from dy and the saved tensor) and the gated one
+// (y = f(a) ⊙ b; da, db from dy, a, b). The functor F computes, in at::opmath_type S,
+//   void operator()(const S (&in)[kIn], S (&out)[kOut]) const
+//
+// Memory-bound: the tensor is one run of vec.cuh's pack grid, aligned for output 0, so every full pack is one
+// 128-bit load per input and one 128-bit store per output whatever the inputs' alignment (an input off the
+// output's alignment, such as x[1:], is realigned in registers); only the first and last pack go element by
+// element. A second output shares output 0's alignment when the frontend allocates both (always, today);
+// otherwise it is stored element by element. Each warp takes U · 32 consecutive packs per iteration, all
+// loads issued before any math (U = 4 packs of one input, 2 of each of two or three: 64 or 96 bytes in flight a
+// thread); the grid is one full wave of resident blocks.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <algorithm>
+#include <array>
+
+#include "cuda/launch.cuh"
+#include "cuda/vec.cuh"
+
+namespace torch_vjp::cuda {
+
+constexpr int kMapThreads = 256;
+
+template <int kIn>
+inline constexpr int kMapUnroll = kIn == 1 ? 4 : 2;
+
+// Register cap: 64 a thread (4 blocks an SM, enough bytes in flight) for one or two inputs; 80 for three (3
+// blocks), where the gated backward holds 24 registers of packs and its activation's derivative.
+template <int kIn>
+inline constexpr int kMapMinBlocks = kIn <= 2 ? 4 : 3;
+
+template <class F, int kIn, int kOut, class T>
+struct MapArgs {
+  F f;
+  const T* in[kIn];
+  T* out[kOut];
+  int64_t numel;
+  int off;              // output 0's misalignment in elements: the grid's
+  int shift[kIn];       // each input's misalignment relative to the grid, mod P
+  bool out_aligned[kOut];  // shares the grid's alignment (output 0 always)
+};
+
+template <class F, int kIn, int kOut, class T>
+__global__ void __launch_bounds__(kMapThreads, kMapMinBlocks<kIn>) map_kernel(const MapArgs<F, kIn, kOut, T> a) {
+  using S = at::opmath_type<T>;
+  constexpr int P = kPackElems<T>;
+  constexpr int U = kMapUnroll<kIn>;
+  constexpr int kRun = kWarpSize * U;  // packs a warp takes per iteration
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
+  const int64_t num_warps = int64_t(gridDim.x) * blockDim.x / kWarpSize;
+  const int64_t packs = ceil_div(a.numel + a.off, P);
+  // q0 is uniform across the warp: load_grid_pack's shuffle needs every lane.
+  for (int64_t q0 = warp * kRun; q0 < packs; q0 += num_warps * kRun) {
+    // Indices relative to the run's first grid pack (element run0 of the tensor), [lo, hi) the tensor clamped
+    // to two packs around the run.
+    const int64_t run0 = q0 * P - a.off;
+    const int lo = static_cast<int>(std::max<int64_t>(-run0, -2 * P));
+    const int hi = static_cast<int>(std::min<int64_t>(a.numel - run0, (kRun + 2) * P));
+    Pack<T> tile[kIn][U];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int i = 0; i < kIn; ++i)
+        tile[i][u] = load_grid_pack(a.in[i] + run0, (u * kWarpSize + lane) * P, lo, hi, a.shift[i], lane == kWarpSize - 1, S(0));
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      S r[kOut][P];
+#pragma unroll
+      for (int k = 0; k < P; ++k) {
+        S x[kIn], y[kOut];
+#pragma unroll
+        for (int i = 0; i < kIn; ++i) x[i] = pack_elem(tile[i][u], k);
+        a.f(x, y);
+#pragma unroll
+        for (int o = 0; o < kOut; ++o) r[o][k] = y[o];
+      }
+#pragma unroll
+      for (int o = 0; o < kOut; ++o)
+        store_grid_pack(a.out[o] + run0, (u * kWarpSize + lane) * P, lo, hi, r[o], a.out_aligned[o]);
+    }
+  }
+}
+
+// f over contiguous tensors of one numel > 0 and one dtype (out[0]'s), on the current stream.
+template <int kIn, int kOut, class F>
+void launch_map(const F& f, const std::array<at::Tensor, kIn>& in, const std::array<at::Tensor, kOut>& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out[0].scalar_type(), "torch_vjp_map_cuda", [&] {
+    using T = scalar_t;
+    constexpr int P = kPackElems<T>;
+    constexpr auto kernel = map_kernel<F, kIn, kOut, T>;
+    MapArgs<F, kIn, kOut, T> args{f};
+    args.numel = out[0].numel();
+    for (int o = 0; o < kOut; ++o) {
+      args.out[o] = out[o].template mutable_data_ptr<T>();
+      args.out_aligned[o] = misalignment(args.out[o]) == misalignment(args.out[0]);
+    }
+    args.off = misalignment(args.out[0]);
+    for (int i = 0; i < kIn; ++i) {
+      args.in[i] = in[i].template const_data_ptr<T>();
+      args.shift[i] = (misalignment(args.in[i]) - args.off + P) % P;
+    }
+    const int64_t packs_per_block = int64_t(kMapUnroll<kIn>) * kMapThreads;
+    const unsigned blocks =
+        grid_blocks(ceil_div(ceil_div(args.numel + args.off, P), packs_per_block), one_wave_blocks<kernel, kMapThreads>());
+    kernel<<<blocks, kMapThreads, 0, at::cuda::getCurrentCUDAStream()>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace torch_vjp::cuda

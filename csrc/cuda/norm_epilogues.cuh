@@ -1,0 +1,364 @@
+// Normalization family, CUDA: the row engine's epilogues (cuda/row_engine.cuh) for layer_norm and rms_norm
+// (rows of the trailing n elements, parameter vectors weight and bias, parameter sums dweight and dbias) and
+// normalize (p = 2 along any dim), forward and backward, and their launchers. The math is math/norm.h, in
+// at::opmath_type S (float for half and bfloat16, double for double); the saved statistics (mean, rstd,
+// norm) and the parameters are S.
+//
+// Kernel shapes (the engine's plan, by the 16-byte packs a row spans; P = 16 / sizeof(T)):
+//   forward   one input, up to 8 packs a thread (float) or 4 (others): several rows a warp, a warp, a block
+//             (up to 1024 threads), on sm_90 a cluster of blocks of up to 512 threads (so that two rows'
+//             blocks share an SM), split rows beyond; one read of x, one write of y.
+//   backward  dy and x, 4 packs each; with parameter sums 2 packs each and at most 768 threads a block
+//             (80 registers, so 3 blocks of 256 an SM: 32 of them hold the thread's fp32 dweight and dbias
+//             sums; ptxas spills a few loop invariants of the half types' layer_norm, ~15 L1 accesses a row),
+//             clusters of blocks of up to 256 threads on sm_90. Reads dy and x once, writes dx once; the
+//             parameter sums add one fp32 partial row per resident row slot (a few MiB) and a small second
+//             launch. Rows of up to 8 · 768 · 2 packs (bf16 98304, fp32 49152, fp64 24576 elements) take an
+//             sm_90 cluster; on sm_80 one block holds 12288, 6144, 3072; longer rows are split across blocks
+//             and dy and x are read twice. When n % P != 0 rows start at different pack offsets, a thread maps
+//             different row positions in different rows, and the sums take a second pass over dy and x
+//             instead (the engine's param_sums_kernel), as does a backward that wants no dx.
+//
+// Special values: a row holding NaN gives NaN (as torch); rows of one value give x̂ = 0 (σ² = 0, rstd =
+// 1/√eps). Instruction budget (bf16, ~35 an element at 90% of an H200's bandwidth, 5 tensor-passes forward
+// and backward together): forward ~6 an element (the two-pass mean and M2 over registers, then x̂ w + b),
+// backward ~14 (g, x̂ and the two sums, then dx and the two parameter terms), plus conversions.
+#pragma once
+
+#include <type_traits>
+
+#include "cuda/fast_math.cuh"
+#include "cuda/row_engine.cuh"
+#include "math/norm.h"
+
+namespace torch_vjp::cuda {
+
+// count elements, their mean, and M2 = Σ (x - mean)² over them.
+template <class S>
+struct MeanM2 {
+  S count, mean, m2;
+};
+
+// A fixed number of sums reduced together.
+template <class S, int N>
+struct Sums {
+  S s[N];
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward of layer_norm (kCentered) and rms_norm, per row:
+//   μ = Σx / n (0 for rms_norm), σ² = Σ(x - μ)² / n, r = 1/√(σ² + eps), y = x̂ ⊙ w + b with x̂ = (x - μ) r
+// Stat: layer_norm (count, mean, M2), each thread's exactly over the ≤ 32 elements it holds (their mean, then
+// Σ of squared deviations from it: no cancellation, whatever the row's mean), merged by Chan's formula;
+// rms_norm Σx², which has no cancellation to avoid. Row outputs: (μ,) r. Parameters: w (, b).
+template <bool kCentered, class T_>
+struct NormForward : EpilogueDefaults {
+  using T = T_;
+  using S = Opmath<T>;
+  using R = S;
+  using Stat = std::conditional_t<kCentered, MeanM2<S>, S>;
+  static constexpr int kIn = 1;
+  static constexpr int kParamIn = kCentered ? 2 : 1;
+  static constexpr bool kElementOut = true;
+  static constexpr int kRowOut = kCentered ? 2 : 1;
+  static constexpr bool kReduces = true;
+  static constexpr bool kMasked = kCentered;  // the count and the mean must not see the padding
+  static constexpr bool kRowsOnly = true;
+  static constexpr int kMaxThreads = kCentered ? 768 : 1024;  // layer_norm: 80 registers, no spills at 4 packs
+  static constexpr int kClusterThreads = 512;
+  S eps, inv_n;  // inv_n = 1 / n
+
+  struct Row {
+    S mean, rstd;
+  };
+
+  __device__ __forceinline__ S pad(int) const { return S(0); }
+  __device__ __forceinline__ Stat identity() const { return Stat{}; }
+
+  // Chan, Golub and LeVeque's merge: with δ = mean_b - mean_a and c = count_a + count_b,
+  //   mean = mean_a + δ count_b / c,   M2 = M2_a + M2_b + δ² count_a count_b / c.
+  __device__ __forceinline__ Stat combine(Stat a, Stat b) const {
+    if constexpr (kCentered) {
+      if (b.count == S(0)) return a;
+      if (a.count == S(0)) return b;
+      const S count = a.count + b.count;
+      const S share = b.count * reciprocal(count);
+      const S delta = b.mean - a.mean;
+      return {count, a.mean + delta * share, a.m2 + b.m2 + delta * delta * a.count * share};
+    } else {
+      return a + b;
+    }
+  }
+
+  template <class Each>
+  __device__ __forceinline__ Stat partial(const Each& each, const S (&)[1], const RowAt&) const {
+    if constexpr (kCentered) {
+      S count = 0, sum = 0;
+      each([&](const S (&v)[kParamIn + 1], int) {
+        count += S(1);
+        sum += v[0];
+      });
+      if (count == S(0)) return identity();
+      const S mean = sum * reciprocal(count);
+      S m2 = 0;
+      each([&](const S (&v)[kParamIn + 1], int) {
+        const S d = v[0] - mean;
+        m2 += d * d;
+      });
+      return {count, mean, m2};
+    } else {
+      S sum_sq = 0;
+      each([&](const S (&v)[kParamIn + 1], int) { sum_sq += v[0] * v[0]; });
+      return sum_sq;
+    }
+  }
+
+  // r as math::norm_rstd, without IEEE division and square root (cuda/fast_math.cuh).
+  __device__ __forceinline__ Row finish(Stat st, const S (&)[1], const RowAt&) const {
+    if constexpr (kCentered) return {st.mean, rsqrt_fast(st.m2 * inv_n + eps)};
+    else return {S(0), rsqrt_fast(st * inv_n + eps)};
+  }
+
+  __device__ __forceinline__ S map(const Row& r, const S (&v)[kParamIn + 1], int) const {
+    if constexpr (kCentered) return math::norm_out(v[0], r.mean, r.rstd, v[1], v[2]);
+    else return math::norm_out(v[0], r.mean, r.rstd, v[1], S(0));
+  }
+
+  __device__ __forceinline__ S row_out(const Row& r, int i) const { return kCentered && i == 0 ? r.mean : r.rstd; }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward of layer_norm and rms_norm: the VJP, derived once here for every kernel shape.
+//   forward  μ = mean(x) (0 for rms_norm), r = 1/√(mean((x - μ)²) + eps), x̂ = (x - μ) r, y = x̂ ⊙ w + b
+//   saved    x, and per row μ and r (row inputs 0, 1; rms_norm: r alone)
+//   dx       with g = dy ⊙ w: ∂x̂ᵢ/∂xⱼ = r (δᵢⱼ - 1/n - x̂ᵢ x̂ⱼ / n) (rms_norm: without the 1/n), a symmetric
+//            matrix, so dx = Jᵀ (dy ⊙ w) = r (g - mean(g) - x̂ ⊙ mean(g ⊙ x̂))         (math::norm_vjp)
+//            term 1 mean(g) = Stat.s[0] / n (layer_norm only), term 2 mean(g ⊙ x̂) = Stat.s[last] / n: two
+//            row reductions in one pass over the registers (x̂ from the saved μ and r, so no cancellation),
+//            then one pass that writes dx.
+//   dw, db   Σ_rows dy ⊙ x̂ and Σ_rows dy: the gradient of a parameter that every row shares is the sum of
+//            the rows' gradients. They are the engine's parameter sums (param_terms), added in fp32 per row
+//            slot in the pass that writes dx, then summed over the slots in a fixed order.
+// kSums: with the parameter sums (dweight and, for layer_norm, dbias), else dx alone.
+template <bool kCentered, class T_, bool kSums>
+struct NormBackward : EpilogueDefaults {
+  using T = T_;
+  using S = Opmath<T>;
+  using R = S;
+  static constexpr int kTerms = kCentered ? 2 : 1;  // (Σg,) Σg x̂; and (dw, db) or dw
+  using Stat = Sums<S, kTerms>;
+  static constexpr int kIn = 2;  // dy, x
+  static constexpr int kParamIn = 1;  // w
+  static constexpr int kRowIn = kCentered ? 2 : 1;
+  static constexpr bool kElementOut = true;
+  static constexpr bool kReduces = true;
+  static constexpr int kParamSums = kSums ? kTerms : 0;
+  static constexpr bool kRowsOnly = true;
+  static constexpr int kMaxThreads = 768;  // 80 registers
+  static constexpr int kClusterThreads = kSums ? 256 : 512;
+  S inv_n;
+
+  struct Row {
+    S mean, rstd, mean_g, mean_g_xhat;
+  };
+
+  __device__ __forceinline__ static S mean_of(const S (&row_in)[kRowIn]) { return kCentered ? row_in[0] : S(0); }
+  __device__ __forceinline__ static S rstd_of(const S (&row_in)[kRowIn]) { return row_in[kRowIn - 1]; }
+
+  __device__ __forceinline__ S pad(int) const { return S(0); }
+  __device__ __forceinline__ Stat identity() const { return Stat{}; }
+  __device__ __forceinline__ Stat combine(Stat a, Stat b) const {
+#pragma unroll
+    for (int t = 0; t < kTerms; ++t) a.s[t] += b.s[t];
+    return a;
+  }
+
+  // Padding: dy = 0 and w = 0, so g = 0 adds nothing.
+  template <class Each>
+  __device__ __forceinline__ Stat partial(const Each& each, const S (&row_in)[kRowIn], const RowAt&) const {
+    const S mean = mean_of(row_in), rstd = rstd_of(row_in);
+    Stat st{};
+    each([&](const S (&v)[3], int) {
+      const S g = v[0] * v[2];
+      if constexpr (kCentered) st.s[0] += g;
+      st.s[kTerms - 1] += g * math::norm_xhat(v[1], mean, rstd);
+    });
+    return st;
+  }
+
+  __device__ __forceinline__ Row finish(Stat st, const S (&row_in)[kRowIn], const RowAt&) const {
+    return {mean_of(row_in), rstd_of(row_in), kCentered ? st.s[0] * inv_n : S(0), st.s[kTerms - 1] * inv_n};
+  }
+
+  __device__ __forceinline__ S map(const Row& r, const S (&v)[3], int) const {
+    return math::norm_vjp(v[0] * v[2], math::norm_xhat(v[1], r.mean, r.rstd), r.mean_g, r.mean_g_xhat, r.rstd);
+  }
+
+  // dw term dy ⊙ x̂ and db term dy: from the saved μ, r only (as param_sums_kernel requires). 0 on padding and
+  // on rows past the end (dy = 0, and x = μ = r = 0 there).
+  __device__ __forceinline__ void param_terms(const Row& r, const S (&v)[3], S (&t)[kTerms]) const {
+    t[0] = v[0] * math::norm_xhat(v[1], r.mean, r.rstd);
+    if constexpr (kCentered) t[1] = v[0];
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// normalize forward (p = 2), per row along dim: ρ = ‖x‖₂ = √Σx², y = x / max(ρ, eps). Stat: Σx² (padding 0).
+// Row output: ρ (saved for the backward).
+template <class T_>
+struct NormalizeForward : SumEpilogue<Opmath<T_>> {
+  using T = T_;
+  using S = Opmath<T>;
+  using R = S;
+  static constexpr int kIn = 1;
+  static constexpr bool kElementOut = true;
+  static constexpr int kRowOut = 1;
+  static constexpr bool kReduces = true;
+  S eps;
+
+  struct Row {
+    S inv, norm;
+  };
+
+  template <class Each>
+  __device__ __forceinline__ S partial(const Each& each, const S (&)[1], const RowAt&) const {
+    S sum_sq = 0;
+    each([&](const S (&v)[1], int) { sum_sq += v[0] * v[0]; });
+    return sum_sq;
+  }
+  __device__ __forceinline__ Row finish(S st, const S (&)[1], const RowAt&) const {
+    const S norm = sqrt_fast(st);
+    return {reciprocal(norm > eps ? norm : eps), norm};
+  }
+  __device__ __forceinline__ S map(const Row& r, const S (&v)[1], int) const { return v[0] * r.inv; }
+  __device__ __forceinline__ S row_out(const Row& r, int) const { return r.norm; }
+};
+
+// Backward of normalize: the VJP, derived once here for every kernel shape.
+//   forward  y = x / max(ρ, eps), ρ = ‖x‖₂; saved: y, and ρ per row (row input 0)
+//   ρ ≥ eps  ∂y/∂x = (I - y yᵀ) / ρ, symmetric, so dx = (dy - y ⟨y, dy⟩) / ρ      (math::normalize_vjp)
+//   ρ < eps  y = x / eps, so dx = dy / eps (torch's clamp_min passes no gradient to ρ)
+// Stat: ⟨y, dy⟩ (padding 0). Reads dy and y once, writes dx once.
+template <class T_>
+struct NormalizeBackward : SumEpilogue<Opmath<T_>> {
+  using T = T_;
+  using S = Opmath<T>;
+  using R = S;
+  static constexpr int kIn = 2;  // dy, y
+  static constexpr int kRowIn = 1;
+  static constexpr bool kElementOut = true;
+  static constexpr bool kReduces = true;
+  S eps;
+
+  struct Row {
+    S dot, scale;
+  };
+
+  template <class Each>
+  __device__ __forceinline__ S partial(const Each& each, const S (&)[1], const RowAt&) const {
+    S dot = 0;
+    each([&](const S (&v)[2], int) { dot += v[0] * v[1]; });
+    return dot;
+  }
+  __device__ __forceinline__ Row finish(S st, const S (&row_in)[1], const RowAt&) const {
+    const bool clamped = row_in[0] < eps;
+    return {clamped ? S(0) : st, reciprocal(clamped ? eps : row_in[0])};
+  }
+  __device__ __forceinline__ S map(const Row& r, const S (&v)[2], int) const {
+    return math::normalize_vjp(v[0], v[1], r.dot, r.scale);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Launchers (declared in cuda/norm_launch.h, instantiated once per dtype in norm_<dtype>.cu).
+
+template <bool kCentered, class T>
+void norm_forward_cuda(int64_t rows, int64_t n, const T* x, const Opmath<T>* weight, const Opmath<T>* bias, double eps,
+                       T* y, Opmath<T>* mean, Opmath<T>* rstd) {
+  using Op = NormForward<kCentered, T>;
+  using S = Opmath<T>;
+  Op op;
+  op.eps = static_cast<S>(eps);
+  op.inv_n = static_cast<S>(1.0 / static_cast<double>(n));
+  Operands<Op> ops;
+  ops.in[0] = x;
+  ops.param[0] = weight;
+  if constexpr (kCentered) ops.param[1] = bias;
+  ops.out = y;
+  if constexpr (kCentered) ops.row_out[0] = mean;
+  ops.row_out[kCentered ? 1 : 0] = rstd;
+  run_rows(op, RowLayout{rows, n, 1}, ops);
+}
+
+template <bool kCentered, class T>
+void norm_backward_cuda(int64_t rows, int64_t n, const T* dy, const T* x, const Opmath<T>* mean,
+                        const Opmath<T>* rstd, const Opmath<T>* weight, T* dx, Opmath<T>* dweight,
+                        Opmath<T>* dbias) {
+  using S = Opmath<T>;
+  const RowLayout layout{rows, n, 1};
+  const auto operands = [&](auto op) {
+    Operands<decltype(op)> ops;
+    ops.in[0] = dy;
+    ops.in[1] = x;
+    ops.param[0] = weight;
+    if constexpr (kCentered) ops.row_in[0] = mean;
+    ops.row_in[kCentered ? 1 : 0] = rstd;
+    ops.out = dx;
+    if constexpr (decltype(op)::kParamSums > 0) {
+      ops.param_sums[0] = dweight;
+      if constexpr (kCentered) ops.param_sums[1] = dbias;
+    }
+    return ops;
+  };
+  NormBackward<kCentered, T, true> with_sums;
+  NormBackward<kCentered, T, false> dx_only;
+  with_sums.inv_n = dx_only.inv_n = static_cast<S>(1.0 / static_cast<double>(n));
+  const bool sums = dweight != nullptr || dbias != nullptr;
+  if (dx != nullptr && sums && fuses_param_sums<decltype(with_sums)>(layout)) {
+    run_rows(with_sums, layout, operands(with_sums));  // dx and the sums in one pass
+    return;
+  }
+  if (dx != nullptr) run_rows(dx_only, layout, operands(dx_only));
+  if (sums) run_param_sums(with_sums, layout, operands(with_sums));
+}
+
+template <class T>
+void normalize_forward_cuda(const RowLayout& l, const T* x, double eps, T* y, Opmath<T>* norm) {
+  NormalizeForward<T> op;
+  op.eps = static_cast<Opmath<T>>(eps);
+  Operands<NormalizeForward<T>> ops;
+  ops.in[0] = x;
+  ops.out = y;
+  ops.row_out[0] = norm;
+  run_rows(op, l, ops);
+}
+
+template <class T>
+void normalize_backward_cuda(const RowLayout& l, const T* dy, const T* y, const Opmath<T>* norm, double eps, T* dx) {
+  NormalizeBackward<T> op;
+  op.eps = static_cast<Opmath<T>>(eps);
+  Operands<NormalizeBackward<T>> ops;
+  ops.in[0] = dy;
+  ops.in[1] = y;
+  ops.row_in[0] = norm;
+  ops.out = dx;
+  run_rows(op, l, ops);
+}
+
+}  // namespace torch_vjp::cuda
+
+// Explicit instantiation of every launcher for one dtype (one per norm_<dtype>.cu, so that the dtypes compile
+// in parallel).
+#define TORCH_VJP_NORM_INSTANTIATE(T)                                                                          \
+  namespace torch_vjp::cuda {                                                                                \
+  template void norm_forward_cuda<true, T>(int64_t, int64_t, const T*, const Opmath<T>*, const Opmath<T>*,     \
+                                           double, T*, Opmath<T>*, Opmath<T>*);                                \
+  template void norm_forward_cuda<false, T>(int64_t, int64_t, const T*, const Opmath<T>*, const Opmath<T>*,    \
+                                            double, T*, Opmath<T>*, Opmath<T>*);                               \
+  template void norm_backward_cuda<true, T>(int64_t, int64_t, const T*, const T*, const Opmath<T>*,           \
+                                            const Opmath<T>*, const Opmath<T>*, T*, Opmath<T>*, Opmath<T>*);   \
+  template void norm_backward_cuda<false, T>(int64_t, int64_t, const T*, const T*, const Opmath<T>*,          \
+                                             const Opmath<T>*, const Opmath<T>*, T*, Opmath<T>*, Opmath<T>*);  \
+  template void normalize_forward_cuda<T>(const RowLayout&, const T*, double, T*, Opmath<T>*);               \
+  template void normalize_backward_cuda<T>(const RowLayout&, const T*, const T*, const Opmath<T>*, double, T*); \
+  }
