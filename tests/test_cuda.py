@@ -491,6 +491,20 @@ def test_paths_normalize(dtype):
         torch.testing.assert_close(_cpu(dx_g), dx_c, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_paths_normalize_denormal_eps(dtype):
+    """eps below the smallest normal float (the kernels' reciprocal flushes such a value to 0): rows of zeros
+    still give 0 and dx = 0 for dy = 0, as torch's F.normalize, not NaN."""
+    x = _randn((4, 1000), dtype, 1)
+    x[1] = 0
+    for dim in (-1, 0):
+        y, norm = VJP.normalize(x.to(GPU), dim, 1e-40)
+        want = torch.nn.functional.normalize(x.double(), dim=dim, eps=1e-40).to(dtype)
+        torch.testing.assert_close(_cpu(y), want, **TOL[dtype])
+        dx = VJP.normalize_backward(torch.zeros_like(y), y, norm, dim, 1e-40)
+        assert not _cpu(dx).isnan().any()
+
+
 # swiglu and geglu (tanh and exact): element counts around the 16-byte pack and a warp's run of packs, every
 # input at every offset from the outputs' alignment (gate, up and dy views k, 7 - k and 3 elements in).
 GATED = [("swiglu", ()), ("geglu", ("tanh",)), ("geglu", ("none",))]

@@ -30,19 +30,7 @@ inline unsigned grid_blocks(int64_t blocks_needed, int64_t cap = INT_MAX) {
   return static_cast<unsigned>(std::clamp<int64_t>(blocks_needed, 1, std::min<int64_t>(cap, INT_MAX)));
 }
 
-// Blocks of kThreads threads of kKernel (no dynamic shared memory) resident on the current device at once:
-// one full wave, the natural size of a grid-stride launch. Occupancy depends on the kernel and the
-// architecture only, so it is computed once per kernel (thread-safe static initialisation).
-template <auto kKernel, int kThreads>
-int64_t one_wave_blocks() {
-  static const int per_sm = [] {
-    int blocks = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kKernel, kThreads, 0));
-    return std::max(blocks, 1);
-  }();
-  return int64_t(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-}
-
+// The device has thread-block clusters (sm_90+); cluster_fits also asks whether a kernel's code uses them.
 inline bool has_clusters() { return at::cuda::getCurrentDeviceProperties()->major >= 9; }
 
 // A launch configuration for clusters of `cluster` blocks along x; `attribute` is storage it points to.
@@ -61,9 +49,20 @@ inline cudaLaunchConfig_t cluster_config(dim3 grid, int threads, int cluster, cu
   return config;
 }
 
+// Whether `kernel`'s device code was generated for sm_90 or later, where the cluster primitives of
+// cuda/reduce.cuh exist: a build for 8.0+PTX JIT-compiled on a Hopper GPU has them as no-ops (each block
+// its own cluster of 1), so clusters must not be planned for it.
+template <class Kernel>
+bool cluster_code(Kernel kernel) {
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  return attributes.ptxVersion >= 90;
+}
+
 // Blocks of `kernel` (no dynamic shared memory) that the current device holds at once when launched with
 // `threads` threads a block, in clusters of `cluster` blocks when cluster > 1: one full wave. 0 when such
-// clusters cannot run at all (a partitioned GPU may not run them). Asked once per device, kernel and shape;
+// clusters cannot run at all (a partitioned GPU may not run them, nor code built for an earlier
+// architecture). Asked once per device, kernel and shape;
 // thread-safe.
 template <class Kernel>
 int64_t resident_blocks(Kernel kernel, int threads, int cluster) {
@@ -78,6 +77,8 @@ int64_t resident_blocks(Kernel kernel, int threads, int cluster) {
     int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
     blocks = int64_t(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  } else if (!cluster_code(kernel)) {
+    blocks = 0;
   } else {
     cudaLaunchAttribute attribute;
     const cudaLaunchConfig_t config = cluster_config(dim3(cluster), threads, cluster, nullptr, attribute);
@@ -89,6 +90,13 @@ int64_t resident_blocks(Kernel kernel, int threads, int cluster) {
     blocks = int64_t(clusters) * cluster;
   }
   return known[key] = blocks;
+}
+
+// Blocks of kThreads threads of kKernel resident on the current device at once (at least one a
+// multiprocessor): one full wave, the natural size of a grid-stride launch.
+template <auto kKernel, int kThreads>
+int64_t one_wave_blocks() {
+  return std::max<int64_t>(resident_blocks(kKernel, kThreads, 1), at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
 }
 
 // Whether the current device can run clusters of `cluster` blocks of `threads` threads of `kernel` at all.

@@ -25,6 +25,8 @@
 // backward ~14 (g, x̂ and the two sums, then dx and the two parameter terms), plus conversions.
 #pragma once
 
+#include <algorithm>
+#include <limits>
 #include <type_traits>
 
 #include "cuda/fast_math.cuh"
@@ -322,10 +324,19 @@ void norm_backward_cuda(int64_t rows, int64_t n, const T* dy, const T* x, const 
   if (sums) run_param_sums(with_sums, layout, operands(with_sums));
 }
 
+// eps in the compute type, at least the smallest normal float: reciprocal() flushes a denormal eps to 0
+// (1/0 then NaN on rows of zeros, where torch gives 0). Norms below it are 0 in float anyway (Σx² underflows).
+template <class T>
+Opmath<T> normalize_eps(double eps) {
+  using S = Opmath<T>;
+  if constexpr (std::is_same_v<S, float>) return std::max(static_cast<float>(eps), std::numeric_limits<float>::min());
+  else return static_cast<S>(eps);
+}
+
 template <class T>
 void normalize_forward_cuda(const RowLayout& l, const T* x, double eps, T* y, Opmath<T>* norm) {
   NormalizeForward<T> op;
-  op.eps = static_cast<Opmath<T>>(eps);
+  op.eps = normalize_eps<T>(eps);
   Operands<NormalizeForward<T>> ops;
   ops.in[0] = x;
   ops.out = y;
@@ -336,7 +347,7 @@ void normalize_forward_cuda(const RowLayout& l, const T* x, double eps, T* y, Op
 template <class T>
 void normalize_backward_cuda(const RowLayout& l, const T* dy, const T* y, const Opmath<T>* norm, double eps, T* dx) {
   NormalizeBackward<T> op;
-  op.eps = static_cast<Opmath<T>>(eps);
+  op.eps = normalize_eps<T>(eps);
   Operands<NormalizeBackward<T>> ops;
   ops.in[0] = dy;
   ops.in[1] = y;

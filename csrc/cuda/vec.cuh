@@ -48,7 +48,10 @@ struct alignas(16) Pack {
 template <class T>
 __device__ __forceinline__ Pack<T> load_pack(const T* p) {
   Pack<T> r;
-  asm("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.w[0]), "=r"(r.w[1]), "=r"(r.w[2]), "=r"(r.w[3]) : "l"(p));
+  asm("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(r.w[0]), "=r"(r.w[1]), "=r"(r.w[2]), "=r"(r.w[3])
+      : "l"(p)
+      : "memory");  // reads memory: never merged with, or moved across, a store to the same address
   return r;
 }
 

@@ -10,6 +10,7 @@
 //                    (a softmax of such a term, an activation's far tail) is 0 there;
 //   log1p_unit_(u)   log(1 + u) for u in [0, 1] only (a cheaper reduction on the CPU),
 //   normal_cdf_(x)   Φ(x) = erfc(-x/√2)/2, accurate relative to itself in both tails,
+//   normal_cdf_and_density_(x, Φ, φ)   Φ(x) and φ(x) = e^{-x²/2}/√(2π) (float vectors: from one exp),
 //   abs_, positive_part (max(x, 0)), greater, select.
 // Float vectors use csrc/math/vec_float.h (inline, torch's edge behaviour); double vectors use at::vec's
 // SLEEF functions.
@@ -87,6 +88,9 @@ TVJP_HD Vec<double> tanh_(const Vec<double>& x) {
 template <class S>
 TVJP_HD Vec<S> erf_(const Vec<S>& x) { return x.erf(); }
 TVJP_HD Vec<float> normal_cdf_(const Vec<float>& x) { return vecf::normal_cdf(x); }
+TVJP_HD void normal_cdf_and_density_(const Vec<float>& x, Vec<float>& cdf, Vec<float>& density) {
+  vecf::normal_cdf_and_density(x, cdf, density);
+}
 TVJP_HD Vec<double> normal_cdf_(const Vec<double>& x) {
   return Vec<double>(0.5) * (x * Vec<double>(-kSqrtHalf)).erfc();
 }
@@ -102,5 +106,11 @@ TVJP_HD Vec<S> select(const Vec<S>& mask, const Vec<S>& if_true, const Vec<S>& i
   return Vec<S>::blendv(if_false, if_true, mask);
 }
 #endif
+
+template <class T>
+TVJP_HD void normal_cdf_and_density_(const T& x, T& cdf, T& density) {
+  cdf = normal_cdf_(x);
+  density = exp_nonpositive_(T(-0.5) * x * x) * T(0.39894228040143267794);
+}
 
 }  // namespace torch_vjp::math

@@ -54,12 +54,12 @@ struct Softplus {
 // Exact GELU: y = x Φ(x), Φ the standard normal CDF;  f' = Φ(x) + x φ(x), φ(x) = e^{-x²/2} / √(2π).
 struct Gelu {
   static constexpr bool kSavesOutput = false;
-  static constexpr double kInvSqrt2Pi = 0.39894228040143267794;
   template <class T> TVJP_HD T forward(T x) const { return x * normal_cdf_(x); }
   template <class T> TVJP_HD void value_and_slope(T x, T& f, T& df) const {
-    T cdf = normal_cdf_(x);
+    T cdf, density;
+    normal_cdf_and_density_(x, cdf, density);
     f = x * cdf;
-    df = cdf + x * exp_nonpositive_(T(-0.5) * x * x) * T(kInvSqrt2Pi);
+    df = cdf + x * density;
   }
   template <class T> TVJP_HD T backward(T dy, T x) const {
     T f, df;

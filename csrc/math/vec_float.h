@@ -94,24 +94,39 @@ TVJP_VEC_INLINE V log1p_unit(const V& u) {
   return fmadd(k, V(0.693147180559945309f), log_m) + (u - (w - one)) / w;
 }
 
-// Φ(x) = erfc(-x/√2) / 2, the standard normal CDF, with erfc(a) for a ≥ 0 from Numerical Recipes'
-// Chebyshev fit: t = 1/(1 + a/2), erfc(a) = t exp(-a² + c(t)), fractional error < 1.2e-7 at every a.
-// So Φ is accurate relative to itself in the lower tail too (where 1 + erf would cancel):
-// Φ(x) = h for x < 0, 1 - h for x ≥ 0, h = erfc(|x|/√2)/2.
+// Φ(x) = erfc(-x/√2)/2, the standard normal CDF, and φ(x) = e^{-x²/2}/√(2π), its density, from one exp.
+// With a = |x|/√2 and t = 1/(1 + a/2): erfc(a) = t q(t) e^{-a²}, where q(t) = erfcx(a)/t is smooth on
+// [0, 1] (q(0) = 1/(2√π), the large-a limit); q is a degree-10 polynomial in s = 2t - 1, least-squares fit
+// for relative error (within 1e-7 evaluated in float). e^{-a²} = e^{-x²/2} is √(2π) φ(x), so the two share
+// the exp; x²/2 is split into its rounded value and the rounding error (FMA), so the exp argument is exact.
+// Φ is accurate relative to itself in the lower tail too (where 1 + erf would cancel): Φ(x) = h for x < 0,
+// 1 - h for x ≥ 0, h = erfc(a)/2. Both flush to 0 where e^{-x²/2} < FLT_MIN (|x| > 13.2).
+TVJP_VEC_INLINE void normal_cdf_and_density(const V& x, V& cdf, V& density) {
+  const V t = V(1.f) / fmadd(x.abs(), V(0.35355339059327376f), V(1.f));
+  const V s = fmadd(t, V(2.f), V(-1.f));
+  V q = fmadd(s, V(4.136396819376387e-05f), V(-3.729109448613599e-05f));
+  q = fmadd(q, s, V(-0.000297719263471663f));
+  q = fmadd(q, s, V(0.00043208716670051217f));
+  q = fmadd(q, s, V(0.001528020016849041f));
+  q = fmadd(q, s, V(-0.003244400955736637f));
+  q = fmadd(q, s, V(-0.010751345194876194f));
+  q = fmadd(q, s, V(0.01822189800441265f));
+  q = fmadd(q, s, V(0.13973571360111237f));
+  q = fmadd(q, s, V(0.34358030557632446f));
+  q = fmadd(q, s, V(0.5107913613319397f));
+  const V xc = at::vec::clamp(x, V(-14.f), V(14.f));  // e = 0 beyond; keeps fma(x, x, -x²) finite at ±inf
+  const V square = xc * xc;
+  const V square_error = fmadd(xc, xc, V(0.f) - square);  // xc² - square, exact
+  const V e = exp_nonpositive(V(-0.5f) * square) * fmadd(square_error, V(-0.5f), V(1.f));
+  const V h = V(0.5f) * t * q * e;
+  cdf = V::blendv(V(1.f) - h, h, x < V(0.f));
+  density = e * V(0.3989422804014327f);
+}
+
 TVJP_VEC_INLINE V normal_cdf(const V& x) {
-  const V a = x.abs() * V(0.70710678118654752f);
-  const V t = V(1.f) / fmadd(a, V(0.5f), V(1.f));
-  V c = fmadd(t, V(0.17087277f), V(-0.82215223f));
-  c = fmadd(c, t, V(1.48851587f));
-  c = fmadd(c, t, V(-1.13520398f));
-  c = fmadd(c, t, V(0.27886807f));
-  c = fmadd(c, t, V(-0.18628806f));
-  c = fmadd(c, t, V(0.09678418f));
-  c = fmadd(c, t, V(0.37409196f));
-  c = fmadd(c, t, V(1.00002368f));
-  c = fmadd(c, t, V(-1.26551223f));
-  const V h = V(0.5f) * t * exp_nonpositive(c - a * a);  // c ≤ 3e-8: the argument is (about) ≤ 0
-  return V::blendv(V(1.f) - h, h, x < V(0.f));
+  V cdf, density;
+  normal_cdf_and_density(x, cdf, density);
+  return cdf;
 }
 
 }  // namespace torch_vjp::math::vecf
