@@ -18,8 +18,8 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
-#include <vector>
 #include <type_traits>
+#include <vector>
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -222,21 +222,24 @@ TVJP_ROW_LOOP std::array<opmath<S>, K> sums_row(int64_t n, const Terms& terms, c
   using L = Lanes<S>;
   using T = opmath<S>;
   std::array<RowSum<T>, K> sums;
-  for (int64_t j = 0; j < n; j += L::kWidth) {
-    const int64_t count = std::min(L::kWidth, n - j);
+  // One group of `count` elements at j; only the row's last group (kTail) masks the lanes past the row.
+  const auto group = [&](int64_t j, int64_t count, auto tail) {
     const auto first_parts = L::load(first + j, count);
     const auto rest_parts = std::make_tuple(L::load(rest + j, count)...);
     for (int p = 0; p < L::kParts; ++p) {
       std::array<Vec<T>, K> values = std::apply([&](const auto&... r) { return terms(first_parts[p], r[p]...); }, rest_parts);
       const int64_t in_part = count - p * int64_t(Vec<T>::size());
       for (int k = 0; k < K; ++k) {
-        if (in_part < Vec<T>::size())  // the row's last group: lanes past the row add nothing
+        if constexpr (decltype(tail)::value)
           values[k] = Vec<T>::blendv(Vec<T>(T(0)), values[k], Vec<T>::arange(T(0), T(1)) < Vec<T>(T(in_part)));
         sums[k].add(values[k]);
       }
     }
     for (auto& sum : sums) sum.end_group();
-  }
+  };
+  const int64_t full = n - n % L::kWidth;
+  for (int64_t j = 0; j < full; j += L::kWidth) group(j, L::kWidth, std::false_type{});
+  if (full < n) group(full, n - full, std::true_type{});
   std::array<T, K> out;
   for (int k = 0; k < K; ++k) out[k] = sums[k].result();
   return out;
@@ -274,20 +277,33 @@ TVJP_HD void add_map_row(opmath<S>* acc, int64_t n, const Fn& fn, const In*... i
   add_map_row<S>(std::array<opmath<S>*, 1>{acc}, n, fn, in...);
 }
 
-// max_j x[j], NaN if any element is NaN (as torch's max).
+// max_j x[j], NaN if any element is NaN (as torch's max). Four accumulators: at::vec::maximum propagates NaN
+// with several dependent instructions, and one chain through them made this the slowest pass of a short
+// half-type row.
 template <class S>
 TVJP_ROW_LOOP opmath<S> max_row(int64_t n, const S* x) {
   using L = Lanes<S>;
   using T = opmath<S>;
   constexpr T kLowest = -std::numeric_limits<T>::infinity();
-  Vec<T> acc(kLowest);
-  for (int64_t j = 0; j < n; j += L::kWidth) {
+  constexpr int kAcc = 4;
+  constexpr int64_t kGroups = kAcc / L::kParts;  // groups a step, kAcc parts
+  std::array<Vec<T>, kAcc> acc;
+  acc.fill(Vec<T>(kLowest));
+  int64_t j = 0;
+  for (; j + kGroups * L::kWidth <= n; j += kGroups * L::kWidth) {
+    for (int64_t g = 0; g < kGroups; ++g) {
+      const auto parts = L::load(x + j + g * L::kWidth);
+      for (int p = 0; p < L::kParts; ++p) acc[g * L::kParts + p] = at::vec::maximum(acc[g * L::kParts + p], parts[p]);
+    }
+  }
+  for (; j < n; j += L::kWidth) {
     const int64_t count = std::min(L::kWidth, n - j);
     auto parts = L::load(x + j, count);
     if (count < L::kWidth) parts = L::pad(parts, count, kLowest);
-    for (const auto& part : parts) acc = at::vec::maximum(acc, part);
+    for (int p = 0; p < L::kParts; ++p) acc[p] = at::vec::maximum(acc[p], parts[p]);
   }
-  return at::vec::vec_reduce_all<T>([](Vec<T> a, Vec<T> b) { return at::vec::maximum(a, b); }, acc);
+  const Vec<T> all = at::vec::maximum(at::vec::maximum(acc[0], acc[1]), at::vec::maximum(acc[2], acc[3]));
+  return at::vec::vec_reduce_all<T>([](Vec<T> a, Vec<T> b) { return at::vec::maximum(a, b); }, all);
 }
 
 // Elementwise map over whole tensors, in parallel, into K outputs; chunks start on whole groups.
