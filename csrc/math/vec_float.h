@@ -27,20 +27,25 @@ TVJP_VEC_INLINE V exp2_integer(const V& n) {
   return at::vec::cast<float>(at::vec::convert_to_int_of_same_size(fmadd(n, V(8388608.f), V(127.f * 8388608.f))));
 }
 
-// eˣ = 2ⁿ eʳ, n = round(x log₂e), r = x - n ln2 in two parts (Cody-Waite, exact with FMA);
-// eʳ = 1 + r + r² P(r) on |r| ≤ ln2/2, P minimax of degree 4 (relative error 3e-9).
-// 2ⁿ is applied as two factors 2^⌊n/2⌋ 2^(n-⌊n/2⌋), so n may reach -150: results below FLT_MIN come out as
-// denormals, as torch's do. x is clamped to [-104, 89] first: eˣ is 0 below, inf above (via 2⁶⁴·2⁶⁴).
-TVJP_VEC_INLINE V exp(const V& x) {
-  const V xc = at::vec::clamp(x, V(-104.f), V(89.f));
-  const V n = (xc * V(1.44269504088896341f)).round();
+// The core of exp and exp_nonpositive, for a clamped x: eˣ = 2ⁿ eʳ, n = round(x log₂e), r = x - n ln2 in two
+// parts (Cody-Waite, exact with FMA); returns p = eʳ = 1 + r + r² P(r) on |r| ≤ ln2/2, P minimax of degree 4
+// (relative error 3e-9), and n.
+TVJP_VEC_INLINE V exp_reduced(const V& xc, V& n) {
+  n = (xc * V(1.44269504088896341f)).round();
   V r = fmadd(n, V(-0.693145751953125f), xc);  // ln2's high part has 16 bits: n · it is exact
   r = fmadd(n, V(-1.428606765330187e-06f), r);
   V p = fmadd(r, V(0.001381461f), V(0.00836871f));
   p = fmadd(p, r, V(0.04166839f));
   p = fmadd(p, r, V(0.16666521f));
   p = fmadd(p, r, V(0.49999994f));
-  p = fmadd(p, r * r, r) + V(1.f);
+  return fmadd(p, r * r, r) + V(1.f);
+}
+
+// eˣ, with 2ⁿ applied as two factors 2^⌊n/2⌋ 2^(n-⌊n/2⌋), so n may reach -150: results below FLT_MIN come out
+// as denormals, as torch's do. x is clamped to [-104, 89] first: eˣ is 0 below, inf above (via 2⁶⁴·2⁶⁴).
+TVJP_VEC_INLINE V exp(const V& x) {
+  V n;
+  const V p = exp_reduced(at::vec::clamp(x, V(-104.f), V(89.f)), n);
   const V half = (n * V(0.5f)).floor();
   return p * exp2_integer(half) * exp2_integer(n - half);
 }
@@ -48,15 +53,8 @@ TVJP_VEC_INLINE V exp(const V& x) {
 // eˣ for x ≤ 0 (and +inf → inf, NaN → NaN), as exp above with one scale factor: where eˣ < FLT_MIN
 // (x < ln FLT_MIN = -87.3365) the result is 0, not a denormal (see exp_nonpositive_ in math/common.h).
 TVJP_VEC_INLINE V exp_nonpositive(const V& x) {
-  const V xc = at::vec::clamp(x, V(-87.3365478515625f), V(89.f));  // n ≥ -126: one normal 2ⁿ; n = 128 → inf
-  const V n = (xc * V(1.44269504088896341f)).round();
-  V r = fmadd(n, V(-0.693145751953125f), xc);
-  r = fmadd(n, V(-1.428606765330187e-06f), r);
-  V p = fmadd(r, V(0.001381461f), V(0.00836871f));
-  p = fmadd(p, r, V(0.04166839f));
-  p = fmadd(p, r, V(0.16666521f));
-  p = fmadd(p, r, V(0.49999994f));
-  p = fmadd(p, r * r, r) + V(1.f);
+  V n;  // clamped so that n ≥ -126 (one normal 2ⁿ); n = 128 → inf
+  const V p = exp_reduced(at::vec::clamp(x, V(-87.3365478515625f), V(89.f)), n);
   return V::blendv(p * exp2_integer(n), V(0.f), x < V(-87.3365478515625f));
 }
 
