@@ -52,13 +52,14 @@ TORCH_LIBRARY(torch_vjp, m) {
   m.def("normalize(Tensor input, int dim, float eps) -> (Tensor, Tensor)");
   m.def("normalize_backward(Tensor grad_output, Tensor output, Tensor norm, int dim, float eps) -> Tensor");
 
-  // Losses (math/cross_entropy.h). cross_entropy also returns the per-row log-sum-exp its VJP needs.
+  // Losses (math/cross_entropy.h). cross_entropy also returns the per-row statistics its VJP needs, the max
+  // and log Σ exp(x - max) (their sum is the log-sum-exp, never rounded into one value).
   // fused_linear_cross_entropy(compute_grad=True) also returns the gradients for grad_output = 1 (three
   // matrix products in all); its _backward recomputes the logits chunk by chunk for any grad_output.
   m.def("cross_entropy(Tensor input, Tensor target, int ignore_index, str reduction, float label_smoothing) "
-        "-> (Tensor, Tensor)");
-  m.def("cross_entropy_backward(Tensor grad_output, Tensor input, Tensor target, Tensor lse, int ignore_index, "
-        "str reduction, float label_smoothing) -> Tensor");
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("cross_entropy_backward(Tensor grad_output, Tensor input, Tensor target, Tensor row_max, Tensor log_sum, "
+        "int ignore_index, str reduction, float label_smoothing) -> Tensor");
   m.def("fused_linear_cross_entropy(Tensor input, Tensor weight, Tensor target, Tensor? bias, int ignore_index, "
         "str reduction, float label_smoothing, bool compute_grad) -> (Tensor, Tensor?, Tensor?, Tensor?)");
   m.def("fused_linear_cross_entropy_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor target, "

@@ -1,44 +1,55 @@
-// Cross-entropy with class-index targets over C classes, label smoothing ε, per row i with target t:
-//   lse = log Σ_j exp(x_j)                                  (max, then Σ exp(x - max): the softmax family's)
-//   loss_i = lse - (1 - ε) x_t - (ε / C) Σ_j x_j             (ε = 0: lse - x_t)
+// Cross-entropy with class-index targets over C classes, label smoothing ε, per row i with target t.
+// Statistics, saved for the VJP (as the log_softmax forward's, never rounded into one lse):
+//   m = max_j x_j,   log_s = log Σ_j exp(x_j - m)                         (lse = m + log_s)
+// Loss, formed from the shifted logits x - m so that an offset shared by the row cancels exactly:
+//   loss_i = log_s - (1 - ε)(x_t - m) - (ε / C) Σ_j (x_j - m)             (= lse - (1-ε) x_t - (ε/C) Σ_j x_j)
 //   a row whose target is ignore_index has loss 0 and does not count in 'mean'
 // reduction: 'none' → loss_i; 'sum' → Σ_i loss_i; 'mean' → Σ_i loss_i / (rows not ignored), NaN if none.
 //
-// Backward (VJP). ∂loss_i/∂x_ij = p_ij - (1 - ε)[j = t_i] - ε/C with p_i = softmax(x_i) = exp(x_i - lse_i): a
-// gradient row per sample (the Jacobian of the summed loss is one row), so with s_i the row's scale
-// (dy_i for 'none', dy for 'sum', dy / count for 'mean', 0 for an ignored row):
-//   dx_ij = s_i (exp(x_ij - lse_i) - ε/C - (1 - ε)[j = t_i])
-// one pass from the logits and the saved lse; the forward stores no gradient.
+// Backward (VJP). ∂loss_i/∂x_ij = p_ij - (1 - ε)[j = t_i] - ε/C with p_i = softmax(x_i): a gradient row per
+// sample (the Jacobian of the summed loss is one row), so with s_i the row's scale (dy_i for 'none', dy for
+// 'sum', dy / count for 'mean', 0 for an ignored row):
+//   dx_ij = s_i (exp((x_ij - m_i) - log_s_i) - ε/C - (1 - ε)[j = t_i])
+// one pass from the logits and the saved (m, log_s). p is torch's exp(log_softmax(x)): exp(x - lse) with lse
+// rounded would carry |lse|·ε of relative error into every p near 1.
 // T is float, double, or (CPU only) at::vec::Vectorized<float|double>.
 #pragma once
 
 #include "math/common.h"
-#include "math/softmax.h"  // ExpMinus
+#include "math/softmax.h"  // ExpMinus, log_softmax_out
 
 namespace torch_vjp::math {
 
 enum class Reduction { None, Mean, Sum };
 
-// loss_i from the row's lse, its target logit and its sum of logits. _with: ε/C given (a kernel computes it
-// once, not once a row).
+// loss_i from log_s, the target's shifted logit x_t - m and the row's Σ(x - m) (pass 0 when ε = 0: a -inf
+// logit must not turn 0 · Σ into NaN). _with: ε/C given (a kernel computes it once, not once a row).
 template <class S>
-TVJP_HD S cross_entropy_loss_with(S lse, S target_logit, S sum_logits, S smoothing, S smoothing_per_class) {
-  return lse - (S(1) - smoothing) * target_logit - smoothing_per_class * sum_logits;
+TVJP_HD S cross_entropy_loss_with(S log_s, S target_shifted, S sum_shifted, S smoothing, S smoothing_per_class) {
+  return log_s - (S(1) - smoothing) * target_shifted - smoothing_per_class * sum_shifted;
 }
 template <class S>
-TVJP_HD S cross_entropy_loss(S lse, S target_logit, S sum_logits, S smoothing, S classes) {
-  return cross_entropy_loss_with(lse, target_logit, sum_logits, smoothing, smoothing / classes);
+TVJP_HD S cross_entropy_loss(S log_s, S target_shifted, S sum_shifted, S smoothing, S classes) {
+  return cross_entropy_loss_with(log_s, target_shifted, sum_shifted, smoothing, smoothing / classes);
 }
 
-// dx_ij without the target's term: s (exp(x - lse) - ε/C); the caller subtracts s (1 - ε) at j = t.
-// _with: the same with exp(x - lse) from a functor (math/softmax.h's ExpMinus, or a kernel's faster one).
-template <class T, class S, class ExpMinusLse>
-TVJP_HD T cross_entropy_vjp_with(T x, const ExpMinusLse& exp_minus_lse, S scale, S smoothing_per_class) {
-  return T(scale) * (exp_minus_lse(x) - T(smoothing_per_class));
+// p = exp((x - m) - log_s): log_softmax_out, then its exponential (≤ 0: exp_nonpositive_).
+template <class S>
+struct SoftmaxFromStats {
+  S m, log_s;
+  template <class T>
+  TVJP_HD T operator()(T x) const { return exp_nonpositive_(log_softmax_out(x, m, log_s)); }
+};
+
+// dx_ij without the target's term: s (p - ε/C); the caller subtracts s (1 - ε) at j = t.
+// _with: the same with p from a functor (SoftmaxFromStats, or a kernel's faster exponential).
+template <class T, class S, class Softmax>
+TVJP_HD T cross_entropy_vjp_with(T x, const Softmax& softmax, S scale, S smoothing_per_class) {
+  return T(scale) * (softmax(x) - T(smoothing_per_class));
 }
 template <class T, class S>
-TVJP_HD T cross_entropy_vjp(T x, S lse, S scale, S smoothing_per_class) {
-  return cross_entropy_vjp_with(x, ExpMinus<S>(lse), scale, smoothing_per_class);
+TVJP_HD T cross_entropy_vjp(T x, S m, S log_s, S scale, S smoothing_per_class) {
+  return cross_entropy_vjp_with(x, SoftmaxFromStats<S>{m, log_s}, scale, smoothing_per_class);
 }
 
 }  // namespace torch_vjp::math

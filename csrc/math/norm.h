@@ -2,7 +2,8 @@
 // normalize (p = 2 along one dim). Statistics are per row; weight and bias are shared by every row.
 //
 // layer_norm (kCentered) and rms_norm (not centered), per row:
-//   μ = Σx / N (0 for rms_norm),  σ² = Σ(x - μ)² / N,  r = 1 / √(σ² + eps),  x̂ = (x - μ) r,
+//   μ = c + Σ(x - c) / N with c a row element (0 for rms_norm),  σ² = Σ(x - μ)² / N,  r = 1 / √(σ² + eps),
+//   x̂ = (x - μ) r,
 //   y = x̂ ⊙ w + b                         (w = 1, b = 0 when absent)
 // Saved: x and the per-row μ, r (never x̂ or y).
 //
@@ -13,15 +14,22 @@
 //   dw = Σ_rows dy ⊙ x̂,   db = Σ_rows dy           column sums over the batch: the gradient of a shared
 //                                                  parameter is the sum of the per-sample gradients
 //
-// normalize, per row along dim: ρ = ‖x‖₂, y = x / max(ρ, eps). Saved: y and ρ.
-//   ρ ≥ eps: ∂y/∂x = (I - y yᵀ) / ρ, symmetric  ⇒  dx = (dy - y ⟨y, dy⟩) / ρ
-//   ρ < eps: y = x / eps                         ⇒  dx = dy / eps    (torch's clamp_min passes no gradient)
+// normalize, per row along dim: ρ = ‖x‖₂ (|x| for a row of one element, as torch's norm: no square to
+// overflow or underflow), y = x / max(ρ, eps), NaN kept. Saved: y and ρ.
+//   ρ > eps: ∂y/∂x = (I - y yᵀ) / ρ, symmetric  ⇒  dx = (dy - y ⟨y, dy⟩) / ρ
+//   ρ ≤ eps: y = x / eps                         ⇒  dx = dy / eps    (torch's clamp_min passes no gradient,
+//                                                                      at the tie ρ = eps too)
 // T is float, double, or (CPU only) at::vec::Vectorized<float|double>.
 #pragma once
 
 #include "math/common.h"
 
 namespace torch_vjp::math {
+
+// μ = c + Σ(x - c) / n, c any element of the row (the first): a constant row has every x - c = 0, so μ is
+// its value exactly and x - μ = 0 (Σx / n is off by an ulp there, which a large r, eps = 1e-12, magnifies).
+template <class S>
+TVJP_HD S shifted_mean(S shift, S sum_shifted, S n) { return shift + sum_shifted / n; }
 
 // r = 1 / √(σ² + eps); σ² from the two-pass sum Σ(x - μ)² (no cancellation: μ is subtracted first).
 template <class S>
@@ -42,7 +50,14 @@ TVJP_HD T norm_vjp(T g, T xhat, S mean_g, S mean_g_xhat, S rstd) {
   return T(rstd) * (g - T(mean_g) - xhat * T(mean_g_xhat));
 }
 
-// normalize: dx = (dy - y ⟨y, dy⟩) / ρ, or dy / eps where ρ < eps (scale = 1/ρ or 1/eps, dot = ⟨y, dy⟩ or 0).
+// normalize: the clamp max(ρ, eps), NaN kept (a NaN row stays NaN, as torch's clamp_min), and whether it
+// clamps: ρ ≤ eps, the tie included (torch's clamp_min passes no gradient there).
+template <class S>
+TVJP_HD S normalize_denominator(S rho, S eps) { return rho < eps ? eps : rho; }
+template <class S>
+TVJP_HD bool normalize_clamped(S rho, S eps) { return rho <= eps; }
+
+// normalize: dx = (dy - y ⟨y, dy⟩) / ρ, or dy / eps where clamped (scale = 1/ρ or 1/eps, dot = ⟨y, dy⟩ or 0).
 template <class T, class S>
 TVJP_HD T normalize_vjp(T dy, T y, S dot, S scale) { return (dy - y * T(dot)) * T(scale); }
 

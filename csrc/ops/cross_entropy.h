@@ -3,11 +3,12 @@
 //
 // A backend supplies two row kernels over logits x of shape (rows, C), contiguous, rows > 0, with int64
 // targets (rows,) and per-row values in the compute type T (opmath of x):
-//   Backend::cross_entropy_rows(x, target, ignore_index, smoothing, loss, lse)
-//       loss_i and lse_i; loss_i = 0 where target_i == ignore_index
-//   Backend::cross_entropy_grad_rows(x, target, lse, scale, ignore_index, smoothing, dx)
+//   Backend::cross_entropy_rows(x, target, ignore_index, smoothing, loss, row_max, log_sum)
+//       loss_i, and the statistics m_i = max_j x_ij, log_sum_i = log Σ_j exp(x_ij - m_i); loss_i = 0 where
+//       target_i == ignore_index
+//   Backend::cross_entropy_grad_rows(x, target, row_max, log_sum, scale, ignore_index, smoothing, dx)
 //       dx_i = scale_i (softmax(x_i) - smoothed one-hot(t_i)); dx may be x itself (written in place)
-//   Backend::chunk_budget_bytes(device) the memory fused_linear_cross_entropy may give one chunk of logits
+//   Backend::kChunkBytes   the bytes of logits one chunk of fused_linear_cross_entropy may hold
 // and calls register_cross_entropy<Backend>(m) in its TORCH_LIBRARY_IMPL. Checks, shapes, the reductions and
 // the fused op's chunk loop (matrix products through at::mm / at::addmm: cuBLAS or the CPU BLAS) are here.
 #pragma once
@@ -101,7 +102,7 @@ inline at::Tensor row_scale(const at::Tensor& grad_output, const at::Tensor& tar
 }
 
 template <class Backend>
-std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& input, const at::Tensor& target,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& input, const at::Tensor& target,
                                                          int64_t ignore_index, c10::string_view reduction,
                                                          double label_smoothing) {
   const char* op = "cross_entropy";
@@ -114,31 +115,47 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& input
   auto x = input.contiguous().view({rows, classes});
   auto t = target.to(at::kLong).contiguous().view({rows});
   auto losses = at::zeros({rows}, compute);
-  auto lse = at::empty({rows}, compute);
-  if (rows > 0 && classes > 0) Backend::cross_entropy_rows(x, t, ignore_index, label_smoothing, losses, lse);
-  else lse.fill_(-std::numeric_limits<double>::infinity());
-  return {reduce_loss(losses, target, ignore_index, r, input.scalar_type()), lse.view(target.sizes())};
+  auto row_max = at::empty({rows}, compute);
+  auto log_sum = at::empty({rows}, compute);
+  if (rows > 0 && classes > 0) {
+    Backend::cross_entropy_rows(x, t, ignore_index, label_smoothing, losses, row_max, log_sum);
+  } else {  // rows of no classes: the max of nothing, and log 0
+    row_max.fill_(-std::numeric_limits<double>::infinity());
+    log_sum.fill_(-std::numeric_limits<double>::infinity());
+  }
+  return {reduce_loss(losses, target, ignore_index, r, input.scalar_type()), row_max.view(target.sizes()),
+          log_sum.view(target.sizes())};
+}
+
+// The saved statistics (row_max, log_sum): shaped like the target, in the compute type, on the input's device.
+inline void check_statistics(const at::Tensor& row_max, const at::Tensor& log_sum, const at::Tensor& target,
+                             const at::Tensor& input, const char* op) {
+  const auto compute = at::toOpMathType(input.scalar_type());
+  for (const auto& [stat, name] : {std::pair{&row_max, "row_max"}, std::pair{&log_sum, "log_sum"}}) {
+    TORCH_CHECK(stat->sizes() == target.sizes() && stat->scalar_type() == compute && stat->device() == input.device(),
+                "torch_vjp.", op, ": expected ", name, " of shape ", target.sizes(), " and dtype ", compute, " on ",
+                input.device(), ", got ", stat->sizes(), " ", stat->scalar_type(), " on ", stat->device());
+  }
 }
 
 template <class Backend>
 at::Tensor cross_entropy_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
-                                  const at::Tensor& lse, int64_t ignore_index, c10::string_view reduction,
-                                  double label_smoothing) {
+                                  const at::Tensor& row_max, const at::Tensor& log_sum, int64_t ignore_index,
+                                  c10::string_view reduction, double label_smoothing) {
   const char* op = "cross_entropy_backward";
   const Reduction r = parse_reduction(reduction);
   const auto [rows, classes] = check_logits_and_target(input, target, ignore_index, op);
   const auto compute = at::toOpMathType(input.scalar_type());
-  TORCH_CHECK(lse.sizes() == target.sizes() && lse.scalar_type() == compute && lse.device() == input.device(),
-              "torch_vjp.", op, ": expected lse of shape ", target.sizes(), " and dtype ", compute, ", got ", lse.sizes(),
-              " ", lse.scalar_type());
+  check_statistics(row_max, log_sum, target, input, op);
   TORCH_CHECK(grad_output.device() == input.device(), "torch_vjp.", op, ": expected grad_output on ", input.device());
   const c10::OptionalDeviceGuard guard(input.device());
   auto x = input.contiguous().view({rows, classes});
   auto dx = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (rows > 0 && classes > 0) {
     auto t = target.to(at::kLong).contiguous().view({rows});
-    Backend::cross_entropy_grad_rows(x, t, lse.contiguous().view({rows}), row_scale(grad_output, target, ignore_index, r, compute, op),
-                                     ignore_index, label_smoothing, dx);
+    Backend::cross_entropy_grad_rows(x, t, row_max.contiguous().view({rows}), log_sum.contiguous().view({rows}),
+                                     row_scale(grad_output, target, ignore_index, r, compute, op), ignore_index,
+                                     label_smoothing, dx);
   }
   return dx.view(input.sizes());
 }
@@ -146,7 +163,11 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_output, const at::Tenso
 // fused_linear_cross_entropy: cross_entropy(input @ weightᵀ + bias) without ever holding all the logits.
 // Rows go in chunks; for each, logits = x_c weightᵀ + bias (at::addmm), their loss, and, when gradients are
 // wanted, dlogits written over the chunk's own logits, then grad_input_c = dlogits weight and
-// grad_weight += dlogitsᵀ x_c (at::addmm_, accumulated in the weight's dtype), grad_bias += Σ_rows dlogits.
+// grad_weight += dlogitsᵀ x_c, grad_bias += Σ_rows dlogits, both accumulated in the compute type (float32
+// for half types) across chunks and rounded once at the end, as one product over every row would be.
+//
+// The chunk is a function of the shapes and the device type alone (Backend::kChunkBytes of logits, a
+// multiple of 8 rows), never of the memory free at the time: the same call gives the same bits every time.
 struct LinearCrossEntropy {
   at::Tensor input, weight, target;  // (N, H), (V, H), (N,) int64
   std::optional<at::Tensor> bias;    // (V,)
@@ -154,18 +175,35 @@ struct LinearCrossEntropy {
   double label_smoothing;
 };
 
+// Rows a chunk of logits holds: `bytes` of them, a multiple of 8 rows, at least 8.
+inline int64_t chunk_rows(int64_t rows, int64_t vocab, int64_t element_size, int64_t bytes) {
+  return std::clamp<int64_t>(bytes / std::max<int64_t>(1, vocab * element_size) / 8 * 8, 8, std::max<int64_t>(rows, 8));
+}
+
+// acc += a b, with acc in the compute type and a, b in the input's: products of half types accumulated in
+// float32 (cuBLAS's mixed-precision product on CUDA; on the CPU, whose BLAS has none, the factors widened).
+inline void add_product(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == acc.scalar_type()) {
+    acc.addmm_(a, b);
+  } else if (acc.is_cuda()) {
+    at::_ops::addmm_dtype_out::call(acc, a, b, acc.scalar_type(), 1, 1, acc);
+  } else {
+    acc.addmm_(a.to(acc.scalar_type()), b.to(acc.scalar_type()));
+  }
+}
+
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> linear_cross_entropy_chunks(
     const LinearCrossEntropy& a, const at::Tensor& scale /* (N,) compute type, or undefined: no gradients */) {
   const int64_t rows = a.input.size(0), vocab = a.weight.size(0);
   const auto compute = a.input.options().dtype(at::toOpMathType(a.input.scalar_type()));
-  const int64_t budget = Backend::chunk_budget_bytes(a.input.device());
-  const int64_t chunk = std::clamp<int64_t>(budget / std::max<int64_t>(1, vocab * a.input.element_size()) / 8 * 8, 8, std::max<int64_t>(rows, 8));
+  const int64_t chunk = chunk_rows(rows, vocab, a.input.element_size(), Backend::kChunkBytes);
   auto losses = at::zeros({rows}, compute);
-  auto lse = at::empty({rows}, compute);
+  auto row_max = at::empty({rows}, compute);
+  auto log_sum = at::empty({rows}, compute);
   const bool grads = scale.defined();
   at::Tensor grad_input = grads ? at::empty_like(a.input) : at::Tensor();
-  at::Tensor grad_weight = grads ? at::zeros_like(a.weight) : at::Tensor();
+  at::Tensor grad_weight = grads ? at::zeros(a.weight.sizes(), compute) : at::Tensor();
   std::optional<at::Tensor> grad_bias;
   if (grads && a.bias.has_value()) grad_bias = at::zeros({vocab}, compute);
   for (int64_t begin = 0; begin < rows; begin += chunk) {
@@ -173,16 +211,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> linear
     const auto x = a.input.narrow(0, begin, n);
     const auto t = a.target.narrow(0, begin, n);
     auto logits = a.bias.has_value() ? at::addmm(*a.bias, x, a.weight.t()) : at::mm(x, a.weight.t());
-    Backend::cross_entropy_rows(logits, t, a.ignore_index, a.label_smoothing, losses.narrow(0, begin, n),
-                                lse.narrow(0, begin, n));
+    const auto chunk_max = row_max.narrow(0, begin, n), chunk_log_sum = log_sum.narrow(0, begin, n);
+    Backend::cross_entropy_rows(logits, t, a.ignore_index, a.label_smoothing, losses.narrow(0, begin, n), chunk_max,
+                                chunk_log_sum);
     if (!grads) continue;
-    Backend::cross_entropy_grad_rows(logits, t, lse.narrow(0, begin, n), scale.narrow(0, begin, n), a.ignore_index,
+    Backend::cross_entropy_grad_rows(logits, t, chunk_max, chunk_log_sum, scale.narrow(0, begin, n), a.ignore_index,
                                      a.label_smoothing, logits);  // dlogits over the chunk's own logits
     auto grad_input_rows = grad_input.narrow(0, begin, n);
     at::mm_out(grad_input_rows, logits, a.weight);
-    grad_weight.addmm_(logits.t(), x);
+    add_product(grad_weight, logits.t(), x);
     if (grad_bias.has_value()) grad_bias->add_(logits.sum(0, false, compute.dtype().toScalarType()));
   }
+  if (grads) grad_weight = grad_weight.to(a.weight.scalar_type());
   if (grad_bias.has_value()) grad_bias = grad_bias->to(a.bias->scalar_type());
   return {losses, grad_input, grad_weight, grad_bias};
 }

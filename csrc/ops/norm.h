@@ -51,7 +51,9 @@ inline NormRows norm_rows(const at::Tensor& input, at::IntArrayRef normalized_sh
               c10::Join(", ", normalized_shape), "], but got input of size", input.sizes());
   int64_t n = 1;
   for (int64_t d : normalized_shape) n *= d;
-  return {n == 0 ? 0 : input.numel() / n, n};
+  int64_t rows = 1;  // from the leading dims: a row of no elements is still a row, with statistics
+  for (int64_t d : input.sizes().slice(0, input.dim() - k)) rows *= d;
+  return {rows, n};
 }
 
 // weight or bias: absent, or of shape normalized_shape, floating, on the input's device.
