@@ -1,0 +1,460 @@
+"""torch_vjp.transformers: patch() on tiny models built from configs (nothing is downloaded), every family
+trained against stock transformers from the same initial state.
+
+Why these sizes: two layers, hidden 32-64 and a 256-token vocabulary exercise every patched module (norms,
+gated MLPs, MoE experts, attention with grouped keys, sliding windows and softcapping, the fused loss) in
+well under a second per step on two CPU cores; the whole file is sized to run in about a minute.
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")  # the optional dependency: pip install torch_vjp[transformers]
+
+import torch_vjp.transformers as tvt  # noqa: E402 (an ImportError here is a bug, not a missing package)
+
+from transformers import (  # noqa: E402
+    BertConfig, BertForMaskedLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig,
+    GemmaForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+    MixtralConfig, MixtralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+    Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, RobertaConfig, RobertaForMaskedLM,
+)
+
+VOCAB = 256
+DECODER = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+GEMMA = dict(DECODER, head_dim=16)
+
+# family -> (model class, config, expected report counts). Sliding windows (Mistral, Gemma2/3) are shorter than
+# the sequence so that the sliding mask is exercised; Gemma2 softcaps attention scores and the final logits.
+FAMILIES = {
+    "llama": (LlamaForCausalLM, lambda: LlamaConfig(**DECODER), dict(norms=5, mlp=2, attention=2, loss=1)),
+    "mistral": (MistralForCausalLM, lambda: MistralConfig(**DECODER, sliding_window=6),
+                dict(norms=5, mlp=2, attention=2, loss=1)),
+    "mixtral": (MixtralForCausalLM, lambda: MixtralConfig(**DECODER, num_local_experts=4, num_experts_per_tok=2),
+                dict(norms=5, mlp=2, attention=2, loss=1)),
+    "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(**DECODER), dict(norms=5, mlp=2, attention=2, loss=1)),
+    # Qwen3 adds per-head q/k norms: 2 more per layer.
+    "qwen3": (Qwen3ForCausalLM, lambda: Qwen3Config(**GEMMA), dict(norms=9, mlp=2, attention=2, loss=1)),
+    "qwen3_moe": (Qwen3MoeForCausalLM, lambda: Qwen3MoeConfig(**GEMMA, num_experts=4, num_experts_per_tok=2,
+                                                              moe_intermediate_size=48),
+                  dict(norms=9, mlp=2, attention=2, loss=1)),
+    "gemma": (GemmaForCausalLM, lambda: GemmaConfig(**GEMMA, hidden_act="gelu_pytorch_tanh"),
+              dict(norms=5, mlp=2, attention=2, loss=1)),
+    # Gemma2/3: four norms per layer; Gemma3 adds q/k norms.
+    "gemma2": (Gemma2ForCausalLM, lambda: Gemma2Config(**GEMMA, sliding_window=6, final_logit_softcapping=30.0,
+                                                       attn_logit_softcapping=50.0),
+               dict(norms=9, mlp=2, attention=2, loss=1)),
+    "gemma3": (Gemma3ForCausalLM, lambda: Gemma3TextConfig(**GEMMA, sliding_window=6,
+                                                           layer_types=["sliding_attention", "full_attention"]),
+               dict(norms=13, mlp=2, attention=2, loss=1)),
+    "phi3": (Phi3ForCausalLM, lambda: Phi3Config(**DECODER), dict(norms=5, mlp=2, attention=2, loss=1)),
+    # GPT-2: ln_1, ln_2 per block and ln_f; its tanh-GELU activation modules.
+    "gpt2": (GPT2LMHeadModel, lambda: GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
+                                                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+             dict(norms=5, activations=2, attention=2, loss=1)),
+    # BERT/RoBERTa: embeddings, 2 per layer and the MLM head's LayerNorm; the intermediate and head activations.
+    "bert": (BertForMaskedLM, lambda: BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                 intermediate_size=96, vocab_size=VOCAB, max_position_embeddings=64,
+                                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+             dict(norms=6, activations=3, attention=2, loss=1)),
+    "roberta": (RobertaForMaskedLM, lambda: RobertaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                          intermediate_size=96, vocab_size=VOCAB, pad_token_id=1,
+                                                          max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                                          attention_probs_dropout_prob=0.0),
+                dict(norms=6, activations=2, attention=2, loss=1)),  # its MLM head calls gelu, a function
+}
+CAUSAL = [name for name, (cls, _, _) in FAMILIES.items() if not cls.__name__.endswith("ForMaskedLM")]
+STEPS = 5
+
+
+def build(family, dtype=torch.float32):
+    """A seeded stock model and a second one of the same weights, built from the SAME config object (so that the
+    test sees whether patching one leaks into the other through the config)."""
+    cls, make_config, _ = FAMILIES[family]
+    torch.manual_seed(0)
+    stock = cls(make_config()).to(dtype)
+    twin = cls(stock.config).to(dtype)
+    twin.load_state_dict(stock.state_dict())
+    return stock, twin
+
+
+def batch(family, seed=1, size=2, length=12):
+    """Token ids, an attention mask whose second row ends in padding, and labels (-100 at padding; for
+    masked-LM models only every third token is a target)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (size, length), generator=generator)
+    mask = torch.ones(size, length, dtype=torch.long)
+    mask[1, -3:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    if family in ("bert", "roberta"):
+        labels[:, 1::3] = -100
+        labels[:, 2::3] = -100
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def train(model, inputs, steps=STEPS, autocast=None, lr=1e-3):
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return torch.tensor(losses, dtype=torch.float64)
+
+
+def max_difference(a, b):
+    return max((x.double() - y.double()).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
+
+
+def gradients(model, inputs, autocast=None):
+    model.train()
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        model(**inputs).loss.backward()
+    return [p.grad.double() for p in model.parameters()]
+
+
+def gradient_error(ours, reference):
+    """The largest error of any parameter's gradient relative to that gradient's size; a gradient that is zero in
+    exact arithmetic (a key projection's bias) is measured against the largest one instead."""
+    floor = 1e-4 * max(r.abs().max().item() for r in reference)
+    return max((o - r).abs().max().item() / max(r.abs().max().item(), floor) for o, r in zip(ours, reference))
+
+
+def untouched(model):
+    """No instance attribute torch_vjp sets is on any module of `model`."""
+    return all("forward" not in m.__dict__ and "_apply_gate" not in m.__dict__ and "_loss_function" not in m.__dict__
+               for m in model.modules())
+
+
+@pytest.fixture(autouse=True)
+def quiet_and_single_threaded():
+    """Tiny models: a second intra-op thread only adds synchronisation (and the CI machine has two cores)."""
+    threads, verbosity = torch.get_num_threads(), transformers.logging.get_verbosity()
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch.set_num_threads(threads)
+        transformers.logging.set_verbosity(verbosity)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_matches_stock_and_leaves_the_stock_model_alone(family):
+    """Gradients to float32 round-off, then AdamW steps: losses to round-off, parameters within 5e-5. AdamW divides
+    each gradient by its own running size, so a gradient that round-off changes in relative terms (one that is
+    nearly zero) moves its parameter by up to lr per step either way: stock's own sdpa and eager attention end
+    up to 3e-5 apart here, at lr = 1e-3."""
+    stock, model = build(family)
+    implementation = stock.config._attn_implementation
+    parameters = list(model.parameters())
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    report = tvt.patch(model)
+
+    _, _, counts = FAMILIES[family]
+    assert report.counts == counts, str(report)
+    assert all(model.get_submodule(name) is not None for names in report.replaced.values() for name in names)
+    # The same Parameter objects (an optimizer built before patch() goes on), weight tying kept.
+    assert all(p is q for p, q in zip(model.parameters(), parameters)) and len(list(model.parameters())) == len(
+        parameters)
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    assert report.attention == "torch_vjp" and model.config._attn_implementation == "torch_vjp"
+    # The stock model shares the config object the patched one was built from: still stock.
+    assert stock.config._attn_implementation == implementation and untouched(stock)
+    assert set(model.state_dict()) == set(stock.state_dict())
+    inputs = batch(family)
+    assert gradient_error(gradients(model, inputs), gradients(stock, inputs)) < 1e-5
+    losses, stock_losses = train(model, inputs), train(stock, inputs)
+    torch.testing.assert_close(losses, stock_losses, rtol=0, atol=5e-6)
+    assert max_difference(model, stock) < 5e-5
+    assert untouched(stock)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_autocast_is_as_accurate_as_stock(family):
+    """Under bfloat16 CPU autocast the patched model is as close to a float64 stock model as stock's own bfloat16
+    run is: gradients within 1.5x stock's error; losses over AdamW steps within 1.5x, plus one bfloat16 rounding
+    of the loss value, which the fused loss makes under autocast (see the README's autocast notes)."""
+    stock, model = build(family)
+    reference = copy.deepcopy(stock).double()
+    if family in ("mixtral", "qwen3_moe"):
+        reference.set_experts_implementation("eager")  # torch's grouped_mm has no float64 kernel
+    tvt.patch(model)
+    inputs = batch(family)
+    exact = gradients(reference, inputs)
+    ours, theirs = gradients(model, inputs, torch.bfloat16), gradients(stock, inputs, torch.bfloat16)
+    assert gradient_error(ours, exact) <= 1.5 * gradient_error(theirs, exact) + 1e-3
+    steps = 2
+    exact = train(reference, inputs, steps)
+    ours, theirs = train(model, inputs, steps, torch.bfloat16), train(stock, inputs, steps, torch.bfloat16)
+    assert ((ours - exact).abs() <= 1.5 * (theirs - exact).abs().max() + 2 ** -8 * exact.abs()).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_generate_checkpointing_and_unpatch(family, tmp_path):
+    stock, model = build(family)
+    tvt.patch(model)
+    train(model, batch(family), steps=1)
+    model.eval()
+
+    # A stock class loads what the patched model saves, and computes what the patched model computes.
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    assert untouched(loaded) and loaded.config._attn_implementation != "torch_vjp"
+    saved = model.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in loaded.state_dict().items())
+    inputs = batch(family, seed=2)
+    inputs.pop("labels")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, loaded(**inputs).logits, rtol=1e-5, atol=1e-5)
+    if family in CAUSAL:  # greedy decoding, with the KV cache, token for token
+        prompt = inputs["input_ids"][:, :5]
+        kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(prompt, **kwargs), loaded.generate(prompt, **kwargs))
+
+    # Gradient checkpointing recomputes the patched modules: the same gradients.
+    model.train()
+    inputs = batch(family)
+    model.zero_grad()
+    model(**inputs).loss.backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.zero_grad()
+    model(**inputs).loss.backward()
+    for a, p in zip(plain, model.parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=1e-6, atol=1e-7)
+    model.gradient_checkpointing_disable()
+
+    # unpatch gives back the stock model: no instance attributes, its own config, stock's outputs bit for bit.
+    tvt.unpatch(model)
+    assert untouched(model) and not tvt.is_patched(model)
+    assert model.config._attn_implementation == loaded.config._attn_implementation
+    assert all(m.config is model.config for m in model.modules() if isinstance(getattr(m, "config", None),
+                                                                                type(model.config)))
+    model.eval()
+    with torch.no_grad():
+        inputs = batch(family, seed=3)
+        assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
+        assert torch.equal(model(**inputs).loss, loaded(**inputs).loss)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def test_norms_match_the_eager_modules_bit_for_bit_in_bfloat16():
+    """The norms keep each model's casting rule (Llama: normalise in float32, cast, scale; Gemma: scale by 1 + weight
+    in float32, cast after; LayerNorm): with bfloat16 activations, beside bfloat16 or float32 parameters, every
+    patched norm gives its eager module's bits. In float32, round-off."""
+    x = torch.randn(3, 7, 64, generator=torch.Generator().manual_seed(5)) * 3
+    for family in ("llama", "gemma", "gpt2"):
+        for dtype in (torch.bfloat16, torch.float32):
+            stock, model = build(family, dtype)
+            with torch.no_grad():  # weights away from their initial ones and zeros
+                for name, p in stock.named_parameters():
+                    if "norm" in name or "ln_" in name:
+                        p.normal_(0.5, 0.3)
+            model.load_state_dict(stock.state_dict())
+            names = tvt.patch(model).replaced["norms"]
+            for name in names:
+                ours, theirs = model.get_submodule(name)(x.to(torch.bfloat16)), stock.get_submodule(name)(
+                    x.to(torch.bfloat16))
+                assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), (family, dtype, name)
+                torch.testing.assert_close(model.get_submodule(name)(x.to(dtype)), stock.get_submodule(name)(
+                    x.to(dtype)), rtol=1e-6, atol=2e-6)
+
+
+def test_padding_is_masked():
+    """With the mask function registered, a padded batch gives each sample's unpadded result (left padding for a
+    causal model, right padding for BERT): the model did not run unmasked."""
+    for family, side in (("llama", "left"), ("bert", "right")):
+        _, model = build(family)
+        tvt.patch(model)
+        model.eval()
+        ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(4))
+        mask = torch.ones_like(ids)
+        real = slice(4, None) if side == "left" else slice(None, 6)
+        mask[1] = 0
+        mask[1, real] = 1
+        kwargs = {}
+        if side == "left":
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            padded = model(input_ids=ids, attention_mask=mask, **kwargs).logits[1, real]
+            alone = model(input_ids=ids[1:, real]).logits[0]
+            unmasked = model(input_ids=ids, **kwargs).logits[1, real]
+        torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
+        assert (unmasked - alone).abs().max() > 1e-3  # the comparison can tell a missing mask
+
+
+def test_loss_options_follow_transformers():
+    """num_items_in_batch (sum / count, gradient accumulation), shift_labels, ignore_index, return_logits, eval mode,
+    loss='ce' and loss=None, each against stock."""
+    stock, fused = build("llama")
+    ce, untouched_loss = cls_copy(stock), cls_copy(stock)
+    assert tvt.patch(fused).loss == "fused"
+    assert tvt.patch(ce, loss="ce").loss == "ce"
+    report = tvt.patch(untouched_loss, loss=None)
+    assert report.loss is None and "_loss_function" not in untouched_loss.__dict__
+    inputs = batch("llama")
+    count = (inputs["labels"][:, 1:] != -100).sum()
+    shifted = torch.nn.functional.pad(inputs["labels"], (0, 1), value=-100)[:, 1:].contiguous()
+    for model in (stock, fused, ce, untouched_loss):
+        model.train()
+    cases = [dict(), dict(num_items_in_batch=count * 3), dict(num_items_in_batch=int(count) + 5),
+             dict(shift_labels=shifted, labels=torch.zeros_like(shifted))]
+    for extra in cases:
+        arguments = {**inputs, **extra}
+        expected = stock(**arguments)
+        expected.loss.backward()
+        for model in (fused, ce, untouched_loss):
+            out = model(**arguments)
+            torch.testing.assert_close(out.loss, expected.loss, rtol=2e-6, atol=2e-6)
+            assert (out.logits is None) == (model is fused)
+            model.zero_grad()
+            out.loss.backward()
+            assert max((p.grad - q.grad).abs().max().item()
+                       for p, q in zip(model.parameters(), stock.parameters())) < 1e-6
+        stock.zero_grad()
+    out = fused(**inputs, return_logits=True)
+    assert out.logits.shape == (2, 12, VOCAB)
+    torch.testing.assert_close(out.loss, stock(**inputs).loss, rtol=2e-6, atol=2e-6)
+    fused.eval()
+    assert fused(**inputs).logits is not None
+    fused.train()
+    as_tuple = fused(**inputs, return_dict=False)
+    assert as_tuple[0].dim() == 0 and not any(torch.is_tensor(t) and t.shape[-1:] == (VOCAB,) for t in as_tuple)
+
+
+def cls_copy(model):
+    twin = type(model)(model.config)
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def test_gemma2_softcapping_falls_back_to_cross_entropy_and_says_so():
+    stock, model = build("gemma2")
+    report = tvt.patch(model)
+    assert report.loss == "ce"
+    assert any(kind == "loss" and "final_logit_softcapping" in reason for kind, _, reason in report.not_patched)
+    # Without softcapping the same family takes the fused loss.
+    config = Gemma2Config(**GEMMA, final_logit_softcapping=None)
+    assert tvt.patch(Gemma2ForCausalLM(config)).loss == "fused"
+
+
+def test_mixtral_router_aux_loss_and_eager_experts():
+    """The fused loss takes the router's auxiliary loss added in place; an eager experts loop is reported, not
+    patched."""
+    stock, model = build("mixtral")
+    tvt.patch(model)
+    inputs = dict(batch("mixtral"), output_router_logits=True)
+    model.train(), stock.train()
+    ours, theirs = model(**inputs), stock(**inputs)
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=2e-6, atol=2e-6)
+    ours.loss.backward()
+
+    config = MixtralConfig(**DECODER, num_local_experts=4, num_experts_per_tok=2, experts_implementation="eager")
+    report = tvt.patch(MixtralForCausalLM(config))
+    experts = [(name, reason) for kind, name, reason in report.not_patched if kind == "mlp"]
+    assert len(experts) == 2 and all("eager experts loop" in reason for _, reason in experts)
+
+
+def test_a_family_it_does_not_know_is_patched_where_it_shares_modules():
+    """OLMo: Llama's MLP and attention, but a LayerNorm of its own without parameters: reported, left stock."""
+    from transformers import OlmoConfig, OlmoForCausalLM
+    torch.manual_seed(0)
+    stock = OlmoForCausalLM(OlmoConfig(**DECODER))
+    model = cls_copy(stock)
+    report = tvt.patch(model)
+    assert report.counts == dict(mlp=2, attention=2, loss=1)
+    assert len([1 for kind, name, reason in report.not_patched if kind == "norms" and "OlmoLayerNorm" in reason]) == 5
+    inputs = batch("llama")
+    torch.testing.assert_close(train(model, inputs, 3), train(stock, inputs, 3), rtol=2e-5, atol=2e-5)
+
+
+def test_torch_compile():
+    """A patched Llama compiles as one graph (fullgraph=True: no break at the patched modules, the attention
+    function or the fused loss's head hand-off) and trains like the eager patched model. The aot_eager backend
+    (dynamo and AOT autograd without code generation) keeps the test fast; inductor was checked by hand."""
+    stock, model = build("llama")
+    tvt.patch(model)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    inputs = batch("llama")
+    torch.testing.assert_close(train(compiled, inputs, 2), train(eager, inputs, 2), rtol=1e-6, atol=1e-6)
+    assert max_difference(model, eager) < 1e-6
+
+
+def test_patch_is_idempotent_and_refuses_mixed_options():
+    _, model = build("llama")
+    report = tvt.patch(model)
+    assert tvt.patch(model) is report
+    with pytest.raises(RuntimeError, match="already patched"):
+        tvt.patch(model, attention=False)
+    tvt.unpatch(model)
+    with pytest.raises(RuntimeError, match="not patched"):
+        tvt.unpatch(model)
+    with pytest.raises(ValueError, match="loss must be"):
+        tvt.patch(model, loss="liger")
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        tvt.patch(torch.nn.Linear(2, 2))
+    report = tvt.patch(model, norms=False, mlp=False, attention=False, loss=None)
+    assert report.replaced == {} and report.attention is None and untouched(model)
+    tvt.unpatch(model)
+
+
+def test_a_head_swapped_in_after_patch_takes_the_plain_path():
+    stock, model = build("llama")
+    tvt.patch(model)
+    model.resize_token_embeddings(VOCAB + 8), stock.resize_token_embeddings(VOCAB + 8)
+    model.lm_head.weight.data.copy_(stock.lm_head.weight.data)
+    model.model.embed_tokens.weight.data.copy_(stock.model.embed_tokens.weight.data)
+    inputs = batch("llama")
+    model.train(), stock.train()
+    torch.testing.assert_close(model(**inputs).loss, stock(**inputs).loss, rtol=0, atol=2e-6)
+
+
+def test_a_deep_copy_of_a_patched_model_runs_its_own_parameters():
+    _, model = build("llama")
+    tvt.patch(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    inputs = batch("llama")
+    inputs.pop("labels")
+    model.eval(), twin.eval()
+    with torch.no_grad():
+        assert not torch.allclose(model(**inputs).logits, twin(**inputs).logits)
+    tvt.unpatch(twin)
+    assert untouched(twin) and tvt.is_patched(model)
+
+
+def test_trainer_callback(tmp_path):
+    """One line in the Trainer: PatchCallback patches the model it holds, and two steps train as stock's do."""
+    pytest.importorskip("accelerate")  # the Trainer's own dependency
+    from transformers import Trainer, TrainingArguments
+    stock, model = build("llama")
+    rows = [{k: v[i] for k, v in batch("llama", seed=s).items()} for s in range(2) for i in range(2)]
+    losses = {}
+    for name, m, callbacks in (("stock", stock, []), ("patched", model, [tvt.PatchCallback()])):
+        args = TrainingArguments(output_dir=str(tmp_path / name), max_steps=2, per_device_train_batch_size=2,
+                                 learning_rate=1e-3, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+                                 disable_tqdm=True, dataloader_num_workers=0, seed=0)
+        trainer = Trainer(model=m, args=args, train_dataset=rows, callbacks=callbacks)
+        trainer.train()
+        losses[name] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert tvt.is_patched(model) and callbacks[0].report.loss == "fused"
+    assert len(losses["patched"]) == 2
+    torch.testing.assert_close(losses["patched"], losses["stock"], rtol=0, atol=5e-6)
+    assert max_difference(model, stock) < 5e-5  # AdamW, as in the training test

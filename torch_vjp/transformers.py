@@ -1,0 +1,707 @@
+"""torch_vjp inside Hugging Face ``transformers`` models, one instance at a time.
+
+``patch(model)`` swaps torch_vjp's fused ops into one model instance in place and returns a report of what it
+replaced; ``unpatch(model)`` restores it. The process-wide classes are never touched, so a stock model in the
+same process runs stock. What is swapped:
+
+- norms: Llama-style ``*RMSNorm`` (float32 normalise, cast, then scale), Gemma's ``*RMSNorm`` (scale by
+  ``1 + weight`` in float32, cast after), ``nn.LayerNorm`` and ``nn.RMSNorm``; each with the eager module's
+  casting rule, so results are the eager module's;
+- mlp: gated MLPs (``gate_proj``/``up_proj`` or a fused ``gate_up_proj``) through ``swiglu``/``geglu``, the
+  gate of MoE experts run by transformers' grouped/batched experts implementations, and GELU/SiLU activation
+  modules through ``gelu``/``silu``;
+- attention: eager attention with ``torch_vjp.softmax`` (scores in float32, as transformers' eager), registered
+  with ``AttentionInterface`` and its mask function with ``ALL_MASK_ATTENTION_FUNCTIONS`` as ``"torch_vjp"``;
+- loss: the causal-LM loss through ``fused_linear_cross_entropy`` on the model's own forward when it trains
+  with labels (no full logits), or ``cross_entropy`` on the logits; the masked-LM loss through
+  ``cross_entropy``.
+
+Every swap is an instance attribute (a bound ``forward``, ``_apply_gate`` or ``loss_function``), so the
+state_dict, parameter identity, ``isinstance`` and ``type(module)`` are those of the stock model.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import types
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:
+    import transformers
+    from transformers import AttentionInterface, PreTrainedConfig, PreTrainedModel, TrainerCallback
+    from transformers.generation import GenerationMixin
+    from transformers.loss.loss_utils import LOSS_MAPPING
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+    from transformers.utils.generic import ModelOutput
+except ImportError as error:  # the optional dependency: pip install torch_vjp[transformers]
+    raise ImportError("torch_vjp.transformers needs the transformers package (pip install 'torch_vjp[transformers]')"
+                      ) from error
+
+import torch_vjp
+
+__all__ = ["ATTENTION", "PatchCallback", "PatchReport", "is_patched", "patch", "patch_trainer", "unpatch"]
+
+# The name under which the attention function and its mask function are registered with transformers.
+ATTENTION = "torch_vjp"
+_STATE = "_torch_vjp_patch"  # the instance attribute that holds a patched model's record
+_LOSSES = ("fused", "ce", None)
+
+
+@dataclass
+class PatchReport:
+    """What ``patch`` did to one model.
+
+    ``replaced`` maps each kind (``"norms"``, ``"mlp"``, ``"activations"``, ``"attention"``, ``"loss"``) to the
+    qualified names of the modules it now runs through torch_vjp (``""`` is the model itself).
+    ``not_patched`` lists ``(kind, module name, reason)`` for what was left stock. ``attention`` is the
+    attention implementation the model now runs, ``loss`` ``"fused"``, ``"ce"`` or None.
+    """
+    model: str
+    replaced: dict = field(default_factory=dict)
+    not_patched: list = field(default_factory=list)
+    attention: Optional[str] = None
+    loss: Optional[str] = None
+
+    @property
+    def counts(self) -> dict:
+        order = ("norms", "mlp", "activations", "attention", "loss")
+        return {kind: len(self.replaced[kind]) for kind in order if kind in self.replaced}
+
+    def _add(self, kind: str, name: str) -> None:
+        self.replaced.setdefault(kind, []).append(name)
+
+    def _skip(self, kind: str, name: str, reason: str) -> None:
+        self.not_patched.append((kind, name, reason))
+
+    def __str__(self) -> str:
+        done = ", ".join(f"{kind} {count}" for kind, count in self.counts.items()) or "nothing"
+        lines = [f"torch_vjp.transformers.patch({self.model}): replaced {done}; attention={self.attention!r}, "
+                 f"loss={self.loss!r}"]
+        lines += [f"  not patched ({kind}) {name or '<model>'}: {reason}" for kind, name, reason in self.not_patched]
+        return "\n".join(lines)
+
+
+@dataclass
+class _Record:
+    """How to undo a patch: each instance attribute set, with what the instance held before."""
+    options: dict
+    report: PatchReport
+    attributes: list = field(default_factory=list)  # (module, attribute, had_before, value_before)
+    configs: list = field(default_factory=list)  # (module, original config)
+    config_pairs: list = field(default_factory=list)  # (original config, private copy)
+
+
+def _set(record: _Record, module: nn.Module, attribute: str, value) -> None:
+    had = attribute in module.__dict__
+    record.attributes.append((module, attribute, had, module.__dict__.get(attribute)))
+    object.__setattr__(module, attribute, value)  # plain instance attribute, never a registered submodule
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recognising modules. A module is patched when its forward is, instruction for instruction, the forward of
+# the reference class in transformers (many model files copy Llama's norm and MLP): its class is not named.
+
+def _code_equal(a, b) -> bool:
+    if a.co_code != b.co_code or a.co_names != b.co_names or len(a.co_consts) != len(b.co_consts):
+        return False
+    for x, y in zip(a.co_consts, b.co_consts):
+        if isinstance(x, types.CodeType) and isinstance(y, types.CodeType):
+            if not _code_equal(x, y):
+                return False
+        elif type(x) is not type(y) or x != y:
+            return False
+    return True
+
+
+def _same_code(f, g) -> bool:
+    f, g = inspect.unwrap(f), inspect.unwrap(g)
+    a, b = getattr(f, "__code__", None), getattr(g, "__code__", None)
+    return a is not None and b is not None and _code_equal(a, b)
+
+
+@functools.lru_cache(maxsize=None)
+def _references() -> dict:
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+    from transformers.models.phi3.modeling_phi3 import Phi3MLP
+    return {"llama_norm": LlamaRMSNorm.forward, "gemma_norm": GemmaRMSNorm.forward, "gemma_norm_": GemmaRMSNorm._norm,
+            "mlp": LlamaMLP.forward, "fused_mlp": Phi3MLP.forward}
+
+
+def _has_parameter(module: nn.Module, name: str) -> bool:
+    return isinstance(getattr(module, name, None), nn.Parameter)
+
+
+def _norm_kind(module: nn.Module) -> Optional[str]:
+    cls, ref = type(module), _references()
+    if cls.forward is nn.LayerNorm.forward:
+        return "layer_norm"
+    if hasattr(nn, "RMSNorm") and cls.forward is nn.RMSNorm.forward:
+        return "torch_rms_norm"
+    if _same_code(cls.forward, ref["llama_norm"]) and _has_parameter(module, "weight"):
+        return "llama_rms_norm"
+    if (_same_code(cls.forward, ref["gemma_norm"]) and _same_code(getattr(cls, "_norm", None), ref["gemma_norm_"])
+            and _has_parameter(module, "weight")):
+        return "gemma_rms_norm"
+    return None
+
+
+def _activation_kind(act) -> Optional[str]:
+    """'silu', or gelu's `approximate` ('none', 'tanh'), for activation modules torch_vjp computes exactly so."""
+    from transformers import activations
+    if not isinstance(act, nn.Module) or "forward" in act.__dict__:
+        return None
+    cls = type(act)
+    if cls in (nn.SiLU, getattr(activations, "SiLUActivation", nn.SiLU)):
+        return "silu"
+    if cls is nn.GELU:
+        return act.approximate
+    if cls is getattr(activations, "GELUActivation", None):  # erf GELU (C or Python form)
+        return "none"
+    if cls in (getattr(activations, "GELUTanh", None), getattr(activations, "NewGELUActivation", None)):
+        return "tanh"
+    return None
+
+
+def _mlp_kind(module: nn.Module) -> Optional[str]:
+    ref, cls = _references(), type(module)
+    if _same_code(cls.forward, ref["mlp"]) and all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        return "mlp"
+    if _same_code(cls.forward, ref["fused_mlp"]) and hasattr(module, "gate_up_proj"):
+        return "fused_mlp"
+    return None
+
+
+def _calls(function, name: str) -> bool:
+    """Whether `function`'s own code names `name` (a global or an attribute)."""
+    code = getattr(inspect.unwrap(function), "__code__", None)
+    return code is not None and name in code.co_names
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The forwards bound to patched instances. They read all they need from `self`, so a deep copy of a patched
+# model (a reference model, an EMA copy) runs its own parameters.
+
+def _llama_rms_norm_forward(self, hidden_states):
+    # The eager module normalises in float32, rounds to the input dtype, then scales by the weight; the kernel
+    # computes half types in float32 and rounds once, so only the scaling stays outside. float64 input is
+    # normalised in float32 by the eager module too.
+    native = hidden_states.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    x = hidden_states if native else hidden_states.float()
+    if hidden_states.dtype == torch.float32 and self.weight.dtype == torch.float32 and self._torch_vjp_fuse_weight:
+        return torch_vjp.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
+    return self.weight * torch_vjp.rms_norm(x, (x.shape[-1],), None, self.variance_epsilon).to(hidden_states.dtype)
+
+
+def _gemma_rms_norm_forward(self, x):
+    # Gemma scales by (1 + weight) in float32 and casts after.
+    y = torch_vjp.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
+    return (y * (1.0 + self.weight.float())).type_as(x)
+
+
+def _layer_norm_forward(self, input):
+    return torch_vjp.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def _torch_rms_norm_forward(self, input):
+    return torch_vjp.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+
+
+def _gate(kind: str, gate, up):
+    if kind == "silu":
+        return torch_vjp.swiglu(gate, up)
+    return torch_vjp.geglu(gate, up, approximate=kind)
+
+
+def _mlp_forward(self, x):
+    return self.down_proj(_gate(self._torch_vjp_act, self.gate_proj(x), self.up_proj(x)))
+
+
+def _fused_mlp_forward(self, hidden_states):
+    gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)
+    return self.down_proj(_gate(self._torch_vjp_act, gate, up))
+
+
+def _experts_apply_gate(self, gate_up_out):
+    # transformers' grouped_mm and batched_mm experts call this on the concatenated [gate; up] projection.
+    gate, up = gate_up_out.chunk(2, dim=-1)
+    return _gate(self._torch_vjp_act, gate, up)
+
+
+def _activation_forward(self, input):
+    if self._torch_vjp_act == "silu":
+        return torch_vjp.silu(input)
+    return torch_vjp.gelu(input, approximate=self._torch_vjp_act)
+
+
+def _head_forward(self, input):
+    # Under a fused-loss forward the head hands its input (the hidden states) on to the loss: no logits.
+    if self._torch_vjp_pass_hidden:
+        return input
+    return type(self).forward(self, input)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention
+
+def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+    """transformers' eager attention (grouped keys and values, optional tanh softcapping, additive mask) with the
+    softmax of the float32 scores by ``torch_vjp.softmax``. Registered as ``"torch_vjp"``."""
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        raise NotImplementedError("torch_vjp attention has no attention sinks; patch(model, attention=False) keeps "
+                                  "the model's own attention")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:  # each key/value head serves `groups` query heads
+        b, h, s, d = key.shape
+        key = key[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
+        value = value[:, :, None].expand(b, h, groups, s, value.shape[-1]).reshape(b, h * groups, s, value.shape[-1])
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = torch_vjp.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+def _register_attention() -> None:
+    # Once per process, by name; a model runs it only where its own config names it.
+    if ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTENTION, attention_forward)
+    if ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        # Without a registered mask function transformers builds no mask at all for the name, silently.
+        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, eager_mask)
+
+
+def _own_config(model: PreTrainedModel, record: _Record) -> None:
+    """Give the model private copies of its configs: the attention implementation lives in the config, which
+    models built from one config object share."""
+    memo: dict = {}  # each original config's id -> its copy, sub-configs included
+    copy.deepcopy(model.config, memo)
+    seen = set()
+    for module in model.modules():
+        config = module.__dict__.get("config")
+        if isinstance(config, PreTrainedConfig) and id(config) in memo:
+            record.configs.append((module, config))
+            if id(config) not in seen:
+                seen.add(id(config))
+                record.config_pairs.append((config, memo[id(config)]))
+            object.__setattr__(module, "config", memo[id(config)])
+
+
+def _attention_modules(model: nn.Module) -> list:
+    return [(name, m) for name, m in model.named_modules() if _calls(type(m).forward, "ALL_ATTENTION_FUNCTIONS")]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loss
+
+def _causal_lm_loss(self, logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
+                    **kwargs):
+    """transformers' ForCausalLMLoss through torch_vjp: labels shifted left (or `shift_labels`), `ignore_index`,
+    and with `num_items_in_batch` the sum divided by it (gradient accumulation). Under a fused forward `logits`
+    are the hidden states and the head's weight is applied inside the fused loss."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    shift_labels = shift_labels.reshape(-1).to(logits.device)
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    head = self.get_output_embeddings()
+    if getattr(head, "_torch_vjp_pass_hidden", False):
+        loss = torch_vjp.fused_linear_cross_entropy(logits.reshape(-1, logits.shape[-1]), head.weight, shift_labels,
+                                                    head.bias, ignore_index=ignore_index, reduction=reduction)
+        loss = loss.float()  # the stock loss is float32 whatever the model's dtype
+    else:
+        loss = torch_vjp.cross_entropy(logits.float().reshape(-1, vocab_size), shift_labels, ignore_index=ignore_index,
+                                       reduction=reduction)
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss
+
+
+def _masked_lm_loss(self, logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, **kwargs):
+    """transformers' ForMaskedLMLoss through torch_vjp.cross_entropy."""
+    labels = labels.reshape(-1).to(logits.device)
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = torch_vjp.cross_entropy(logits.float().reshape(-1, vocab_size), labels, ignore_index=ignore_index,
+                                   reduction=reduction)
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss
+
+
+def _without_logits(output):
+    if isinstance(output, ModelOutput):
+        return type(output)(**{k: v for k, v in output.items() if k != "logits"})
+    return (output[0],) + tuple(output[2:])  # return_dict=False: (loss, logits, ...)
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_forward(original):
+    """The model's own forward, run so that the head's input goes to the fused loss when it trains with labels.
+    `return_logits=True` asks for the logits (and the loss from them) instead."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def forward(self, *args, return_logits=False, **kwargs):
+        labels = kwargs.get("labels")
+        if args and labels is None:
+            labels = signature.bind_partial(self, *args, **kwargs).arguments.get("labels")
+        head = self.get_output_embeddings()
+        # A head swapped in after patch() (resize_token_embeddings) computes logits: take the plain path.
+        ours = getattr(head.__dict__.get("forward"), "__func__", None) is _head_forward
+        if labels is None or return_logits or not self.training or not ours:
+            return original(self, *args, **kwargs)
+        head._torch_vjp_pass_hidden = True
+        try:
+            output = original(self, *args, **kwargs)
+        finally:
+            head._torch_vjp_pass_hidden = False
+        return _without_logits(output)
+
+    return forward
+
+
+@functools.lru_cache(maxsize=None)
+def _masked_lm_forward(original):
+    """For masked-LM models that build torch.nn.CrossEntropyLoss inside their forward (BERT, RoBERTa): the forward
+    runs without labels and the loss (a mean over the unignored tokens, as theirs) comes from torch_vjp."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        labels = bound.arguments.pop("labels", None)
+        output = original(*bound.args, **bound.kwargs)
+        if labels is None:
+            return output
+        logits = output["logits"] if isinstance(output, ModelOutput) else output[0]
+        loss = torch_vjp.cross_entropy(logits.reshape(-1, self.config.vocab_size), labels.reshape(-1).to(logits.device))
+        if isinstance(output, ModelOutput):
+            return type(output)(loss=loss, **dict(output.items()))
+        return (loss,) + tuple(output)
+
+    return forward
+
+
+def _logits_reach_loss_unchanged(model: PreTrainedModel, head_name: str) -> Optional[str]:
+    """None when the model's forward hands `self.<head>(...)` straight to `self.loss_function`, else why not.
+    A final-logit softcapping block is allowed where the config turns it off."""
+    try:
+        lines = inspect.getsource(inspect.unwrap(type(model).forward)).splitlines()
+    except (OSError, TypeError):
+        return "the forward's source is not available"
+    start = next((i for i, line in enumerate(lines) if f"self.{head_name}(" in line), None)
+    if start is None or not lines[start].strip().startswith("logits = "):
+        return f"the forward does not compute `logits = self.{head_name}(...)`"
+    end = next((i for i in range(start + 1, len(lines)) if "self.loss_function(" in lines[i]), None)
+    if end is None:
+        return "the forward does not call self.loss_function"
+    i = start + 1
+    while i < end:
+        text = lines[i].strip()
+        if text.startswith("if ") and "final_logit_softcapping" in text and (
+                getattr(model.config, "final_logit_softcapping", None) is None):
+            indent = len(lines[i]) - len(lines[i].lstrip())
+            i += 1
+            while i < end and (not lines[i].strip() or len(lines[i]) - len(lines[i].lstrip()) > indent):
+                i += 1
+            continue
+        if "logits" in text.replace("final_logit_softcapping", "") and not text.startswith("#"):
+            if "softcapping" in text or "softcap" in lines[i - 1]:
+                return "final_logit_softcapping is set"
+            return f"the logits are changed between the head and the loss ({text!r})"
+        i += 1
+    return None
+
+
+def _patch_loss(model: PreTrainedModel, mode: str, record: _Record, report: PatchReport) -> None:
+    forward = type(model).forward
+    loss_type = getattr(model, "loss_type", None)
+    uses_loss_function = _calls(forward, "loss_function")
+    # transformers takes the causal-LM loss for a loss_type it does not know (GPT2LMHeadModel has none).
+    causal = loss_type in ("ForCausalLM", "ForConditionalGeneration") or loss_type not in LOSS_MAPPING
+    if uses_loss_function and causal and isinstance(model, GenerationMixin):
+        if mode == "fused":
+            head = model.get_output_embeddings()
+            head_name = next((n for n, m in model.named_modules() if m is head), None)
+            if not (type(head) is nn.Linear and "forward" not in head.__dict__):
+                reason = f"the output head is {type(head).__name__}, not an nn.Linear"
+            elif "forward" in model.__dict__:  # e.g. an accelerate hook, which must stay outermost
+                reason = "the model's forward is already replaced on the instance"
+            else:
+                reason = _logits_reach_loss_unchanged(model, head_name.rsplit(".", 1)[-1])
+            if reason is None:
+                _set(record, head, "_torch_vjp_pass_hidden", False)
+                _set(record, head, "forward", types.MethodType(_head_forward, head))
+                _set(record, model, "forward", types.MethodType(_fused_forward(forward), model))
+            else:
+                report._skip("loss", "", f"fused loss not used ({reason}): logits + torch_vjp.cross_entropy")
+                mode = "ce"
+        _set(record, model, "_loss_function", types.MethodType(_causal_lm_loss, model))
+        report.loss = mode
+        report._add("loss", "")
+    elif uses_loss_function and loss_type == "ForMaskedLM":
+        _set(record, model, "_loss_function", types.MethodType(_masked_lm_loss, model))
+        report.loss = "ce"
+        report._add("loss", "")
+    elif (type(model).__name__.endswith("ForMaskedLM") and _calls(forward, "CrossEntropyLoss")
+          and "forward" not in model.__dict__):
+        _set(record, model, "forward", types.MethodType(_masked_lm_forward(forward), model))
+        report.loss = "ce"
+        report._add("loss", "")
+    else:
+        report._skip("loss", "", f"{type(model).__name__} computes no causal- or masked-LM loss torch_vjp replaces")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# patch / unpatch
+
+def _unwrap(model):
+    """The transformers model inside a PEFT model or a DistributedDataParallel/compiled wrapper."""
+    for _ in range(4):
+        if isinstance(model, PreTrainedModel):
+            return model
+        if hasattr(model, "get_base_model"):  # peft.PeftModel
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), nn.Module):  # DDP
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            break
+    return model
+
+
+def is_patched(model) -> bool:
+    return _STATE in _unwrap(model).__dict__
+
+
+def _fuse_weight_matches() -> bool:
+    """Whether rms_norm with the float32 weight inside the kernel rounds as the eager module's x̂ then w·x̂."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 96, generator=generator) * 3
+    w = torch.randn(96, generator=generator)
+    eager = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    return torch.equal(torch_vjp.rms_norm(x, (96,), w, 1e-6), eager)
+
+
+def patch(model, *, norms: bool = True, mlp: bool = True, attention: bool = True, loss: Optional[str] = "fused"
+          ) -> PatchReport:
+    r"""Swap torch_vjp's fused ops into one transformers model instance, in place.
+
+    Modules are found by what their forward computes (the same code as transformers' Llama, Gemma and Phi3
+    modules, ``nn.LayerNorm``, the GELU/SiLU activation classes) and by the config, never by the model's class,
+    and each is patched on the instance: a stock model in the same process runs stock. Parameters, buffers,
+    the state_dict, ``isinstance`` and ``type()`` are unchanged.
+
+    Args:
+        model: a ``transformers.PreTrainedModel`` (or a PEFT, DDP or compiled wrapper of one).
+        norms: RMSNorm (Llama and Gemma forms), ``nn.LayerNorm``, ``nn.RMSNorm``.
+        mlp: gated MLPs through ``swiglu``/``geglu`` (by the activation module: SiLU, tanh or erf GELU), the
+            gate of MoE experts under transformers' ``grouped_mm``/``batched_mm`` experts implementations, and
+            other GELU/SiLU activation modules through ``gelu``/``silu``.
+        attention: run attention as eager attention with ``torch_vjp.softmax``, registered with transformers
+            as ``"torch_vjp"`` (with its mask function). The model gets a private copy of its config, where
+            transformers keeps the attention implementation, so models that shared the config are unaffected.
+        loss: ``"fused"``: when the model trains (``model.training``) with ``labels``, the causal-LM loss
+            through ``fused_linear_cross_entropy`` on the head's input, never forming the logits, and the output
+            carries no logits (pass ``return_logits=True`` to the forward for them); otherwise, and where the
+            model changes its logits before the loss (final-logit softcapping), ``"ce"``. ``"ce"``: the
+            logits as usual, the loss by ``torch_vjp.cross_entropy``. Masked-LM heads always take ``"ce"``.
+            Both honour ``num_items_in_batch``, ``ignore_index`` and ``shift_labels`` as transformers does.
+            None leaves the loss alone.
+
+    Returns:
+        a :class:`PatchReport`. Patching a patched model with the same options returns its report.
+    """
+    if loss not in _LOSSES:
+        raise ValueError(f"patch(): loss must be one of {_LOSSES}, got {loss!r}")
+    model = _unwrap(model)
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"patch(): expected a transformers PreTrainedModel, got {type(model).__name__}")
+    options = dict(norms=norms, mlp=mlp, attention=attention, loss=loss)
+    record = model.__dict__.get(_STATE)
+    if record is not None:
+        if record.options != options:
+            raise RuntimeError(f"patch(): {type(model).__name__} is already patched with {record.options}; "
+                               "unpatch(model) first")
+        return record.report
+
+    report = PatchReport(model=type(model).__name__)
+    record = _Record(options=options, report=report)
+    fuse_weight = _fuse_weight_matches() if norms else False
+    owned_activations = set()  # act_fn modules a patched MLP no longer calls
+
+    for name, module in model.named_modules():
+        if module is model:
+            continue
+        replaced_forward = "forward" in module.__dict__
+        kind = _norm_kind(module) if norms else None
+        if kind is not None:
+            if replaced_forward:
+                report._skip("norms", name, "its forward is already replaced on the instance")
+                continue
+            forward = {"layer_norm": _layer_norm_forward, "torch_rms_norm": _torch_rms_norm_forward,
+                       "llama_rms_norm": _llama_rms_norm_forward, "gemma_rms_norm": _gemma_rms_norm_forward}[kind]
+            if kind == "llama_rms_norm":
+                _set(record, module, "_torch_vjp_fuse_weight", fuse_weight)
+            _set(record, module, "forward", types.MethodType(forward, module))
+            report._add("norms", name)
+            continue
+        if norms and "Norm" in type(module).__name__ and not list(module.children()):
+            report._skip("norms", name, f"{type(module).__name__}'s forward is none of the norms torch_vjp reproduces")
+            continue
+        if not mlp:
+            continue
+        kind = _mlp_kind(module)
+        if kind is not None:
+            act = module.act_fn if kind == "mlp" else module.activation_fn
+            act_kind = _activation_kind(act)
+            if replaced_forward:
+                report._skip("mlp", name, "its forward is already replaced on the instance")
+            elif act_kind is None:
+                report._skip("mlp", name, f"activation {type(act).__name__} has no fused gated op")
+            else:
+                _set(record, module, "_torch_vjp_act", act_kind)
+                _set(record, module, "forward", types.MethodType(
+                    _mlp_forward if kind == "mlp" else _fused_mlp_forward, module))
+                owned_activations.add(id(act))
+                report._add("mlp", name)
+            continue
+        if hasattr(type(module), "_apply_gate") and hasattr(module, "gate_up_proj"):
+            _patch_experts(name, module, record, report, owned_activations)
+            continue
+        if type(module).__name__.endswith("MLP") and not hasattr(module, "c_fc") and not hasattr(module, "fc1"):
+            report._skip("mlp", name, f"{type(module).__name__}'s forward is not a gated MLP torch_vjp reproduces")
+
+    if mlp:  # activation modules left to run on their own (GPT-2's, BERT's, and those of unpatched MLPs)
+        for name, module in model.named_modules():
+            act_kind = _activation_kind(module)
+            if act_kind is not None and id(module) not in owned_activations:
+                _set(record, module, "_torch_vjp_act", act_kind)
+                _set(record, module, "forward", types.MethodType(_activation_forward, module))
+                report._add("activations", name)
+
+    if attention:
+        _patch_attention(model, record, report)
+    if loss is not None:
+        _patch_loss(model, loss, record, report)
+    object.__setattr__(model, _STATE, record)
+    return report
+
+
+def _patch_experts(name, module, record, report, owned_activations) -> None:
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:
+        report._skip("mlp", name, "this transformers has no experts gate to replace")
+        return
+    act_kind = _activation_kind(getattr(module, "act_fn", None))
+    implementation = getattr(getattr(module, "config", None), "_experts_implementation", None)
+    if type(module)._apply_gate is not _default_apply_gate or not getattr(module, "has_gate", False):
+        report._skip("mlp", name, f"{type(module).__name__} has its own gate")
+    elif not getattr(module, "is_concatenated", True):
+        report._skip("mlp", name, "the experts' gate and up projections are interleaved")
+    elif act_kind is None:
+        report._skip("mlp", name, f"activation {type(module.act_fn).__name__} has no fused gated op")
+    elif implementation in (None, "eager"):
+        report._skip("mlp", name, "the eager experts loop applies act_fn inline; the 'grouped_mm' and 'batched_mm' "
+                                  "experts implementations are patched")
+    else:
+        _set(record, module, "_torch_vjp_act", act_kind)
+        _set(record, module, "_apply_gate", types.MethodType(_experts_apply_gate, module))
+        owned_activations.add(id(module.act_fn))
+        report._add("mlp", name)
+
+
+def _patch_attention(model: PreTrainedModel, record: _Record, report: PatchReport) -> None:
+    modules = _attention_modules(model)
+    if not modules or not model._can_set_attn_implementation():
+        report._skip("attention", "", f"{type(model).__name__} does not dispatch attention through transformers' "
+                                      "AttentionInterface")
+        return
+    if getattr(model.config, "output_attentions", False):
+        report._skip("attention", "", "output_attentions needs transformers' eager attention")
+        return
+    _register_attention()
+    _own_config(model, record)
+    model.set_attn_implementation(ATTENTION)
+    if model.config._attn_implementation != ATTENTION:
+        report._skip("attention", "", f"transformers kept {model.config._attn_implementation!r}")
+        return
+    report.attention = ATTENTION
+    for name, _ in modules:
+        report._add("attention", name)
+
+
+def unpatch(model) -> None:
+    """Undo :func:`patch` on this model: every instance attribute it set is removed or given back its former
+    value, and the model's own config objects are restored (changes made to the model's config while patched,
+    other than the attention implementation, are carried over to them)."""
+    model = _unwrap(model)
+    record = model.__dict__.get(_STATE)
+    if record is None:
+        raise RuntimeError(f"unpatch(): {type(model).__name__} is not patched by torch_vjp.transformers")
+    for module, attribute, had, value in reversed(record.attributes):
+        if had:
+            object.__setattr__(module, attribute, value)
+        else:
+            module.__dict__.pop(attribute, None)
+    for original, private in record.config_pairs:
+        for key, value in private.__dict__.items():
+            if key in ("_attn_implementation_internal",) or isinstance(value, PreTrainedConfig):
+                continue
+            try:
+                changed = key not in original.__dict__ or bool(original.__dict__[key] != value)
+            except Exception:  # values that do not compare to a bool are left as they were
+                changed = False
+            if changed:
+                setattr(original, key, value)
+    for module, config in record.configs:
+        object.__setattr__(module, "config", config)
+    del model.__dict__[_STATE]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Trainer / TRL
+
+class PatchCallback(TrainerCallback):
+    """Patches the model a ``transformers.Trainer`` (or a TRL trainer) holds, once, before training:
+
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[PatchCallback()])
+
+    Keyword arguments are :func:`patch`'s options; the report is kept in ``callback.report``.
+    """
+
+    def __init__(self, **options):
+        self.options = options
+        self.report = None
+
+    def _patch(self, model):
+        if model is not None:
+            self.report = patch(model, **self.options)
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        self._patch(model)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._patch(model)  # a model swapped in after __init__ (model_init) is patched here; patch is idempotent
+
+
+def patch_trainer(trainer, **options) -> PatchReport:
+    """Patch the model ``trainer`` holds (see :func:`patch`); call before ``trainer.train()``."""
+    return patch(trainer.model, **options)
