@@ -128,6 +128,21 @@ def gradient_error(ours, reference):
     return max((o - r).abs().max().item() / max(r.abs().max().item(), floor) for o, r in zip(ours, reference))
 
 
+def checkpointing(model, on):
+    """Gradient (activation) checkpointing on or off, under either of transformers' names for it."""
+    if on and hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+
+
+def snapshot(model):
+    """Each module's instance attribute names and the identity of the config it holds."""
+    return {name: (set(m.__dict__), id(m.__dict__.get("config"))) for name, m in model.named_modules()}
+
+
 def untouched(model):
     """No instance attribute torch_vjp sets is on any module of `model`."""
     return all("forward" not in m.__dict__ and "_apply_gate" not in m.__dict__ and "_loss_function" not in m.__dict__
@@ -205,7 +220,9 @@ def test_bf16_autocast_is_as_accurate_as_stock(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_load_generate_checkpointing_and_unpatch(family, tmp_path):
     stock, model = build(family)
-    tvt.patch(model)
+    checkpointing(model, True), checkpointing(model, False)  # the attributes it leaves behind, before the snapshot
+    before = snapshot(model)
+    report = tvt.patch(model)
     train(model, batch(family), steps=1)
     model.eval()
 
@@ -230,19 +247,24 @@ def test_save_load_generate_checkpointing_and_unpatch(family, tmp_path):
     model.zero_grad()
     model(**inputs).loss.backward()
     plain = [p.grad.clone() for p in model.parameters()]
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointing(model, True)
     model.zero_grad()
+    norm = model.get_submodule(next(name for name in report.replaced["norms"] if ".0." in name))  # in layer 0
+    calls = []
+    hook = norm.register_forward_hook(lambda *_: calls.append(1))
     model(**inputs).loss.backward()
+    hook.remove()
+    assert len(calls) == 2  # the layer ran again in the backward: checkpointing was on, through the patched norm
     for a, p in zip(plain, model.parameters()):
         torch.testing.assert_close(p.grad, a, rtol=1e-6, atol=1e-7)
-    model.gradient_checkpointing_disable()
+    checkpointing(model, False)
 
     # unpatch gives back the stock model: no instance attributes, its own config, stock's outputs bit for bit.
     tvt.unpatch(model)
     assert untouched(model) and not tvt.is_patched(model)
+    # Every module holds the attributes it held before patch(), and its own config object again.
+    assert snapshot(model) == before
     assert model.config._attn_implementation == loaded.config._attn_implementation
-    assert all(m.config is model.config for m in model.modules() if isinstance(getattr(m, "config", None),
-                                                                                type(model.config)))
     model.eval()
     with torch.no_grad():
         inputs = batch(family, seed=3)
@@ -411,6 +433,14 @@ def test_patch_is_idempotent_and_refuses_mixed_options():
     report = tvt.patch(model, norms=False, mlp=False, attention=False, loss=None)
     assert report.replaced == {} and report.attention is None and untouched(model)
     tvt.unpatch(model)
+    # A change made to the (private) config while patched is carried over to the model's own config.
+    config = model.config
+    tvt.patch(model)
+    assert model.config is not config
+    flipped = not config.use_cache
+    model.config.use_cache = flipped
+    tvt.unpatch(model)
+    assert model.config is config and config.use_cache == flipped
 
 
 def test_a_head_swapped_in_after_patch_takes_the_plain_path():
