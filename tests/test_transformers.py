@@ -333,6 +333,12 @@ def test_loss_options_follow_transformers():
     shifted = torch.nn.functional.pad(inputs["labels"], (0, 1), value=-100)[:, 1:].contiguous()
     for model in (stock, fused, ce, untouched_loss):
         model.train()
+    # The fused forward never forms the logits: the head hands its input on (hidden size, not the vocabulary).
+    shapes = []
+    hook = fused.lm_head.register_forward_hook(lambda module, args, output: shapes.append(output.shape))
+    fused(**inputs)
+    hook.remove()
+    assert shapes == [(2, 12, 64)]
     cases = [dict(), dict(num_items_in_batch=count * 3), dict(num_items_in_batch=int(count) + 5),
              dict(shift_labels=shifted, labels=torch.zeros_like(shifted))]
     for extra in cases:
