@@ -54,8 +54,10 @@ TORCH_LIBRARY(torch_vjp, m) {
 
   // Losses (math/cross_entropy.h). cross_entropy also returns the per-row statistics its VJP needs, the max
   // and log Σ exp(x - max) (their sum is the log-sum-exp, never rounded into one value).
-  // fused_linear_cross_entropy(compute_grad=True) also returns the gradients for grad_output = 1 (three
-  // matrix products in all); its _backward recomputes the logits chunk by chunk for any grad_output.
+  // fused_linear_cross_entropy returns its loss in the compute type (float32 for half types: the public
+  // function rounds it, but under autocast), and with compute_grad=True also the gradients for
+  // grad_output = 1 (three matrix products in all); its _backward recomputes the logits chunk by chunk for any
+  // grad_output.
   m.def("cross_entropy(Tensor input, Tensor target, int ignore_index, str reduction, float label_smoothing) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("cross_entropy_backward(Tensor grad_output, Tensor input, Tensor target, Tensor row_max, Tensor log_sum, "

@@ -3,6 +3,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+
+import torch_vjp
 
 from torch_vjp.testing import OPS_BY_NAME, Call, dim_calls, op_variants, sample
 
@@ -172,6 +175,63 @@ def test_special_values(info, variant, dtype, device):
     c64 = c.cast(torch.float64)
     y, y_ref = c.op(*c.primals), c64.ref(*c64.primals).to(dtype)
     torch.testing.assert_close(y, y_ref, equal_nan=True, **TOLERANCES[dtype])
+
+
+# Row lengths at which the kernel paths change, on either backend. CPU (cpu/loops.h): shorter than one vector
+# (masked loads only), one vector and a tail, several vectors and a tail (the four-accumulator max), rows
+# past the streaming threshold (7 rows x 262147 x 4 bytes > 4 MiB of output). CUDA (cuda/row_engine.cuh):
+# several rows a warp (<= 32), a warp a row (33, 67, 1025 in packs), a block (4099), a cluster on sm_90 or a
+# block holding the row (70001), split rows (262147). tests/test_cuda.py asserts which path each reaches.
+PATH_LENGTHS = [1, 7, 33, 67, 1025, 4099, 70001, 262147]
+
+
+def special_rows(n, dtype, device, seed=0):
+    """Seven rows of n: -inf at the end (a vector tail), all -inf, +inf in the middle, NaN at the end, values
+    that overflow exp and a square (±1000), a constant row (padding), and an ordinary one."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(7, n, generator=g, dtype=torch.float64) * 3
+    x[0, -1] = float("-inf")
+    x[1] = float("-inf")
+    x[2, n // 2] = float("inf")
+    x[3, -1] = float("nan")
+    x[4] = torch.where(torch.arange(n) % 2 == 0, 1000.0, -1000.0)
+    x[5] = 5.1
+    return x.to(dtype).to(device)
+
+
+@pytest.mark.parametrize("n", PATH_LENGTHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("info,variant", op_variants(("softmax", "norm", "loss")))
+def test_special_values_at_every_path_length(info, variant, dtype, n, device):
+    """±inf, NaN, overflow, constant and one-element rows behave like float64 torch at every row length where a
+    kernel path changes, along the last dim and (softmax family, normalize) along dim 0: the column kernel."""
+    if info.name == "fused_linear_cross_entropy" and n > 4099:
+        pytest.skip("the fused loss's rows are hidden states: their length does not choose a kernel path")
+    x = special_rows(n, dtype, device)
+    layouts = [dict(dim=-1), dict(dim=0)] if info.has_dim else [{}]
+    for layout in layouts:
+        rows = x if layout.get("dim", -1) == -1 else x.t().contiguous()
+        c = info.call(rows, **layout, **variant)
+        c64 = c.cast(torch.float64)
+        y, y_ref = c.op(*c.primals), c64.ref(*c64.primals)
+        torch.testing.assert_close(y.double(), y_ref, equal_nan=True, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("n", PATH_LENGTHS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_rows_all_ignored(n, reduction, device):
+    """Every target ignored: 'mean' is NaN (0/0) as torch's, the others 0; the gradient as torch's."""
+    x = special_rows(n, torch.float32, device)[4:]
+    target = torch.full((x.shape[0],), -100, device=device)
+    results = []
+    for fn in (torch_vjp.cross_entropy, F.cross_entropy):
+        xs = x.clone().requires_grad_()
+        loss = fn(xs, target, reduction=reduction)
+        results.append((loss, *torch.autograd.grad(loss.sum(), xs)))
+    expected = torch.full_like(results[1][0], float("nan") if reduction == "mean" else 0.0)
+    torch.testing.assert_close(results[1][0], expected, equal_nan=True)
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

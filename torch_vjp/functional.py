@@ -12,6 +12,7 @@ import warnings
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
 from ._ops import NO_AUTOCAST, _any_autocast, _grad_enabled, _is_compiling, transforms_active, wrap_dim
 from .elementwise import OPS as _ELEMENTWISE
@@ -407,6 +408,9 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[
     :math:`dw = \sum_\text{rows} dy \odot \hat x`, :math:`db = \sum_\text{rows} dy`, deterministic.
     """
     fn = "layer_norm"
+    if isinstance(input, Tensor) and input.is_complex():
+        raise NotImplementedError(f'torch_vjp.layer_norm: not implemented for {input.dtype} input (as torch\'s '
+                                  f'"LayerNormKernelImpl")')
     return _LAYER_NORM(input, _shape(normalized_shape, fn), _tensor(weight, fn, "weight", True),
                        _tensor(bias, fn, "bias", True), _float(eps, fn, "eps"))
 
@@ -427,6 +431,11 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Te
             and input.dim() < len(normalized_shape):
         raise ValueError(f"torch_vjp.rms_norm: normalized_shape={list(normalized_shape)} has more dims than the input "
                          f"of size {list(input.shape)} (torch raises ValueError here too)")
+    if (isinstance(input, Tensor) and input.is_complex()) or (
+            isinstance(weight, Tensor) and isinstance(input, Tensor) and input.is_floating_point()
+            and not weight.is_floating_point()):
+        # Forms torch computes by its composite (complex input, an integer or complex weight): torch's own.
+        return F.rms_norm(input, normalized_shape, weight, eps)
     if eps is None:
         eps = torch.finfo(input.dtype).eps if isinstance(input, Tensor) and input.is_floating_point() else 0.0
     return _RMS_NORM(input, _shape(normalized_shape, fn), _tensor(weight, fn, "weight", True), _float(eps, fn, "eps"))
@@ -437,13 +446,15 @@ def normalize(input: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12, o
 
     :math:`y = x / \max(\lVert x \rVert_p, \epsilon)` along ``dim``, like :func:`torch.nn.functional.normalize`.
     For p = 2, fused kernels; backward (saves y and the per-row norm :math:`\rho`):
-    :math:`dx = (dy - y\,\langle y, dy\rangle)/\rho`, or :math:`dy/\epsilon` where :math:`\rho < \epsilon`.
-    Any other p is computed as torch computes it (its norm, clamp and division, so its autograd).
+    :math:`dx = (dy - y\,\langle y, dy\rangle)/\rho`, or :math:`dy/\epsilon` where :math:`\rho \le \epsilon`
+    (torch's tie rule); a row of one element has :math:`\rho = |x|`, as torch's norm. Any other p, a named norm,
+    several dims (or ``dim=None``) and complex input are computed as torch computes them (its norm, clamp and
+    division, so its autograd).
 
     Args:
         input (Tensor): any shape, floating.
-        p (float): the exponent of the norm. Default: 2.
-        dim (int): the dim the rows run along. Default: 1 (torch's).
+        p (float or str): the exponent of the norm. Default: 2.
+        dim (int, tuple of ints or None): the dim the rows run along. Default: 1 (torch's).
         eps (float): the smallest norm divided by. Default: 1e-12.
         out (Tensor, optional): the output tensor (not differentiable, as in torch).
 
@@ -451,6 +462,11 @@ def normalize(input: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12, o
     gives float32).
     """
     fn = "normalize"
+    if isinstance(p, str) or dim is None or isinstance(dim, (tuple, list, torch.Size)) or (
+            isinstance(input, Tensor) and input.is_complex()):
+        # Forms torch takes and torch_vjp does not fuse (a named norm, several dims or all of them, complex
+        # input): torch's own computation.
+        return F.normalize(input, p, dim, eps, out)
     p, dim, eps = _float(p, fn, "p"), _int(dim, fn, "dim"), _float(eps, fn, "eps")
     if p == 2.0:
         call = lambda t: _NORMALIZE(t, dim, eps)  # noqa: E731
@@ -499,13 +515,22 @@ def geglu(gate: Tensor, up: Tensor, approximate: str = "tanh") -> Tensor:
 # ---------------------------------------------------------------------------------------------------------
 # Losses over class-index targets.
 
-def _reduction(size_average, reduce, reduction: str, fn: str) -> str:
-    """torch's legacy size_average / reduce, which override reduction (with torch's deprecation warning)."""
+def _reduction(size_average, reduce, reduction: str) -> str:
+    """torch's legacy size_average / reduce, which override reduction (with torch's deprecation warning); a
+    reduction that is not one of torch's names (None included) is torch's ValueError."""
     if size_average is not None or reduce is not None:
         from torch.nn import _reduction as legacy
 
         return legacy.legacy_get_string(size_average, reduce)
-    return _str(reduction, fn, "reduction")
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    return reduction
+
+
+def _label_smoothing(value, fn: str) -> float:
+    """ε as torch takes it: a Number; ≤ 0 or NaN is no smoothing; above 1 torch's RuntimeError (the kernels')."""
+    value = _float(value, fn, "label_smoothing")
+    return value if value > 0.0 else 0.0
 
 
 _LOSS_ARGS = """
@@ -545,8 +570,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     if weight is not None:
         raise NotImplementedError("torch_vjp.cross_entropy: class weights (weight=) are not implemented; "
                                   "use torch.nn.functional.cross_entropy for them")
-    reduction = _reduction(size_average, reduce, reduction, fn)
-    ignore_index, label_smoothing = _int(ignore_index, fn, "ignore_index"), _float(label_smoothing, fn, "label_smoothing")
+    reduction = _reduction(size_average, reduce, reduction)
+    ignore_index, label_smoothing = _int(ignore_index, fn, "ignore_index"), _label_smoothing(label_smoothing, fn)
     if target.is_floating_point() and target.shape == input.shape and input.dim() > 0:
         raise NotImplementedError("torch_vjp.cross_entropy: class-probability targets (a floating target shaped like "
                                   "the input) are not implemented; give class indices")
@@ -573,7 +598,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         bias (Tensor, optional): ``(V,)``.""" + _LOSS_ARGS + """
     Shape: the loss is a scalar, or ``(N,)`` for ``reduction='none'``. Under autocast (CUDA and CPU) the matrix
     products run in the autocast dtype and the loss comes back in float32, as torch's linear + cross_entropy
-    give it (the loss is rounded once to the autocast dtype on the way).
+    give it: the float32 loss of the low-precision logits, never rounded to the autocast dtype.
 """)
 def fused_linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
                                ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
@@ -587,13 +612,18 @@ def fused_linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bi
     fn = "fused_linear_cross_entropy"
     _tensor(input, fn, "input")
     weight, target, bias = _tensor(weight, fn, "weight"), _tensor(target, fn, "target"), _tensor(bias, fn, "bias", True)
-    reduction = _str(reduction, fn, "reduction")
-    ignore_index, label_smoothing = _int(ignore_index, fn, "ignore_index"), _float(label_smoothing, fn, "label_smoothing")
+    reduction = _reduction(None, None, reduction)
+    ignore_index, label_smoothing = _int(ignore_index, fn, "ignore_index"), _label_smoothing(label_smoothing, fn)
     # The gradients in the forward pass (three products in all) where a plain backward will scale them: a
     # graph is recorded, the loss is reduced (a 'none' backward weighs every row differently), no transform.
     compute_grad = (reduction != "none" and _grad_enabled()
                     and any(t is not None and t.requires_grad for t in (input, weight, bias))
                     and (_is_compiling() or not transforms_active()))
-    return _FUSED_LINEAR_CROSS_ENTROPY(input, weight, target, bias, ignore_index, reduction, label_smoothing,
+    loss = _FUSED_LINEAR_CROSS_ENTROPY(input, weight, target, bias, ignore_index, reduction, label_smoothing,
                                        compute_grad)
+    # The op's loss is in the compute type. Under autocast it is torch's value as it is (the float32 loss of
+    # the low-precision logits); otherwise torch's is in the input's dtype, rounded once.
+    if loss.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
+        loss = loss.to(input.dtype)
+    return loss
 

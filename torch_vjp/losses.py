@@ -4,9 +4,11 @@ without the (N, V) logits ever held; the kernels' math is csrc/math/cross_entrop
 cross_entropy, per row i with target t, C classes, label smoothing ε, p = softmax(x_i), s_i the row's scale
 (dy_i for 'none', dy for 'sum', dy / count for 'mean', 0 for an ignored row):
   loss_i = lse_i - (1 - ε) x_it - (ε/C) Σ_j x_ij       the Jacobian of a row's loss is one row:
-  dx_i = s_i (p - ε/C - (1 - ε) onehot(t))             the VJP op, one pass from x and the saved lse
+  dx_i = s_i (p - ε/C - (1 - ε) onehot(t))             the VJP op, one pass from x and the saved statistics
   J·t  = Σ_j dx_ij t_ij at s = 1                        forward mode: the VJP kernel's row, dotted with t
-The forward also returns lse per row (compute type), a differentiable output: ∂lse/∂x = p.
+The forward also returns per row (compute type) m = max_j x_ij and log_sum = log Σ_j exp(x_ij - m), so that
+p = exp((x - m) - log_sum) as torch's exp(log_softmax(x)) (exp(x - lse) with a rounded lse loses |lse|·ε).
+Both are differentiable outputs: ∂m/∂x is torch's amax gradient (ties share it), ∂log_sum/∂x = p - ∂m/∂x.
 
 fused_linear_cross_entropy: logits = x Wᵀ + b chunk by chunk (the matrix products through at::addmm: the CPU
 BLAS or cuBLAS), each chunk's loss and dlogits at once, grad_x = dlogits W, grad_W = dlogitsᵀ x, grad_b =
@@ -26,7 +28,9 @@ sample's logits (a per-sample weight gradient needs each sample's dlogits).
 
 Autocast: torch's CUDA and CPU lists run cross_entropy in float32 (CUDA: its log_softmax and nll_loss;
 CPU: cross_entropy_loss): "fp32". fused_linear_cross_entropy is torch's linear ("lower_precision_fp": the
-matrix products in the autocast dtype) followed by that cross_entropy, so its loss comes back in float32.
+matrix products in the autocast dtype) followed by that cross_entropy, so its loss comes back in float32: the
+registered op returns the loss in the compute type, which the public function rounds to the input's dtype
+only outside autocast (torch's value both ways: the float32 loss of the low-precision logits, unrounded).
 """
 from __future__ import annotations
 
@@ -54,7 +58,7 @@ def _reduce_per_sample(losses, target, ignore_index, reduction):
     if reduction == "none":
         return losses
     dims = tuple(range(1, losses.dim()))
-    total = losses.to(compute_type(losses.dtype))
+    total = losses.to(torch.float64)  # as the kernels' reduce_loss: summed in double, rounded once
     total = total.sum(dims) if dims else total
     if reduction == "mean":
         counted = target != ignore_index
@@ -78,11 +82,23 @@ def _row_scale_per_sample(grad_output, target, ignore_index, reduction, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# cross_entropy(input, target, ignore_index, reduction, label_smoothing) -> (loss, lse)
+# cross_entropy(input, target, ignore_index, reduction, label_smoothing) -> (loss, row_max, log_sum)
 
-def _ce_backward_ref(grad_output, input, target, lse, ignore_index, reduction, label_smoothing):
-    """cross_entropy's VJP in torch ops, as the kernel computes it: s (exp(x - lse) - ε/C - (1 - ε) onehot(t))."""
-    ct = lse.dtype
+def _softmax_from_stats(input, row_max, log_sum):
+    """p = exp((x - m) - log_sum) in the statistics' dtype, as the kernels form it (math/cross_entropy.h)."""
+    ct = log_sum.dtype
+    return torch.exp((input.to(ct) - row_max.unsqueeze(-1)) - log_sum.unsqueeze(-1))
+
+
+def _max_weights(input, row_max):
+    """∂m/∂x for m = max_j x_j: torch's amax gradient, shared evenly between the elements equal to the max."""
+    at_max = (input.to(row_max.dtype) == row_max.unsqueeze(-1)).to(row_max.dtype)
+    return at_max / at_max.sum(-1, keepdim=True)
+
+
+def _ce_backward_ref(grad_output, input, target, row_max, log_sum, ignore_index, reduction, label_smoothing):
+    """cross_entropy's VJP in torch ops, as the kernel computes it: s (p - ε/C - (1 - ε) onehot(t))."""
+    ct = log_sum.dtype
     classes = input.shape[-1]
     counted = target != ignore_index
     g = grad_output.to(ct)
@@ -90,7 +106,7 @@ def _ce_backward_ref(grad_output, input, target, lse, ignore_index, reduction, l
         g = g / counted.sum().to(ct)
     scale = torch.where(counted, g, 0)
     onehot = F.one_hot(torch.where(counted, target, 0).long(), classes).to(ct)
-    p = torch.exp(input.to(ct) - lse.unsqueeze(-1))
+    p = _softmax_from_stats(input, row_max, log_sum)
     dx = scale.unsqueeze(-1) * (p - label_smoothing / classes - (1 - label_smoothing) * onehot)
     return dx.to(input.dtype)
 
@@ -106,43 +122,56 @@ def _ce_tangent(G, t, target, ignore_index, reduction, ct):
 
 
 def _ce_jvp(tangents, saved, params):
-    (t_x, _), (x, target, lse), (ignore_index, reduction, label_smoothing) = tangents, saved, params
+    (t_x, _), (x, target, row_max, log_sum), (ignore_index, reduction, label_smoothing) = tangents, saved, params
     if t_x is None:
-        return None, None
-    ct = lse.dtype
+        return None, None, None
+    ct = log_sum.dtype
     per_row = reduction == "none"
     ones = torch.ones(target.shape if per_row else (), dtype=x.dtype, device=x.device)
-    G = CROSS_ENTROPY.backward(ones, x, target, lse, ignore_index, "none" if per_row else "sum", label_smoothing)
+    G = CROSS_ENTROPY.backward(ones, x, target, row_max, log_sum, ignore_index, "none" if per_row else "sum",
+                               label_smoothing)
     t_loss = _ce_tangent(G, t_x, target, ignore_index, reduction, ct).to(x.dtype)
-    t_lse = (SOFTMAX(x, -1).to(ct) * t_x.to(ct)).sum(-1)
-    return t_loss, t_lse
+    t = t_x.to(ct)
+    t_max = (_max_weights(x, row_max) * t).sum(-1)
+    t_log_sum = (_softmax_from_stats(x, row_max, log_sum) * t).sum(-1) - t_max
+    return t_loss, t_max, t_log_sum
 
 
 def _ce_extras_vjp(grads, saved, params):
-    (g_lse,), (x, target, lse) = grads, saved
-    return (g_lse.to(lse.dtype).unsqueeze(-1) * SOFTMAX(x, -1).to(lse.dtype)).to(x.dtype), None
+    """The statistics' gradients: g_m ∂m/∂x + g_log_sum (p - ∂m/∂x)."""
+    (g_max, g_log_sum), (x, target, row_max, log_sum) = grads, saved
+    ct = log_sum.dtype
+    dx = 0
+    if g_log_sum is not None:
+        dx = g_log_sum.to(ct).unsqueeze(-1) * _softmax_from_stats(x, row_max, log_sum)
+    g_at_max = (0 if g_max is None else g_max.to(ct)) - (0 if g_log_sum is None else g_log_sum.to(ct))
+    dx = dx + torch.as_tensor(g_at_max, dtype=ct, device=x.device).unsqueeze(-1) * _max_weights(x, row_max)
+    return dx.to(x.dtype), None
 
 
 def _ce_vmap(call, info, in_dims, input, target, ignore_index, reduction, label_smoothing):
     check_reduction(reduction)
     input, target = _moved(input, in_dims[0], info.batch_size), _moved(target, in_dims[1], info.batch_size)
-    loss, lse = call(input.reshape(-1, input.shape[-1]), target.reshape(-1), ignore_index, "none", label_smoothing)
-    loss, lse = loss.reshape(target.shape), lse.reshape(target.shape)
-    return (_reduce_per_sample(loss, target, ignore_index, reduction), lse), (0, 0)
+    loss, row_max, log_sum = call(input.reshape(-1, input.shape[-1]), target.reshape(-1), ignore_index, "none",
+                                  label_smoothing)
+    loss, row_max, log_sum = (t.reshape(target.shape) for t in (loss, row_max, log_sum))
+    return (_reduce_per_sample(loss, target, ignore_index, reduction), row_max, log_sum), (0, 0, 0)
 
 
-def _ce_backward_vmap(call, info, in_dims, grad_output, input, target, lse, ignore_index, reduction, label_smoothing):
+def _ce_backward_vmap(call, info, in_dims, grad_output, input, target, row_max, log_sum, ignore_index, reduction,
+                      label_smoothing):
     check_reduction(reduction)
     size = info.batch_size
-    grad_output, input, target, lse = (_moved(t, d, size) for t, d in zip((grad_output, input, target, lse), in_dims))
+    grad_output, input, target, row_max, log_sum = (
+        _moved(t, d, size) for t, d in zip((grad_output, input, target, row_max, log_sum), in_dims))
     g = _row_scale_per_sample(grad_output, target, ignore_index, reduction, input.dtype)
-    dx = call(g.reshape(-1), input.reshape(-1, input.shape[-1]), target.reshape(-1), lse.reshape(-1), ignore_index,
-              "none", label_smoothing)
+    dx = call(g.reshape(-1), input.reshape(-1, input.shape[-1]), target.reshape(-1), row_max.reshape(-1),
+              log_sum.reshape(-1), ignore_index, "none", label_smoothing)
     return dx.reshape(input.shape), 0
 
 
 CROSS_ENTROPY = VJPOp(
-    "cross_entropy", saves=lambda args, outputs: (args[0], args[1], outputs[1]), jvp=_ce_jvp,
+    "cross_entropy", saves=lambda args, outputs: (args[0], args[1], outputs[1], outputs[2]), jvp=_ce_jvp,
     vjp_ref=_ce_backward_ref, nondifferentiable=("target",), extras_vjp=_ce_extras_vjp, vmap=_ce_vmap,
     backward_vmap=_ce_backward_vmap, autocast={"cuda": "fp32", "cpu": "fp32"},
 )
@@ -169,16 +198,19 @@ def _fused_backward_ref(grad_output, input, weight, target, bias, ignore_index, 
     """The fused VJP in torch ops, the logits formed whole: dlogits by _ce_backward_ref, then the products."""
     ct = compute_type(input.dtype)
     logits = _logits(input.to(ct), weight.to(ct), None if bias is None else bias.to(ct))
-    dlogits = _ce_backward_ref(grad_output, logits, target, torch.logsumexp(logits, -1), ignore_index, reduction,
+    row_max = logits.amax(-1)
+    log_sum = torch.logsumexp(logits - row_max.unsqueeze(-1), -1)
+    dlogits = _ce_backward_ref(grad_output, logits, target, row_max, log_sum, ignore_index, reduction,
                                label_smoothing)
     grad_bias = None if bias is None else dlogits.sum(0).to(bias.dtype)
     return (dlogits @ weight.to(ct)).to(input.dtype), (dlogits.t() @ input.to(ct)).to(weight.dtype), grad_bias
 
 
 def _fused_forward_ref(input, weight, target, bias, ignore_index, reduction, label_smoothing, compute_grad):
-    """The fused forward in torch ops and cross_entropy's kernels, the logits formed whole; no cached gradients
-    (the VJP op then computes them)."""
-    return CROSS_ENTROPY(_logits(input, weight, bias), target, ignore_index, reduction, label_smoothing), None, None, None
+    """The fused forward in torch ops and cross_entropy's kernels, the logits formed whole, the loss in the
+    compute type as the op's; no cached gradients (the VJP op then computes them)."""
+    loss = CROSS_ENTROPY(_logits(input, weight, bias), target, ignore_index, reduction, label_smoothing)
+    return loss.to(compute_type(input.dtype)), None, None, None
 
 
 def _fused_saves(args, outputs):
@@ -222,8 +254,9 @@ def _fused_jvp(tangents, saved, params):
         t_logits = t_logits + _logits(input, t_weight, None)
     if t_bias is not None:
         t_logits = t_logits + t_bias
-    loss, lse = CROSS_ENTROPY.forward(logits, target, ignore_index, "none", label_smoothing)
-    G = CROSS_ENTROPY.backward(torch.ones_like(loss), logits, target, lse, ignore_index, "none", label_smoothing)
+    loss, row_max, log_sum = CROSS_ENTROPY.forward(logits, target, ignore_index, "none", label_smoothing)
+    G = CROSS_ENTROPY.backward(torch.ones_like(loss), logits, target, row_max, log_sum, ignore_index, "none",
+                               label_smoothing)
     return _ce_tangent(G, t_logits, target, ignore_index, "none", ct).to(input.dtype), None, None, None
 
 
@@ -260,9 +293,9 @@ def _fused_backward_vmap(call, info, in_dims, grad_output, input, weight, target
     classes = logits.shape[-1]
     flat_logits, flat_target = logits.reshape(-1, classes), target.reshape(-1)
     forward, backward = _cross_entropy_for(call)
-    _, lse = forward(flat_logits, flat_target, ignore_index, "none", label_smoothing)
+    _, row_max, log_sum = forward(flat_logits, flat_target, ignore_index, "none", label_smoothing)
     g = _row_scale_per_sample(grad_output, target, ignore_index, reduction, input.dtype)
-    dlogits = backward(g.reshape(-1), flat_logits, flat_target, lse, ignore_index, "none",
+    dlogits = backward(g.reshape(-1), flat_logits, flat_target, row_max, log_sum, ignore_index, "none",
                        label_smoothing).reshape(logits.shape)
     grad_input = torch.matmul(dlogits, weight)
     grad_weight = torch.matmul(dlogits.transpose(-1, -2), input)
@@ -286,7 +319,8 @@ OPS = {op.name: op for op in (CROSS_ENTROPY, FUSED_LINEAR_CROSS_ENTROPY)}
 # tensors. Out-of-range targets are a data check: the kernels make it.
 
 def _check_label_smoothing(label_smoothing):
-    if not 0.0 <= label_smoothing <= 1.0:
+    """label_smoothing_of's check (csrc/ops/cross_entropy.h): torch's, which takes ε ≤ 0 and NaN as no smoothing."""
+    if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
 
 
@@ -318,7 +352,8 @@ def _(input, target, ignore_index, reduction, label_smoothing):
     _check_logits(input, target, "cross_entropy")
     _check_label_smoothing(label_smoothing)
     loss = input.new_empty(target.shape if reduction == "none" else ())
-    return loss, input.new_empty(target.shape, dtype=compute_type(input.dtype))
+    stat = input.new_empty(target.shape, dtype=compute_type(input.dtype))
+    return loss, stat, torch.empty_like(stat)
 
 
 def _check_grad_output(grad_output, target, reduction, device, name):
@@ -332,13 +367,15 @@ def _check_grad_output(grad_output, target, reduction, device, name):
 
 
 @register_fake("cross_entropy_backward")
-def _(grad_output, input, target, lse, ignore_index, reduction, label_smoothing):
+def _(grad_output, input, target, row_max, log_sum, ignore_index, reduction, label_smoothing):
     name = "cross_entropy_backward"
     check_reduction(reduction)
     _check_logits(input, target, name)
-    if lse.shape != target.shape or lse.dtype != compute_type(input.dtype) or lse.device != input.device:
-        raise RuntimeError(f"torch_vjp.{name}: expected lse of shape {list(target.shape)} and dtype "
-                           f"{compute_type(input.dtype)}, got {list(lse.shape)} {lse.dtype}")
+    for stat, stat_name in ((row_max, "row_max"), (log_sum, "log_sum")):
+        if stat.shape != target.shape or stat.dtype != compute_type(input.dtype) or stat.device != input.device:
+            raise RuntimeError(f"torch_vjp.{name}: expected {stat_name} of shape {list(target.shape)} and dtype "
+                               f"{compute_type(input.dtype)} on {input.device}, got {list(stat.shape)} {stat.dtype} "
+                               f"on {stat.device}")
     _check_grad_output(grad_output, target, reduction, input.device, name)
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
@@ -369,7 +406,7 @@ def _empty(t):
 @register_fake("fused_linear_cross_entropy")
 def _(input, weight, target, bias, ignore_index, reduction, label_smoothing, compute_grad):
     _check_fused(input, weight, target, bias, reduction, label_smoothing, "fused_linear_cross_entropy")
-    loss = input.new_empty(target.shape if reduction == "none" else ())
+    loss = input.new_empty(target.shape if reduction == "none" else (), dtype=compute_type(input.dtype))
     if not compute_grad:
         return loss, None, None, None
     return loss, _empty(input), _empty(weight), _empty(bias)

@@ -229,10 +229,10 @@ def _unit(y, norm, eps):
 
 
 def _normalize_backward_ref(grad_output, y, norm, dim, eps):
-    """normalize's VJP in torch ops, as the kernel computes it: (dy - y⟨y, dy⟩)/ρ, or dy/eps where ρ < eps."""
+    """normalize's VJP in torch ops, as the kernel computes it: (dy - y⟨y, dy⟩)/ρ, or dy/eps where ρ ≤ eps."""
     ct = norm.dtype
     dyc, yc = grad_output.to(ct), y.to(ct)
-    clamped = norm < eps
+    clamped = norm <= eps
     dot = torch.where(clamped, 0, (yc * dyc).sum(dim, keepdim=True))
     return ((dyc - yc * dot) / torch.where(clamped, eps, norm)).to(y.dtype)
 
@@ -271,6 +271,15 @@ def _check_norm(name, input, normalized_shape, params):
     if input.dim() < k or list(input.shape[input.dim() - k:]) != list(normalized_shape):
         raise RuntimeError(f"torch_vjp.{name}: given normalized_shape={list(normalized_shape)}, expected input with "
                            f"shape [*, {', '.join(map(str, normalized_shape))}], but got input of size{list(input.shape)}")
+    present = [p for p in params.values() if p is not None]
+    if name.startswith("layer_norm") and any(p.dtype != input.dtype for p in present):  # check_layer_norm_dtypes
+        if input.dtype not in (torch.float16, torch.bfloat16):
+            raise RuntimeError(f"torch_vjp.layer_norm: mixed dtype: all inputs must share same datatype (float32 "
+                               f"parameters are taken only beside float16 or bfloat16 input, as torch's), got input "
+                               f"{input.dtype}")
+        if any(p.dtype != torch.float32 for p in present):
+            raise RuntimeError(f"torch_vjp.layer_norm: mixed dtype: expect parameter to have scalar type of Float "
+                               f"beside {input.dtype} input, as torch's")
     for arg, p in params.items():
         if p is None:
             continue

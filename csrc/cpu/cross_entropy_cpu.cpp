@@ -16,9 +16,11 @@ using cpu::map_row;
 using cpu::opmath;
 
 struct CpuCrossEntropy {
-  // Per row: the max, then Σ exp(x - max) (and Σ x when smoothing) in one pass over the cache-resident row.
+  // Per row: the max m, then Σ exp(x - m) (and Σ(x - m) when smoothing) in one pass over the cache-resident
+  // row; loss from the shifted logits (math/cross_entropy.h).
   static void cross_entropy_rows(const at::Tensor& x, const at::Tensor& target, int64_t ignore_index,
-                                 double smoothing, const at::Tensor& loss, const at::Tensor& lse) {
+                                 double smoothing, const at::Tensor& loss, const at::Tensor& row_max,
+                                 const at::Tensor& log_sum) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_vjp_cross_entropy_cpu", [&] {
       using S = scalar_t;
       using T = opmath<S>;
@@ -26,33 +28,38 @@ struct CpuCrossEntropy {
       const S* xs = x.const_data_ptr<S>();
       const int64_t* targets = target.const_data_ptr<int64_t>();
       T* losses = loss.mutable_data_ptr<T>();
-      T* lses = lse.mutable_data_ptr<T>();
+      T* maxima = row_max.mutable_data_ptr<T>();
+      T* log_sums = log_sum.mutable_data_ptr<T>();
       at::parallel_for(0, rows, cpu::rows_grain(classes), [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) {
           const S* xr = xs + row * classes;
           const T m = cpu::max_row(classes, xr);
-          T sum_exp, sum_x = T(0);
+          T sum_exp, sum_shifted = T(0);
           if (smoothing > 0) {
-            const auto sums = cpu::sums_row<2>(classes, [m](auto v) { return std::array{math::softmax_exp(v, m), v}; }, xr);
+            const auto sums = cpu::sums_row<2>(
+                classes, [m](auto v) { return std::array{math::softmax_exp(v, m), v - decltype(v)(m)}; }, xr);
             sum_exp = sums[0];
-            sum_x = sums[1];
+            sum_shifted = sums[1];
           } else {
             sum_exp = cpu::sum_row(classes, [m](auto v) { return math::softmax_exp(v, m); }, xr);
           }
-          lses[row] = m + math::log_(sum_exp);
+          const T log_s = math::log_(sum_exp);
+          maxima[row] = m;
+          log_sums[row] = log_s;
           const int64_t t = targets[row];
           losses[row] = t == ignore_index ? T(0)
-                                          : math::cross_entropy_loss(lses[row], T(xr[t]), sum_x, T(smoothing), T(classes));
+                                          : math::cross_entropy_loss(log_s, T(xr[t]) - m, sum_shifted, T(smoothing),
+                                                                     T(classes));
         }
       });
     });
   }
 
-  // dx_i = s_i (exp(x_i - lse_i) - ε/C), then the target's element alone gets - s_i (1 - ε), from x_t read
-  // before the row is written (dx may be x itself). Rows with s_i = 0 (ignored) are zeros.
-  static void cross_entropy_grad_rows(const at::Tensor& x, const at::Tensor& target, const at::Tensor& lse,
-                                      const at::Tensor& scale, int64_t ignore_index, double smoothing,
-                                      const at::Tensor& dx) {
+  // dx_i = s_i (exp((x_i - m_i) - log_sum_i) - ε/C), then the target's element alone gets - s_i (1 - ε), from
+  // x_t read before the row is written (dx may be x itself). Rows with s_i = 0 (ignored) are zeros.
+  static void cross_entropy_grad_rows(const at::Tensor& x, const at::Tensor& target, const at::Tensor& row_max,
+                                      const at::Tensor& log_sum, const at::Tensor& scale, int64_t ignore_index,
+                                      double smoothing, const at::Tensor& dx) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_vjp_cross_entropy_backward_cpu", [&] {
       using S = scalar_t;
       using T = opmath<S>;
@@ -60,7 +67,8 @@ struct CpuCrossEntropy {
       const S* xs = x.const_data_ptr<S>();
       S* dxs = dx.mutable_data_ptr<S>();
       const int64_t* targets = target.const_data_ptr<int64_t>();
-      const T* lses = lse.const_data_ptr<T>();
+      const T* maxima = row_max.const_data_ptr<T>();
+      const T* log_sums = log_sum.const_data_ptr<T>();
       const T* scales = scale.const_data_ptr<T>();
       const T per_class = T(smoothing) / T(classes);
       const bool stream = cpu::should_stream(rows * classes * int64_t(sizeof(S)));
@@ -68,18 +76,20 @@ struct CpuCrossEntropy {
         for (int64_t row = begin; row < end; ++row) {
           const S* xr = xs + row * classes;
           S* dxr = dxs + row * classes;
-          const T s = scales[row], l = lses[row];
+          const T s = scales[row], m = maxima[row], log_s = log_sums[row];
           const int64_t t = targets[row];
           const T x_t = t == ignore_index ? T(0) : T(xr[t]);
-          map_row(dxr, classes, stream, [s, l, per_class](auto v) { return math::cross_entropy_vjp(v, l, s, per_class); }, xr);
-          if (t != ignore_index) dxr[t] = S(s * (math::exp_(x_t - l) - per_class - (T(1) - T(smoothing))));
+          map_row(dxr, classes, stream,
+                  [s, m, log_s, per_class](auto v) { return math::cross_entropy_vjp(v, m, log_s, s, per_class); }, xr);
+          if (t != ignore_index)
+            dxr[t] = S(s * (math::SoftmaxFromStats<T>{m, log_s}(x_t) - per_class - (T(1) - T(smoothing))));
         }
         cpu::fence();
       });
     });
   }
 
-  static int64_t chunk_budget_bytes(const at::Device&) { return int64_t(64) << 20; }
+  static constexpr int64_t kChunkBytes = int64_t(64) << 20;  // of logits: L2/L3-sized products, little memory
 };
 
 }  // namespace

@@ -29,8 +29,8 @@ inline int64_t partial_blocks(const NormRows& r, int64_t bytes_per_value) {
 }
 
 struct CpuNorm {
-  // Per row: μ (layer_norm), then Σ(x - μ)² over the cache-resident row (two passes, no cancellation),
-  // r = 1/√(σ² + eps); then y = x̂ ⊙ w + b in one pass.
+  // Per row: μ (layer_norm, shifted by the row's first element: exact on constant rows), then Σ(x - μ)² over
+  // the cache-resident row (two passes, no cancellation), r = 1/√(σ² + eps); then y = x̂ ⊙ w + b in one pass.
   template <bool kCentered>
   static void norm_forward(const NormRows& r, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                            double eps, const at::Tensor& y, const at::Tensor& mean, const at::Tensor& rstd) {
@@ -48,7 +48,9 @@ struct CpuNorm {
       at::parallel_for(0, r.rows, cpu::rows_grain(n), [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) {
           const S* xr = xs + row * n;
-          const T mu = kCentered ? sum_row(n, [](auto v) { return v; }, xr) / T(n) : T(0);
+          const T c = T(xr[0]);
+          const T mu = kCentered ? math::shifted_mean(c, sum_row(n, [c](auto v) { return v - decltype(v)(c); }, xr), T(n))
+                                 : T(0);
           const T sum_sq = sum_row(n, [mu](auto v) { const auto d = v - decltype(v)(mu); return d * d; }, xr);
           const T rs = math::norm_rstd(sum_sq, T(n), T(eps));
           if (kCentered) means[row] = mu;
@@ -137,35 +139,39 @@ struct CpuNorm {
     });
   }
 
-  // normalize: ρ = √Σx², y = x / max(ρ, eps).
+  // normalize: ρ = √Σx² (|x| for one element), y = x / max(ρ, eps) (math/norm.h).
   static void normalize_forward(const RowLayout& l, const at::Tensor& x, double eps, const at::Tensor& y,
                                 const at::Tensor& norm) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_vjp_normalize_cpu", [&] {
       using T = opmath<scalar_t>;
       T* norms = norm.mutable_data_ptr<T>();
+      const T eps_stored = math::as_stored<scalar_t>(T(eps));
       cpu::for_each_row<scalar_t, 2>(l, {const_cast<scalar_t*>(x.const_data_ptr<scalar_t>()), y.mutable_data_ptr<scalar_t>()},
                                      true, [&](const auto& ctx, const auto* xr, auto* yr) {
-        const T rho = math::sqrt_(sum_row(l.n, [](auto v) { return v * v; }, xr));
-        const T inv = T(1) / std::max(rho, T(eps));
+        const T rho = math::as_stored<scalar_t>(
+            l.n == 1 ? math::abs_(T(xr[0])) : math::sqrt_(sum_row(l.n, [](auto v) { return v * v; }, xr)));
+        const T denominator = math::normalize_denominator(rho, eps_stored);
         norms[ctx.row] = rho;
-        map_row(yr, l.n, ctx.stream, [inv](auto v) { return v * decltype(v)(inv); }, xr);
+        // x / ρ as torch's, correctly rounded (x · (1/ρ) rounds twice: a row of one element would miss ±1)
+        map_row(yr, l.n, ctx.stream, [denominator](auto v) { return v / decltype(v)(denominator); }, xr);
       });
     });
   }
 
-  // dx = (dy - y ⟨y, dy⟩) / ρ, or dy / eps where ρ < eps (math/norm.h).
+  // dx = (dy - y ⟨y, dy⟩) / ρ, or dy / eps where ρ ≤ eps (math/norm.h).
   static void normalize_backward(const RowLayout& l, const at::Tensor& grad_output, const at::Tensor& y,
                                  const at::Tensor& norm, double eps, const at::Tensor& grad_input) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "torch_vjp_normalize_backward_cpu", [&] {
       using T = opmath<scalar_t>;
       const T* norms = norm.const_data_ptr<T>();
+      const T eps_stored = math::as_stored<scalar_t>(T(eps));
       auto* dy = const_cast<scalar_t*>(grad_output.const_data_ptr<scalar_t>());
       auto* ys = const_cast<scalar_t*>(y.const_data_ptr<scalar_t>());
       cpu::for_each_row<scalar_t, 3>(l, {dy, ys, grad_input.mutable_data_ptr<scalar_t>()}, true,
                                      [&](const auto& ctx, const auto* g, const auto* v, auto* d) {
-        const bool clamped = norms[ctx.row] < T(eps);
+        const bool clamped = math::normalize_clamped(norms[ctx.row], eps_stored);
         const T dot = clamped ? T(0) : sum_row(l.n, [](auto a, auto b) { return a * b; }, g, v);
-        const T scale = T(1) / (clamped ? T(eps) : norms[ctx.row]);
+        const T scale = T(1) / (clamped ? eps_stored : norms[ctx.row]);
         map_row(d, l.n, ctx.stream, [dot, scale](auto a, auto b) { return math::normalize_vjp(a, b, dot, scale); }, g, v);
       });
     });

@@ -15,7 +15,8 @@
 //                                                  parameter is the sum of the per-sample gradients
 //
 // normalize, per row along dim: ρ = ‖x‖₂ (|x| for a row of one element, as torch's norm: no square to
-// overflow or underflow), y = x / max(ρ, eps), NaN kept. Saved: y and ρ.
+// overflow or underflow), y = x / max(ρ, eps), NaN kept, ρ and eps in the input's dtype (as_stored). Saved:
+// y and ρ.
 //   ρ > eps: ∂y/∂x = (I - y yᵀ) / ρ, symmetric  ⇒  dx = (dy - y ⟨y, dy⟩) / ρ
 //   ρ ≤ eps: y = x / eps                         ⇒  dx = dy / eps    (torch's clamp_min passes no gradient,
 //                                                                      at the tie ρ = eps too)
@@ -49,6 +50,13 @@ template <class T, class S>
 TVJP_HD T norm_vjp(T g, T xhat, S mean_g, S mean_g_xhat, S rstd) {
   return T(rstd) * (g - T(mean_g) - xhat * T(mean_g_xhat));
 }
+
+// torch computes normalize in the input's dtype: its norm comes back rounded to that dtype and eps is a scalar
+// of it (1e-12 is 0 in float16, so a zero row is 0/0 = NaN there; in bfloat16 a norm of 1.0016 is 1.0, at the
+// tie with eps = 1). The kernels round ρ and eps to the storage type before the clamp, its tie test and the
+// division (no change for float and double).
+template <class Storage, class S>
+TVJP_HD S as_stored(S v) { return static_cast<S>(static_cast<Storage>(v)); }
 
 // normalize: the clamp max(ρ, eps), NaN kept (a NaN row stays NaN, as torch's clamp_min), and whether it
 // clamps: ρ ≤ eps, the tie included (torch's clamp_min passes no gradient there).

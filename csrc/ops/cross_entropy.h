@@ -36,6 +36,13 @@ inline Reduction parse_reduction(c10::string_view reduction) {
   return Reduction::Sum;
 }
 
+// ε as torch takes it: above 1 an error; 0 (no smoothing) where it is not positive, NaN included.
+inline double label_smoothing_of(double label_smoothing) {
+  if (!(label_smoothing > 0.0)) return 0.0;
+  TORCH_CHECK(label_smoothing <= 1.0, "label_smoothing must be between 0.0 and 1.0. Got: ", label_smoothing);
+  return label_smoothing;
+}
+
 // Class-index targets: (rows,) (or 0-d for one unbatched row), Long or Byte as torch's, each in [0, classes)
 // or ignore_index.
 inline void check_target(const at::Tensor& target, int64_t rows, int64_t classes, bool batched,
@@ -73,12 +80,13 @@ inline std::pair<int64_t, int64_t> check_logits_and_target(const at::Tensor& inp
   return {rows, input.size(-1)};
 }
 
-// The loss of `rows` per-row losses (compute type) under a reduction, in the input's dtype.
+// The loss of `rows` per-row losses (compute type) under a reduction, in the input's dtype: summed in double
+// (as torch's CPU nll_loss accumulates), divided, rounded once.
 inline at::Tensor reduce_loss(const at::Tensor& row_losses, const at::Tensor& target, int64_t ignore_index,
                               Reduction reduction, at::ScalarType dtype) {
   if (reduction == Reduction::None) return row_losses.to(dtype).view(target.sizes());
-  auto total = row_losses.sum();
-  if (reduction == Reduction::Mean) total = total / (target != ignore_index).sum().to(total.scalar_type());
+  auto total = row_losses.sum(at::kDouble);
+  if (reduction == Reduction::Mean) total = total / (target != ignore_index).sum().to(at::kDouble);
   return total.to(dtype);
 }
 
@@ -107,9 +115,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(const at::T
                                                          double label_smoothing) {
   const char* op = "cross_entropy";
   const Reduction r = parse_reduction(reduction);
+  label_smoothing = label_smoothing_of(label_smoothing);
   const auto [rows, classes] = check_logits_and_target(input, target, ignore_index, op);
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, "label_smoothing must be between 0.0 and 1.0. Got: ",
-                    label_smoothing);
   const c10::OptionalDeviceGuard guard(input.device());
   const auto compute = input.options().dtype(at::toOpMathType(input.scalar_type()));
   auto x = input.contiguous().view({rows, classes});
@@ -144,6 +151,7 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_output, const at::Tenso
                                   c10::string_view reduction, double label_smoothing) {
   const char* op = "cross_entropy_backward";
   const Reduction r = parse_reduction(reduction);
+  label_smoothing = label_smoothing_of(label_smoothing);
   const auto [rows, classes] = check_logits_and_target(input, target, ignore_index, op);
   const auto compute = at::toOpMathType(input.scalar_type());
   check_statistics(row_max, log_sum, target, input, op);
@@ -241,11 +249,10 @@ inline LinearCrossEntropy check_linear_cross_entropy(const at::Tensor& input, co
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "torch_vjp.", op, ": expected bias of shape (",
                 weight.size(0), ",), got ", bias->sizes());
   }
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, "label_smoothing must be between 0.0 and 1.0. Got: ",
-                    label_smoothing);
   check_target(target, input.size(0), weight.size(0), true, input.device(), ignore_index, op);
   return {input.contiguous(), weight.contiguous(), target.to(at::kLong).contiguous(),
-          bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt, ignore_index, label_smoothing};
+          bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt, ignore_index,
+          label_smoothing_of(label_smoothing)};
 }
 
 // compute_grad: also the gradients of the reduced loss for grad_output = 1 (of Σ loss_i for 'none'), which
@@ -265,7 +272,9 @@ fused_linear_cross_entropy(const at::Tensor& input, const at::Tensor& weight, co
   if (compute_grad && a.input.size(0) > 0)
     scale = row_scale(r == Reduction::None ? ones.expand(a.target.sizes()) : ones, a.target, ignore_index, r, compute, op);
   auto [losses, grad_input, grad_weight, grad_bias] = linear_cross_entropy_chunks<Backend>(a, scale);
-  auto loss = reduce_loss(losses, a.target, ignore_index, r, input.scalar_type());
+  // In the compute type: the public function rounds it to the input's dtype, except under autocast, where
+  // torch's cross_entropy gives the float32 loss of the low-precision logits unrounded.
+  auto loss = reduce_loss(losses, a.target, ignore_index, r, compute);
   if (!compute_grad) return {loss, std::nullopt, std::nullopt, std::nullopt};
   if (!grad_input.defined()) {  // no rows
     grad_input = at::zeros_like(a.input);

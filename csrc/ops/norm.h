@@ -76,6 +76,25 @@ inline at::Tensor parameter_vector(const std::optional<at::Tensor>& p, const at:
   return p->to(options.dtype()).contiguous().view({n});
 }
 
+// layer_norm's parameter dtypes, as torch's: each the input's, or else (mixed precision) every parameter
+// float32 beside a float16 or bfloat16 input. rms_norm takes any floating parameter (torch's composite does).
+inline void check_layer_norm_dtypes(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                    const std::optional<at::Tensor>& bias) {
+  const auto dtype = input.scalar_type();
+  bool mixed = false, all_float = true;
+  for (const auto* p : {&weight, &bias}) {
+    if (!p->has_value() || !(*p)->defined()) continue;
+    mixed = mixed || (*p)->scalar_type() != dtype;
+    all_float = all_float && (*p)->scalar_type() == at::kFloat;
+  }
+  if (!mixed) return;
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16,
+              "torch_vjp.layer_norm: mixed dtype: all inputs must share same datatype (float32 parameters are taken "
+              "only beside float16 or bfloat16 input, as torch's), got input ", dtype);
+  TORCH_CHECK(all_float, "torch_vjp.layer_norm: mixed dtype: expect parameter to have scalar type of Float beside ",
+              dtype, " input, as torch's");
+}
+
 inline std::vector<int64_t> stats_shape(const at::Tensor& input, int64_t k) {
   return std::vector<int64_t>(input.sizes().begin(), input.sizes().end() - k);
 }
@@ -88,6 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward(const at::Tensor& in
   const auto normalized_shape = C10_AS_INTARRAYREF_SLOW(shape);
   check_floating(input, op, "input");
   const NormRows r = norm_rows(input, normalized_shape, op);
+  if (kCentered) check_layer_norm_dtypes(input, weight, bias);
   check_parameter(weight, "weight", input, normalized_shape, op);
   check_parameter(bias, "bias", input, normalized_shape, op);
   const c10::OptionalDeviceGuard guard(input.device());
@@ -116,6 +136,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
   check_floating(input, op, "input");
   check_same(grad_output, "grad_output", input, "input", op);
   const NormRows r = norm_rows(input, normalized_shape, op);
+  if (kCentered) check_layer_norm_dtypes(input, weight, bias);
   check_parameter(weight, "weight", input, normalized_shape, op);
   check_parameter(bias, "bias", input, normalized_shape, op);
   const auto expected_stats = stats_shape(input, normalized_shape.size());
