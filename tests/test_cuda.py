@@ -541,9 +541,10 @@ def test_paths_gated_shapes():
     torch.testing.assert_close(db.cpu().double(), db64, rtol=2e-6, atol=1e-6)
 
 
-# cross_entropy: vocabularies that reach each path (1 class; 31, 33: several rows a warp; 1024, 8192: a warp,
-# a block; 32768; GPT-2's 50257: odd, rows at every alignment; Llama-3's 128256: an 8-block cluster of
-# 512-thread blocks on sm_90 in bf16), every reduction, ignore_index, label smoothing.
+# cross_entropy: vocabularies around the paths (1 class; 31, 33: several rows a warp; 1024, 8192: a warp,
+# a block; 32768; GPT-2's 50257: odd, rows at every alignment; Llama-3's 128256), every reduction, ignore_index,
+# label smoothing. Three rows of the long vocabularies are split across blocks, on sm_90 too (few rows: the
+# plan splits rather than cluster); test_paths_special_values reaches the cluster path with enough rows.
 CE_VOCABS = [1, 31, 33, 1024, 8192, 32768, 50257, 128256]
 
 
@@ -556,14 +557,14 @@ def _ce_targets(rows, classes, seed, ignore_index=-100, ignored=()):
 
 
 def _ce_both(x, target, ignore_index, reduction, smoothing, seed):
-    """Loss, lse and dlogits from the CUDA and the CPU backends (the same registered ops)."""
+    """Loss, (row_max, log_sum) and dlogits from the CUDA and the CPU backends (the same registered ops)."""
     out = []
     for device in (GPU, "cpu"):
         xd, td = x.to(device), target.to(device)
-        loss, lse = VJP.cross_entropy(xd, td, ignore_index, reduction, smoothing)
+        loss, row_max, log_sum = VJP.cross_entropy(xd, td, ignore_index, reduction, smoothing)
         dy = _randn(loss.shape, torch.float32, seed).to(device=device, dtype=loss.dtype)
-        dx = VJP.cross_entropy_backward(dy, xd, td, lse, ignore_index, reduction, smoothing)
-        out.append((_cpu(loss), _cpu(lse), _cpu(dx)))
+        dx = VJP.cross_entropy_backward(dy, xd, td, row_max, log_sum, ignore_index, reduction, smoothing)
+        out.append((_cpu(loss), (_cpu(row_max), _cpu(log_sum)), _cpu(dx)))
     return out
 
 
@@ -574,9 +575,10 @@ def test_paths_cross_entropy_vocabularies(dtype):
         x = _randn((rows, classes), dtype, classes, 3.0)
         for reduction, smoothing, ignored in (("mean", 0.0, ()), ("none", 0.1, (1,)), ("sum", 0.0, (0, 2))):
             target = _ce_targets(rows, classes, 1, ignored=ignored)
-            (loss, lse, dx), (loss_c, lse_c, dx_c) = _ce_both(x, target, -100, reduction, smoothing, 2)
+            (loss, stats, dx), (loss_c, stats_c, dx_c) = _ce_both(x, target, -100, reduction, smoothing, 2)
             stat = TOL[torch.float64 if dtype == torch.float64 else torch.float32]
-            torch.testing.assert_close(lse, lse_c, **stat)
+            torch.testing.assert_close(stats[0], stats_c[0], rtol=0, atol=0)  # the max: exact
+            torch.testing.assert_close(stats[1], stats_c[1], **stat)
             torch.testing.assert_close(loss, loss_c, **TOL[dtype])
             torch.testing.assert_close(dx, dx_c, **TOL[dtype])
 
@@ -596,13 +598,13 @@ def test_paths_cross_entropy_matches_torch(dtype):
                                                          label_smoothing=smoothing)
                 dy = _randn(want.shape, torch.float64, 5)
                 (dx64,) = torch.autograd.grad(want, x64, dy)
-                loss, lse = VJP.cross_entropy(x.to(GPU), target.to(GPU), ignore_index, reduction, smoothing)
-                dx = VJP.cross_entropy_backward(dy.to(GPU, loss.dtype), x.to(GPU), target.to(GPU), lse, ignore_index,
-                                                reduction, smoothing)
+                loss, row_max, log_sum = VJP.cross_entropy(x.to(GPU), target.to(GPU), ignore_index, reduction, smoothing)
+                dx = VJP.cross_entropy_backward(dy.to(GPU, loss.dtype), x.to(GPU), target.to(GPU), row_max, log_sum,
+                                                ignore_index, reduction, smoothing)
                 torch.testing.assert_close(loss.cpu().double(), want.detach(), **TOL[dtype])
                 torch.testing.assert_close(dx.cpu().double(), dx64, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] / 64)
     all_ignored = torch.full((rows,), -100)
-    loss, _ = VJP.cross_entropy(x.to(GPU), all_ignored.to(GPU), -100, "mean", 0.0)
+    loss, _, _ = VJP.cross_entropy(x.to(GPU), all_ignored.to(GPU), -100, "mean", 0.0)
     assert torch.isnan(loss).item()
 
 
@@ -613,12 +615,12 @@ def test_paths_cross_entropy_misaligned(dtype):
     for rows, classes in ((5, 50257), (9, 33), (3, 8192)):
         x = _randn(rows * classes + 1, dtype, 6, 3.0).to(GPU)[1:].view(rows, classes)
         target = _ce_targets(rows, classes, 7, ignored=(1,))
-        (loss, lse, dx), (loss_c, lse_c, dx_c) = _ce_both(x, target, -100, "none", 0.1, 8)
+        (loss, _, dx), (loss_c, _, dx_c) = _ce_both(x, target, -100, "none", 0.1, 8)
         torch.testing.assert_close(loss, loss_c, **TOL[dtype])
         torch.testing.assert_close(dx, dx_c, **TOL[dtype])
     x = _randn(1031, dtype, 9)
-    loss, lse = VJP.cross_entropy(x.to(GPU), torch.tensor(5, device=GPU), -100, "mean", 0.0)
-    want, _ = VJP.cross_entropy(x, torch.tensor(5), -100, "mean", 0.0)
+    loss, _, _ = VJP.cross_entropy(x.to(GPU), torch.tensor(5, device=GPU), -100, "mean", 0.0)
+    want, _, _ = VJP.cross_entropy(x, torch.tensor(5), -100, "mean", 0.0)
     torch.testing.assert_close(loss.cpu(), want, **TOL[dtype])
 
 
@@ -630,7 +632,7 @@ def test_paths_cross_entropy_inf_logits():
     target = torch.tensor([1, 2, 3, 4])
     for smoothing in (0.0, 0.1):
         want = torch.nn.functional.cross_entropy(x.double(), target, reduction="none", label_smoothing=smoothing)
-        loss, _ = VJP.cross_entropy(x.to(GPU), target.to(GPU), -100, "none", smoothing)
+        loss, _, _ = VJP.cross_entropy(x.to(GPU), target.to(GPU), -100, "none", smoothing)
         torch.testing.assert_close(loss.cpu().double(), want, rtol=2e-5, atol=2e-6, equal_nan=True)
 
 
@@ -647,10 +649,12 @@ def test_cross_entropy_out_of_range_target_asserts(op):
         x = torch.randn(4, 1000, device="cuda")
         t = torch.tensor([1, 2, 1000, 3], device="cuda")
         if "{op}" == "forward":
-            loss, lse = torch.ops.torch_vjp.cross_entropy(x, t, -100, "mean", 0.0)
+            loss, row_max, log_sum = torch.ops.torch_vjp.cross_entropy(x, t, -100, "mean", 0.0)
         else:
-            lse = torch.logsumexp(x, -1)
-            dx = torch.ops.torch_vjp.cross_entropy_backward(torch.ones((), device="cuda"), x, t, lse, -100, "mean", 0.0)
+            row_max = x.amax(-1)
+            log_sum = torch.logsumexp(x - row_max[:, None], -1)
+            dx = torch.ops.torch_vjp.cross_entropy_backward(torch.ones((), device="cuda"), x, t, row_max, log_sum, -100,
+                                                            "mean", 0.0)
         torch.cuda.synchronize()
         print("NO ERROR")
     """)
@@ -665,7 +669,7 @@ def test_paths_fused_linear_cross_entropy():
 
 
 def test_fused_linear_cross_entropy_chunks():
-    """Vocabulary 128256 in fp32 takes chunks of 224 rows (chunk_budget_bytes: 112 MiB): 600 rows are 3."""
+    """Vocabulary 128256 in fp32 takes chunks of 224 rows (kChunkBytes: 112 MiB): 600 rows are 3."""
     _check_fused_linear_cross_entropy(128256)
 
 
@@ -712,10 +716,13 @@ def test_fused_linear_cross_entropy_bf16_vocab_50000():
 
 def test_fused_linear_cross_entropy_memory_target():
     """The memory target on the reference case: 8192 tokens × hidden 4096 × vocab 128256 in bf16, forward and
-    backward, at most 1,200 MiB beyond the inputs (grad_weight alone is 1,002 MiB). Needs ~8 GiB free."""
+    backward. Beyond the inputs: grad_weight accumulated in float32 across the chunks (2,004 MiB) and then rounded
+    to bf16 (1,002 MiB) while the float32 sums are still held, grad_input (64 MiB), one chunk of logits
+    (kChunkBytes, 112 MiB), and 64 MiB for per-row values and cuBLAS: 3,246 MiB (1,200 MiB before grad_weight was
+    accumulated in float32). Never the 2 GiB of logits. Needs ~10 GiB free."""
     free, _ = torch.cuda.mem_get_info()
-    if free < 8 * 2**30:
-        pytest.skip(f"needs ~8 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    if free < 10 * 2**30:
+        pytest.skip(f"needs ~10 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
     g = torch.Generator(device=GPU).manual_seed(0)
     x = torch.randn(8192, 4096, generator=g, device=GPU, dtype=torch.bfloat16)
     w = torch.randn(128256, 4096, generator=g, device=GPU, dtype=torch.bfloat16).mul_(0.02)
@@ -728,7 +735,9 @@ def test_fused_linear_cross_entropy_memory_target():
     torch.cuda.synchronize()
     extra = (torch.cuda.max_memory_allocated() - before) / 2**20
     del out
-    assert extra <= 1200, f"{extra:.0f} MiB beyond the inputs"
+    mib = 2**20
+    bound = (w.numel() * 4 + w.numel() * 2 + x.numel() * 2 + (112 << 20) + (64 << 20)) / mib
+    assert extra <= bound, f"{extra:.0f} MiB beyond the inputs (bound {bound:.0f} MiB)"
 
 
 def test_public_api_matches_registered_ops():
