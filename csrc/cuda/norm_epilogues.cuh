@@ -49,10 +49,15 @@ struct Sums {
 
 // ---------------------------------------------------------------------------------------------------------
 // Forward of layer_norm (kCentered) and rms_norm, per row:
-//   μ = Σx / n (0 for rms_norm), σ² = Σ(x - μ)² / n, r = 1/√(σ² + eps), y = x̂ ⊙ w + b with x̂ = (x - μ) r
-// Stat: layer_norm (count, mean, M2), each thread's exactly over the ≤ 32 elements it holds (their mean, then
-// Σ of squared deviations from it: no cancellation, whatever the row's mean), merged by Chan's formula;
-// rms_norm Σx², which has no cancellation to avoid. Row outputs: (μ,) r. Parameters: w (, b).
+//   μ = mean(x) (0 for rms_norm), σ² = Σ(x - μ)² / n, r = 1/√(σ² + eps), y = x̂ ⊙ w + b with x̂ = (x - μ) r
+// Stat: layer_norm (count, mean, M2), each thread's over the ≤ 32 elements it holds: the shifted mean
+// c + Σ(x - c)/count (math::shifted_mean) with c the row's first element, then Σ of squared deviations from
+// it (no cancellation, whatever the row's mean), merged by Chan's formula. A constant row has every x - c = 0,
+// so each thread's mean is the value itself, every merge has δ = 0 and keeps it, and x - μ = 0 exactly: y = b
+// however large r is (Σx / count is off by an ulp there, and BERT's eps = 1e-12 makes that |x̂| ≈ 0.4). c is
+// one load a row (the same address in every thread: L1), not each thread's first element, which took a
+// select a pack and spilled the 8-pack float instance on sm_90.
+// rms_norm: Σx², which has no cancellation to avoid. Row outputs: (μ,) r. Parameters: w (, b).
 template <bool kCentered, class T_>
 struct NormForward : EpilogueDefaults {
   using T = T_;
@@ -69,6 +74,7 @@ struct NormForward : EpilogueDefaults {
   static constexpr int kMaxThreads = kCentered ? 768 : 1024;  // layer_norm: 80 registers, no spills at 4 packs
   static constexpr int kClusterThreads = 512;
   S eps, inv_n;  // inv_n = 1 / n
+  const T* x;    // the input (layer_norm: each row's first element is its mean's shift)
 
   struct Row {
     S mean, rstd;
@@ -93,21 +99,26 @@ struct NormForward : EpilogueDefaults {
   }
 
   template <class Each>
-  __device__ __forceinline__ Stat partial(const Each& each, const S (&)[1], const RowAt&) const {
+  __device__ __forceinline__ Stat partial(const Each& each, const S (&)[1], const RowAt& at) const {
     if constexpr (kCentered) {
-      S count = 0, sum = 0;
+      // c: the row's first element, the same for every thread (one load a row, from L1 after the first).
+      const S c = static_cast<S>(x[at.row * at.n]);
+      S sum = 0;
+      int count = 0;  // an int: a whole pack's adds fold into one
       each([&](const S (&v)[kParamIn + 1], int) {
-        count += S(1);
-        sum += v[0];
+        ++count;
+        sum += v[0] - c;
       });
-      if (count == S(0)) return identity();
-      const S mean = sum * reciprocal(count);
+      if (count == 0) return identity();
+      // math::shifted_mean(c, sum, count), with the division as reciprocal(): CUDA's IEEE division calls a
+      // subroutine here, whose ABI spills the row held in registers. sum = 0 gives c exactly either way.
+      const S mean = c + sum * reciprocal(S(count));
       S m2 = 0;
       each([&](const S (&v)[kParamIn + 1], int) {
         const S d = v[0] - mean;
         m2 += d * d;
       });
-      return {count, mean, m2};
+      return {S(count), mean, m2};
     } else {
       S sum_sq = 0;
       each([&](const S (&v)[kParamIn + 1], int) { sum_sq += v[0] * v[0]; });
@@ -282,6 +293,7 @@ void norm_forward_cuda(int64_t rows, int64_t n, const T* x, const Opmath<T>* wei
   Op op;
   op.eps = static_cast<S>(eps);
   op.inv_n = static_cast<S>(1.0 / static_cast<double>(n));
+  op.x = x;
   Operands<Op> ops;
   ops.in[0] = x;
   ops.param[0] = weight;
