@@ -216,8 +216,12 @@ struct NormBackward : EpilogueDefaults {
 };
 
 // ---------------------------------------------------------------------------------------------------------
-// normalize forward (p = 2), per row along dim: ρ = ‖x‖₂ = √Σx², y = x / max(ρ, eps). Stat: Σx² (padding 0).
-// Row output: ρ (saved for the backward).
+// normalize forward (p = 2), per row along dim: ρ = ‖x‖₂ = √Σx² (|x| for a row of one element, as torch's
+// norm: no square to overflow or underflow), y = x / max(ρ, eps). Stat: Σx² or Σ|x| (padding 0). Row output: ρ
+// (saved for the backward). Special values as torch's x / clamp_min(ρ, eps): NaN stays NaN
+// (math::normalize_denominator), and an infinite ρ (an inf element, or Σx² overflowing: bf16 or fp32 rows
+// with |x| above ~1.8e19) gives x · (1/inf) = x · 0, so 0 for finite x and NaN for inf (reciprocal_ieee: the
+// Newton-refined reciprocal() would make the whole row NaN).
 template <class T_>
 struct NormalizeForward : SumEpilogue<Opmath<T_>> {
   using T = T_;
@@ -228,30 +232,40 @@ struct NormalizeForward : SumEpilogue<Opmath<T_>> {
   static constexpr int kRowOut = 1;
   static constexpr bool kReduces = true;
   S eps;
+  bool single;  // n == 1: ρ = |x|
 
   struct Row {
     S inv, norm;
+    bool sign;  // a row of one element whose |x| is the (finite, nonzero) denominator: y = x / |x| = ±1
   };
 
   template <class Each>
   __device__ __forceinline__ S partial(const Each& each, const S (&)[1], const RowAt&) const {
-    S sum_sq = 0;
-    each([&](const S (&v)[1], int) { sum_sq += v[0] * v[0]; });
-    return sum_sq;
+    S sum = 0;
+    if (single) each([&](const S (&v)[1], int) { sum += math::abs_(v[0]); });
+    else each([&](const S (&v)[1], int) { sum += v[0] * v[0]; });
+    return sum;
   }
   __device__ __forceinline__ Row finish(S st, const S (&)[1], const RowAt&) const {
-    const S norm = sqrt_fast(st);
-    return {reciprocal(norm > eps ? norm : eps), norm};
+    const S norm = single ? st : sqrt_fast(st);
+    const S denominator = math::normalize_denominator(norm, eps);
+    return {reciprocal_ieee(denominator), norm, single && denominator == norm && norm > S(0) && norm < S(INFINITY)};
   }
-  __device__ __forceinline__ S map(const Row& r, const S (&v)[1], int) const { return v[0] * r.inv; }
+  // x · (1/ρ) can miss x / ρ = ±1 by an ulp on a row of one element, where torch divides: there the output is
+  // the sign, exactly (one select an element).
+  __device__ __forceinline__ S map(const Row& r, const S (&v)[1], int) const {
+    return r.sign ? copysign(S(1), v[0]) : v[0] * r.inv;
+  }
   __device__ __forceinline__ S row_out(const Row& r, int) const { return r.norm; }
 };
 
 // Backward of normalize: the VJP, derived once here for every kernel shape.
 //   forward  y = x / max(ρ, eps), ρ = ‖x‖₂; saved: y, and ρ per row (row input 0)
-//   ρ ≥ eps  ∂y/∂x = (I - y yᵀ) / ρ, symmetric, so dx = (dy - y ⟨y, dy⟩) / ρ      (math::normalize_vjp)
-//   ρ < eps  y = x / eps, so dx = dy / eps (torch's clamp_min passes no gradient to ρ)
-// Stat: ⟨y, dy⟩ (padding 0). Reads dy and y once, writes dx once.
+//   ρ > eps  ∂y/∂x = (I - y yᵀ) / ρ, symmetric, so dx = (dy - y ⟨y, dy⟩) / ρ      (math::normalize_vjp)
+//   ρ ≤ eps  y = x / eps, so dx = dy / eps (torch's clamp_min passes no gradient to ρ, at the tie ρ = eps
+//            too: math::normalize_clamped)
+// Stat: ⟨y, dy⟩ (padding 0). Reads dy and y once, writes dx once. ρ = inf gives scale 1/inf = 0
+// (reciprocal_ieee) and NaN through ⟨y, dy⟩, as torch; ρ = NaN gives NaN.
 template <class T_>
 struct NormalizeBackward : SumEpilogue<Opmath<T_>> {
   using T = T_;
@@ -274,8 +288,8 @@ struct NormalizeBackward : SumEpilogue<Opmath<T_>> {
     return dot;
   }
   __device__ __forceinline__ Row finish(S st, const S (&row_in)[1], const RowAt&) const {
-    const bool clamped = row_in[0] < eps;
-    return {clamped ? S(0) : st, reciprocal(clamped ? eps : row_in[0])};
+    const bool clamped = math::normalize_clamped(row_in[0], eps);
+    return {clamped ? S(0) : st, reciprocal_ieee(clamped ? eps : row_in[0])};
   }
   __device__ __forceinline__ S map(const Row& r, const S (&v)[2], int) const {
     return math::normalize_vjp(v[0], v[1], r.dot, r.scale);
@@ -337,7 +351,9 @@ void norm_backward_cuda(int64_t rows, int64_t n, const T* dy, const T* x, const 
 }
 
 // eps in the compute type, at least the smallest normal float: reciprocal() flushes a denormal eps to 0
-// (1/0 then NaN on rows of zeros, where torch gives 0). Norms below it are 0 in float anyway (Σx² underflows).
+// (1/0 then NaN on rows of zeros, where torch gives 0). Norms below it are 0 in float anyway (Σx² underflows),
+// but for one-element rows (ρ = |x|): with eps < FLT_MIN, a denormal x gives x / FLT_MIN, not torch's ±1 (the
+// reciprocal of a denormal overflows float, so no multiply by it could).
 template <class T>
 Opmath<T> normalize_eps(double eps) {
   using S = Opmath<T>;
@@ -349,6 +365,7 @@ template <class T>
 void normalize_forward_cuda(const RowLayout& l, const T* x, double eps, T* y, Opmath<T>* norm) {
   NormalizeForward<T> op;
   op.eps = normalize_eps<T>(eps);
+  op.single = l.n == 1;
   Operands<NormalizeForward<T>> ops;
   ops.in[0] = x;
   ops.out = y;
