@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <string_view>
 
 #include "cuda/cross_entropy_epilogues.cuh"
 #include "ops/cross_entropy.h"
@@ -75,6 +76,19 @@ struct CudaCrossEntropy {
 };
 
 }  // namespace
+
+// The plan of each kernel (cuda/plan.h); the forward's with and without smoothing are the same.
+template <class T>
+bool cross_entropy_plan(std::string_view op, const RowLayout& l, Plan& plan) {
+  if (op == "cross_entropy") plan = engine_plan<CrossEntropyForward<T, false>>(l);
+  else if (op == "cross_entropy_backward") plan = engine_plan<CrossEntropyGrad<T>>(l);
+  else return false;
+  return true;
+}
+template bool cross_entropy_plan<float>(std::string_view, const RowLayout&, Plan&);
+template bool cross_entropy_plan<double>(std::string_view, const RowLayout&, Plan&);
+template bool cross_entropy_plan<c10::Half>(std::string_view, const RowLayout&, Plan&);
+template bool cross_entropy_plan<c10::BFloat16>(std::string_view, const RowLayout&, Plan&);
 
 }  // namespace torch_vjp::cuda
 

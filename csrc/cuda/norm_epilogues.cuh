@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <string_view>
 #include <type_traits>
 
 #include "cuda/fast_math.cuh"
@@ -385,6 +386,23 @@ void normalize_backward_cuda(const RowLayout& l, const T* dy, const T* y, const 
   run_rows(op, l, ops);
 }
 
+// The plan of each kernel (cuda/plan.h). A norm's backward: the kernel that writes dx when the parameter
+// gradients are wanted too (with them fused where n % P == 0, else dx alone, the sums after it).
+template <class T>
+bool norm_plan(std::string_view op, const RowLayout& l, Plan& plan) {
+  const auto backward = [&](auto with_sums, auto dx_only) {
+    return fuses_param_sums<decltype(with_sums)>(l) ? engine_plan<decltype(with_sums)>(l) : engine_plan<decltype(dx_only)>(l);
+  };
+  if (op == "layer_norm") plan = engine_plan<NormForward<true, T>>(l);
+  else if (op == "rms_norm") plan = engine_plan<NormForward<false, T>>(l);
+  else if (op == "layer_norm_backward") plan = backward(NormBackward<true, T, true>{}, NormBackward<true, T, false>{});
+  else if (op == "rms_norm_backward") plan = backward(NormBackward<false, T, true>{}, NormBackward<false, T, false>{});
+  else if (op == "normalize") plan = engine_plan<NormalizeForward<T>>(l);
+  else if (op == "normalize_backward") plan = engine_plan<NormalizeBackward<T>>(l);
+  else return false;
+  return true;
+}
+
 }  // namespace torch_vjp::cuda
 
 // Explicit instantiation of every launcher for one dtype (one per norm_<dtype>.cu, so that the dtypes compile
@@ -401,4 +419,5 @@ void normalize_backward_cuda(const RowLayout& l, const T* dy, const T* y, const 
                                              const Opmath<T>*, const Opmath<T>*, T*, Opmath<T>*, Opmath<T>*);  \
   template void normalize_forward_cuda<T>(const RowLayout&, const T*, double, T*, Opmath<T>*);               \
   template void normalize_backward_cuda<T>(const RowLayout&, const T*, const T*, const Opmath<T>*, double, T*); \
+  template bool norm_plan<T>(std::string_view, const RowLayout&, Plan&);                                     \
   }
