@@ -156,9 +156,11 @@ struct CrossEntropyForward : EpilogueDefaults {
 // p = exp((x - m) - log_s) for the half types: one FADD, one FFMA and one MUFU.EX2, as
 // 2^((x - m)·log2e - log_s·log2e) with log_s·log2e folded once a row. Error, with u = log2 p: x - m,
 // log_s·log2e, log2e and the FFMA round by 2^-24 each, ex2.approx by ~2^-22, so
-// |Δp|/p ≤ ln2·2^-24·(3|u| + 2·log_s·log2e) + 2^-22: at log_s ≤ log 128256, 5e-6 for p ≥ 2^-24 and 3e-6 for
-// p ≥ 2^-8, about 100 times below fp16's relative rounding (2^-11) and 400 times below bf16's (2^-9). Independent of the logits' magnitude: exp2 on a prescaled lse = m + log_s (one FFMA
-// fewer) would add |lse|·1.4·2^-23 (1.7e-4 at |lse| = 1000, fp16's rounding itself), so x - m comes first.
+//   |Δp|/p ≤ ln2·2^-24·(3|u| + 2·log_s·log2e) + 2^-22,
+// at log_s ≤ log 128256 5e-6 for p ≥ 2^-24 and 3e-6 for p ≥ 2^-8: about 100 times below fp16's relative
+// rounding (2^-11) and 400 times below bf16's (2^-9), whatever the logits' magnitude. exp2 on a prescaled
+// lse = m + log_s (one FADD fewer) would add |lse|·1.4·2^-23 (1.7e-4 at |lse| = 1000, fp16's rounding itself),
+// so x - m comes first.
 // Special values as SoftmaxFromStats: x = -inf gives 0; m = ±inf or NaN anywhere gives NaN.
 struct FastSoftmaxFromStats {
   float m, neg_log_s_log2e;

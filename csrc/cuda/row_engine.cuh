@@ -108,8 +108,8 @@
 //   - Parameter sums are added in a fixed order (rows of a slot in order, groups and slots in order): the same
 //     bits on every run of one shape on one device.
 // Two statistics are one Stat struct (mean and M2, merged with Chan's formula; a pair of sums for a norm
-// backward); per-row saved values (mean, rstd, lse) are row inputs; cross-entropy's (max, Σexp) is its Stat,
-// and its gradient finds the target's element through e.
+// backward); per-row saved values (mean, rstd; cross-entropy's row max and log-sum) are row inputs;
+// cross-entropy's (max, Σexp) is its Stat, and its gradient finds the target's element through e.
 #pragma once
 
 #include <ATen/ATen.h>
