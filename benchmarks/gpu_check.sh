@@ -7,6 +7,11 @@
 #   2. import       the CUDA kernels load
 #   3. tests_quick  tests/test_cuda.py's quick subset: every kernel path, dtype and alignment case, the
 #                   issue-7 crash shapes, host threads, > 2^31 elements; in parallel (xdist), each test capped
+#   3b. tests_sm80  the quick subset's row-engine tests again with TORCH_VJP_DISABLE_CLUSTERS=1: the plans of
+#                   an sm_80 GPU (no clusters: rows that take one on sm_90 go to the block and split paths), which
+#                   a Hopper GPU runs otherwise never; the tests' path assertions follow (cluster cases skip)
+#   3c. tests_serial  the tests that must run alone: the fused loss's bits under memory pressure (it holds all
+#                   but 600 MiB of the GPU, which would starve parallel tests; under xdist it skips itself)
 #   4. bench        the benchmark at the reference sizes (16384 × 4096 bf16 and fp32, row sweep n = 1024,
 #                   8192, 32768) and the Jacobian sweep, timed by CUDA graph replay (host overhead apart)
 #   5. memcheck     compute-sanitizer memcheck over benchmarks/sanitize_cases.py (every path, small sizes)
@@ -49,11 +54,14 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
 
-# Caps (seconds) of steps 1-6: 130 + 15 + 80 + 130 + 60 + 40 = 455 < 480, so at least 25 s reach tests_rest.
-declare -A CAP=([build]=130 [import]=15 [tests_quick]=80 [bench]=130 [memcheck]=60 [racecheck]=40)
+# Caps (seconds) of steps 1-6: 130 + 15 + 80 + 50 + 20 + 85 + 45 + 30 = 455 < 480, so at least 25 s reach
+# tests_rest. The bench fits its cases to its cap (--time-budget).
+declare -A CAP=([build]=130 [import]=15 [tests_quick]=80 [tests_sm80]=50 [tests_serial]=20 [bench]=85 [memcheck]=45
+                [racecheck]=30)
 # Expected seconds on the GPU machine (estimates from this machine's compile times and the sizes involved; no
 # GPU has run this script yet): the fake clock's durations, and benchmarks/README.md's table.
-declare -A EXPECTED=([build]=80 [import]=8 [tests_quick]=55 [bench]=115 [memcheck]=45 [racecheck]=30 [tests_rest]=240)
+declare -A EXPECTED=([build]=80 [import]=8 [tests_quick]=60 [tests_sm80]=40 [tests_serial]=10 [bench]=85 [memcheck]=40
+                     [racecheck]=30 [tests_rest]=240)
 if [[ -n "${GPU_CHECK_FAKE:-}" ]]; then
     IFS=, read -ra overrides <<<"$GPU_CHECK_FAKE"
     for kv in "${overrides[@]}"; do EXPECTED[${kv%%=*}]=${kv#*=}; done
@@ -121,6 +129,9 @@ find_sanitizer() {
 }
 
 QUICK='test_paths or test_more_than_2_31'  # tests/test_cuda.py's quick subset (its docstring says why)
+# Its tests whose plans change without clusters (not the elementwise, gated and alignment ones).
+SM80='test_paths and not elementwise and not gated and not misaligned and not concurrent'
+SERIAL='memory_pressure'  # tests that must have the GPU to themselves
 # 8 workers; a hung test is ended alone (well inside the quick step's cap; the rest holds a cold torch.compile).
 XDIST=() QUICK_TIMEOUT=() REST_TIMEOUT=()
 "$PY" -c 'import xdist, pytest_timeout' 2>/dev/null && XDIST=(-n 8) QUICK_TIMEOUT=(--timeout=60) REST_TIMEOUT=(--timeout=240)
@@ -130,7 +141,7 @@ SAN=$(find_sanitizer)
     echo "date: $(date -u '+%F %T UTC')"
     echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git status --porcelain --untracked-files=no -- csrc torch_vjp setup.py 2>/dev/null | grep -q . && echo +dirty)"
     echo "command: bash benchmarks/gpu_check.sh $OUT$( ((DRY)) && echo ' --dry-run')$( ((FAKE)) && echo ' --fake-clock')"
-    echo "budget: ${BUDGET}s; caps: $(for k in build import tests_quick bench memcheck racecheck; do printf '%s=%s ' "$k" "${CAP[$k]}"; done)"
+    echo "budget: ${BUDGET}s; caps: $(for k in build import tests_quick tests_sm80 tests_serial bench memcheck racecheck; do printf '%s=%s ' "$k" "${CAP[$k]}"; done)"
     nvidia-smi -L 2>&1 || echo "nvidia-smi: not available"
     "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
     "$PY" -c 'import triton; print("triton", triton.__version__)' 2>&1 | tail -n 1
@@ -153,18 +164,25 @@ if ((DRY)); then
     step build "${CAP[build]}" "$PY" -c 'import torch_vjp; print("torch_vjp imports; cpu kernels:", torch_vjp.has_kernel("softmax", "cpu"))'
     step import "${CAP[import]}" "$PY" -c 'import torch_vjp; print(torch_vjp.backends())'
     step tests_quick "${CAP[tests_quick]}" "$PY" -m pytest -v -p no:cacheprovider "${XDIST[@]}" "${QUICK_TIMEOUT[@]}" tests/test_cuda.py -k "$QUICK"
+    step tests_sm80 "${CAP[tests_sm80]}" env TORCH_VJP_DISABLE_CLUSTERS=1 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" \
+        "${QUICK_TIMEOUT[@]}" tests/test_cuda.py -k "$SM80"
+    step tests_serial "${CAP[tests_serial]}" "$PY" -m pytest -v -p no:cacheprovider tests/test_cuda.py -k "$SERIAL"
     step bench "${CAP[bench]}" "$PY" -m benchmarks --device cpu --quick --ops exp,softmax,logsumexp --no-progress \
         --out "$OUT/bench" --time-budget "$(bench_budget "$(bench_limit)")"
     step memcheck "${CAP[memcheck]}" "$PY" -m benchmarks.sanitize_cases --device cpu --dtypes float32,bfloat16
     step racecheck "${CAP[racecheck]}" "$PY" -m benchmarks.sanitize_cases --device cpu --family softmax,norm --dtypes float32,bfloat16
     step tests_rest "$(rest_limit)" "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" "${REST_TIMEOUT[@]}" tests/test_benchmarks.py tests/test_cuda.py \
-        -k "not ($QUICK)"
+        -k "not ($QUICK) and not ($SERIAL)"
 else
     export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} FORCE_CUDA=1
     [[ -z "${CUDA_HOME:-}" && -x /usr/local/cuda/bin/nvcc ]] && export CUDA_HOME=/usr/local/cuda
     step build "${CAP[build]}" "$PY" setup.py build_ext --inplace
     step import "${CAP[import]}" "$PY" -c 'import torch_vjp; assert torch_vjp.has_kernel("softmax", "cuda"), "no CUDA kernels"; print("CUDA kernels loaded:", torch_vjp.backends())'
     step tests_quick "${CAP[tests_quick]}" "$PY" -m pytest -v -p no:cacheprovider "${XDIST[@]}" "${QUICK_TIMEOUT[@]}" tests/test_cuda.py -k "$QUICK"
+    # The sm_80 plans on this GPU (read once per process: the variable must be set before torch_vjp plans).
+    step tests_sm80 "${CAP[tests_sm80]}" env TORCH_VJP_DISABLE_CLUSTERS=1 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" \
+        "${QUICK_TIMEOUT[@]}" tests/test_cuda.py -k "$SM80"
+    step tests_serial "${CAP[tests_serial]}" "$PY" -m pytest -v -p no:cacheprovider tests/test_cuda.py -k "$SERIAL"
     # Not the compile provider: it compiles cold for every case (seconds each); run it on its own when wanted.
     step bench "${CAP[bench]}" "$PY" -m benchmarks --providers torch_vjp,eager,liger --no-progress --out "$OUT/bench" \
         --time-budget "$(bench_budget "$(bench_limit)")"
@@ -184,7 +202,7 @@ else
                 "$PY" -m benchmarks.sanitize_cases --family softmax,norm --dtypes float32,bfloat16
         fi
     fi
-    step tests_rest "$(rest_limit)" "$PY" -m pytest -v -p no:cacheprovider "${XDIST[@]}" "${REST_TIMEOUT[@]}" tests -k "not ($QUICK)"
+    step tests_rest "$(rest_limit)" "$PY" -m pytest -v -p no:cacheprovider "${XDIST[@]}" "${REST_TIMEOUT[@]}" tests -k "not ($QUICK) and not ($SERIAL)"
 fi
 
 {
@@ -195,7 +213,7 @@ fi
             "$OUT/bench/summary.md"
     fi
     echo
-    for log in tests_quick tests_rest; do
+    for log in tests_quick tests_sm80 tests_serial tests_rest; do
         [[ -f "$OUT/$log.log" ]] && echo "$log: $(grep -E '(passed|failed|error|skipped|no tests ran)' "$OUT/$log.log" | tail -n 1)"
     done
     printf '%-12s %-34s %5s\n' step status seconds

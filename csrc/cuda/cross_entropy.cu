@@ -1,13 +1,12 @@
 // Losses, CUDA backend: cross-entropy's row kernels (cuda/cross_entropy_epilogues.cuh) for the frontends of
-// ops/cross_entropy.h (cross_entropy, and fused_linear_cross_entropy's chunks), and the memory budget of one
-// chunk of logits.
+// ops/cross_entropy.h (cross_entropy, and fused_linear_cross_entropy's chunks), and the size of one chunk of
+// logits.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
+#include <cstdint>
+#include <string_view>
 
 #include "cuda/cross_entropy_epilogues.cuh"
 #include "ops/cross_entropy.h"
@@ -16,9 +15,9 @@ namespace torch_vjp::cuda {
 namespace {
 
 struct CudaCrossEntropy {
-  // x (rows, C) contiguous, target (rows,) int64; loss and lse (rows,) in the compute type.
+  // x (rows, C) contiguous, target (rows,) int64; loss, row_max and log_sum (rows,) in the compute type.
   static void cross_entropy_rows(const at::Tensor& x, const at::Tensor& target, int64_t ignore_index, double smoothing,
-                                 const at::Tensor& loss, const at::Tensor& lse) {
+                                 const at::Tensor& loss, const at::Tensor& row_max, const at::Tensor& log_sum) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_vjp_cross_entropy_cuda", [&] {
       const auto run = [&](auto op) {
         using Op = decltype(op);
@@ -32,7 +31,8 @@ struct CudaCrossEntropy {
         Operands<Op> ops;
         ops.in[0] = op.logits;
         ops.row_out[0] = loss.mutable_data_ptr<S>();
-        ops.row_out[1] = lse.mutable_data_ptr<S>();
+        ops.row_out[1] = row_max.mutable_data_ptr<S>();
+        ops.row_out[2] = log_sum.mutable_data_ptr<S>();
         run_rows(op, RowLayout{x.size(0), x.size(1), 1}, ops);
       };
       if (smoothing > 0) run(CrossEntropyForward<scalar_t, true>{});
@@ -41,9 +41,9 @@ struct CudaCrossEntropy {
   }
 
   // dx = x allowed (written in place).
-  static void cross_entropy_grad_rows(const at::Tensor& x, const at::Tensor& target, const at::Tensor& lse,
-                                      const at::Tensor& scale, int64_t ignore_index, double smoothing,
-                                      const at::Tensor& dx) {
+  static void cross_entropy_grad_rows(const at::Tensor& x, const at::Tensor& target, const at::Tensor& row_max,
+                                      const at::Tensor& log_sum, const at::Tensor& scale, int64_t ignore_index,
+                                      double smoothing, const at::Tensor& dx) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_vjp_cross_entropy_grad_cuda", [&] {
       using Op = CrossEntropyGrad<scalar_t>;
       using S = typename Op::S;
@@ -57,27 +57,39 @@ struct CudaCrossEntropy {
       Operands<Op> ops;
       ops.in[0] = x.const_data_ptr<scalar_t>();
       ops.out = dx.mutable_data_ptr<scalar_t>();
-      ops.row_in[0] = lse.const_data_ptr<S>();
-      ops.row_in[1] = scale.const_data_ptr<S>();
+      ops.row_in[0] = row_max.const_data_ptr<S>();
+      ops.row_in[1] = log_sum.const_data_ptr<S>();
+      ops.row_in[2] = scale.const_data_ptr<S>();
       run_rows(op, RowLayout{x.size(0), classes, 1}, ops);
     });
   }
 
-  // The logits of one chunk of fused_linear_cross_entropy: an eighth of the free device memory, at most
-  // 112 MiB and at least 8 MiB. The cap keeps the reference case (8192 tokens × hidden 4096 × vocab 128256,
-  // bf16, on an H200) within its memory target of 1,200 MiB beyond the inputs: grad_weight (1,002 MiB, in the
-  // weight's dtype) + grad_input (64 MiB) + one chunk of 456 rows (111.6 MiB) + per-row values; and 456 rows
-  // still keep the three matrix products compute-bound (each reads the whole weight once per chunk: about
-  // 2·rows flops a byte of weight, against an H200's ~200 flops a byte of bandwidth).
-  static int64_t chunk_budget_bytes(const at::Device& device) {
-    const c10::cuda::CUDAGuard guard(device);
-    size_t free = 0, total = 0;
-    C10_CUDA_CHECK(cudaMemGetInfo(&free, &total));
-    return std::clamp<int64_t>(static_cast<int64_t>(free / 8), int64_t(8) << 20, int64_t(112) << 20);
-  }
+  // The logits of one chunk of fused_linear_cross_entropy: 112 MiB, whatever memory is free (a chunk sized from
+  // free memory made the gradient's bits depend on it: the chunks decide the order of the fp32 sums). The size
+  // keeps the reference case (8192 tokens × hidden 4096 × vocab 128256, bf16, on an H200) near its memory
+  // target beyond the inputs: grad_input (64 MiB) + one chunk of 456 rows (111.6 MiB) + per-row values, beside
+  // grad_weight (ops/cross_entropy.h accumulates it in float32, 2,004 MiB, then rounds it to the weight's
+  // dtype, 1,002 MiB); and 456 rows still keep the three matrix products compute-bound (each reads the whole
+  // weight once per chunk: about 2·rows flops a byte of weight, against an H200's ~200 flops a byte of
+  // bandwidth).
+  static constexpr int64_t kChunkBytes = int64_t(112) << 20;
 };
 
 }  // namespace
+
+// The plan of each kernel (cuda/plan.h); the forward's with and without smoothing are the same.
+template <class T>
+bool cross_entropy_plan(std::string_view op, const RowLayout& l, Plan& plan) {
+  if (op == "cross_entropy") plan = engine_plan<CrossEntropyForward<T, false>>(l);
+  else if (op == "cross_entropy_backward") plan = engine_plan<CrossEntropyGrad<T>>(l);
+  else return false;
+  return true;
+}
+template bool cross_entropy_plan<float>(std::string_view, const RowLayout&, Plan&);
+template bool cross_entropy_plan<double>(std::string_view, const RowLayout&, Plan&);
+template bool cross_entropy_plan<c10::Half>(std::string_view, const RowLayout&, Plan&);
+template bool cross_entropy_plan<c10::BFloat16>(std::string_view, const RowLayout&, Plan&);
+
 }  // namespace torch_vjp::cuda
 
 TORCH_LIBRARY_IMPL(torch_vjp, CUDA, m) { torch_vjp::register_cross_entropy<torch_vjp::cuda::CudaCrossEntropy>(m); }

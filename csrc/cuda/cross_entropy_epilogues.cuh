@@ -1,11 +1,13 @@
 // Losses, CUDA: cross-entropy's two row kernels as the row engine's epilogues (cuda/row_engine.cuh), over
 // logits (rows, C) with int64 class targets. The math is math/cross_entropy.h, in at::opmath_type S.
-//   forward   one read of the logits: per row the max and Σ exp (the log_softmax forward's (m, s), merged
-//             across threads), and Σx for label smoothing; then the target logit, one element a row (from L1
-//             or L2: its row was just read); writes loss_i and lse_i (S), nothing else.
-//   gradient  dlogits in one pass from the logits and the saved lse, in place when dx is x: each thread
-//             reads its own packs before it writes them (the grid is aligned for dx, so x needs no realigning
-//             loads from a neighbour's packs), and no element is read after another thread may have written it.
+//   forward   one read of the logits: per row the max m and s = Σ exp(x - m) (the log_softmax forward's,
+//             merged across threads), and for label smoothing Σ(x - m) (below); then the target logit, one
+//             element a row (from L1 or L2: its row was just read); writes loss_i, m_i and log_sum_i = log s_i
+//             (S), nothing else. lse = m + log_sum is never formed: its rounding would cost |lse|·ε in every p.
+//   gradient  dlogits in one pass from the logits and the saved (m, log_sum), in place when dx is x: each
+//             thread reads its own packs before it writes them (the grid is aligned for dx, so x needs no
+//             realigning loads from a neighbour's packs), and no element is read after another thread may have
+//             written it.
 // Vocabularies such as 50257 (odd: row starts at every alignment, realigned in registers) and 128256 run at
 // full vector width; long rows take a cluster of blocks of up to 512 threads on sm_90 (128256 in bf16: 8 of
 // them, two rows' blocks a SM), or are split across blocks (forward: partials, then a combine that reads no
@@ -39,16 +41,23 @@ __device__ __forceinline__ bool target_ok(int64_t target, int64_t ignore_index, 
   return target == ignore_index || (target >= 0 && target < classes);
 }
 
+// The smoothed forward's partial: the log_softmax forward's (m, s), and Σ(x - m) over the `count` elements
+// seen, relative to their own max m. Merged as Σ_a + count_a (m_a - M), M the merged max: every term is ≤ 0
+// (x ≤ m_a ≤ M), so the sum has no cancellation however large an offset the logits share (Σx - C·m would
+// lose it all). Special values: a partial of -inf only has m = -inf and Σ = -inf (never -inf - -inf); a
+// -inf logit makes Σ = -inf, so the smoothed loss is +inf, as torch's; +inf or NaN make it NaN.
 template <class S>
 struct LossStat {
   MaxSum<S> ms;  // max and Σ exp(x - max), as the log_softmax forward's
-  S sum_x;       // Σx (label smoothing)
+  S sum;         // Σ(x - ms.m) over the partial's elements
+  S count;       // its elements (0: empty, the identity)
 };
 
-// Forward: loss_i = lse - (1 - ε) x_t - (ε / C) Σx (0 for ignore_index), lse = m + log s. Without smoothing
-// (kSmoothing false) the reduction is exactly the log_softmax forward's (padding -inf); with it, Σx too, and
-// the reduction is masked (padding not seen: no pad value is neutral for both a max and a sum). The target
-// logit is read by finish, one element a row (from L1 or L2: its row was just read).
+// Forward: loss_i = log_s - (1 - ε)(x_t - m) - (ε / C) Σ(x - m) (0 for ignore_index): every term ≥ 0, none
+// rounded against a large offset. Without smoothing (kSmoothing false) the reduction is exactly the
+// log_softmax forward's (padding -inf) and Σ(x - m) is not formed (0 is passed: ε = 0 must not turn a -inf
+// logit's Σ into NaN); with it, LossStat, over the row's elements only (kMasked: no pad value is neutral for
+// a max, a count and a sum at once). The target logit is read by finish, one element a row.
 template <class T_, bool kSmoothing>
 struct CrossEntropyForward : EpilogueDefaults {
   using T = T_;
@@ -58,11 +67,15 @@ struct CrossEntropyForward : EpilogueDefaults {
   using Stat = std::conditional_t<kSmoothing, LossStat<S>, MaxSum<S>>;
   static constexpr int kIn = 1;
   static constexpr bool kElementOut = false;
-  static constexpr int kRowOut = 2;  // loss, lse
+  static constexpr int kRowOut = 3;  // loss, row_max, log_sum
   static constexpr bool kReduces = true;
   static constexpr bool kMasked = kSmoothing;
   static constexpr bool kRowsOnly = true;
   static constexpr bool kAsserts = true;  // the target
+  // double: 512 threads a block at most, so 128 registers: at 64 (1024 threads) ptxas spilled the (m, s)
+  // merge's doubles, and with smoothing the 32-byte LossStat's. Rows of more than 4096 doubles take an sm_90
+  // cluster (as 512-thread blocks anyway) or, on sm_80, are split.
+  static constexpr int kMaxThreads = sizeof(T) == 8 ? 512 : 1024;
   static constexpr int kClusterThreads = 512;
   const T* logits;
   const int64_t* target;
@@ -70,34 +83,49 @@ struct CrossEntropyForward : EpilogueDefaults {
   S smoothing, per_class;  // ε, ε / C
 
   struct Row {
-    S loss, lse;
+    S loss, m, log_s;
     bool ok;  // the target is in range
   };
 
   __device__ __forceinline__ S pad(int i) const { return LogSoftmaxForward{}.pad(i); }
   __device__ __forceinline__ Stat identity() const {
-    if constexpr (kSmoothing) return {LogSoftmaxForward{}.identity(), S(0)};
+    if constexpr (kSmoothing) return {LogSoftmaxForward{}.identity(), S(0), S(0)};
     else return LogSoftmaxForward{}.identity();
   }
-  // (m, s) merge as the log_softmax forward's (NaN rows stay NaN, +inf rows give NaN); Σx adds.
+
+  // (m, s) merge as the log_softmax forward's (NaN rows stay NaN, +inf rows give NaN). Σ(x - m): the side with
+  // the smaller max moves to the larger, + count (m_lo - m_hi) ≤ 0; equal maxima (both -inf included: d NaN)
+  // move nothing. A NaN or +inf max has made its own side's Σ NaN already, which the sum keeps.
   __device__ __forceinline__ Stat combine(Stat a, Stat b) const {
-    if constexpr (kSmoothing) return {LogSoftmaxForward{}.combine(a.ms, b.ms), a.sum_x + b.sum_x};
-    else return LogSoftmaxForward{}.combine(a, b);
+    if constexpr (kSmoothing) {
+      if (b.count == S(0)) return a;
+      if (a.count == S(0)) return b;
+      const S d = a.ms.m - b.ms.m;
+      const S shift = d > S(0) ? -b.count * d : d < S(0) ? a.count * d : S(0);
+      return {LogSoftmaxForward{}.combine(a.ms, b.ms), a.sum + b.sum + shift, a.count + b.count};
+    } else {
+      return LogSoftmaxForward{}.combine(a, b);
+    }
   }
 
   template <class Each>
   __device__ __forceinline__ Stat partial(const Each& each, const S (&row_in)[1], const RowAt& at) const {
     if constexpr (kSmoothing) {
-      S m = neg_inf<S>(), sum_x = 0;
+      S m = neg_inf<S>();
+      int count = 0;  // an int: the adds of a whole pack fold into one
       each([&](const S (&v)[1], int) {
         m = max_nan(m, v[0]);
-        sum_x += v[0];
+        ++count;
       });
-      if (m == neg_inf<S>()) return {LogSoftmaxForward{}.identity(), sum_x};  // nothing, or -inf only: no Σ exp
+      if (count == 0) return identity();
+      if (m == neg_inf<S>()) return {LogSoftmaxForward{}.identity(), neg_inf<S>(), S(count)};  // -inf only
       const typename LogSoftmaxForward::Exp exp_minus_m(m);
-      S s = 0;
-      each([&](const S (&v)[1], int) { s += exp_minus_m(v[0]); });
-      return {{m, s}, sum_x};
+      S s = 0, sum = 0;
+      each([&](const S (&v)[1], int) {
+        s += exp_minus_m(v[0]);
+        sum += v[0] - m;
+      });
+      return {{m, s}, sum, S(count)};
     } else {
       return LogSoftmaxForward{}.partial(each, row_in, at);
     }
@@ -108,60 +136,94 @@ struct CrossEntropyForward : EpilogueDefaults {
     const bool counted = t != ignore_index && t >= 0 && t < classes;
     const S x_t = counted ? static_cast<S>(logits[at.row * classes + t]) : S(0);
     MaxSum<S> ms;
-    S sum_x = 0;  // Σx only with smoothing: with ε = 0 a -inf logit must not turn 0 · Σx into NaN
+    S sum_shifted = 0;
     if constexpr (kSmoothing) {
       ms = st.ms;
-      sum_x = st.sum_x;
+      sum_shifted = st.sum;
     } else {
       ms = st;
     }
-    const S lse = ms.m + math::log_(ms.s);
-    const S loss = counted ? math::cross_entropy_loss_with(lse, x_t, sum_x, smoothing, per_class) : S(0);
-    return {loss, lse, target_ok(t, ignore_index, classes)};
+    const S log_s = math::log_(ms.s);
+    const S loss = counted ? math::cross_entropy_loss_with(log_s, x_t - ms.m, sum_shifted, smoothing, per_class) : S(0);
+    return {loss, ms.m, log_s, target_ok(t, ignore_index, classes)};
   }
 
   __device__ __forceinline__ S map(const Row&, const S (&)[1], int) const { return S(0); }
-  __device__ __forceinline__ S row_out(const Row& r, int i) const { return i == 0 ? r.loss : r.lse; }
+  __device__ __forceinline__ S row_out(const Row& r, int i) const { return i == 0 ? r.loss : i == 1 ? r.m : r.log_s; }
   __device__ __forceinline__ bool row_ok(const Row& r) const { return r.ok; }
 };
 
-// Gradient: the VJP, derived once here for every kernel shape. loss_i = lse_i - (1 - ε) x_it - (ε/C) Σ_j x_ij,
-// so ∂loss_i/∂x_ij = p_ij - ε/C - (1 - ε)[j = t_i] with p_i = softmax(x_i) = exp(x_i - lse_i): one gradient
-// row per sample (the summed loss's Jacobian is a row). With s_i the row's scale (dy_i for 'none', dy for
-// 'sum', dy / count for 'mean', 0 for ignored rows; the frontend's row_scale):
-//   dx_ij = s_i (exp(x_ij - lse_i) - c_ij),   c_ij = ε/C + (1 - ε)[j = t_i]     (math::cross_entropy_vjp_with)
-// No reduction: row inputs lse, s; x read once, dx written once.
+// p = exp((x - m) - log_s) for the half types: one FADD, one FFMA and one MUFU.EX2, as
+// 2^((x - m)·log2e - log_s·log2e) with log_s·log2e folded once a row. Error, with u = log2 p: x - m,
+// log_s·log2e, log2e and the FFMA round by 2^-24 each, ex2.approx by ~2^-22, so
+//   |Δp|/p ≤ ln2·2^-24·(3|u| + 2·log_s·log2e) + 2^-22,
+// at log_s ≤ log 128256 5e-6 for p ≥ 2^-24 and 3e-6 for p ≥ 2^-8: about 100 times below fp16's relative
+// rounding (2^-11) and 400 times below bf16's (2^-9), whatever the logits' magnitude. exp2 on a prescaled
+// lse = m + log_s (one FADD fewer) would add |lse|·1.4·2^-23 (1.7e-4 at |lse| = 1000, fp16's rounding itself),
+// so x - m comes first.
+// Special values as SoftmaxFromStats: x = -inf gives 0; m = ±inf or NaN anywhere gives NaN.
+struct FastSoftmaxFromStats {
+  float m, neg_log_s_log2e;
+  __device__ __forceinline__ FastSoftmaxFromStats(float m_, float log_s) : m(m_), neg_log_s_log2e(-log_s * kLog2e) {}
+  __device__ __forceinline__ float operator()(float x) const { return ex2_approx(fmaf(x - m, kLog2e, neg_log_s_log2e)); }
+};
+
+// fp32 and fp64: math::SoftmaxFromStats, exp((x - m) - log_s) with the IEEE-accurate exp (torch's
+// exp(log_softmax(x)), within an ulp or two).
+template <class T>
+using SoftmaxFromStatsFor =
+    std::conditional_t<sizeof(T) == 2, FastSoftmaxFromStats, math::SoftmaxFromStats<at::opmath_type<T>>>;
+
+template <class T>
+__device__ __forceinline__ SoftmaxFromStatsFor<T> softmax_from_stats(Opmath<T> m, Opmath<T> log_s) {
+  if constexpr (sizeof(T) == 2) return FastSoftmaxFromStats(m, log_s);
+  else return math::SoftmaxFromStats<Opmath<T>>{m, log_s};
+}
+
+// Gradient: the VJP, derived once here for every kernel shape. loss_i = lse_i - (1 - ε) x_it - (ε/C) Σ_j x_ij
+// with lse_i = m_i + log_s_i, so ∂loss_i/∂x_ij = p_ij - ε/C - (1 - ε)[j = t_i] with p_i = softmax(x_i) =
+// exp((x_i - m_i) - log_s_i) (never exp(x - lse) with lse rounded): one gradient row per sample (the summed
+// loss's Jacobian is a row). With s_i the row's scale (dy_i for 'none', dy for 'sum', dy / count for 'mean',
+// 0 for ignored rows; the frontend's row_scale):
+//   dx_ij = s_i (p_ij - c_ij),   c_ij = ε/C + (1 - ε)[j = t_i]               (math::cross_entropy_vjp_with)
+// No reduction: row inputs m, log_s, s; x read once, dx written once.
 template <class T_>
 struct CrossEntropyGrad : SumEpilogue<Opmath<T_>> {
   using T = T_;
   using S = Opmath<T>;
   using R = S;
   static constexpr int kIn = 1;
-  static constexpr int kRowIn = 2;  // lse, scale
+  static constexpr int kRowIn = 3;  // row_max, log_sum, scale
   static constexpr bool kElementOut = true;
   static constexpr bool kReduces = false;
   static constexpr bool kRowsOnly = true;
   static constexpr bool kAsserts = true;  // the target
+  // float: 768 threads a block at most, so 80 registers: at 64 the instance of 8 packs a thread spilled once it
+  // held m and log_s. No reduction, so a row split across blocks costs nothing (one launch, each element read
+  // once). The other types hold 4 packs and fit 64 registers.
+  static constexpr int kMaxThreads = sizeof(T) == 4 ? 768 : 1024;
+  static constexpr int kClusterThreads = sizeof(T) == 4 ? 768 : 1024;
   const int64_t* target;
   int64_t ignore_index, classes;
   S per_class, per_class_target;  // ε/C, and ε/C + (1 - ε)
 
   struct Row {
-    ExpMinusFor<T> exp_minus_lse;
+    SoftmaxFromStatsFor<T> softmax;
     S scale;
     int t;    // the target's run element, or -1
     bool ok;  // the target is in range
   };
 
   template <class Each>
-  __device__ __forceinline__ S partial(const Each&, const S (&)[2], const RowAt&) const { return S(0); }
+  __device__ __forceinline__ S partial(const Each&, const S (&)[3], const RowAt&) const { return S(0); }
 
-  __device__ __forceinline__ Row finish(S, const S (&row_in)[2], const RowAt& at) const {
+  __device__ __forceinline__ Row finish(S, const S (&row_in)[3], const RowAt& at) const {
     const int64_t t = target[at.row];
-    return {ExpMinusFor<T>(row_in[0]), row_in[1], target_in_run(t, ignore_index, at), target_ok(t, ignore_index, classes)};
+    return {softmax_from_stats<T>(row_in[0], row_in[1]), row_in[2], target_in_run(t, ignore_index, at),
+            target_ok(t, ignore_index, classes)};
   }
   __device__ __forceinline__ S map(const Row& r, const S (&v)[1], int e) const {
-    return math::cross_entropy_vjp_with(v[0], r.exp_minus_lse, r.scale, e == r.t ? per_class_target : per_class);
+    return math::cross_entropy_vjp_with(v[0], r.softmax, r.scale, e == r.t ? per_class_target : per_class);
   }
   __device__ __forceinline__ bool row_ok(const Row& r) const { return r.ok; }
 };

@@ -39,6 +39,17 @@ __device__ __forceinline__ float reciprocal(float s) {
 }
 __device__ __forceinline__ double reciprocal(double s) { return 1.0 / s; }
 
+// 1 / s where s may be ±inf or 0 (a norm that overflowed or is 0): as reciprocal() for normal |s|, and the IEEE
+// results 1/±inf = ±0, 1/±0 = ±inf where the Newton step would make NaN (rcp.approx gives 0 or inf there,
+// and fma(-s, r, 1) is then inf·0). NaN gives NaN; denormal s (flushed by rcp.approx.ftz) gives ±inf. The
+// test is once a row.
+__device__ __forceinline__ float reciprocal_ieee(float s) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(s));
+  return (r == 0.0f || fabsf(r) == INFINITY) ? r : fmaf(r, fmaf(-s, r, 1.0f), r);
+}
+__device__ __forceinline__ double reciprocal_ieee(double s) { return 1.0 / s; }
+
 template <class T>
 using ExpMinusFor = std::conditional_t<sizeof(T) == 2, FastExpMinus, math::ExpMinus<at::opmath_type<T>>>;
 

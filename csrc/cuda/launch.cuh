@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -30,8 +32,20 @@ inline unsigned grid_blocks(int64_t blocks_needed, int64_t cap = INT_MAX) {
   return static_cast<unsigned>(std::clamp<int64_t>(blocks_needed, 1, std::min<int64_t>(cap, INT_MAX)));
 }
 
-// The device has thread-block clusters (sm_90+); cluster_fits also asks whether a kernel's code uses them.
-inline bool has_clusters() { return at::cuda::getCurrentDeviceProperties()->major >= 9; }
+// TORCH_VJP_DISABLE_CLUSTERS=1 (any value but empty or "0"), read once per process: plan as on sm_80, never
+// a cluster, so that a Hopper GPU (the only kind we may be lent) also runs the block and split paths that
+// sm_80 takes for rows too long for one block.
+inline bool clusters_disabled() {
+  static const bool disabled = [] {
+    const char* v = std::getenv("TORCH_VJP_DISABLE_CLUSTERS");
+    return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
+  }();
+  return disabled;
+}
+
+// The device has thread-block clusters (sm_90+) and they are not disabled; cluster_fits also asks whether a
+// kernel's code uses them.
+inline bool has_clusters() { return !clusters_disabled() && at::cuda::getCurrentDeviceProperties()->major >= 9; }
 
 // A launch configuration for clusters of `cluster` blocks along x; `attribute` is storage it points to.
 inline cudaLaunchConfig_t cluster_config(dim3 grid, int threads, int cluster, cudaStream_t stream,

@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <string_view>
 #include <type_traits>
 
 #include "cuda/fast_math.cuh"
@@ -49,10 +50,15 @@ struct Sums {
 
 // ---------------------------------------------------------------------------------------------------------
 // Forward of layer_norm (kCentered) and rms_norm, per row:
-//   μ = Σx / n (0 for rms_norm), σ² = Σ(x - μ)² / n, r = 1/√(σ² + eps), y = x̂ ⊙ w + b with x̂ = (x - μ) r
-// Stat: layer_norm (count, mean, M2), each thread's exactly over the ≤ 32 elements it holds (their mean, then
-// Σ of squared deviations from it: no cancellation, whatever the row's mean), merged by Chan's formula;
-// rms_norm Σx², which has no cancellation to avoid. Row outputs: (μ,) r. Parameters: w (, b).
+//   μ = mean(x) (0 for rms_norm), σ² = Σ(x - μ)² / n, r = 1/√(σ² + eps), y = x̂ ⊙ w + b with x̂ = (x - μ) r
+// Stat: layer_norm (count, mean, M2), each thread's over the ≤ 32 elements it holds: the shifted mean
+// c + Σ(x - c)/count (math::shifted_mean) with c the row's first element, then Σ of squared deviations from
+// it (no cancellation, whatever the row's mean), merged by Chan's formula. A constant row has every x - c = 0,
+// so each thread's mean is the value itself, every merge has δ = 0 and keeps it, and x - μ = 0 exactly: y = b
+// however large r is (Σx / count is off by an ulp there, and BERT's eps = 1e-12 makes that |x̂| ≈ 0.4). c is
+// one load a row (the same address in every thread: L1), not each thread's first element, which took a
+// select a pack and spilled the 8-pack float instance on sm_90.
+// rms_norm: Σx², which has no cancellation to avoid. Row outputs: (μ,) r. Parameters: w (, b).
 template <bool kCentered, class T_>
 struct NormForward : EpilogueDefaults {
   using T = T_;
@@ -69,6 +75,7 @@ struct NormForward : EpilogueDefaults {
   static constexpr int kMaxThreads = kCentered ? 768 : 1024;  // layer_norm: 80 registers, no spills at 4 packs
   static constexpr int kClusterThreads = 512;
   S eps, inv_n;  // inv_n = 1 / n
+  const T* x;    // the input (layer_norm: each row's first element is its mean's shift)
 
   struct Row {
     S mean, rstd;
@@ -93,21 +100,26 @@ struct NormForward : EpilogueDefaults {
   }
 
   template <class Each>
-  __device__ __forceinline__ Stat partial(const Each& each, const S (&)[1], const RowAt&) const {
+  __device__ __forceinline__ Stat partial(const Each& each, const S (&)[1], const RowAt& at) const {
     if constexpr (kCentered) {
-      S count = 0, sum = 0;
+      // c: the row's first element, the same for every thread (one load a row, from L1 after the first).
+      const S c = static_cast<S>(x[at.row * at.n]);
+      S sum = 0;
+      int count = 0;  // an int: a whole pack's adds fold into one
       each([&](const S (&v)[kParamIn + 1], int) {
-        count += S(1);
-        sum += v[0];
+        ++count;
+        sum += v[0] - c;
       });
-      if (count == S(0)) return identity();
-      const S mean = sum * reciprocal(count);
+      if (count == 0) return identity();
+      // math::shifted_mean(c, sum, count), with the division as reciprocal(): CUDA's IEEE division calls a
+      // subroutine here, whose ABI spills the row held in registers. sum = 0 gives c exactly either way.
+      const S mean = c + sum * reciprocal(S(count));
       S m2 = 0;
       each([&](const S (&v)[kParamIn + 1], int) {
         const S d = v[0] - mean;
         m2 += d * d;
       });
-      return {count, mean, m2};
+      return {S(count), mean, m2};
     } else {
       S sum_sq = 0;
       each([&](const S (&v)[kParamIn + 1], int) { sum_sq += v[0] * v[0]; });
@@ -205,8 +217,12 @@ struct NormBackward : EpilogueDefaults {
 };
 
 // ---------------------------------------------------------------------------------------------------------
-// normalize forward (p = 2), per row along dim: ρ = ‖x‖₂ = √Σx², y = x / max(ρ, eps). Stat: Σx² (padding 0).
-// Row output: ρ (saved for the backward).
+// normalize forward (p = 2), per row along dim: ρ = ‖x‖₂ = √Σx² (|x| for a row of one element, as torch's
+// norm: no square to overflow or underflow), y = x / max(ρ, eps). Stat: Σx² or Σ|x| (padding 0). Row output: ρ
+// (saved for the backward). Special values as torch's x / clamp_min(ρ, eps): NaN stays NaN
+// (math::normalize_denominator), and an infinite ρ (an inf element, or Σx² overflowing: bf16 or fp32 rows
+// with |x| above ~1.8e19) gives x · (1/inf) = x · 0, so 0 for finite x and NaN for inf (reciprocal_ieee: the
+// Newton-refined reciprocal() would make the whole row NaN).
 template <class T_>
 struct NormalizeForward : SumEpilogue<Opmath<T_>> {
   using T = T_;
@@ -217,30 +233,40 @@ struct NormalizeForward : SumEpilogue<Opmath<T_>> {
   static constexpr int kRowOut = 1;
   static constexpr bool kReduces = true;
   S eps;
+  bool single;  // n == 1: ρ = |x|
 
   struct Row {
     S inv, norm;
+    bool sign;  // a row of one element whose |x| is the (finite, nonzero) denominator: y = x / |x| = ±1
   };
 
   template <class Each>
   __device__ __forceinline__ S partial(const Each& each, const S (&)[1], const RowAt&) const {
-    S sum_sq = 0;
-    each([&](const S (&v)[1], int) { sum_sq += v[0] * v[0]; });
-    return sum_sq;
+    S sum = 0;
+    if (single) each([&](const S (&v)[1], int) { sum += math::abs_(v[0]); });
+    else each([&](const S (&v)[1], int) { sum += v[0] * v[0]; });
+    return sum;
   }
   __device__ __forceinline__ Row finish(S st, const S (&)[1], const RowAt&) const {
-    const S norm = sqrt_fast(st);
-    return {reciprocal(norm > eps ? norm : eps), norm};
+    const S norm = single ? st : sqrt_fast(st);
+    const S denominator = math::normalize_denominator(norm, eps);
+    return {reciprocal_ieee(denominator), norm, single && denominator == norm && norm > S(0) && norm < S(INFINITY)};
   }
-  __device__ __forceinline__ S map(const Row& r, const S (&v)[1], int) const { return v[0] * r.inv; }
+  // x · (1/ρ) can miss x / ρ = ±1 by an ulp on a row of one element, where torch divides: there the output is
+  // the sign, exactly (one select an element).
+  __device__ __forceinline__ S map(const Row& r, const S (&v)[1], int) const {
+    return r.sign ? copysign(S(1), v[0]) : v[0] * r.inv;
+  }
   __device__ __forceinline__ S row_out(const Row& r, int) const { return r.norm; }
 };
 
 // Backward of normalize: the VJP, derived once here for every kernel shape.
 //   forward  y = x / max(ρ, eps), ρ = ‖x‖₂; saved: y, and ρ per row (row input 0)
-//   ρ ≥ eps  ∂y/∂x = (I - y yᵀ) / ρ, symmetric, so dx = (dy - y ⟨y, dy⟩) / ρ      (math::normalize_vjp)
-//   ρ < eps  y = x / eps, so dx = dy / eps (torch's clamp_min passes no gradient to ρ)
-// Stat: ⟨y, dy⟩ (padding 0). Reads dy and y once, writes dx once.
+//   ρ > eps  ∂y/∂x = (I - y yᵀ) / ρ, symmetric, so dx = (dy - y ⟨y, dy⟩) / ρ      (math::normalize_vjp)
+//   ρ ≤ eps  y = x / eps, so dx = dy / eps (torch's clamp_min passes no gradient to ρ, at the tie ρ = eps
+//            too: math::normalize_clamped)
+// Stat: ⟨y, dy⟩ (padding 0). Reads dy and y once, writes dx once. ρ = inf gives scale 1/inf = 0
+// (reciprocal_ieee) and NaN through ⟨y, dy⟩, as torch; ρ = NaN gives NaN.
 template <class T_>
 struct NormalizeBackward : SumEpilogue<Opmath<T_>> {
   using T = T_;
@@ -263,8 +289,8 @@ struct NormalizeBackward : SumEpilogue<Opmath<T_>> {
     return dot;
   }
   __device__ __forceinline__ Row finish(S st, const S (&row_in)[1], const RowAt&) const {
-    const bool clamped = row_in[0] < eps;
-    return {clamped ? S(0) : st, reciprocal(clamped ? eps : row_in[0])};
+    const bool clamped = math::normalize_clamped(row_in[0], eps);
+    return {clamped ? S(0) : st, reciprocal_ieee(clamped ? eps : row_in[0])};
   }
   __device__ __forceinline__ S map(const Row& r, const S (&v)[2], int) const {
     return math::normalize_vjp(v[0], v[1], r.dot, r.scale);
@@ -282,6 +308,7 @@ void norm_forward_cuda(int64_t rows, int64_t n, const T* x, const Opmath<T>* wei
   Op op;
   op.eps = static_cast<S>(eps);
   op.inv_n = static_cast<S>(1.0 / static_cast<double>(n));
+  op.x = x;
   Operands<Op> ops;
   ops.in[0] = x;
   ops.param[0] = weight;
@@ -325,7 +352,9 @@ void norm_backward_cuda(int64_t rows, int64_t n, const T* dy, const T* x, const 
 }
 
 // eps in the compute type, at least the smallest normal float: reciprocal() flushes a denormal eps to 0
-// (1/0 then NaN on rows of zeros, where torch gives 0). Norms below it are 0 in float anyway (Σx² underflows).
+// (1/0 then NaN on rows of zeros, where torch gives 0). Norms below it are 0 in float anyway (Σx² underflows),
+// but for one-element rows (ρ = |x|): with eps < FLT_MIN, a denormal x gives x / FLT_MIN, not torch's ±1 (the
+// reciprocal of a denormal overflows float, so no multiply by it could).
 template <class T>
 Opmath<T> normalize_eps(double eps) {
   using S = Opmath<T>;
@@ -337,6 +366,7 @@ template <class T>
 void normalize_forward_cuda(const RowLayout& l, const T* x, double eps, T* y, Opmath<T>* norm) {
   NormalizeForward<T> op;
   op.eps = normalize_eps<T>(eps);
+  op.single = l.n == 1;
   Operands<NormalizeForward<T>> ops;
   ops.in[0] = x;
   ops.out = y;
@@ -356,6 +386,23 @@ void normalize_backward_cuda(const RowLayout& l, const T* dy, const T* y, const 
   run_rows(op, l, ops);
 }
 
+// The plan of each kernel (cuda/plan.h). A norm's backward: the kernel that writes dx when the parameter
+// gradients are wanted too (with them fused where n % P == 0, else dx alone, the sums after it).
+template <class T>
+bool norm_plan(std::string_view op, const RowLayout& l, Plan& plan) {
+  const auto backward = [&](auto with_sums, auto dx_only) {
+    return fuses_param_sums<decltype(with_sums)>(l) ? engine_plan<decltype(with_sums)>(l) : engine_plan<decltype(dx_only)>(l);
+  };
+  if (op == "layer_norm") plan = engine_plan<NormForward<true, T>>(l);
+  else if (op == "rms_norm") plan = engine_plan<NormForward<false, T>>(l);
+  else if (op == "layer_norm_backward") plan = backward(NormBackward<true, T, true>{}, NormBackward<true, T, false>{});
+  else if (op == "rms_norm_backward") plan = backward(NormBackward<false, T, true>{}, NormBackward<false, T, false>{});
+  else if (op == "normalize") plan = engine_plan<NormalizeForward<T>>(l);
+  else if (op == "normalize_backward") plan = engine_plan<NormalizeBackward<T>>(l);
+  else return false;
+  return true;
+}
+
 }  // namespace torch_vjp::cuda
 
 // Explicit instantiation of every launcher for one dtype (one per norm_<dtype>.cu, so that the dtypes compile
@@ -372,4 +419,5 @@ void normalize_backward_cuda(const RowLayout& l, const T* dy, const T* y, const 
                                              const Opmath<T>*, const Opmath<T>*, T*, Opmath<T>*, Opmath<T>*);  \
   template void normalize_forward_cuda<T>(const RowLayout&, const T*, double, T*, Opmath<T>*);               \
   template void normalize_backward_cuda<T>(const RowLayout&, const T*, const T*, const Opmath<T>*, double, T*); \
+  template bool norm_plan<T>(std::string_view, const RowLayout&, Plan&);                                     \
   }

@@ -33,6 +33,11 @@
 //   bytes (a sector). A tile of W slots × H·V rows is held in registers and reduced along n through shared
 //   memory; longer columns take a cluster of up to 8 blocks (sm_90), narrowing W to fit, or are split along
 //   n as above (also when there are too few tiles to fill the GPU).
+// Testing the paths: TORCH_VJP_DISABLE_CLUSTERS=1 in the environment (read once per process: launch.cuh's
+// has_clusters) plans on every device as on sm_80, never a cluster, so that a Hopper GPU also runs the block
+// and split paths that sm_80 takes where sm_90 takes a cluster. torch.ops.torch_vjp_cuda.row_plan(op, outer,
+// n, inner, dtype) (cuda/row_plan.cu) returns the plan an op runs with on the current device: the path's name
+// (cuda/plan.h's plan_path), threads a block, blocks a cluster, chunks a row; tests assert it.
 // No dynamic shared memory anywhere (so no opt-in above 48 KB to get wrong): the reductions' static buffers
 // are 32 statistics per block (rows), 32 × 32 (columns), and 2 × that per block in a cluster; ops with
 // parameter sums add 8 warps × 32 lanes × P values of S (8 KiB for the half types) to add up a block's groups.
@@ -59,9 +64,9 @@
 //                                        of per-row inputs and outputs (T, or S for saved statistics)
 //   static constexpr int  kIn;           element inputs read per element (x; or dy and y), 1 or 2
 //   static constexpr int  kParamIn;      parameter vectors, 0..2 (default 0; rows only)
-//   static constexpr int  kRowIn;        per-row inputs (one value per row each), 0..2 (default 0)
+//   static constexpr int  kRowIn;        per-row inputs (one value per row each), 0..3 (default 0)
 //   static constexpr bool kElementOut;   writes an element output (shaped like the inputs)
-//   static constexpr int  kRowOut;       per-row outputs, 0..2 (default 0)
+//   static constexpr int  kRowOut;       per-row outputs, 0..3 (default 0)
 //   static constexpr int  kParamSums;    parameter sums, 0..2 (default 0; rows only)
 //   static constexpr bool kReduces;      has a row reduction (else only finish + map)
 //   static constexpr bool kMasked;       partial sees only the row's elements, not the padding (default false)
@@ -103,8 +108,8 @@
 //   - Parameter sums are added in a fixed order (rows of a slot in order, groups and slots in order): the same
 //     bits on every run of one shape on one device.
 // Two statistics are one Stat struct (mean and M2, merged with Chan's formula; a pair of sums for a norm
-// backward); per-row saved values (mean, rstd, lse) are row inputs; cross-entropy's (max, Σexp) is its Stat,
-// and its gradient finds the target's element through e.
+// backward); per-row saved values (mean, rstd; cross-entropy's row max and log-sum) are row inputs;
+// cross-entropy's (max, Σexp) is its Stat, and its gradient finds the target's element through e.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -117,6 +122,7 @@
 #include <cstdint>
 
 #include "cuda/launch.cuh"
+#include "cuda/plan.h"
 #include "cuda/reduce.cuh"
 #include "cuda/vec.cuh"
 #include "ops/softmax.h"  // RowLayout
@@ -646,18 +652,6 @@ __global__ void __launch_bounds__(kParamSumThreads) param_sums_kernel(const Engi
 // =========================================================================================================
 // Host side: the plan (which kernel, which shape) and the launch.
 
-struct Plan {
-  int V;               // packs per thread per input (the kernel instance)
-  bool column, vec;    // column_kernel (and its kVec); else row_kernel
-  int threads;         // per block
-  int lanes;           // G (row) or W (column)
-  int cluster;         // blocks per cluster along x (1: none)
-  int64_t chunks;      // split: chunks per row (column), along y; 1 otherwise
-  int64_t chunk_len;   // split: packs (row) / rows (column) per chunk
-  int64_t blocks;      // grid x wanted: row groups or tiles, times the cluster (the kernels loop over the
-                       // rest beyond 2^31 - 1, and over chunks beyond 65535)
-};
-
 // inner == 1. P: elements a pack; Vmax: kRowPacks; max_threads: a block's threads at most (Op::kMaxThreads);
 // cluster_threads: with clusters, the block size above which a row takes a cluster (Op::kClusterThreads; up to
 // max_threads a block when 8 blocks of cluster_threads do not hold the row); sms: multiprocessors; clusters:
@@ -885,31 +879,78 @@ void with_row_kernel(int V, const Go& go) {
   TORCH_INTERNAL_ASSERT(false, "torch_vjp: no row kernel with ", V, " packs per thread");
 }
 
-// Runs Op over a tensor of layout l: plans, checks that a planned cluster can run on this device (else
-// plans again without), launches on the current stream. Parameter sums (ops.param_sums) are fused into the
-// row kernel when n % P == 0, else computed by run_param_sums after it.
+// The row kernel's plan for Op over layout l (inner == 1) whose grid operand starts grid_mis elements past a
+// 16-byte boundary: as plan_rows, then without clusters if the planned one cannot run on this device (the
+// kernel's code predates sm_90, or the GPU is partitioned). The fallback keeps V (both plan Vmax packs).
+template <class Op>
+Plan plan_row_kernel(const RowLayout& l, int grid_mis) {
+  constexpr int P = kPackElems<typename Op::T>;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int max_off = l.n % P == 0 ? grid_mis : P - 1;
+  const auto plan_for = [&](bool clusters) {
+    return plan_rows(l.outer, l.n, P, kRowPacks<Op>, Op::kMaxThreads, Op::kClusterThreads, sms, clusters, max_off);
+  };
+  Plan plan = plan_for(has_clusters());
+  if (plan.cluster > 1) {
+    with_row_kernel<Op>(plan.V, [&](auto kernel) {
+      if (!cluster_fits(kernel, plan.threads, plan.cluster)) plan = plan_for(false);
+    });
+  }
+  return plan;
+}
+
+// The column kernel's for Op over layout l (inner > 1), over at most outer_part outer indices a launch; vec:
+// inner % P == 0 and every pointer 16-byte aligned.
+template <class Op>
+Plan plan_column_kernel(const RowLayout& l, int64_t outer_part, bool vec) {
+  constexpr int P = kPackElems<typename Op::T>;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  Plan plan = plan_columns(outer_part, l.n, l.inner, P, kRowPacks<Op>, vec, sms, has_clusters());
+  const auto kernel = vec ? column_kernel<Op, kRowPacks<Op>, true> : column_kernel<Op, kRowPacks<Op>, false>;
+  if (plan.cluster > 1 && !cluster_fits(kernel, plan.threads, plan.cluster))
+    plan = plan_columns(outer_part, l.n, l.inner, P, kRowPacks<Op>, vec, sms, false);
+  return plan;
+}
+
+// One launch of the column kernel covers fewer than 2^31 flattened columns (o, i) when outer > 1, so that the
+// kernel finds o with a 32-bit magic-number division; a larger tensor takes several launches over ranges of
+// outer, this many outer indices each.
+inline int64_t column_outer_part(const RowLayout& l) {
+  return std::max<int64_t>(1, std::min<int64_t>(l.outer, (int64_t(INT_MAX) / l.inner)));
+}
+
+// The plan run_rows launches Op with over layout l, for 16-byte aligned operands (a freshly allocated tensor):
+// what the path queries of cuda/plan.h report.
+template <class Op>
+Plan engine_plan(const RowLayout& l) {
+  if (l.inner == 1) return plan_row_kernel<Op>(l, 0);
+  if constexpr (Op::kRowsOnly) {
+    TORCH_CHECK(false, "torch_vjp: a rows-only op over a dim that is not the last");
+    return Plan{};
+  } else {
+    return plan_column_kernel<Op>(l, column_outer_part(l), l.inner % kPackElems<typename Op::T> == 0);
+  }
+}
+
+// Runs Op over a tensor of layout l: plans (plan_row_kernel, plan_column_kernel), launches on the current
+// stream. Parameter sums (ops.param_sums) are fused into the row kernel when n % P == 0, else computed by
+// run_param_sums after it.
 template <class Op>
 void run_rows(const Op& op, const RowLayout& l, const Operands<Op>& ops) {
   using T = typename Op::T;
   constexpr int P = kPackElems<T>;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   EngineArgs<Op> args = engine_args(op, l, ops);
   if (l.inner == 1) {
     // The grid is aligned for the element output where there is one, else for input 0.
     args.grid_mis = Op::kElementOut ? misalignment(ops.out) : misalignment(ops.in[0]);
     for (int i = 0; i < Op::kIn; ++i) args.shift[i] = (misalignment(ops.in[i]) - args.grid_mis + P) % P;
-    const int max_off = l.n % P == 0 ? args.grid_mis : P - 1;
     bool want_sums = false;
     for (int c = 0; c < Op::kParamSums; ++c) want_sums = want_sums || ops.param_sums[c] != nullptr;
     const bool fused_sums = want_sums && fuses_param_sums<Op>(l);
-    const auto plan_for = [&](bool clusters) {
-      return plan_rows(l.outer, l.n, P, kRowPacks<Op>, Op::kMaxThreads, Op::kClusterThreads, sms, clusters, max_off);
-    };
-    Plan plan = plan_for(has_clusters());
+    const Plan plan = plan_row_kernel<Op>(l, args.grid_mis);
+    args.lanes = plan.lanes;
+    args.chunk_len = plan.chunk_len;
     with_row_kernel<Op>(plan.V, [&](auto kernel) {
-      if (plan.cluster > 1 && !cluster_fits(kernel, plan.threads, plan.cluster)) plan = plan_for(false);
-      args.lanes = plan.lanes;
-      args.chunk_len = plan.chunk_len;
       if constexpr (Op::kParamSums > 0) {
         if (fused_sums) return launch_with_param_sums(kernel, plan, args, ops.param_sums);
       }
@@ -926,13 +967,9 @@ void run_rows(const Op& op, const RowLayout& l, const Operands<Op>& ops) {
     bool vec = l.inner % P == 0 && misalignment(ops.out ? ops.out : ops.in[0]) == 0;
     for (int i = 0; i < Op::kIn; ++i) vec = vec && misalignment(ops.in[i]) == 0;
     const int Pe = vec ? P : 1;
-    // One launch covers fewer than 2^31 flattened columns (o, i) when outer > 1, so that the kernel finds o
-    // with a 32-bit magic-number division; a larger tensor takes several launches over ranges of outer.
-    const int64_t outer_part = std::max<int64_t>(1, std::min<int64_t>(l.outer, (int64_t(INT_MAX) / l.inner)));
-    Plan plan = plan_columns(outer_part, l.n, l.inner, P, kRowPacks<Op>, vec, sms, has_clusters());
+    const int64_t outer_part = column_outer_part(l);
+    const Plan plan = plan_column_kernel<Op>(l, outer_part, vec);
     const auto go = [&](auto kernel) {
-      if (plan.cluster > 1 && !cluster_fits(kernel, plan.threads, plan.cluster))
-        plan = plan_columns(outer_part, l.n, l.inner, P, kRowPacks<Op>, vec, sms, false);
       args.lanes = plan.lanes;
       args.chunk_len = plan.chunk_len;
       args.inner_div = at::cuda::detail::IntDivider<uint32_t>(static_cast<uint32_t>(std::min<int64_t>(l.inner, INT32_MAX)));

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cmath>
+#include <string_view>
 #include <type_traits>
 
 #include "cuda/fast_math.cuh"
@@ -190,6 +191,19 @@ void logsumexp_backward_cuda(const RowLayout& l, const T* dy, const T* out, cons
   run_rows(LogSumExpBackward<T>{}, l, ops);
 }
 
+// The plan of each kernel (cuda/plan.h).
+template <class T>
+bool softmax_plan(std::string_view op, const RowLayout& l, Plan& plan) {
+  if (op == "softmax") plan = engine_plan<SoftmaxForward<SoftmaxKind::Softmax, T>>(l);
+  else if (op == "log_softmax") plan = engine_plan<SoftmaxForward<SoftmaxKind::LogSoftmax, T>>(l);
+  else if (op == "logsumexp") plan = engine_plan<SoftmaxForward<SoftmaxKind::LogSumExp, T>>(l);
+  else if (op == "softmax_backward") plan = engine_plan<SoftmaxBackward<SoftmaxKind::Softmax, T>>(l);
+  else if (op == "log_softmax_backward") plan = engine_plan<SoftmaxBackward<SoftmaxKind::LogSoftmax, T>>(l);
+  else if (op == "logsumexp_backward") plan = engine_plan<LogSumExpBackward<T>>(l);
+  else return false;
+  return true;
+}
+
 }  // namespace torch_vjp::cuda
 
 // Explicit instantiation of every launcher for one dtype (one per softmax_<dtype>.cu, so that the dtypes
@@ -202,4 +216,5 @@ void logsumexp_backward_cuda(const RowLayout& l, const T* dy, const T* out, cons
   template void softmax_backward_cuda<SoftmaxKind::Softmax, T>(const RowLayout&, const T*, const T*, T*);  \
   template void softmax_backward_cuda<SoftmaxKind::LogSoftmax, T>(const RowLayout&, const T*, const T*, T*); \
   template void logsumexp_backward_cuda<T>(const RowLayout&, const T*, const T*, const T*, T*);            \
+  template bool softmax_plan<T>(std::string_view, const RowLayout&, Plan&);                                \
   }
