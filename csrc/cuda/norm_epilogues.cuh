@@ -218,8 +218,9 @@ struct NormBackward : EpilogueDefaults {
 
 // ---------------------------------------------------------------------------------------------------------
 // normalize forward (p = 2), per row along dim: ρ = ‖x‖₂ = √Σx² (|x| for a row of one element, as torch's
-// norm: no square to overflow or underflow), y = x / max(ρ, eps). Stat: Σx² or Σ|x| (padding 0). Row output: ρ
-// (saved for the backward). Special values as torch's x / clamp_min(ρ, eps): NaN stays NaN
+// norm: no square to overflow or underflow), y = x / max(ρ, eps), ρ and eps rounded to the input's dtype as
+// torch's are (math::as_stored). Stat: Σx² or Σ|x| (padding 0). Row output: ρ (saved for the backward).
+// Special values as torch's x / clamp_min(ρ, eps): NaN stays NaN
 // (math::normalize_denominator), and an infinite ρ (an inf element, or Σx² overflowing: bf16 or fp32 rows
 // with |x| above ~1.8e19) gives x · (1/inf) = x · 0, so 0 for finite x and NaN for inf (reciprocal_ieee: the
 // Newton-refined reciprocal() would make the whole row NaN).
@@ -248,7 +249,7 @@ struct NormalizeForward : SumEpilogue<Opmath<T_>> {
     return sum;
   }
   __device__ __forceinline__ Row finish(S st, const S (&)[1], const RowAt&) const {
-    const S norm = single ? st : sqrt_fast(st);
+    const S norm = math::as_stored<T>(single ? st : sqrt_fast(st));  // torch's norm is in the input's dtype
     const S denominator = math::normalize_denominator(norm, eps);
     return {reciprocal_ieee(denominator), norm, single && denominator == norm && norm > S(0) && norm < S(INFINITY)};
   }
@@ -355,10 +356,12 @@ void norm_backward_cuda(int64_t rows, int64_t n, const T* dy, const T* x, const 
 // (1/0 then NaN on rows of zeros, where torch gives 0). Norms below it are 0 in float anyway (Σx² underflows),
 // but for one-element rows (ρ = |x|): with eps < FLT_MIN, a denormal x gives x / FLT_MIN, not torch's ±1 (the
 // reciprocal of a denormal overflows float, so no multiply by it could).
+// Then rounded to the input's dtype, as torch's scalar eps is (math::as_stored: 1e-12 is 0 in float16).
 template <class T>
 Opmath<T> normalize_eps(double eps) {
   using S = Opmath<T>;
-  if constexpr (std::is_same_v<S, float>) return std::max(static_cast<float>(eps), std::numeric_limits<float>::min());
+  if constexpr (std::is_same_v<S, float>)
+    return math::as_stored<T>(std::max(static_cast<float>(eps), std::numeric_limits<float>::min()));
   else return static_cast<S>(eps);
 }
 
