@@ -25,6 +25,9 @@ if _torch_version(torch.__version__) < MIN_TORCH:
 from . import functional, nn  # noqa: E402
 from ._extension import backends  # noqa: E402
 from ._ops import has_kernel  # noqa: E402
+from ._distributed_hook import install as _install_distributed  # noqa: E402
+
+_install_distributed()  # DTensor sharding rules, once torch.distributed.tensor is imported
 from .functional import (  # noqa: E402
     cross_entropy,
     exp,

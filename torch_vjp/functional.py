@@ -580,6 +580,10 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.numel()}")
         target = target.reshape(())
     if input.dim() <= 2:
+        if type(input) is not Tensor and type(input).__name__ == "DTensor":  # logits sharded by class: vocab-parallel
+            from . import distributed
+            if distributed.is_class_sharded(input):
+                return distributed.vocab_parallel_cross_entropy(input, target, ignore_index, reduction, label_smoothing)
         return _CROSS_ENTROPY(input, target, ignore_index, reduction, label_smoothing)
     # (N, C, d1, ...): every position a row of C logits.
     expected = [input.shape[0], *input.shape[2:]]

@@ -1,0 +1,386 @@
+"""torch_vjp on torch.distributed: DTensor sharding rules for every op and its VJP op, and vocabulary-parallel
+cross_entropy.
+
+**Sharding rules.** DTensor dispatches a custom op only through a sharding rule. Each op and its VJP op get one
+here (`torch.distributed.tensor.experimental.register_sharding`, with a RuntimeSchemaInfo that hashes the
+non-tensor arguments, so that a different `dim`, `normalized_shape` or `reduction` re-runs propagation). A rule
+lists, per mesh dim, the placements under which the local kernel on each rank's shard computes that rank's
+shard of the exact result; DTensor picks the cheapest one and redistributes the inputs to it. So a reduced dim
+that is sharded is gathered first (never a wrong answer on a shard):
+
+- elementwise ops (exp, sigmoid, tanh, softplus, gelu, silu, mish) and gated ops (swiglu, geglu): any
+  `Shard(d)` or `Replicate()` (the gated ops' two inputs alike);
+- softmax, log_softmax, logsumexp, normalize: `Shard(d)` for d other than `dim`, `Replicate()`;
+- layer_norm, rms_norm: `Shard(d)` for d before the normalized dims (sequence parallelism), the weight and
+  bias `Replicate()`; in the VJP op their gradients are then `Partial()` sums, reduced by DTensor;
+- cross_entropy: `Shard(0)` of the rows with the target (loss `Shard(0)` for 'none', `Partial()` for 'sum';
+  'mean' divides by the global count, so it gathers), `Replicate()`. Class-dim sharding (`Shard(-1)`, as
+  `ColwiseParallel` on the head gives) takes the vocabulary-parallel algorithm below instead;
+- fused_linear_cross_entropy: `Shard(0)` of the rows with the target, the head `Replicate()` ('none' and
+  'sum'; its weight and bias gradients `Partial()`), `Replicate()`;
+- every VJP op, being linear in grad_output: grad_output `Partial()` with every saved tensor `Replicate()`
+  gives `Partial()` gradients.
+
+**Vocabulary-parallel cross_entropy** (`vocab_parallel_cross_entropy`, which `torch_vjp.cross_entropy` takes
+for a DTensor sharded along its class dim): per rank, the kernel's row max m_r and log_sum_r of the local
+shard, the owned target logit and (label smoothing) the row sum of the shard; all-reduce MAX of m, then one
+all-reduce SUM of the per-row (exp(m_r - M) exp(log_sum_r), target logit, row sum): only per-row values cross
+ranks, never logits. The backward forms p - ε/C - (1 - ε) onehot on the local shard from the global M and
+log_sum: no communication.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor._op_schema import RuntimeSchemaInfo
+from torch.distributed.tensor.experimental import register_sharding
+
+from ._ops import compute_type
+
+ops = torch.ops.torch_vjp
+R = Replicate()
+
+__all__ = ["vocab_parallel_cross_entropy", "is_class_sharded"]
+
+
+def _register(name: str, rule):
+    """rule(*args) for the op's arguments (tensors as DTensorSpec or None): the acceptable (outputs, inputs)
+    placement lists on one mesh dim (None for a non-tensor argument or a None tensor)."""
+    overload = getattr(ops, name).default
+    register_sharding(overload)(rule)
+    args = overload._schema.arguments
+    first_static = next((i for i, a in enumerate(args) if str(a.type) not in ("Tensor", "Optional[Tensor]")), 100)
+    # register_sharding hashes from the first int argument only: a SymInt[] normalized_shape or a str reduction
+    # before it would share a cache entry with a different one.
+    DTensor._op_dispatcher.sharding_propagator.op_to_schema_info[overload] = RuntimeSchemaInfo(
+        static_argnum=first_static, needs_pytree=True)
+
+
+def _p(spec, placement):
+    """A tensor argument's placement, None for an absent optional tensor."""
+    return None if spec is None else placement
+
+
+def _ndim(spec) -> int:
+    return len(spec.shape)
+
+
+def _vjp_partial(outputs, grad_output, saved):
+    """Every VJP op is linear in grad_output: Partial grad_output, every saved tensor Replicate."""
+    out = [None if o is None else Partial() for o in outputs]
+    return out, [Partial(), *saved]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Elementwise and gated ops.
+
+def _elementwise_rule(input, *params):
+    n = [None] * len(params)
+    return [([R], [R, *n])] + [([Shard(d)], [Shard(d), *n]) for d in range(_ndim(input))]
+
+
+def _elementwise_backward_rule(grad_output, saved, *params):
+    n = [None] * len(params)
+    rules = [([R], [R, R, *n])] + [([Shard(d)], [Shard(d), Shard(d), *n]) for d in range(_ndim(saved))]
+    return rules + [([Partial()], [Partial(), R, *n])]
+
+
+def _gated_rule(gate, up, *params):
+    n = [None] * len(params)
+    return [([R], [R, R, *n])] + [([Shard(d)], [Shard(d), Shard(d), *n]) for d in range(_ndim(gate))]
+
+
+def _gated_backward_rule(grad_output, gate, up, *params):
+    n = [None] * len(params)
+    rules = [([R, R], [R, R, R, *n])] + [([Shard(d)] * 2, [Shard(d)] * 3 + n) for d in range(_ndim(gate))]
+    return rules + [([Partial(), Partial()], [Partial(), R, R, *n])]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rowwise ops: local where the reduced dim is not sharded.
+
+def _wrap(dim: int, ndim: int) -> int:
+    return dim % max(ndim, 1)
+
+
+def _softmax_rule(input, dim):
+    reduced = _wrap(dim, _ndim(input))
+    return [([R], [R, None])] + [([Shard(d)], [Shard(d), None]) for d in range(_ndim(input)) if d != reduced]
+
+
+def _softmax_backward_rule(grad_output, output, dim):
+    reduced = _wrap(dim, _ndim(output))
+    rules = [([R], [R, R, None])]
+    rules += [([Shard(d)], [Shard(d), Shard(d), None]) for d in range(_ndim(output)) if d != reduced]
+    return rules + [([Partial()], [Partial(), R, None])]
+
+
+def _reduced_dim(d: int, reduced: int, keepdim: bool) -> int:
+    return d if keepdim or d < reduced else d - 1
+
+
+def _logsumexp_rule(input, dim, keepdim):
+    reduced = _wrap(dim, _ndim(input))
+    return [([R], [R, None, None])] + [([Shard(_reduced_dim(d, reduced, keepdim))], [Shard(d), None, None])
+                                      for d in range(_ndim(input)) if d != reduced]
+
+
+def _logsumexp_backward_rule(grad_output, input, output, dim, keepdim):
+    reduced = _wrap(dim, _ndim(input))
+    rules = [([R], [R, R, R, None, None])]
+    for d in range(_ndim(input)):
+        if d != reduced:
+            s = Shard(_reduced_dim(d, reduced, keepdim))
+            rules.append(([Shard(d)], [s, Shard(d), s, None, None]))
+    return rules + [([Partial()], [Partial(), R, R, None, None])]
+
+
+def _normalize_rule(input, dim, eps):
+    reduced = _wrap(dim, _ndim(input))
+    return [([R, R], [R, None, None])] + [([Shard(d), Shard(d)], [Shard(d), None, None])
+                                         for d in range(_ndim(input)) if d != reduced]
+
+
+def _normalize_backward_rule(grad_output, output, norm, dim, eps):
+    reduced = _wrap(dim, _ndim(output))
+    rules = [([R], [R, R, R, None, None])]
+    rules += [([Shard(d)], [Shard(d)] * 3 + [None, None]) for d in range(_ndim(output)) if d != reduced]
+    return rules + [([Partial()], [Partial(), R, R, None, None])]
+
+
+def _batch_dims(input, normalized_shape) -> range:
+    return range(_ndim(input) - len(normalized_shape))
+
+
+def _rms_norm_rule(input, normalized_shape, weight, eps):
+    rules = [([R, R], [R, None, _p(weight, R), None])]
+    return rules + [([Shard(d), Shard(d)], [Shard(d), None, _p(weight, R), None])
+                    for d in _batch_dims(input, normalized_shape)]
+
+
+def _layer_norm_rule(input, normalized_shape, weight, bias, eps):
+    w, b = _p(weight, R), _p(bias, R)
+    rules = [([R, R, R], [R, None, w, b, None])]
+    return rules + [([Shard(d)] * 3, [Shard(d), None, w, b, None]) for d in _batch_dims(input, normalized_shape)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Losses.
+
+def _ce_rule(input, target, ignore_index, reduction, label_smoothing):
+    rules = [([R, R, R], [R, R, None, None, None])]
+    if _ndim(input) == 2 and reduction != "mean":  # rows sharded: local, the loss Shard(0) or a partial sum
+        loss = Shard(0) if reduction == "none" else Partial()
+        rules.append(([loss, Shard(0), Shard(0)], [Shard(0), Shard(0), None, None, None]))
+    return rules
+
+
+def _ce_backward_rule(grad_output, input, target, row_max, log_sum, ignore_index, reduction, label_smoothing):
+    n = [None, None, None]
+    rules = [([R], [R, R, R, R, R, *n])]
+    if _ndim(input) == 2 and reduction != "mean":
+        g = Shard(0) if reduction == "none" else R
+        rules.append(([Shard(0)], [g, Shard(0), Shard(0), Shard(0), Shard(0), *n]))
+    return rules + [([Partial()], [Partial(), R, R, R, R, *n])]
+
+
+def _flce_rule(input, weight, target, bias, ignore_index, reduction, label_smoothing, compute_grad):
+    b = _p(bias, R)
+    n = [None] * 4
+    grads = bool(compute_grad)
+    rules = [([R, R if grads else None, R if grads else None, R if grads and bias is not None else None],
+              [R, R, R, b, *n])]
+    if reduction != "mean":
+        loss = Shard(0) if reduction == "none" else Partial()
+        out = [loss, Shard(0) if grads else None, Partial() if grads else None,
+               Partial() if grads and bias is not None else None]
+        rules.append((out, [Shard(0), R, Shard(0), b, *n]))
+    return rules
+
+
+def _flce_backward_rule(grad_output, input, weight, target, bias, ignore_index, reduction, label_smoothing):
+    b = _p(bias, R)
+    n = [None] * 3
+    rules = [([R, R, b], [R, R, R, R, b, *n])]
+    if reduction != "mean":
+        g = Shard(0) if reduction == "none" else R
+        rules.append(([Shard(0), Partial(), _p(bias, Partial())], [g, Shard(0), R, Shard(0), b, *n]))
+    return rules + [([Partial(), Partial(), _p(bias, Partial())], [Partial(), R, R, R, b, *n])]
+
+
+def _mesh_of(op: str, dtensors) -> "object":
+    meshes = {t.device_mesh for t in dtensors}
+    if len(meshes) != 1:
+        raise ValueError(f"torch_vjp.{op}: the DTensor arguments are on different device meshes: {sorted(map(str, meshes))}")
+    return meshes.pop()
+
+
+def _norm_backward_handler(op_call, args, kwargs):
+    """layer_norm_backward and rms_norm_backward under DTensor. Their first output is an optional tensor, which
+    DTensor's sharding propagation cannot wrap (it takes a first return of type Tensor? for a single output),
+    so they are dispatched here with the same rule as a registered one: per mesh dim, rows sharded (Shard(d),
+    d before the normalized dims) stay local, the weight and bias gradients then Partial(); any other
+    placement (the normalized dims sharded, a Partial grad_output) is redistributed to Replicate()."""
+    layer = op_call == ops.layer_norm_backward.default
+    n_tensors = 6 if layer else 4
+    tensors, (normalized_shape, output_mask) = list(args[:n_tensors]), args[n_tensors:]
+    grad_output, input = tensors[0], tensors[1]
+    stats, params = tensors[2:4] if layer else tensors[2:3], tensors[4:] if layer else tensors[3:]
+    dtensors = [t for t in tensors if t is not None]
+    name = op_call._schema.name.split("::")[-1]
+    if not all(isinstance(t, DTensor) for t in dtensors):
+        raise TypeError(f"torch_vjp.{name}: mixed DTensor and torch.Tensor arguments; make every tensor a DTensor "
+                        f"(a norm's weight and bias Replicate())")
+    mesh = _mesh_of(name, dtensors)
+    batch = input.dim() - len(normalized_shape)
+    rows = []
+    for i, p in enumerate(input.placements):
+        rows.append(p if isinstance(p, Shard) and p.dim < batch else R)
+    local = [t.redistribute(mesh, rows).to_local() for t in (grad_output, input, *stats)]
+    local += [None if t is None else t.redistribute(mesh, [R] * mesh.ndim).to_local() for t in params]
+    outputs = op_call(*local, *args[n_tensors:])
+    param_placements = [Partial() if isinstance(p, Shard) else R for p in rows]
+    wrapped = []
+    for k, out in enumerate(outputs):
+        if out is None:
+            wrapped.append(None)
+            continue
+        like = input if k == 0 else params[k - 1]
+        placements = rows if k == 0 else param_placements
+        wrapped.append(DTensor.from_local(out, mesh, placements, run_check=False, shape=like.shape,
+                                          stride=like.stride()))
+    return tuple(wrapped)
+
+
+_RULES = {
+    "swiglu": (_gated_rule, _gated_backward_rule),
+    "geglu": (_gated_rule, _gated_backward_rule),
+    "softmax": (_softmax_rule, _softmax_backward_rule),
+    "log_softmax": (_softmax_rule, _softmax_backward_rule),
+    "logsumexp": (_logsumexp_rule, _logsumexp_backward_rule),
+    "normalize": (_normalize_rule, _normalize_backward_rule),
+    "rms_norm": (_rms_norm_rule, None),
+    "layer_norm": (_layer_norm_rule, None),
+    "cross_entropy": (_ce_rule, _ce_backward_rule),
+    "fused_linear_cross_entropy": (_flce_rule, _flce_backward_rule),
+}
+for _name in ("exp", "sigmoid", "tanh", "softplus", "gelu", "silu", "mish"):
+    _RULES[_name] = (_elementwise_rule, _elementwise_backward_rule)
+
+for _name, (_forward_rule, _backward_rule) in _RULES.items():
+    _register(_name, _forward_rule)
+    if _backward_rule is not None:
+        _register(_name + "_backward", _backward_rule)
+    else:
+        DTensor._op_dispatcher._custom_op_handlers[getattr(ops, _name + "_backward").default] = _norm_backward_handler
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Vocabulary-parallel cross_entropy.
+
+def is_class_sharded(input) -> bool:
+    """A DTensor of logits whose class dim (the last; dim 0 of a 1-D input) is sharded on some mesh dim."""
+    if not isinstance(input, DTensor) or input.dim() not in (1, 2):
+        return False
+    class_dim = input.dim() - 1
+    return any(p.is_shard(class_dim) for p in input.placements)
+
+
+def _check_layout(input, target):
+    mesh, class_dim = input.device_mesh, input.dim() - 1
+    if isinstance(target, DTensor) and target.device_mesh != mesh:
+        raise ValueError(f"torch_vjp.cross_entropy: the input and the target are DTensors on different meshes "
+                         f"({input.device_mesh} and {target.device_mesh})")
+    tp = [i for i, p in enumerate(input.placements) if p.is_shard(class_dim)]
+    if len(tp) != 1:
+        raise ValueError(f"torch_vjp.cross_entropy: vocabulary parallelism shards the class dim on one mesh dim, "
+                         f"got placements {input.placements}")
+    for i, p in enumerate(input.placements):
+        if i != tp[0] and not p.is_replicate():
+            raise ValueError(
+                f"torch_vjp.cross_entropy: with the class dim sharded on mesh dim {tp[0]}, the other mesh dims "
+                f"must be Replicate(), got placements {input.placements}; redistribute the logits first")
+    return tp[0]
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, target, ignore_index, reduction, label_smoothing, mesh_dim):
+        mesh, placements = input.device_mesh, input.placements
+        group = mesh.get_group(mesh_dim)
+        x = input.to_local()
+        classes = input.shape[-1]
+        offset = _shard_offset(classes, mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim))
+        t = target.full_tensor() if isinstance(target, DTensor) else target
+        x2, t1 = x.reshape(-1, x.shape[-1]), t.reshape(-1).long()
+        ct = compute_type(x.dtype)
+        # The kernel's per-row statistics of the local shard (every row ignored: statistics only).
+        _, m_local, log_sum_local = ops.cross_entropy(
+            x2, torch.full_like(t1, -1), -1, "none", 0.0)
+        row_max = m_local.clone()
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        counted = t1 != ignore_index
+        local_t = t1 - offset
+        owned = counted & (local_t >= 0) & (local_t < x2.shape[-1])
+        rows = torch.arange(x2.shape[0], device=x.device)
+        picked = x2[rows, torch.where(owned, local_t, 0)].to(ct)
+        stats = torch.stack([torch.exp(m_local - row_max + log_sum_local), torch.where(owned, picked, 0)], 0)
+        if label_smoothing > 0:
+            stats = torch.cat([stats, x2.to(ct).sum(-1, dtype=torch.float64).to(ct).unsqueeze(0)])
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+        log_sum = torch.log(stats[0])
+        lse = row_max + log_sum
+        loss = lse - (1 - label_smoothing) * stats[1] if label_smoothing > 0 else lse - stats[1]
+        if label_smoothing > 0:
+            loss = loss - (label_smoothing / classes) * stats[2]
+        loss = torch.where(counted, loss, 0)
+        count = counted.sum()
+        if reduction == "none":
+            out = loss.reshape(t.shape).to(x.dtype)
+        else:
+            total = loss.to(torch.float64).sum()
+            out = (total / count if reduction == "mean" else total).to(x.dtype)
+        ctx.save_for_backward(x2, t1, row_max, log_sum)
+        ctx.meta = (ignore_index, reduction, label_smoothing, classes, offset, x.shape, mesh, placements, count,
+                    input.shape, input.stride())
+        return DTensor.from_local(out, mesh, [R] * mesh.ndim, run_check=False)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x2, t1, row_max, log_sum = ctx.saved_tensors
+        (ignore_index, reduction, label_smoothing, classes, offset, shape, mesh, placements, count,
+         global_shape, global_stride) = ctx.meta
+        ct = log_sum.dtype
+        g = grad_output.to_local() if isinstance(grad_output, DTensor) else grad_output
+        g = g.to(ct).reshape(-1)
+        if reduction == "mean":
+            g = g / count.to(ct)
+        counted = t1 != ignore_index
+        scale = torch.where(counted, g.expand(t1.shape), 0)
+        p = torch.exp((x2.to(ct) - row_max.unsqueeze(-1)) - log_sum.unsqueeze(-1))
+        if label_smoothing > 0:
+            p = p - label_smoothing / classes
+        local_t = t1 - offset
+        owned = counted & (local_t >= 0) & (local_t < x2.shape[-1])
+        rows = torch.nonzero(owned).squeeze(-1)
+        p[rows, local_t[rows]] -= 1 - label_smoothing
+        dx = (scale.unsqueeze(-1) * p).to(x2.dtype).reshape(shape)
+        dx = DTensor.from_local(dx, mesh, placements, run_check=False, shape=global_shape, stride=global_stride)
+        return dx, None, None, None, None, None
+
+
+def _shard_offset(size: int, n: int, rank: int) -> int:
+    """The first index of rank's Shard() chunk (torch.chunk's split: ceil(size / n) each, the last ones shorter)."""
+    chunk = -(-size // n)
+    return min(chunk * rank, size)
+
+
+def vocab_parallel_cross_entropy(input: DTensor, target, ignore_index: int = -100, reduction: str = "mean",
+                                 label_smoothing: float = 0.0) -> DTensor:
+    """cross_entropy of logits (N, C) or (C,) sharded along the class dim on one mesh dim (Replicate elsewhere),
+    with a target of class indices (a tensor, or a DTensor on the same mesh): a Replicate() DTensor loss."""
+    mesh_dim = _check_layout(input, target)
+    if any(p.is_shard() and not isinstance(p, Shard) for p in input.placements):
+        raise ValueError(f"torch_vjp.cross_entropy: unsupported placements {input.placements}")
+    return _VocabParallelCE.apply(input, target, ignore_index, reduction, label_smoothing, mesh_dim)
