@@ -273,6 +273,51 @@ def case_vocab_parallel(rank, world):
     assert comm.get_total_counts() == 0, comm.get_comm_counts()
 
 
+def _fused_case(mesh, tp_placements, N, H, V, reduction, smoothing, bias, dtensor_input):
+    import torch_vjp
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+    torch.manual_seed(N * 11 + V % 89)
+    h, w, b = torch.randn(N, H), torch.randn(V, H) / 4, torch.randn(V) if bias else None
+    target = torch.randint(0, V, (N,))
+    target[1] = -100
+    target[0] = V - 1
+    R = [Replicate()] * mesh.ndim
+    ref_in = [t.clone().requires_grad_() if t is not None else None for t in (h, w, b)]
+    ref = torch_vjp.fused_linear_cross_entropy(ref_in[0], ref_in[1], target, ref_in[2], reduction=reduction,
+                                               label_smoothing=smoothing)
+    gy = torch.randn_like(ref)
+    ref.backward(gy)
+    hd = (distribute_tensor(h, mesh, R) if dtensor_input else h.clone()).requires_grad_()
+    wd = distribute_tensor(w, mesh, tp_placements).requires_grad_()
+    bd = distribute_tensor(b, mesh, tp_placements).requires_grad_() if bias else None
+    loss = torch_vjp.fused_linear_cross_entropy(hd, wd, target, bd, reduction=reduction, label_smoothing=smoothing)
+    assert isinstance(loss, DTensor) and all(p.is_replicate() for p in loss.placements), loss.placements
+    loss.backward(distribute_tensor(gy, mesh, R))
+    torch.testing.assert_close(loss.full_tensor(), ref)
+    assert tuple(wd.grad.placements) == tuple(wd.placements), wd.grad.placements
+    torch.testing.assert_close(wd.grad.full_tensor(), ref_in[1].grad)
+    torch.testing.assert_close(hd.grad.full_tensor() if dtensor_input else hd.grad, ref_in[0].grad)
+    if bias:
+        torch.testing.assert_close(bd.grad.full_tensor(), ref_in[2].grad)
+
+
+def case_vocab_parallel_fused(rank, world):
+    from torch.distributed.tensor import Shard
+    mesh = _mesh((world,))
+    for V in (32000, 128256):
+        for reduction in ("mean", "sum", "none"):
+            for smoothing in (0.0, 0.1):
+                _fused_case(mesh, [Shard(0)], 4, 16, V, reduction, smoothing, bias=False, dtensor_input=True)
+    _fused_case(mesh, [Shard(0)], 6, 8, 1001, "mean", 0.1, bias=True, dtensor_input=False)  # uneven, bias
+    _fused_case(mesh, [Shard(0)], 6, 8, 1000, "sum", 0.0, bias=True, dtensor_input=True)
+    import torch_vjp.distributed as D  # several chunks of rows
+    chunk, D._CHUNK_ELEMENTS = D._CHUNK_ELEMENTS, 1000
+    try:
+        _fused_case(mesh, [Shard(0)], 7, 8, 1000, "mean", 0.1, bias=True, dtensor_input=True)
+    finally:
+        D._CHUNK_ELEMENTS = chunk
+
+
 def case_errors(rank, world):
     import torch_vjp
     from torch.distributed.tensor import DeviceMesh, Replicate, Shard, distribute_tensor
@@ -374,16 +419,21 @@ def case_mesh_2d(rank, world):
         _vocab_case(mesh, [Replicate(), Shard(1)], 4, 32000, reduction, 0.0, ignore=True,
                     loss_parallel_too=reduction != "mean")
         _vocab_case(mesh, [Replicate(), Shard(1)], 4, 32000, reduction, 0.1, ignore=True)
+    for reduction in ("mean", "none"):
+        _fused_case(mesh, [Replicate(), Shard(0)], 4, 16, 32000, reduction, 0.1, bias=True, dtensor_input=True)
     # a layout the vocabulary-parallel loss does not take: rows and classes both sharded
     logits = distribute_tensor(torch.randn(4, 10), mesh, [Shard(0), Shard(1)])
     with pytest.raises(ValueError, match="must be Replicate"):
         torch_vjp.cross_entropy(logits, torch.randint(0, 10, (4,)))
+    head = distribute_tensor(torch.randn(10, 8), mesh, [Shard(0), Shard(0)])
+    with pytest.raises(ValueError, match="Shard\\(0\\) on one mesh dim"):
+        torch_vjp.fused_linear_cross_entropy(torch.randn(4, 8), head, torch.randint(0, 10, (4,)))
 
 
 SUITES = {
     "two": [("elementwise", case_elementwise), ("gated", case_gated), ("softmax", case_softmax),
             ("norms", case_norms), ("losses", case_losses), ("vocab_parallel", case_vocab_parallel),
-            ("errors", case_errors), ("fsdp", case_fsdp)],
+            ("vocab_parallel_fused", case_vocab_parallel_fused), ("errors", case_errors), ("fsdp", case_fsdp)],
     "four": [("mesh_2d", case_mesh_2d)],
 }
 

@@ -41,7 +41,8 @@ from ._ops import compute_type
 ops = torch.ops.torch_vjp
 R = Replicate()
 
-__all__ = ["vocab_parallel_cross_entropy", "is_class_sharded"]
+__all__ = ["is_class_sharded", "is_vocab_sharded", "vocab_parallel_cross_entropy",
+           "vocab_parallel_fused_linear_cross_entropy"]
 
 
 def _register(name: str, rule):
@@ -384,3 +385,150 @@ def vocab_parallel_cross_entropy(input: DTensor, target, ignore_index: int = -10
     if any(p.is_shard() and not isinstance(p, Shard) for p in input.placements):
         raise ValueError(f"torch_vjp.cross_entropy: unsupported placements {input.placements}")
     return _VocabParallelCE.apply(input, target, ignore_index, reduction, label_smoothing, mesh_dim)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Vocabulary-parallel fused_linear_cross_entropy: the head's weight (V, H) sharded by rows (Shard(0), as
+# ColwiseParallel gives), each rank forming only its columns of each chunk of logits.
+
+_CHUNK_ELEMENTS = 1 << 22  # logits per chunk (rows x local vocabulary), 16 MiB in float32
+
+
+def is_vocab_sharded(weight) -> bool:
+    """A DTensor head weight (V, H) sharded along V on some mesh dim."""
+    return isinstance(weight, DTensor) and weight.dim() == 2 and any(p.is_shard(0) for p in weight.placements)
+
+
+def _check_head_layout(input, weight, target, bias):
+    mesh = weight.device_mesh
+    for name, t in (("input", input), ("target", target), ("bias", bias)):
+        if isinstance(t, DTensor) and t.device_mesh != mesh:
+            raise ValueError(f"torch_vjp.fused_linear_cross_entropy: the {name} and the weight are DTensors on "
+                             f"different meshes ({t.device_mesh} and {mesh})")
+    tp = [i for i, p in enumerate(weight.placements) if p.is_shard(0)]
+    if len(tp) != 1 or any(i != tp[0] and not p.is_replicate() for i, p in enumerate(weight.placements)):
+        raise ValueError(f"torch_vjp.fused_linear_cross_entropy: a vocabulary-parallel head weight is Shard(0) on one "
+                         f"mesh dim and Replicate() on the others, got {weight.placements}")
+    if bias is not None and (not isinstance(bias, DTensor) or tuple(bias.placements) != tuple(weight.placements)):
+        raise ValueError("torch_vjp.fused_linear_cross_entropy: with a vocabulary-parallel weight the bias must be a "
+                         f"DTensor of the same placements {weight.placements}")
+    return tp[0]
+
+
+def _chunks(rows: int, local_vocab: int):
+    step = max(1, _CHUNK_ELEMENTS // max(local_vocab, 1))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+class _VocabParallelFLCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, target, bias, ignore_index, reduction, label_smoothing, mesh_dim):
+        mesh = weight.device_mesh
+        group = mesh.get_group(mesh_dim)
+        x = input.to_local() if isinstance(input, DTensor) else input
+        w = weight.to_local()
+        b = None if bias is None else bias.to_local()
+        t = (target.full_tensor() if isinstance(target, DTensor) else target).reshape(-1).long()
+        classes = weight.shape[0]
+        offset = _shard_offset(classes, mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim))
+        ct = compute_type(x.dtype)
+        counted = t != ignore_index
+        local_t = t - offset
+        owned = counted & (local_t >= 0) & (local_t < w.shape[0])
+        n = x.shape[0]
+        m_local = torch.empty(n, dtype=ct, device=x.device)
+        log_sum_local = torch.empty_like(m_local)
+        picked = torch.zeros_like(m_local)
+        row_sum = torch.zeros_like(m_local)
+        for rows in _chunks(n, w.shape[0]):
+            logits = _logits(x[rows], w, b, ct)
+            _, m_local[rows], log_sum_local[rows] = ops.cross_entropy(
+                logits, torch.full((logits.shape[0],), -1, dtype=torch.long, device=x.device), -1, "none", 0.0)
+            index = torch.arange(logits.shape[0], device=x.device)
+            o = owned[rows]
+            picked[rows] = torch.where(o, logits[index, torch.where(o, local_t[rows], 0)], 0)
+            if label_smoothing > 0:
+                row_sum[rows] = logits.sum(-1, dtype=torch.float64).to(ct)
+        row_max = m_local.clone()
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        stats = torch.stack([torch.exp(m_local - row_max + log_sum_local), picked, row_sum])
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+        log_sum = torch.log(stats[0])
+        loss = row_max + log_sum - (1 - label_smoothing) * stats[1] - (label_smoothing / classes) * stats[2]
+        loss = torch.where(counted, loss, 0)
+        count = counted.sum()
+        if reduction == "none":
+            out = loss
+        else:
+            total = loss.to(torch.float64).sum()
+            out = (total / count if reduction == "mean" else total).to(ct)
+        ctx.save_for_backward(x, w, b, t, row_max, log_sum)
+        input_meta = (input.shape, input.stride()) if isinstance(input, DTensor) else None
+        weight_meta = (tuple(weight.placements), weight.shape, weight.stride())
+        ctx.meta = (ignore_index, reduction, label_smoothing, classes, offset, count, mesh, mesh_dim, group,
+                    input_meta, weight_meta, bias is not None)
+        return DTensor.from_local(out, mesh, [R] * mesh.ndim, run_check=False)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, w, b, t, row_max, log_sum = ctx.saved_tensors
+        (ignore_index, reduction, label_smoothing, classes, offset, count, mesh, mesh_dim, group,
+         input_meta, (weight_placements, weight_shape, weight_stride), has_bias) = ctx.meta
+        ct = log_sum.dtype
+        g = grad_output.to_local() if isinstance(grad_output, DTensor) else grad_output
+        g = g.to(ct).reshape(-1)
+        if reduction == "mean":
+            g = g / count.to(ct)
+        counted = t != ignore_index
+        scale = torch.where(counted, g.expand(t.shape), 0)
+        local_t = t - offset
+        owned = counted & (local_t >= 0) & (local_t < w.shape[0])
+        wc = w.to(ct)
+        grad_x = torch.empty(x.shape, dtype=ct, device=x.device)
+        grad_w = torch.zeros(w.shape, dtype=ct, device=x.device)
+        grad_b = torch.zeros(w.shape[0], dtype=ct, device=x.device) if has_bias else None
+        for rows in _chunks(x.shape[0], w.shape[0]):
+            logits = _logits(x[rows], w, b, ct)
+            p = torch.exp((logits - row_max[rows].unsqueeze(-1)) - log_sum[rows].unsqueeze(-1))
+            if label_smoothing > 0:
+                p -= label_smoothing / classes
+            mine = torch.nonzero(owned[rows]).squeeze(-1)
+            p[mine, local_t[rows][mine]] -= 1 - label_smoothing
+            d = scale[rows].unsqueeze(-1) * p
+            grad_x[rows] = d @ wc
+            grad_w.addmm_(d.t(), x[rows].to(ct))
+            if has_bias:
+                grad_b += d.sum(0)
+        # the input gradient is the sum over the vocabulary shards of the local products
+        grad_x = grad_x.to(x.dtype)
+        if input_meta is not None:
+            placements = [Partial() if i == mesh_dim else R for i in range(mesh.ndim)]
+            grad_x = DTensor.from_local(grad_x, mesh, placements, run_check=False, shape=input_meta[0],
+                                        stride=input_meta[1])
+        else:
+            dist.all_reduce(grad_x, group=group)
+        grad_w = DTensor.from_local(grad_w.to(w.dtype), mesh, weight_placements, run_check=False,
+                                    shape=weight_shape, stride=weight_stride)
+        if has_bias:
+            grad_b = DTensor.from_local(grad_b.to(w.dtype), mesh, weight_placements, run_check=False,
+                                        shape=(weight_shape[0],), stride=(1,))
+        return grad_x, grad_w, None, grad_b, None, None, None, None
+
+
+def _logits(x, w, b, ct):
+    logits = x @ w.t() if b is None else torch.addmm(b, x, w.t())
+    return logits.to(ct)
+
+
+def vocab_parallel_fused_linear_cross_entropy(input, weight: DTensor, target, bias=None, ignore_index: int = -100,
+                                              reduction: str = "mean", label_smoothing: float = 0.0) -> DTensor:
+    """fused_linear_cross_entropy with the head's weight (V, H) a DTensor sharded by rows on one mesh dim
+    (Replicate elsewhere; the bias, if any, alike): each rank forms only its columns of each chunk of logits,
+    per-row statistics are all-reduced (no rank holds full logits); the weight gradient stays local, the input
+    gradient is the sum over the vocabulary shards (a Partial DTensor for a DTensor input, all-reduced for a
+    plain tensor). The input: a tensor, the same on every rank, or a DTensor (gathered to Replicate, as
+    ColwiseParallel does). A Replicate() DTensor loss, in the compute type."""
+    mesh_dim = _check_head_layout(input, weight, target, bias)
+    if isinstance(input, DTensor) and not all(p.is_replicate() for p in input.placements):
+        input = input.redistribute(input.device_mesh, [R] * input.device_mesh.ndim)
+    return _VocabParallelFLCE.apply(input, weight, target, bias, ignore_index, reduction, label_smoothing, mesh_dim)

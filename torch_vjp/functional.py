@@ -623,6 +623,12 @@ def fused_linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bi
     compute_grad = (reduction != "none" and _grad_enabled()
                     and any(t is not None and t.requires_grad for t in (input, weight, bias))
                     and (_is_compiling() or not transforms_active()))
+    if type(weight) is not Tensor and type(weight).__name__ == "DTensor":  # a head sharded by vocabulary rows
+        from . import distributed
+        if distributed.is_vocab_sharded(weight):
+            loss = distributed.vocab_parallel_fused_linear_cross_entropy(input, weight, target, bias, ignore_index,
+                                                                         reduction, label_smoothing)
+            return loss.to(input.dtype) if not torch.is_autocast_enabled(input.device.type) else loss
     loss = _FUSED_LINEAR_CROSS_ENTROPY(input, weight, target, bias, ignore_index, reduction, label_smoothing,
                                        compute_grad)
     # The op's loss is in the compute type. Under autocast it is torch's value as it is (the float32 loss of
