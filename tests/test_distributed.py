@@ -399,6 +399,36 @@ def case_fsdp(rank, world):
         torch.testing.assert_close(p.full_tensor(), q.detach(), msg=lambda m: f"{name}: {m}")
 
 
+def _example():
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                        "distributed_llama.py")
+    spec = importlib.util.spec_from_file_location("distributed_llama", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _example_case(dp, tp, steps=20):
+    """examples/distributed_llama.py on a (dp, tp) mesh: the loss curve and final parameters equal the
+    single-process run's."""
+    example = _example()
+    ref_losses, ref_params = example.train(1, 1, steps, distributed=False)
+    losses, params = example.train(dp, tp, steps)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses))
+    assert ref_losses[-1] < ref_losses[0]
+    for name, p in params.items():
+        torch.testing.assert_close(p, ref_params[name], msg=lambda m: f"{name}: {m}")
+
+
+def case_example_tp(rank, world):
+    _example_case(1, world)
+
+
+def case_example_fsdp_tp(rank, world):
+    _example_case(2, world // 2)
+
+
 def case_mesh_2d(rank, world):
     """A 2 × 2 mesh: rows sharded on one mesh dim, the sequence or the vocabulary on the other."""
     import torch_vjp
@@ -433,8 +463,8 @@ def case_mesh_2d(rank, world):
 SUITES = {
     "two": [("elementwise", case_elementwise), ("gated", case_gated), ("softmax", case_softmax),
             ("norms", case_norms), ("losses", case_losses), ("vocab_parallel", case_vocab_parallel),
-            ("vocab_parallel_fused", case_vocab_parallel_fused), ("errors", case_errors), ("fsdp", case_fsdp)],
-    "four": [("mesh_2d", case_mesh_2d)],
+            ("vocab_parallel_fused", case_vocab_parallel_fused), ("errors", case_errors), ("fsdp", case_fsdp), ("example_tp", case_example_tp)],
+    "four": [("mesh_2d", case_mesh_2d), ("example_fsdp_tp", case_example_fsdp_tp)],
 }
 
 
