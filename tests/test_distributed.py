@@ -318,6 +318,17 @@ def case_vocab_parallel_fused(rank, world):
         D._CHUNK_ELEMENTS = chunk
 
 
+def case_compile(rank, world):
+    """torch.compile (fullgraph) of torch_vjp ops on DTensors under sequence parallelism, with the backward."""
+    import torch_vjp
+    from torch.distributed.tensor import Partial, Replicate, Shard
+    mesh = _mesh((world,))
+    torch.manual_seed(9)
+    compiled = torch.compile(lambda t, wt: torch_vjp.silu(torch_vjp.rms_norm(t, [8], wt, 1e-6)), fullgraph=True)
+    _check(compiled, [torch.randn(4, 6, 8), torch.randn(8)], [[Shard(1)], [Replicate()]], mesh, expect=[Shard(1)],
+           grad_placements=[[Shard(1)], [Partial()]])
+
+
 def case_errors(rank, world):
     import torch_vjp
     from torch.distributed.tensor import DeviceMesh, Replicate, Shard, distribute_tensor
@@ -463,7 +474,8 @@ def case_mesh_2d(rank, world):
 SUITES = {
     "two": [("elementwise", case_elementwise), ("gated", case_gated), ("softmax", case_softmax),
             ("norms", case_norms), ("losses", case_losses), ("vocab_parallel", case_vocab_parallel),
-            ("vocab_parallel_fused", case_vocab_parallel_fused), ("errors", case_errors), ("fsdp", case_fsdp), ("example_tp", case_example_tp)],
+            ("vocab_parallel_fused", case_vocab_parallel_fused), ("errors", case_errors), ("fsdp", case_fsdp), ("example_tp", case_example_tp),
+            ("compile", case_compile)],
     "four": [("mesh_2d", case_mesh_2d), ("example_fsdp_tp", case_example_fsdp_tp)],
 }
 
