@@ -359,14 +359,15 @@ class _VocabParallelCE(torch.autograd.Function):
             g = g / count.to(ct)
         counted = t1 != ignore_index
         scale = torch.where(counted, g.expand(t1.shape), 0)
-        p = torch.exp((x2.to(ct) - row_max.unsqueeze(-1)) - log_sum.unsqueeze(-1))
+        # one (N, V_local) buffer, worked in place: the gradient itself
+        p = torch.sub(x2.to(ct), row_max.unsqueeze(-1)).sub_(log_sum.unsqueeze(-1)).exp_()
         if label_smoothing > 0:
-            p = p - label_smoothing / classes
+            p.sub_(label_smoothing / classes)
         local_t = t1 - offset
         owned = counted & (local_t >= 0) & (local_t < x2.shape[-1])
         rows = torch.nonzero(owned).squeeze(-1)
         p[rows, local_t[rows]] -= 1 - label_smoothing
-        dx = (scale.unsqueeze(-1) * p).to(x2.dtype).reshape(shape)
+        dx = p.mul_(scale.unsqueeze(-1)).to(x2.dtype).reshape(shape)
         dx = DTensor.from_local(dx, mesh, placements, run_check=False, shape=global_shape, stride=global_stride)
         return dx, None, None, None, None, None
 
@@ -489,12 +490,12 @@ class _VocabParallelFLCE(torch.autograd.Function):
         grad_b = torch.zeros(w.shape[0], dtype=ct, device=x.device) if has_bias else None
         for rows in _chunks(x.shape[0], w.shape[0]):
             logits = _logits(x[rows], w, b, ct)
-            p = torch.exp((logits - row_max[rows].unsqueeze(-1)) - log_sum[rows].unsqueeze(-1))
+            p = logits.sub_(row_max[rows].unsqueeze(-1)).sub_(log_sum[rows].unsqueeze(-1)).exp_()
             if label_smoothing > 0:
-                p -= label_smoothing / classes
+                p.sub_(label_smoothing / classes)
             mine = torch.nonzero(owned[rows]).squeeze(-1)
             p[mine, local_t[rows][mine]] -= 1 - label_smoothing
-            d = scale[rows].unsqueeze(-1) * p
+            d = p.mul_(scale[rows].unsqueeze(-1))
             grad_x[rows] = d @ wc
             grad_w.addmm_(d.t(), x[rows].to(ct))
             if has_bias:
