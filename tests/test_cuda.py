@@ -938,17 +938,15 @@ def check_family_against_torch(family, x, dim, seed=1):
         _assert_same(dx.view(-1, n) / scale, ref_dx.view(-1, n) / scale, dtype, f"{family} grad")
         _assert_same(dw, ref_dw, dtype, f"{family} dweight", atol=sums_atol)
     elif family == "normalize":
-        # torch in float64 with ρ and eps rounded to the input's dtype, as torch's own computation in that dtype
-        # rounds them (math::as_stored: eps = 1e-12 is 0 in float16, so a zero row is 0/0 there); ρ sums n
-        # squares, whose rounding differs by summation order (1e-4 of ρ between two float32 orders at
-        # n = 300007). No special row here overflows Σx² (test_paths_normalize_extremes compares those).
+        # torch in float64, rounded: ρ sums n squares, whose rounding differs by summation order (1e-4 of ρ
+        # between two float32 orders at n = 300007); the clamp is decided in the input's dtype
+        # (math::normalize_clamped), which no row here reaches. No special row here overflows Σx²
+        # (test_paths_normalize_extremes compares those in the input's dtype).
         eps = 1e-12
         y, norm = VJP.normalize(x, dim, eps)
         x64 = x.double()
-        rho = torch.linalg.vector_norm(x64, dim=dim, keepdim=True).to(dtype).double()
-        want = x64 / rho.clamp_min(torch.tensor(eps, dtype=dtype).item())
-        _assert_same(y, want.to(dtype), dtype, "normalize output")
-        _assert_same(norm, rho.to(opmath), dtype, "normalize norm")
+        _assert_same(y, F.normalize(x64, 2.0, dim, eps).to(dtype), dtype, "normalize output")
+        _assert_same(norm, torch.linalg.vector_norm(x64, dim=dim, keepdim=True).to(opmath), opmath, "normalize norm")
         dy = torch.randn(x.shape, generator=g, device=x.device).to(dtype)
         dx = VJP.normalize_backward(dy, y, norm, dim, eps)
         _, (ref_dx,) = _grad(lambda t: F.normalize(t, 2.0, dim, eps), (x64,), dy.double())

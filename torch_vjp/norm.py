@@ -224,15 +224,21 @@ RMS_NORM = _make_norm("rms_norm", centered=False)
 def _unit(y, norm, eps):
     """x/ρ, the gradient of ρ = ‖x‖₂, from y = x / max(ρ, eps) and ρ: 0 at x = 0 (torch's choice for the norm)."""
     ct = norm.dtype
-    scale = torch.where(norm > 0, torch.clamp_min(norm, eps) / torch.where(norm > 0, norm, 1), 0)
+    denominator = torch.where(_clamped(norm, eps, y.dtype), eps, norm)  # the forward's (math::normalize_denominator)
+    scale = torch.where(norm > 0, denominator / torch.where(norm > 0, norm, 1), 0)
     return y.to(ct) * scale
+
+
+def _clamped(norm, eps, dtype):
+    """math::normalize_clamped: ρ ≤ eps, as torch decides it in the input's dtype (both rounded to it)."""
+    return norm.to(dtype) <= torch.tensor(eps, dtype=dtype, device=norm.device)
 
 
 def _normalize_backward_ref(grad_output, y, norm, dim, eps):
     """normalize's VJP in torch ops, as the kernel computes it: (dy - y⟨y, dy⟩)/ρ, or dy/eps where ρ ≤ eps."""
     ct = norm.dtype
     dyc, yc = grad_output.to(ct), y.to(ct)
-    clamped = norm <= eps
+    clamped = _clamped(norm, eps, y.dtype)
     dot = torch.where(clamped, 0, (yc * dyc).sum(dim, keepdim=True))
     return ((dyc - yc * dot) / torch.where(clamped, eps, norm)).to(y.dtype)
 

@@ -145,12 +145,10 @@ struct CpuNorm {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_vjp_normalize_cpu", [&] {
       using T = opmath<scalar_t>;
       T* norms = norm.mutable_data_ptr<T>();
-      const T eps_stored = math::as_stored<scalar_t>(T(eps));
       cpu::for_each_row<scalar_t, 2>(l, {const_cast<scalar_t*>(x.const_data_ptr<scalar_t>()), y.mutable_data_ptr<scalar_t>()},
                                      true, [&](const auto& ctx, const auto* xr, auto* yr) {
-        const T rho = math::as_stored<scalar_t>(
-            l.n == 1 ? math::abs_(T(xr[0])) : math::sqrt_(sum_row(l.n, [](auto v) { return v * v; }, xr)));
-        const T denominator = math::normalize_denominator(rho, eps_stored);
+        const T rho = l.n == 1 ? math::abs_(T(xr[0])) : math::sqrt_(sum_row(l.n, [](auto v) { return v * v; }, xr));
+        const T denominator = math::normalize_denominator<scalar_t>(rho, T(eps));
         norms[ctx.row] = rho;
         // x / ρ as torch's, correctly rounded (x · (1/ρ) rounds twice: a row of one element would miss ±1)
         map_row(yr, l.n, ctx.stream, [denominator](auto v) { return v / decltype(v)(denominator); }, xr);
@@ -164,14 +162,13 @@ struct CpuNorm {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "torch_vjp_normalize_backward_cpu", [&] {
       using T = opmath<scalar_t>;
       const T* norms = norm.const_data_ptr<T>();
-      const T eps_stored = math::as_stored<scalar_t>(T(eps));
       auto* dy = const_cast<scalar_t*>(grad_output.const_data_ptr<scalar_t>());
       auto* ys = const_cast<scalar_t*>(y.const_data_ptr<scalar_t>());
       cpu::for_each_row<scalar_t, 3>(l, {dy, ys, grad_input.mutable_data_ptr<scalar_t>()}, true,
                                      [&](const auto& ctx, const auto* g, const auto* v, auto* d) {
-        const bool clamped = math::normalize_clamped(norms[ctx.row], eps_stored);
+        const bool clamped = math::normalize_clamped<scalar_t>(norms[ctx.row], T(eps));
         const T dot = clamped ? T(0) : sum_row(l.n, [](auto a, auto b) { return a * b; }, g, v);
-        const T scale = T(1) / (clamped ? eps_stored : norms[ctx.row]);
+        const T scale = T(1) / (clamped ? T(eps) : norms[ctx.row]);
         map_row(d, l.n, ctx.stream, [dot, scale](auto a, auto b) { return math::normalize_vjp(a, b, dot, scale); }, g, v);
       });
     });

@@ -218,8 +218,8 @@ struct NormBackward : EpilogueDefaults {
 
 // ---------------------------------------------------------------------------------------------------------
 // normalize forward (p = 2), per row along dim: ρ = ‖x‖₂ = √Σx² (|x| for a row of one element, as torch's
-// norm: no square to overflow or underflow), y = x / max(ρ, eps), ρ and eps rounded to the input's dtype as
-// torch's are (math::as_stored). Stat: Σx² or Σ|x| (padding 0). Row output: ρ (saved for the backward).
+// norm: no square to overflow or underflow), y = x / max(ρ, eps), the clamp decided in the input's dtype as
+// torch's (math::normalize_clamped). Stat: Σx² or Σ|x| (padding 0). Row output: ρ (saved for the backward).
 // Special values as torch's x / clamp_min(ρ, eps): NaN stays NaN
 // (math::normalize_denominator), and an infinite ρ (an inf element, or Σx² overflowing: bf16 or fp32 rows
 // with |x| above ~1.8e19) gives x · (1/inf) = x · 0, so 0 for finite x and NaN for inf (reciprocal_ieee: the
@@ -249,8 +249,8 @@ struct NormalizeForward : SumEpilogue<Opmath<T_>> {
     return sum;
   }
   __device__ __forceinline__ Row finish(S st, const S (&)[1], const RowAt&) const {
-    const S norm = math::as_stored<T>(single ? st : sqrt_fast(st));  // torch's norm is in the input's dtype
-    const S denominator = math::normalize_denominator(norm, eps);
+    const S norm = single ? st : sqrt_fast(st);
+    const S denominator = math::normalize_denominator<T>(norm, eps);
     return {reciprocal_ieee(denominator), norm, single && denominator == norm && norm > S(0) && norm < S(INFINITY)};
   }
   // x · (1/ρ) can miss x / ρ = ±1 by an ulp on a row of one element, where torch divides: there the output is
@@ -290,7 +290,7 @@ struct NormalizeBackward : SumEpilogue<Opmath<T_>> {
     return dot;
   }
   __device__ __forceinline__ Row finish(S st, const S (&row_in)[1], const RowAt&) const {
-    const bool clamped = math::normalize_clamped(row_in[0], eps);
+    const bool clamped = math::normalize_clamped<T>(row_in[0], eps);
     return {clamped ? S(0) : st, reciprocal_ieee(clamped ? eps : row_in[0])};
   }
   __device__ __forceinline__ S map(const Row& r, const S (&v)[2], int) const {
@@ -356,12 +356,10 @@ void norm_backward_cuda(int64_t rows, int64_t n, const T* dy, const T* x, const 
 // (1/0 then NaN on rows of zeros, where torch gives 0). Norms below it are 0 in float anyway (Σx² underflows),
 // but for one-element rows (ρ = |x|): with eps < FLT_MIN, a denormal x gives x / FLT_MIN, not torch's ±1 (the
 // reciprocal of a denormal overflows float, so no multiply by it could).
-// Then rounded to the input's dtype, as torch's scalar eps is (math::as_stored: 1e-12 is 0 in float16).
 template <class T>
 Opmath<T> normalize_eps(double eps) {
   using S = Opmath<T>;
-  if constexpr (std::is_same_v<S, float>)
-    return math::as_stored<T>(std::max(static_cast<float>(eps), std::numeric_limits<float>::min()));
+  if constexpr (std::is_same_v<S, float>) return std::max(static_cast<float>(eps), std::numeric_limits<float>::min());
   else return static_cast<S>(eps);
 }
 

@@ -15,11 +15,11 @@
 //                                                  parameter is the sum of the per-sample gradients
 //
 // normalize, per row along dim: ρ = ‖x‖₂ (|x| for a row of one element, as torch's norm: no square to
-// overflow or underflow), y = x / max(ρ, eps), NaN kept, ρ and eps in the input's dtype (as_stored). Saved:
-// y and ρ.
-//   ρ > eps: ∂y/∂x = (I - y yᵀ) / ρ, symmetric  ⇒  dx = (dy - y ⟨y, dy⟩) / ρ
-//   ρ ≤ eps: y = x / eps                         ⇒  dx = dy / eps    (torch's clamp_min passes no gradient,
-//                                                                      at the tie ρ = eps too)
+// overflow or underflow), y = x / max(ρ, eps), NaN kept, the clamp decided in the input's dtype
+// (normalize_clamped). Saved: y and ρ.
+//   not clamped: ∂y/∂x = (I - y yᵀ) / ρ, symmetric  ⇒  dx = (dy - y ⟨y, dy⟩) / ρ
+//   clamped (ρ ≤ eps): y = x / eps                   ⇒  dx = dy / eps    (torch's clamp_min passes no
+//                                                                          gradient, at the tie ρ = eps too)
 // T is float, double, or (CPU only) at::vec::Vectorized<float|double>.
 #pragma once
 
@@ -51,19 +51,18 @@ TVJP_HD T norm_vjp(T g, T xhat, S mean_g, S mean_g_xhat, S rstd) {
   return T(rstd) * (g - T(mean_g) - xhat * T(mean_g_xhat));
 }
 
-// torch computes normalize in the input's dtype: its norm comes back rounded to that dtype and eps is a scalar
-// of it (1e-12 is 0 in float16, so a zero row is 0/0 = NaN there; in bfloat16 a norm of 1.0016 is 1.0, at the
-// tie with eps = 1). The kernels round ρ and eps to the storage type before the clamp, its tie test and the
-// division (no change for float and double).
+// normalize's clamp as torch decides it, in the input's dtype: its norm comes back rounded to that dtype and
+// eps is a scalar of it, so whether a row clamps is ρ ≤ eps between those roundings, the tie included
+// (torch's clamp_min passes no gradient there; in bfloat16 a norm of 1.0016 is 1.0, at the tie with eps = 1).
+// The division then uses ρ or eps unrounded, in the compute type: torch's float16 norm of a row above 65504
+// would be inf (y = 0), and its float16 eps = 1e-12 is 0 (a zero row 0/0 = NaN); float64 torch is followed
+// there. NaN is kept (a NaN ρ never clamps). No change for float and double input.
 template <class Storage, class S>
 TVJP_HD S as_stored(S v) { return static_cast<S>(static_cast<Storage>(v)); }
-
-// normalize: the clamp max(ρ, eps), NaN kept (a NaN row stays NaN, as torch's clamp_min), and whether it
-// clamps: ρ ≤ eps, the tie included (torch's clamp_min passes no gradient there).
-template <class S>
-TVJP_HD S normalize_denominator(S rho, S eps) { return rho < eps ? eps : rho; }
-template <class S>
-TVJP_HD bool normalize_clamped(S rho, S eps) { return rho <= eps; }
+template <class Storage, class S>
+TVJP_HD bool normalize_clamped(S rho, S eps) { return as_stored<Storage>(rho) <= as_stored<Storage>(eps); }
+template <class Storage, class S>
+TVJP_HD S normalize_denominator(S rho, S eps) { return normalize_clamped<Storage>(rho, eps) ? eps : rho; }
 
 // normalize: dx = (dy - y ⟨y, dy⟩) / ρ, or dy / eps where clamped (scale = 1/ρ or 1/eps, dot = ⟨y, dy⟩ or 0).
 template <class T, class S>
