@@ -13,9 +13,11 @@ that is sharded is gathered first (never a wrong answer on a shard):
 - softmax, log_softmax, logsumexp, normalize: `Shard(d)` for d other than `dim`, `Replicate()`;
 - layer_norm, rms_norm: `Shard(d)` for d before the normalized dims (sequence parallelism), the weight and
   bias `Replicate()`; in the VJP op their gradients are then `Partial()` sums, reduced by DTensor;
-- cross_entropy: `Shard(0)` of the rows with the target (loss `Shard(0)` for 'none', `Partial()` for 'sum';
-  'mean' divides by the global count, so it gathers), `Replicate()`. Class-dim sharding (`Shard(-1)`, as
-  `ColwiseParallel` on the head gives) takes the vocabulary-parallel algorithm below instead;
+- cross_entropy: `Shard(0)` of the rows with the target (loss `Shard(0)` for 'none', `Partial()` for 'sum'),
+  `Replicate()`. 'mean' divides by the global count: the op's rule gathers, but `torch_vjp.cross_entropy`
+  computes it as the local 'sum' over the all-reduced count (`mean_of_sharded_rows`; a DTensor target sharded
+  like the rows). Class-dim sharding (`Shard(-1)`, as `ColwiseParallel` on the head gives) takes the
+  vocabulary-parallel algorithm below instead;
 - fused_linear_cross_entropy: `Shard(0)` of the rows with the target, the head `Replicate()` ('none' and
   'sum'; its weight and bias gradients `Partial()`), `Replicate()`;
 - every VJP op, being linear in grad_output: grad_output `Partial()` with every saved tensor `Replicate()`
@@ -41,8 +43,8 @@ from ._ops import compute_type
 ops = torch.ops.torch_vjp
 R = Replicate()
 
-__all__ = ["is_class_sharded", "is_vocab_sharded", "vocab_parallel_cross_entropy",
-           "vocab_parallel_fused_linear_cross_entropy"]
+__all__ = ["is_class_sharded", "is_vocab_sharded", "mean_of_sharded_rows", "rows_sharded",
+           "vocab_parallel_cross_entropy", "vocab_parallel_fused_linear_cross_entropy"]
 
 
 def _register(name: str, rule):
@@ -372,6 +374,13 @@ class _VocabParallelCE(torch.autograd.Function):
         return dx, None, None, None, None, None
 
 
+def _plain_shards(op: str, placements) -> None:
+    """The shard offsets below are Shard()'s (torch.chunk's); a strided shard (FSDP over TP) is not one."""
+    if any(p.is_shard() and type(p) is not Shard for p in placements):
+        raise ValueError(f"torch_vjp.{op}: vocabulary parallelism takes plain Shard() placements, got {placements}; "
+                         f"redistribute first")
+
+
 def _shard_offset(size: int, n: int, rank: int) -> int:
     """The first index of rank's Shard() chunk (torch.chunk's split: ceil(size / n) each, the last ones shorter)."""
     chunk = -(-size // n)
@@ -383,8 +392,7 @@ def vocab_parallel_cross_entropy(input: DTensor, target, ignore_index: int = -10
     """cross_entropy of logits (N, C) or (C,) sharded along the class dim on one mesh dim (Replicate elsewhere),
     with a target of class indices (a tensor, or a DTensor on the same mesh): a Replicate() DTensor loss."""
     mesh_dim = _check_layout(input, target)
-    if any(p.is_shard() and not isinstance(p, Shard) for p in input.placements):
-        raise ValueError(f"torch_vjp.cross_entropy: unsupported placements {input.placements}")
+    _plain_shards("cross_entropy", input.placements)
     return _VocabParallelCE.apply(input, target, ignore_index, reduction, label_smoothing, mesh_dim)
 
 
@@ -530,6 +538,30 @@ def vocab_parallel_fused_linear_cross_entropy(input, weight: DTensor, target, bi
     plain tensor). The input: a tensor, the same on every rank, or a DTensor (gathered to Replicate, as
     ColwiseParallel does). A Replicate() DTensor loss, in the compute type."""
     mesh_dim = _check_head_layout(input, weight, target, bias)
+    _plain_shards("fused_linear_cross_entropy", weight.placements)
     if isinstance(input, DTensor) and not all(p.is_replicate() for p in input.placements):
         input = input.redistribute(input.device_mesh, [R] * input.device_mesh.ndim)
     return _VocabParallelFLCE.apply(input, weight, target, bias, ignore_index, reduction, label_smoothing, mesh_dim)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 'mean' over rows sharded across ranks: the sum (a Partial, computed locally) over the global count of the
+# targets counted, both reduced as scalars, instead of gathering the logits.
+
+def rows_sharded(input, target) -> bool:
+    """Logits (N, C) and a target (N,), DTensors on one mesh, rows sharded (Shard(0)) on some mesh dim, the
+    class dim nowhere: the 'sum' of the losses is local, a 'mean' needs only the global count."""
+    if not (isinstance(input, DTensor) and isinstance(target, DTensor) and input.dim() == 2):
+        return False
+    if input.device_mesh != target.device_mesh or tuple(input.placements) != tuple(target.placements):
+        return False
+    return (any(type(p) is Shard and p.dim == 0 for p in input.placements)
+            and all(p.is_replicate() or (type(p) is Shard and p.dim == 0) for p in input.placements))
+
+
+def mean_of_sharded_rows(sum_loss, target, ignore_index: int):
+    """sum_loss: the 'sum' loss (a DTensor, Partial over the row-sharded mesh dims); the mean, Replicate()."""
+    mesh = target.device_mesh
+    replicate = [R] * mesh.ndim
+    count = (target != ignore_index).sum().redistribute(mesh, replicate)
+    return (sum_loss / count.to(sum_loss.dtype)).redistribute(mesh, replicate)

@@ -584,6 +584,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             from . import distributed
             if distributed.is_class_sharded(input):
                 return distributed.vocab_parallel_cross_entropy(input, target, ignore_index, reduction, label_smoothing)
+            if reduction == "mean" and distributed.rows_sharded(input, target):  # rows sharded: the sum, the count
+                total = _CROSS_ENTROPY(input, target, ignore_index, "sum", label_smoothing)
+                return distributed.mean_of_sharded_rows(total, target, ignore_index)
         return _CROSS_ENTROPY(input, target, ignore_index, reduction, label_smoothing)
     # (N, C, d1, ...): every position a row of C logits.
     expected = [input.shape[0], *input.shape[2:]]
