@@ -358,10 +358,23 @@ def case_errors(rank, world):
 
 def case_fsdp(rank, world):
     """A tiny model of torch_vjp.nn modules and the fused loss trained under fully_shard for a few steps:
-    the losses and final parameters equal the single-process run's."""
+    the losses and final parameters equal the single-process run's; also without resharding after forward and
+    with activation checkpointing; with bf16 parameters (MixedPrecisionPolicy, fp32 reduce) to bf16 accuracy."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    _fsdp_run(rank, world)
+    _fsdp_run(rank, world, reshard_after_forward=False, checkpoint=True)
+    _fsdp_run(rank, world, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+
+
+def _fsdp_run(rank, world, reshard_after_forward=True, checkpoint=False, mp_policy=None):
     import torch_vjp
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.utils.checkpoint import checkpoint as ckpt
     mesh = _mesh((world,))
+    mp_policy = mp_policy or MixedPrecisionPolicy()
+    # bf16 parameters: the forward and backward in bf16, so only bf16 accuracy against the fp32 reference
+    tol = {} if mp_policy.param_dtype is None else dict(atol=3e-2, rtol=3e-2)
 
     class Block(torch.nn.Module):
         def __init__(self):
@@ -386,7 +399,7 @@ def case_fsdp(rank, world):
         def forward(self, ids, target):
             x = self.embed(ids)
             for block in self.blocks:
-                x = block(x)
+                x = ckpt(block, x, use_reentrant=False) if checkpoint else block(x)
             h = self.norm(x).reshape(-1, 16)
             return torch_vjp.fused_linear_cross_entropy(h, self.head.weight, target.reshape(-1))
 
@@ -395,8 +408,8 @@ def case_fsdp(rank, world):
     model = Model()
     model.load_state_dict(ref.state_dict())
     for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
     steps = 5
     torch.manual_seed(7)
     data = [(torch.randint(0, 50, (2 * world, 6)), torch.randint(0, 50, (2 * world, 6))) for _ in range(steps)]
@@ -414,9 +427,9 @@ def case_fsdp(rank, world):
         opt.step()
         total = loss.detach().clone()
         dist.all_reduce(total)
-        torch.testing.assert_close(total / world, loss_ref.detach())
+        torch.testing.assert_close(total.float() / world, loss_ref.detach(), **tol)
     for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p.full_tensor(), q.detach(), msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p.full_tensor(), q.detach(), msg=lambda m: f"{name}: {m}", **tol)
 
 
 def _example():
