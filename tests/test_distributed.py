@@ -282,8 +282,12 @@ def case_vocab_parallel(rank, world):
     counts = {str(k): v for k, v in comm.get_comm_counts().items()}
     assert not any("gather" in k for k in counts), counts
     with CommDebugMode() as comm:
-        loss.backward()
+        loss.backward(retain_graph=True)
     assert comm.get_total_counts() == 0, comm.get_comm_counts()
+    # not differentiable twice: a clear error, never a silent zero
+    with pytest.raises(RuntimeError, match="(?i)twice|once_differentiable|does not require grad"):
+        (g,) = torch.autograd.grad(loss, x, create_graph=True)
+        g.full_tensor().sum().backward()
 
 
 def _fused_case(mesh, tp_placements, N, H, V, reduction, smoothing, bias, dtensor_input, dtype=torch.float32):
@@ -503,7 +507,8 @@ def case_mesh_2d(rank, world):
 SUITES = {
     "two": [("elementwise", case_elementwise), ("gated", case_gated), ("softmax", case_softmax),
             ("norms", case_norms), ("losses", case_losses), ("vocab_parallel", case_vocab_parallel),
-            ("vocab_parallel_fused", case_vocab_parallel_fused), ("errors", case_errors), ("fsdp", case_fsdp), ("example_tp", case_example_tp),
+            ("vocab_parallel_fused", case_vocab_parallel_fused), ("errors", case_errors), ("fsdp", case_fsdp),
+            ("example_tp", case_example_tp),
             ("compile", case_compile)],
     "four": [("mesh_2d", case_mesh_2d), ("example_fsdp_tp", case_example_fsdp_tp)],
 }

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor._op_schema import RuntimeSchemaInfo
 from torch.distributed.tensor.experimental import register_sharding
@@ -67,12 +68,6 @@ def _p(spec, placement):
 
 def _ndim(spec) -> int:
     return len(spec.shape)
-
-
-def _vjp_partial(outputs, grad_output, saved):
-    """Every VJP op is linear in grad_output: Partial grad_output, every saved tensor Replicate."""
-    out = [None if o is None else Partial() for o in outputs]
-    return out, [Partial(), *saved]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -215,7 +210,8 @@ def _flce_backward_rule(grad_output, input, weight, target, bias, ignore_index, 
 def _mesh_of(op: str, dtensors) -> "object":
     meshes = {t.device_mesh for t in dtensors}
     if len(meshes) != 1:
-        raise ValueError(f"torch_vjp.{op}: the DTensor arguments are on different device meshes: {sorted(map(str, meshes))}")
+        raise ValueError(f"torch_vjp.{op}: the DTensor arguments are on different device meshes: "
+                         f"{sorted(map(str, meshes))}")
     return meshes.pop()
 
 
@@ -350,13 +346,13 @@ class _VocabParallelCE(torch.autograd.Function):
         return DTensor.from_local(out, mesh, [R] * mesh.ndim, run_check=False)
 
     @staticmethod
+    @once_differentiable  # the local gradient is not differentiated again: a clear error, never a silent zero
     def backward(ctx, grad_output):
         x2, t1, row_max, log_sum = ctx.saved_tensors
         (ignore_index, reduction, label_smoothing, classes, offset, shape, mesh, placements, count,
          global_shape, global_stride) = ctx.meta
         ct = log_sum.dtype
-        g = grad_output.to_local() if isinstance(grad_output, DTensor) else grad_output
-        g = g.to(ct).reshape(-1)
+        g = _replicated(grad_output).to(ct).reshape(-1)
         if reduction == "mean":
             g = g / count.to(ct)
         counted = t1 != ignore_index
@@ -379,6 +375,15 @@ def _plain_shards(op: str, placements) -> None:
     if any(p.is_shard() and type(p) is not Shard for p in placements):
         raise ValueError(f"torch_vjp.{op}: vocabulary parallelism takes plain Shard() placements, got {placements}; "
                          f"redistribute first")
+
+
+def _replicated(t):
+    """A loss gradient as the same full tensor on every rank."""
+    if not isinstance(t, DTensor):
+        return t
+    if not all(p.is_replicate() for p in t.placements):
+        t = t.redistribute(t.device_mesh, [R] * t.device_mesh.ndim)
+    return t.to_local()
 
 
 def _shard_offset(size: int, n: int, rank: int) -> int:
@@ -479,13 +484,13 @@ class _VocabParallelFLCE(torch.autograd.Function):
         return DTensor.from_local(out, mesh, [R] * mesh.ndim, run_check=False)
 
     @staticmethod
+    @once_differentiable  # the local gradient is not differentiated again: a clear error, never a silent zero
     def backward(ctx, grad_output):
         x, w, b, t, row_max, log_sum = ctx.saved_tensors
         (ignore_index, reduction, label_smoothing, classes, offset, count, mesh, mesh_dim, group,
          input_meta, (weight_placements, weight_shape, weight_stride), has_bias) = ctx.meta
         ct = log_sum.dtype
-        g = grad_output.to_local() if isinstance(grad_output, DTensor) else grad_output
-        g = g.to(ct).reshape(-1)
+        g = _replicated(grad_output).to(ct).reshape(-1)
         if reduction == "mean":
             g = g / count.to(ct)
         counted = t != ignore_index
