@@ -12,7 +12,9 @@ that is sharded is gathered first (never a wrong answer on a shard):
   `Shard(d)` or `Replicate()` (the gated ops' two inputs alike);
 - softmax, log_softmax, logsumexp, normalize: `Shard(d)` for d other than `dim`, `Replicate()`;
 - layer_norm, rms_norm: `Shard(d)` for d before the normalized dims (sequence parallelism), the weight and
-  bias `Replicate()`; in the VJP op their gradients are then `Partial()` sums, reduced by DTensor;
+  bias `Replicate()`; in the VJP op their gradients are then `Partial()` sums, reduced by DTensor. (The VJP
+  ops return `Tensor?` first, which DTensor's propagation cannot wrap: they get a DTensor op handler,
+  `_norm_backward_handler`, with the same rule.);
 - cross_entropy: `Shard(0)` of the rows with the target (loss `Shard(0)` for 'none', `Partial()` for 'sum'),
   `Replicate()`. 'mean' divides by the global count: the op's rule gathers, but `torch_vjp.cross_entropy`
   computes it as the local 'sum' over the all-reduced count (`mean_of_sharded_rows`; a DTensor target sharded
@@ -29,6 +31,14 @@ shard, the owned target logit and (label smoothing) the row sum of the shard; al
 all-reduce SUM of the per-row (exp(m_r - M) exp(log_sum_r), target logit, row sum): only per-row values cross
 ranks, never logits. The backward forms p - ε/C - (1 - ε) onehot on the local shard from the global M and
 log_sum: no communication.
+
+**Vocabulary-parallel fused_linear_cross_entropy** (`vocab_parallel_fused_linear_cross_entropy`, taken for a
+head weight DTensor sharded by rows, Shard(0), as `ColwiseParallel` gives): the same statistics from each
+rank's columns of each row chunk of logits (no rank holds more than a chunk of its own logits); the backward
+recomputes the chunks, keeps the weight gradient local and sums the input gradient over the shards.
+
+Not differentiable twice (`once_differentiable`: a clear error). Other layouts get a ValueError that names
+them (the class dim sharded together with another mesh dim sharded, strided shards, mismatched meshes).
 """
 from __future__ import annotations
 
