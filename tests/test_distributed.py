@@ -215,6 +215,13 @@ def case_losses(rank, world):
     assert not any("gather" in str(k) for k in comm.get_comm_counts()), comm.get_comm_counts()
     assert tuple(xd.grad.placements) == tuple(S0), xd.grad.placements
     h, w, bias = torch.randn(8, 6), torch.randn(10, 6), torch.randn(10)
+    hd = distribute_tensor(h, mesh, S0).requires_grad_()
+    with CommDebugMode() as comm:
+        loss = torch_vjp.fused_linear_cross_entropy(hd, distribute_tensor(w, mesh, R),
+                                                    distribute_tensor(target, mesh, S0))
+        loss.backward()
+    assert not any("gather" in str(k) for k in comm.get_comm_counts()), comm.get_comm_counts()
+    assert tuple(hd.grad.placements) == tuple(S0), hd.grad.placements
     for reduction in ("none", "sum", "mean"):
         fn = lambda x, wt, t: torch_vjp.fused_linear_cross_entropy(x, wt, t, reduction=reduction)  # noqa
         _check(fn, [h, w, target], [S0, R, S0], mesh)

@@ -21,7 +21,7 @@ that is sharded is gathered first (never a wrong answer on a shard):
   like the rows). Class-dim sharding (`Shard(-1)`, as `ColwiseParallel` on the head gives) takes the
   vocabulary-parallel algorithm below instead;
 - fused_linear_cross_entropy: `Shard(0)` of the rows with the target, the head `Replicate()` ('none' and
-  'sum'; its weight and bias gradients `Partial()`), `Replicate()`;
+  'sum'; its weight and bias gradients `Partial()`; 'mean' as cross_entropy's), `Replicate()`;
 - every VJP op, being linear in grad_output: grad_output `Partial()` with every saved tensor `Replicate()`
   gives `Partial()` gradients.
 

@@ -632,6 +632,9 @@ def fused_linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bi
             loss = distributed.vocab_parallel_fused_linear_cross_entropy(input, weight, target, bias, ignore_index,
                                                                          reduction, label_smoothing)
             return loss.to(input.dtype) if not torch.is_autocast_enabled(input.device.type) else loss
+        if reduction == "mean" and distributed.rows_sharded(input, target):  # rows sharded: the sum, the count
+            total = fused_linear_cross_entropy(input, weight, target, bias, ignore_index, "sum", label_smoothing)
+            return distributed.mean_of_sharded_rows(total, target, ignore_index)
     loss = _FUSED_LINEAR_CROSS_ENTROPY(input, weight, target, bias, ignore_index, reduction, label_smoothing,
                                        compute_grad)
     # The op's loss is in the compute type. Under autocast it is torch's value as it is (the float32 loss of
