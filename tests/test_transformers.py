@@ -494,3 +494,16 @@ def test_trainer_callback(tmp_path):
     assert len(losses["patched"]) == 2
     torch.testing.assert_close(losses["patched"], losses["stock"], rtol=0, atol=5e-6)
     assert max_difference(model, stock) < 5e-5  # AdamW, as in the training test
+
+
+def test_a_bfloat16_model_gets_the_stock_float32_loss():
+    """A bfloat16 model without autocast: the stock loss is the float32 loss of its bfloat16 logits
+    (ForCausalLMLoss upcasts them), and so is the fused one, unrounded (not a bfloat16 value widened)."""
+    stock, twin = build("llama", torch.bfloat16)
+    tvt.patch(twin, norms=False, mlp=False, attention=False)  # the same hidden states and logits, bit for bit
+    inputs = batch("llama")
+    stock.train()
+    twin.train()
+    expected, loss = stock(**inputs).loss, twin(**inputs).loss
+    assert loss.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=2e-6, atol=0)  # a bfloat16 loss would be 1/256 apart

@@ -317,17 +317,32 @@ def _causal_lm_loss(self, logits, labels, vocab_size, num_items_in_batch=None, i
     reduction = "sum" if num_items_in_batch is not None else "mean"
     head = self.get_output_embeddings()
     if getattr(head, "_torch_vjp_pass_hidden", False):
-        loss = torch_vjp.fused_linear_cross_entropy(logits.reshape(-1, logits.shape[-1]), head.weight, shift_labels,
-                                                    head.bias, ignore_index=ignore_index, reduction=reduction)
-        loss = loss.float()  # the stock loss is float32 whatever the model's dtype
+        hidden = logits.reshape(-1, logits.shape[-1])
+        if hidden.dtype in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled(hidden.device.type):
+            # The stock loss is the float32 loss of the half-precision logits, unrounded: the fused loss gives
+            # that value under autocast of the model's own dtype (which casts nothing here).
+            with torch.autocast(hidden.device.type, dtype=hidden.dtype):
+                loss = _fused_loss(hidden, head, shift_labels, ignore_index, reduction)
+        else:
+            loss = _fused_loss(hidden, head, shift_labels, ignore_index, reduction).float()
     else:
         loss = torch_vjp.cross_entropy(logits.float().reshape(-1, vocab_size), shift_labels, ignore_index=ignore_index,
                                        reduction=reduction)
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-    return loss
+    return _per_item(loss, num_items_in_batch)
+
+
+def _fused_loss(hidden, head, labels, ignore_index, reduction):
+    return torch_vjp.fused_linear_cross_entropy(hidden, head.weight, labels, head.bias, ignore_index=ignore_index,
+                                                reduction=reduction)
+
+
+def _per_item(loss, num_items_in_batch):
+    """transformers' gradient-accumulation rule: a sum divided by the items of the whole batch, when given."""
+    if num_items_in_batch is None:
+        return loss
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
 
 
 def _masked_lm_loss(self, logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, **kwargs):
@@ -336,11 +351,7 @@ def _masked_lm_loss(self, logits, labels, vocab_size, num_items_in_batch=None, i
     reduction = "sum" if num_items_in_batch is not None else "mean"
     loss = torch_vjp.cross_entropy(logits.float().reshape(-1, vocab_size), labels, ignore_index=ignore_index,
                                    reduction=reduction)
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-    return loss
+    return _per_item(loss, num_items_in_batch)
 
 
 def _without_logits(output):
