@@ -15,16 +15,11 @@
 #include <mutex>
 #include <tuple>
 
+#include "cuda/plan_rows.h"
+
 namespace torch_vjp::cuda {
 
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-__host__ __device__ __forceinline__ int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-
-inline int64_t pow2_ceil(int64_t v) {
-  int64_t p = 1;
-  while (p < v) p *= 2;
-  return p;
-}
+// ceil_div, round_up, pow2_ceil: cuda/plan_rows.h.
 
 // A grid dimension x: at least 1, at most `cap` and at most 2^31 - 1 (the hardware limit). Kernels launched
 // with it loop (grid-stride) over whatever work exceeds the grid.
