@@ -1283,3 +1283,18 @@ def test_clusters_disabled_in_a_subprocess():
     if clusters_planned():  # and here the same shape does take a cluster: the switch is what changed it
         assert row_plan("softmax", 80, 65536).path == "cluster"
 
+
+def test_paths_host_plans_match_the_device():
+    """benchmarks/plans.py computes the plans of the benchmark shapes for cards we do not have, from the host
+    build of plan_rows and a mirror of each op's constants: here the mirror is checked against the plan the
+    library itself reports on this GPU (torch.ops.torch_vjp_cuda.row_plan)."""
+    from benchmarks import config, plans
+
+    preset = config.PRESETS["cuda"]
+    props = torch.cuda.get_device_properties(0)
+    gpu = {"here": plans.Gpu(props.multi_processor_count, clusters_planned(), 1e12)}
+    shapes = tuple(preset.shapes) + tuple(preset.row_sweep) + ((64, 128256), (3, 300007), (70000, 8))
+    for r in plans.row_table(shapes, ("bfloat16", "float32", "float64"), gpus=gpu):
+        got = row_plan(r["op"], r["rows"], r["n"], dtype=getattr(torch, r["dtype"]))
+        assert (got.path, got.threads, got.cluster, got.chunks, got.packs) == (
+            r["path"], r["threads"], r["cluster"], r["chunks"], r["V"]), r
