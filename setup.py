@@ -13,7 +13,9 @@ CUDA is built when a GPU is visible or FORCE_CUDA=1 is set (torchvision's rule; 
 without a GPU sets FORCE_CUDA=1), never with USE_CUDA=0. Otherwise the build is CPU-only and says so.
 
 Environment: USE_CUDA=0, FORCE_CUDA=1, CUDA_HOME (else the toolkit of the nvcc on PATH, else
-/usr/local/cuda), TORCH_CUDA_ARCH_LIST (default "8.0;9.0" without a visible GPU), MAX_JOBS.
+/usr/local/cuda), TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX" without a visible GPU: machine code for the A100
+and H100/H200, and compute_90 PTX that the driver JIT-compiles for newer cards, Blackwell's sm_100 and sm_120,
+which would otherwise find no kernel image), MAX_JOBS.
 """
 import glob
 import logging
@@ -187,7 +189,7 @@ def configure():
     os.environ["CUDA_HOME"] = cuda_home
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):  # torch's own default needs a visible GPU
         os.environ["TORCH_CUDA_ARCH_LIST"] = (
-            "{}.{}".format(*torch.cuda.get_device_capability()) if torch.cuda.is_available() else "8.0;9.0")
+            "{}.{}".format(*torch.cuda.get_device_capability()) if torch.cuda.is_available() else "8.0;9.0+PTX")
     import torch.utils.cpp_extension as cpp_extension
 
     cpp_extension.CUDA_HOME = cuda_home  # read when the module was imported; the toolkit chosen above wins

@@ -16,6 +16,8 @@
 #                   8192, 32768) and the Jacobian sweep, timed by CUDA graph replay (host overhead apart)
 #   5. memcheck     compute-sanitizer memcheck over benchmarks/sanitize_cases.py (every path, small sizes)
 #   6. racecheck    compute-sanitizer racecheck over its softmax- and norm-family cases (the shared-memory reductions)
+#   6b. synccheck   compute-sanitizer synccheck over the same cases in float32: every barrier and cluster sync
+#                   reached by all the threads it waits for (row_kernel's Shuffle, Block and Cluster instances)
 #   7. tests_rest   the rest of the test suite (CUDA through the `device` fixture), with whatever time is left
 #
 # Every step runs under a cap (CAP below; the caps of steps 1-6 add up to less than the deadline, and step 7
@@ -54,14 +56,14 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
 
-# Caps (seconds) of steps 1-6: 130 + 15 + 80 + 50 + 20 + 85 + 45 + 30 = 455 < 480, so at least 25 s reach
+# Caps (seconds) of steps 1-6: 130 + 15 + 80 + 50 + 20 + 75 + 45 + 30 + 20 = 465 < 480, so at least 15 s reach
 # tests_rest. The bench fits its cases to its cap (--time-budget).
-declare -A CAP=([build]=130 [import]=15 [tests_quick]=80 [tests_sm80]=50 [tests_serial]=20 [bench]=85 [memcheck]=45
-                [racecheck]=30)
+declare -A CAP=([build]=130 [import]=15 [tests_quick]=80 [tests_sm80]=50 [tests_serial]=20 [bench]=75 [memcheck]=45
+                [racecheck]=30 [synccheck]=20)
 # Expected seconds on the GPU machine (estimates from this machine's compile times and the sizes involved; no
 # GPU has run this script yet): the fake clock's durations, and benchmarks/README.md's table.
-declare -A EXPECTED=([build]=80 [import]=8 [tests_quick]=60 [tests_sm80]=40 [tests_serial]=10 [bench]=85 [memcheck]=40
-                     [racecheck]=30 [tests_rest]=240)
+declare -A EXPECTED=([build]=80 [import]=8 [tests_quick]=60 [tests_sm80]=40 [tests_serial]=10 [bench]=75 [memcheck]=40
+                     [racecheck]=30 [synccheck]=15 [tests_rest]=240)
 if [[ -n "${GPU_CHECK_FAKE:-}" ]]; then
     IFS=, read -ra overrides <<<"$GPU_CHECK_FAKE"
     for kv in "${overrides[@]}"; do EXPECTED[${kv%%=*}]=${kv#*=}; done
@@ -141,7 +143,7 @@ SAN=$(find_sanitizer)
     echo "date: $(date -u '+%F %T UTC')"
     echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git status --porcelain --untracked-files=no -- csrc torch_vjp setup.py 2>/dev/null | grep -q . && echo +dirty)"
     echo "command: bash benchmarks/gpu_check.sh $OUT$( ((DRY)) && echo ' --dry-run')$( ((FAKE)) && echo ' --fake-clock')"
-    echo "budget: ${BUDGET}s; caps: $(for k in build import tests_quick tests_sm80 tests_serial bench memcheck racecheck; do printf '%s=%s ' "$k" "${CAP[$k]}"; done)"
+    echo "budget: ${BUDGET}s; caps: $(for k in build import tests_quick tests_sm80 tests_serial bench memcheck racecheck synccheck; do printf '%s=%s ' "$k" "${CAP[$k]}"; done)"
     nvidia-smi -L 2>&1 || echo "nvidia-smi: not available"
     "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
     "$PY" -c 'import triton; print("triton", triton.__version__)' 2>&1 | tail -n 1
@@ -171,6 +173,7 @@ if ((DRY)); then
         --out "$OUT/bench" --time-budget "$(bench_budget "$(bench_limit)")"
     step memcheck "${CAP[memcheck]}" "$PY" -m benchmarks.sanitize_cases --device cpu --dtypes float32,bfloat16
     step racecheck "${CAP[racecheck]}" "$PY" -m benchmarks.sanitize_cases --device cpu --family softmax,norm --dtypes float32,bfloat16
+    step synccheck "${CAP[synccheck]}" "$PY" -m benchmarks.sanitize_cases --device cpu --family softmax,norm --dtypes float32
     step tests_rest "$(rest_limit)" "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" "${REST_TIMEOUT[@]}" tests/test_benchmarks.py tests/test_cuda.py \
         -k "not ($QUICK) and not ($SERIAL)"
 else
@@ -189,6 +192,7 @@ else
     if [[ -z "$SAN" ]]; then
         record memcheck "skipped (compute-sanitizer not found)" 0 "$(now)"
         record racecheck "skipped (compute-sanitizer not found)" 0 "$(now)"
+        record synccheck "skipped (compute-sanitizer not found)" 0 "$(now)"
     else
         # Without the caching allocator every tensor is its own cudaMalloc, so an out-of-bounds access lands
         # outside an allocation, where memcheck sees it. API errors are not reported: torch probes the driver
@@ -197,9 +201,12 @@ else
             --error-exitcode 1 "$PY" -m benchmarks.sanitize_cases --dtypes float32,bfloat16
         if grep -q "Device not supported" "$OUT/memcheck.log" 2>/dev/null; then
             record racecheck "skipped (Device not supported)" 0 "$(now)"
+            record synccheck "skipped (Device not supported)" 0 "$(now)"
         else
             step racecheck "${CAP[racecheck]}" "$SAN" --tool racecheck --report-api-errors no --error-exitcode 1 \
                 "$PY" -m benchmarks.sanitize_cases --family softmax,norm --dtypes float32,bfloat16
+            step synccheck "${CAP[synccheck]}" "$SAN" --tool synccheck --report-api-errors no --error-exitcode 1 \
+                "$PY" -m benchmarks.sanitize_cases --family softmax,norm --dtypes float32
         fi
     fi
     step tests_rest "$(rest_limit)" "$PY" -m pytest -v -p no:cacheprovider "${XDIST[@]}" "${REST_TIMEOUT[@]}" tests -k "not ($QUICK) and not ($SERIAL)"

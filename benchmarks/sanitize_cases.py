@@ -5,7 +5,7 @@
 
 The shapes reach every path of the CUDA kernels (csrc/cuda/row_engine.cuh, elementwise.cu), small enough
 to run under the sanitizers in about a minute: rows of 1 to 33 elements (several rows a warp), 128 to 1025
-(a warp a row, a block a row), 4096 and 12289 (a block a row), 40 rows of 40000 (a 2-block cluster on sm_90
+(a warp a row, a block a row), 4096 and 12289 (a block a row), 40 rows of 40000 (a 3-block cluster on sm_90
 in float32; enough rows that none is split), 2 rows of 300007 (rows split across blocks: a workspace and two
 phases); over a non-last dim: 5 and 7 columns (one a lane), 64 and 512 columns (16-byte packs of columns; n =
 4096 a cluster on sm_90), one tile of 8 columns with n = 20000 (split along n); and for elementwise ops

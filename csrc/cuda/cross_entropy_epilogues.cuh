@@ -198,11 +198,11 @@ struct CrossEntropyGrad : SumEpilogue<Opmath<T_>> {
   static constexpr bool kReduces = false;
   static constexpr bool kRowsOnly = true;
   static constexpr bool kAsserts = true;  // the target
-  // float: 768 threads a block at most, so 80 registers: at 64 the instance of 8 packs a thread spilled once it
-  // held m and log_s. No reduction, so a row split across blocks costs nothing (one launch, each element read
-  // once). The other types hold 4 packs and fit 64 registers.
-  static constexpr int kMaxThreads = sizeof(T) == 4 ? 768 : 1024;
-  static constexpr int kClusterThreads = sizeof(T) == 4 ? 768 : 1024;
+  // No reduction, so a row split across blocks costs nothing (one launch, each element read once): blocks of
+  // at most 512 threads (128 registers: at 64, 1024 threads, the float instance of 8 packs spilled once it held
+  // m and log_s), long rows split into independent chunks, never a cluster (row_engine.cuh's plan_row_kernel).
+  static constexpr int kMaxThreads = 512;
+  static constexpr int kClusterThreads = 512;
   const int64_t* target;
   int64_t ignore_index, classes;
   S per_class, per_class_target;  // ε/C, and ε/C + (1 - ε)

@@ -31,10 +31,11 @@ constexpr int kMapThreads = 256;
 template <int kIn>
 inline constexpr int kMapUnroll = kIn == 1 ? 4 : 2;
 
-// Register cap: 64 a thread (4 blocks an SM, enough bytes in flight) for one or two inputs; 80 for three (3
-// blocks), where the gated backward holds 24 registers of packs and its activation's derivative.
+// Register cap: 64 a thread (4 blocks an SM) for one input, 80 for two (3 blocks), 128 for three (2 blocks):
+// exact GELU's backward (erfc, exp and a division) spilled 16 bytes in half types at 64 and the gated one 8 at
+// 80 (sm_90). Each still keeps at least 48 KB of loads in flight an SM (blocks × 256 threads × U packs × kIn).
 template <int kIn>
-inline constexpr int kMapMinBlocks = kIn <= 2 ? 4 : 3;
+inline constexpr int kMapMinBlocks = kIn <= 1 ? 4 : kIn == 2 ? 3 : 2;
 
 template <class F, int kIn, int kOut, class T>
 struct MapArgs {

@@ -15,16 +15,11 @@
 #include <mutex>
 #include <tuple>
 
+#include "cuda/plan_rows.h"
+
 namespace torch_vjp::cuda {
 
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-__host__ __device__ __forceinline__ int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-
-inline int64_t pow2_ceil(int64_t v) {
-  int64_t p = 1;
-  while (p < v) p *= 2;
-  return p;
-}
+// ceil_div, round_up, pow2_ceil: cuda/plan_rows.h.
 
 // A grid dimension x: at least 1, at most `cap` and at most 2^31 - 1 (the hardware limit). Kernels launched
 // with it loop (grid-stride) over whatever work exceeds the grid.
@@ -65,7 +60,10 @@ inline cudaLaunchConfig_t cluster_config(dim3 grid, int threads, int cluster, cu
 
 // Whether `kernel`'s device code was generated for sm_90 or later, where the cluster primitives of
 // cuda/reduce.cuh exist: a build for 8.0+PTX JIT-compiled on a Hopper GPU has them as no-ops (each block
-// its own cluster of 1), so clusters must not be planned for it.
+// its own cluster of 1), so clusters must not be planned for it. ptxVersion is the virtual architecture the
+// code was generated for, whichever card runs it: a 9.0+PTX build JIT-compiled on a Blackwell GPU (sm_100,
+// sm_120, which have clusters too) reports 90 and plans clusters, whose fit resident_blocks then asks the
+// driver about on that card.
 template <class Kernel>
 bool cluster_code(Kernel kernel) {
   cudaFuncAttributes attributes;
@@ -76,8 +74,10 @@ bool cluster_code(Kernel kernel) {
 // Blocks of `kernel` (no dynamic shared memory) that the current device holds at once when launched with
 // `threads` threads a block, in clusters of `cluster` blocks when cluster > 1: one full wave. 0 when such
 // clusters cannot run at all (a partitioned GPU may not run them, nor code built for an earlier
-// architecture). Asked once per device, kernel and shape;
-// thread-safe.
+// architecture). Asked once per device, kernel and shape, and remembered only when the driver answered: a
+// failed query (a transient error) reads as 0 this time and is asked again next time, so one failure cannot
+// turn clusters off (and change the fused parameter sums' slot count) for the life of the process.
+// Thread-safe.
 template <class Kernel>
 int64_t resident_blocks(Kernel kernel, int threads, int cluster) {
   static std::mutex mutex;
@@ -99,7 +99,7 @@ int64_t resident_blocks(Kernel kernel, int threads, int cluster) {
     int clusters = 0;
     if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
       (void)cudaGetLastError();  // "cannot" is an answer here, not an error to report later
-      clusters = 0;
+      return 0;                  // not cached: see above
     }
     blocks = int64_t(clusters) * cluster;
   }

@@ -74,6 +74,11 @@ struct NormForward : EpilogueDefaults {
   static constexpr bool kRowsOnly = true;
   static constexpr int kMaxThreads = kCentered ? 768 : 1024;  // layer_norm: 80 registers, no spills at 4 packs
   static constexpr int kClusterThreads = 512;
+  // Bounds of 768 threads (80 registers) for layer_norm's Block instance and rms_norm's Cluster instance: at
+  // 128 registers ptxas spilled 40-56 bytes in those float instances (8 packs), at 80 none; layer_norm's
+  // Cluster instance is the other way round (8 bytes at 80, none at 128).
+  static constexpr int kBlockThreads = kCentered ? 768 : 512;
+  static constexpr int kClusterBound = kCentered ? 0 : 768;
   S eps, inv_n;  // inv_n = 1 / n
   const T* x;    // the input (layer_norm: each row's first element is its mean's shift)
 
@@ -169,7 +174,13 @@ struct NormBackward : EpilogueDefaults {
   static constexpr int kParamSums = kSums ? kTerms : 0;
   static constexpr bool kRowsOnly = true;
   static constexpr int kMaxThreads = 768;  // 80 registers
-  static constexpr int kClusterThreads = kSums ? 256 : 512;
+  // dx alone: one instance for every block size (80 registers). At a 512-thread bound (128 registers) ptxas kept
+  // the 4 packs of dy and x unpacked and spilled 200+ bytes a thread, against 8-16 at 80.
+  static constexpr int kBlockThreads = kSums ? 512 : 768;
+  static constexpr int kClusterBound = kSums ? 0 : 768;  // the same for its Cluster instance (200+ B at 128)
+  // A cluster's blocks hold at most 512 threads (the Cluster instance's bound: 128 registers), and 8 of them
+  // hold a row of 8·512·kRowPacks packs: with the parameter sums, fp32 n = 32768 in one read.
+  static constexpr int kClusterThreads = 512;
   S inv_n;
 
   struct Row {

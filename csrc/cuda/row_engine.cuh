@@ -19,8 +19,9 @@
 //   - up to 32·kRowPacks packs: a warp a row, V = 2..kRowPacks, shuffles only (float forward: n <= 1024);
 //   - up to 1024·kRowPacks packs: a block a row (32..1024 threads), reduced through shared memory (float
 //     forward n <= 32768, backward 16384; bf16 both 32768; double both 8192);
-//   - sm_90, up to 8 times that: a cluster of up to 8 blocks a row, reduced through distributed shared
-//     memory (float forward n <= 262144, backward 131072: fp32 backward at n = 32768 is a 2-block cluster);
+//   - sm_90, up to 8·kClusterThreads·kRowPacks packs: a cluster of up to 8 blocks of at most kClusterThreads
+//     a row, reduced through distributed shared memory (with the default 512-thread cluster blocks: float
+//     forward n <= 131072, backward 65536; passes without a reduction never take one);
 //   - split: rows longer still (on sm_80, longer than one block), and very few long rows (fewer blocks
 //     than half the SMs, rows of at least 4·128 threads' worth): each row is cut into chunks of 128..1024
 //     threads, one block a chunk. Phase 1 writes each chunk's partial statistic to a workspace
@@ -76,9 +77,14 @@
 //                                        that does not fails with a device-side assert (CUDA_KERNEL_ASSERT)
 //                                        once its loops are done (rows only)
 //   static constexpr int  kMaxThreads;   threads a block at most (the launch bound; default 1024)
-//   static constexpr int  kClusterThreads;  threads a block of a cluster at most on sm_90 (default 1024): fewer
+//   static constexpr int  kBlockThreads; the bound of the Block instance, which serves blocks up to it; larger
+//                                        ones take WideBlock (default 512: 128 registers)
+//   static constexpr int  kClusterThreads;  threads a block of a cluster at most on sm_90 (default 512): fewer
 //                                        make a long row a cluster of smaller blocks, so that blocks of other
 //                                        rows share an SM and load while this one reduces
+//   static constexpr int  kClusterBound; the Cluster instance's launch bound when larger than kClusterThreads
+//                                        (default 0: kClusterThreads): a tighter register budget (768: 80) for
+//                                        ops that ptxas spills at 128 registers and not at 80
 //   using Stat;                          the reduction's partial: trivially copyable, size a multiple of 4
 //   S pad(int i) const;                  the value element slots outside the row read as, for input i
 //   Stat identity() const; Stat combine(Stat, Stat) const;   associative; combine(identity, b) == b
@@ -132,9 +138,7 @@ namespace torch_vjp::cuda {
 template <class T>
 using Opmath = at::opmath_type<T>;
 
-constexpr int kColumnMaxThreads = 512;  // column_kernel: holds P statistics per thread, needs up to 128 registers
-constexpr int kSubWarpThreads = 256;    // row_kernel with G <= 32 lanes a row: 256 / G rows a block
-constexpr int kSplitMinThreads = 128;   // the smallest chunk of a split row, in threads
+// kColumnMaxThreads, kSubWarpThreads, kSplitMinThreads: cuda/plan_rows.h (the plan uses them).
 constexpr int kParamSumThreads = 256;   // param_sums_kernel: row positions a block
 
 enum class Mode : int {
@@ -159,7 +163,9 @@ struct EpilogueDefaults {
   static constexpr bool kRowsOnly = false;
   static constexpr bool kAsserts = false;
   static constexpr int kMaxThreads = 1024;
-  static constexpr int kClusterThreads = 1024;
+  static constexpr int kBlockThreads = 512;
+  static constexpr int kClusterThreads = 512;
+  static constexpr int kClusterBound = 0;
 };
 
 // The members of an op whose statistic is a plain sum of S, padding 0 (or that reduces nothing).
@@ -299,10 +305,54 @@ __device__ __forceinline__ void sum_row_groups(S (&v)[kSums][V][P], int G) {
 // q = chunk·chunk_len + m + j·width, j < V, width = the group's threads: for each j the lanes of a warp hold
 // consecutive packs, so every warp-wide access is contiguous. Element indices inside the run are 32-bit,
 // relative to the run's first grid pack (a run holds at most 8·1024·V·P elements; longer rows are split).
-template <class Op, int V>
-__global__ void __launch_bounds__(Op::kMaxThreads, 1) row_kernel(const EngineArgs<Op> a) {
+//
+// Four kinds of instance, each with launch bounds that match how the host launches it (plan_rows), so that
+// ptxas budgets registers for the occupancy the plan assumes instead of for the largest block of any path
+// (V = kRowPacks at 1024 threads leaves 64 registers, and spilled):
+//   - RowKind::Shuffle (V < kRowPacks): only the shuffle paths reach it (G <= 32 lanes a row, at most
+//     kSubWarpThreads threads, never a cluster or a split), so it has no block or cluster reduction, and asks
+//     for enough resident blocks to keep kRowBytesInFlight of loads in flight an SM (kRowMinBlocks);
+//   - RowKind::Block (V = kRowPacks, no cluster, blocks of at most kBlockThreads, default 512): the shuffle,
+//     block and split paths that the benchmark shapes take (one 512-thread block holds 32 KB of loads);
+//   - RowKind::WideBlock (V = kRowPacks, no cluster, up to kMaxThreads): rows too long for 512 threads where
+//     no cluster runs (sm_80, or clusters off): one read of the row at the price of a tight register budget;
+//   - RowKind::Cluster (V = kRowPacks): sm_90 clusters of blocks of at most kClusterThreads.
+// Only Cluster instances carry the cluster primitives (cluster_info and cluster_sync cost sm_90 code 8-16
+// registers).
+enum class RowKind : int { Shuffle, Block, WideBlock, Cluster };
+
+// Loads an SM should have in flight to approach an H200's bandwidth (about 30 KB by Little's law: 4.8 TB/s
+// × ~0.8 µs latency / 132 SMs; an H100 needs 20-25 KB).
+constexpr int kRowBytesInFlight = 32 * 1024;
+
+template <class Op, RowKind K>
+inline constexpr int kRowThreads = K == RowKind::Shuffle   ? kSubWarpThreads
+                                   : K == RowKind::Block   ? std::min(Op::kBlockThreads, Op::kMaxThreads)
+                                   : K == RowKind::Cluster ? std::max(Op::kClusterThreads, Op::kClusterBound)
+                                                           : Op::kMaxThreads;
+
+// Resident blocks an SM the launch bound asks for: a Shuffle instance's 256-thread blocks, as many as hold
+// kRowBytesInFlight (V packs of kIn inputs a thread), at most 6 (40 registers: at 8, 32 registers, the
+// cross-entropy instances spilled; an instance that needs no more than 32 still gets 8 blocks, 32 KB at V = 1);
+// one block of the others.
+constexpr int kShuffleMaxMinBlocks = 6;
+template <class Op, int V, RowKind K>
+inline constexpr int kRowMinBlocks =
+    K != RowKind::Shuffle
+        ? 1
+        : std::clamp(kRowBytesInFlight / (kSubWarpThreads * V * Op::kIn * 16), 1, kShuffleMaxMinBlocks);
+
+template <class Op, int V, RowKind K>
+__global__ void __launch_bounds__(kRowThreads<Op, K>, (kRowMinBlocks<Op, V, K>)) row_kernel(const EngineArgs<Op> a) {
   static_assert(Op::kMaxThreads % kWarpSize == 0 && Op::kClusterThreads % kWarpSize == 0 &&
                 Op::kClusterThreads <= Op::kMaxThreads && Op::kMaxThreads >= kSubWarpThreads, "block sizes");
+  static_assert((K == RowKind::Shuffle) == (V < kRowPacks<Op>), "Shuffle instances are those with V < kRowPacks");
+  constexpr bool kShuffleOnly = K == RowKind::Shuffle;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  // Code for an architecture without clusters never runs a Cluster instance (launch.cuh's cluster_code): an empty
+  // body, not a second copy of the kernel.
+  if constexpr (K == RowKind::Cluster) return;
+#endif
   using T = typename Op::T;
   using S = typename Op::S;
   using R = typename Op::R;
@@ -311,7 +361,7 @@ __global__ void __launch_bounds__(Op::kMaxThreads, 1) row_kernel(const EngineArg
   constexpr int kIn = Op::kIn;
   constexpr int kParamIn = Op::kParamIn;
   constexpr int kSums = Op::kParamSums;
-  const ClusterInfo cluster = cluster_info();
+  const ClusterInfo cluster = K == RowKind::Cluster ? cluster_info() : ClusterInfo{0, 1};
   const int G = a.lanes;
   const int lane = threadIdx.x % kWarpSize;
   const int member = cluster.rank * G + static_cast<int>(threadIdx.x) % G;
@@ -403,11 +453,11 @@ __global__ void __launch_bounds__(Op::kMaxThreads, 1) row_kernel(const EngineArg
           st[0] = a.op.partial(each, row_in, at);
         }
         const auto combine = [&](const Stat& x, const Stat& y) { return a.op.combine(x, y); };
-        if (G <= kWarpSize) {
+        if (kShuffleOnly || G <= kWarpSize) {
           st[0] = group_allreduce(st[0], combine, G);
         } else {
           block_allreduce_columns<1>(st, combine, a.op.identity(), 1);
-          cluster_allreduce_columns<1>(st, combine, 1, cluster, parity);
+          if constexpr (K == RowKind::Cluster) cluster_allreduce_columns<1>(st, combine, 1, cluster, parity);
         }
         if (a.mode == Mode::Partial) {
           if (active && member == 0) a.ws[row * a.chunks + chunk] = st[0];
@@ -471,7 +521,8 @@ __global__ void __launch_bounds__(Op::kMaxThreads, 1) row_kernel(const EngineArg
   // After the loops, where little is live: the assert's failure path is a call, which inside the loops made
   // ptxas spill their registers around it.
   if constexpr (Op::kAsserts) CUDA_KERNEL_ASSERT(rows_ok);
-  cluster_sync(cluster);  // no block leaves while another reads its shared memory
+  if constexpr (K == RowKind::Cluster) cluster_sync(cluster);  // no block leaves while another reads its shared memory
+  (void)parity;
 }
 
 // =========================================================================================================
@@ -652,74 +703,6 @@ __global__ void __launch_bounds__(kParamSumThreads) param_sums_kernel(const Engi
 // =========================================================================================================
 // Host side: the plan (which kernel, which shape) and the launch.
 
-// inner == 1. P: elements a pack; Vmax: kRowPacks; max_threads: a block's threads at most (Op::kMaxThreads);
-// cluster_threads: with clusters, the block size above which a row takes a cluster (Op::kClusterThreads; up to
-// max_threads a block when 8 blocks of cluster_threads do not hold the row); sms: multiprocessors; clusters:
-// sm_90 clusters usable; max_off: the largest grid offset of a row start (every row's when n % P == 0, else
-// up to P - 1).
-inline Plan plan_rows(int64_t rows, int64_t n, int P, int Vmax, int max_threads, int cluster_threads, int sms,
-                      bool clusters, int max_off) {
-  const int64_t packs = ceil_div(n + max_off, P);  // packs a row touches, at most
-  if (packs <= int64_t(kWarpSize) * Vmax) {
-    // Shuffles only. Up to 32 packs: one pack a lane, the fewest lanes that hold the row (several rows a
-    // warp); longer rows: a warp, with the fewest packs a lane that hold it.
-    const int V = packs <= kWarpSize ? 1 : static_cast<int>(pow2_ceil(ceil_div(packs, kWarpSize)));
-    const int G = packs <= kWarpSize ? static_cast<int>(pow2_ceil(packs)) : kWarpSize;
-    const int threads = static_cast<int>(std::clamp<int64_t>(round_up(rows * G, kWarpSize), kWarpSize, kSubWarpThreads));
-    return {V, false, true, threads, G, 1, 1, 0, ceil_div(rows, threads / G)};
-  }
-  const int64_t width = ceil_div(packs, Vmax);  // threads that hold the row at Vmax packs each
-  int cluster = 0;
-  if (width <= (clusters ? cluster_threads : max_threads)) cluster = 1;
-  else if (clusters && width <= 8 * max_threads) cluster = static_cast<int>(std::min<int64_t>(8, ceil_div(width, cluster_threads)));
-  // Too few rows to give every SM a block: split long rows into more, smaller pieces (the tensor is then
-  // small, so phase 2's re-read comes from L2).
-  const bool few = rows * cluster < sms / 2 && packs >= 4 * int64_t(kSplitMinThreads) * Vmax;
-  if (cluster > 0 && !few) {
-    const int threads = static_cast<int>(round_up(ceil_div(width, cluster), kWarpSize));
-    return {Vmax, false, true, threads, threads, cluster, 1, 0, rows * cluster};
-  }
-  const int64_t least = ceil_div(packs, int64_t(max_threads) * Vmax);
-  const int64_t most = std::max(least, ceil_div(packs, int64_t(kSplitMinThreads) * Vmax));
-  const int64_t chunks0 = std::min(most, std::max(least, ceil_div(2 * int64_t(sms), rows)));
-  const int threads = static_cast<int>(round_up(ceil_div(ceil_div(packs, chunks0), Vmax), kWarpSize));
-  const int64_t chunk_len = int64_t(threads) * Vmax;
-  const int64_t chunks = ceil_div(packs, chunk_len);
-  return {Vmax, false, true, threads, threads, 1, chunks, chunk_len, rows};
-}
-
-// inner > 1. vec: inner % P == 0 and every pointer 16-byte aligned.
-inline Plan plan_columns(int64_t outer, int64_t n, int64_t inner, int P, int V, bool vec, int sms, bool clusters) {
-  const int Pe = vec ? P : 1;
-  const int64_t col_packs = outer * inner / Pe;
-  const int64_t rows_threads = ceil_div(n, V);  // threads along n that hold a whole column
-  // Widest slot count first (W · Pe <= 32: the reduction's shared buffer; wider tiles, longer contiguous
-  // segments a row), narrowing to fit n on chip; at least 32 bytes a row segment (a sector).
-  const int widest = static_cast<int>(std::min<int64_t>(pow2_ceil(col_packs), vec ? std::min(32 / Pe, 8) : 32));
-  const int narrowest = std::min(widest, vec ? 2 : 2 * P);  // 32 bytes: 2 packs, or 2P elements of 16 / P bytes
-  for (int W = widest; W >= narrowest; W /= 2) {
-    const int64_t threads_needed = round_up(rows_threads * W, kWarpSize);
-    int cluster = 0;
-    if (threads_needed <= kColumnMaxThreads) cluster = 1;
-    else if (clusters && threads_needed <= 8 * kColumnMaxThreads) cluster = static_cast<int>(ceil_div(threads_needed, kColumnMaxThreads));
-    if (cluster == 0) continue;
-    const int64_t tiles = ceil_div(col_packs, W);
-    if (tiles * cluster < sms / 2 && n >= 4 * int64_t(kSplitMinThreads / W) * V) break;  // few tiles: split along n
-    const int threads = static_cast<int>(round_up(ceil_div(rows_threads, cluster) * W, kWarpSize));
-    return {V, true, vec, threads, W, cluster, 1, 0, tiles * cluster};
-  }
-  // Split along n, at the widest tile: chunks of H·V rows, enough chunks to give every SM work.
-  const int W = widest;
-  const int64_t tiles = ceil_div(col_packs, W);
-  const int64_t least = ceil_div(n, int64_t(kColumnMaxThreads / W) * V);
-  const int64_t most = std::max(least, ceil_div(n, int64_t(std::max(1, kSplitMinThreads / W)) * V));
-  const int64_t chunks0 = std::min(most, std::max(least, ceil_div(2 * int64_t(sms), tiles)));
-  const int threads = static_cast<int>(round_up(ceil_div(ceil_div(n, chunks0), V) * W, kWarpSize));
-  const int64_t chunk_len = int64_t(threads / W) * V;
-  const int64_t chunks = ceil_div(n, chunk_len);
-  return {V, true, vec, threads, W, 1, chunks, chunk_len, tiles};
-}
-
 // Pointers of one call.
 template <class Op>
 struct Operands {
@@ -863,20 +846,32 @@ bool fuses_param_sums(const RowLayout& l) {
   return l.inner == 1 && l.n % kPackElems<typename Op::T> == 0;
 }
 
-// Every plan_rows result names one of these instances (V = 1, 2, 4 or kRowPacks).
+// The row_kernel instance of a plan (plan_rows: V = 1, 2, 4 or kRowPacks), checked against the instance's
+// launch bound: V < kRowPacks only on the shuffle paths, a cluster's blocks within kClusterThreads.
 template <class Op, class Go>
-void with_row_kernel(int V, const Go& go) {
-  switch (V) {
-    case 1: return go(row_kernel<Op, 1>);
-    case 2: return go(row_kernel<Op, 2>);
-    case 4:
-      if constexpr (kRowPacks<Op> >= 4) return go(row_kernel<Op, 4>);
+void with_row_kernel(const Plan& plan, const Go& go) {
+  constexpr int Vmax = kRowPacks<Op>;
+  const bool shuffle = plan.lanes <= kWarpSize && plan.cluster == 1 && plan.chunks == 1;
+  TORCH_INTERNAL_ASSERT(plan.V == Vmax || (shuffle && plan.threads <= kSubWarpThreads),
+                        "torch_vjp: a row plan with ", plan.V, " packs a thread off the shuffle paths");
+  TORCH_INTERNAL_ASSERT(plan.threads <= (plan.cluster > 1 ? Op::kClusterThreads : Op::kMaxThreads),
+                        "torch_vjp: a row plan of ", plan.threads, " threads a block above its kernel's launch bound");
+  if (plan.V == Vmax) {
+    if (plan.cluster > 1) return go(row_kernel<Op, Vmax, RowKind::Cluster>);
+    if (plan.threads <= kRowThreads<Op, RowKind::Block>) return go(row_kernel<Op, Vmax, RowKind::Block>);
+    if constexpr (Op::kMaxThreads > Op::kBlockThreads) return go(row_kernel<Op, Vmax, RowKind::WideBlock>);
+  }
+  switch (plan.V) {
+    case 1: return go(row_kernel<Op, 1, RowKind::Shuffle>);
+    case 2:
+      if constexpr (Vmax > 2) return go(row_kernel<Op, 2, RowKind::Shuffle>);
       break;
-    case 8:
-      if constexpr (kRowPacks<Op> >= 8) return go(row_kernel<Op, 8>);
+    case 4:
+      if constexpr (Vmax > 4) return go(row_kernel<Op, 4, RowKind::Shuffle>);
       break;
   }
-  TORCH_INTERNAL_ASSERT(false, "torch_vjp: no row kernel with ", V, " packs per thread");
+  TORCH_INTERNAL_ASSERT(false, "torch_vjp: no row kernel with ", plan.V, " packs per thread and ", plan.threads,
+                        " threads");
 }
 
 // The row kernel's plan for Op over layout l (inner == 1) whose grid operand starts grid_mis elements past a
@@ -890,9 +885,11 @@ Plan plan_row_kernel(const RowLayout& l, int grid_mis) {
   const auto plan_for = [&](bool clusters) {
     return plan_rows(l.outer, l.n, P, kRowPacks<Op>, Op::kMaxThreads, Op::kClusterThreads, sms, clusters, max_off);
   };
-  Plan plan = plan_for(has_clusters());
+  // A pass without a row reduction (the cross-entropy gradient, logsumexp's backward) gains nothing from a
+  // cluster: long rows are cut into independent chunks (the split path, which then only maps: one read).
+  Plan plan = plan_for(Op::kReduces && has_clusters());
   if (plan.cluster > 1) {
-    with_row_kernel<Op>(plan.V, [&](auto kernel) {
+    with_row_kernel<Op>(plan, [&](auto kernel) {
       if (!cluster_fits(kernel, plan.threads, plan.cluster)) plan = plan_for(false);
     });
   }
@@ -905,7 +902,7 @@ template <class Op>
 Plan plan_column_kernel(const RowLayout& l, int64_t outer_part, bool vec) {
   constexpr int P = kPackElems<typename Op::T>;
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  Plan plan = plan_columns(outer_part, l.n, l.inner, P, kRowPacks<Op>, vec, sms, has_clusters());
+  Plan plan = plan_columns(outer_part, l.n, l.inner, P, kRowPacks<Op>, vec, sms, Op::kReduces && has_clusters());
   const auto kernel = vec ? column_kernel<Op, kRowPacks<Op>, true> : column_kernel<Op, kRowPacks<Op>, false>;
   if (plan.cluster > 1 && !cluster_fits(kernel, plan.threads, plan.cluster))
     plan = plan_columns(outer_part, l.n, l.inner, P, kRowPacks<Op>, vec, sms, false);
@@ -950,7 +947,7 @@ void run_rows(const Op& op, const RowLayout& l, const Operands<Op>& ops) {
     const Plan plan = plan_row_kernel<Op>(l, args.grid_mis);
     args.lanes = plan.lanes;
     args.chunk_len = plan.chunk_len;
-    with_row_kernel<Op>(plan.V, [&](auto kernel) {
+    with_row_kernel<Op>(plan, [&](auto kernel) {
       if constexpr (Op::kParamSums > 0) {
         if (fused_sums) return launch_with_param_sums(kernel, plan, args, ops.param_sums);
       }

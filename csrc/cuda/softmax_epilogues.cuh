@@ -38,6 +38,9 @@ struct SoftmaxForward : EpilogueDefaults {
   static constexpr bool kElementOut = K != SoftmaxKind::LogSumExp;
   static constexpr int kRowOut = K == SoftmaxKind::LogSumExp ? 1 : 0;
   static constexpr bool kReduces = true;
+  // float softmax and log_softmax: one instance for every block size, bound at 1024 threads (64 registers, no
+  // spill); bound at 512 (128 registers) ptxas kept more values live and spilled 48-64 bytes.
+  static constexpr int kBlockThreads = sizeof(T) == 4 && K != SoftmaxKind::LogSumExp ? 1024 : 512;
 
   struct Row {
     S m, c;  // the row max; c = 1/s (softmax), log s (log_softmax), logsumexp (logsumexp)
@@ -143,6 +146,8 @@ struct LogSumExpBackward : SumEpilogue<Opmath<T_>> {
   static constexpr int kRowIn = 2;
   static constexpr bool kElementOut = true;
   static constexpr bool kReduces = false;
+  // No reduction: long rows split into independent 512-thread chunks (one read), never a cluster.
+  static constexpr int kMaxThreads = 512;
 
   struct Row {
     S dy;

@@ -29,9 +29,11 @@
 #include <cstring>
 #include <type_traits>
 
+#include "cuda/plan_rows.h"
+
 namespace torch_vjp::cuda {
 
-constexpr int kWarpSize = 32;
+// kWarpSize: cuda/plan_rows.h.
 constexpr unsigned kFullMask = 0xffffffffu;
 
 template <class T>

@@ -1,0 +1,120 @@
+"""Static evidence about the CUDA kernels, on a machine without a GPU: the register and spill report of every
+kernel instance of the built library against the occupancy its plan assumes (benchmarks/kernel_resources.py,
+which .ci/run's CUDA step runs on its clean FORCE_CUDA=1 build). The library checks skip in a CPU-only build
+or where no cuobjdump is at hand; the register arithmetic they rest on is checked everywhere. And the launch
+plans of the benchmark shapes on an A100, H100 and H200, from the engine's planning code compiled for the host
+(benchmarks/plans.py; skipped without a C++ compiler).
+"""
+import os
+
+import pytest
+
+from benchmarks import kernel_resources as kr
+
+
+@pytest.mark.parametrize("threads,blocks,budget", [
+    (1024, 1, 64),   # the widest row blocks: 64 registers a thread
+    (768, 1, 80),    # 24 warps: 2730 a warp, 85 a thread, allocated 8 at a time
+    (512, 1, 128),
+    (512, 2, 64),
+    (256, 8, 32),    # 2048 threads: the most an SM holds
+    (256, 4, 64),
+    (256, 3, 80),
+    (256, 9, 0),     # more threads than an SM holds: no budget at all
+])
+def test_register_budget(threads, blocks, budget):
+    assert kr.register_budget(threads, blocks, "sm_90") == budget
+
+
+def test_shuffle_instances_keep_enough_loads_in_flight():
+    """A Shuffle instance's block count an SM times its bytes a block reaches the in-flight target, within the
+    2048 threads an SM holds."""
+    for op, inputs in kr.ROW_OP_INPUTS.items():
+        for V in (1, 2, 4):
+            blocks = kr.shuffle_blocks(op, V)
+            assert 1 <= blocks <= kr.SHUFFLE_MAX_MIN_BLOCKS
+            assert (blocks * kr.SUB_WARP_THREADS * V * inputs * 16 >= kr.ROW_BYTES_IN_FLIGHT
+                    or blocks == kr.SHUFFLE_MAX_MIN_BLOCKS)
+
+
+def test_check_flags_spills_registers_and_unknown_kernels():
+    """The checker's verdicts on made-up instances: a spill, registers above the budget, a kernel no rule covers."""
+    name = ("void torch_vjp::cuda::row_kernel<torch_vjp::cuda::SoftmaxForward<(torch_vjp::math::SoftmaxKind)0, "
+            "c10::BFloat16>, 1, (torch_vjp::cuda::RowKind)0>(torch_vjp::cuda::EngineArgs<...>)")
+    good = kr.Instance("sm_90", "m", name, regs=40, stack=0, local=0, max_threads=256)
+    failures, _ = kr.check([good, kr.Instance("sm_80", "m", name, 30, 0, 0, 256)])
+    assert failures == []
+    for bad, why in [(kr.Instance("sm_90", "m", name, 32, 8, 0, 256), "spills"),
+                     (kr.Instance("sm_90", "m", name, 48, 0, 0, 256), "registers"),
+                     (kr.Instance("sm_90", "m", name, 32, 0, 0, 1024), "launch bound"),
+                     (kr.Instance("sm_90", "m", "void mystery_kernel(int)", 8, 0, 0, 128), "no OCCUPANCY rule")]:
+        failures, _ = kr.check([bad, kr.Instance("sm_80", "m", name, 30, 0, 0, 256)])
+        assert len(failures) == 1 and why in failures[0], (why, failures)
+
+
+def _built_library():
+    torch_vjp = pytest.importorskip("torch_vjp")
+    if torch_vjp.backends()["cuda"] is None:
+        pytest.skip("a CPU-only build: no CUDA kernels to inspect (FORCE_CUDA=1 builds them without a GPU)")
+    cuobjdump = kr.find_cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump (CUDA toolkit, or torch's triton package)")
+    from torch_vjp import _C
+    return _C.__file__, cuobjdump
+
+
+def test_built_kernels_fit_their_plans():
+    """Every kernel instance of this build: no spill outside the named exceptions, registers within the
+    occupancy its plan assumes, every instance covered by a rule (the same check as CI's CUDA step)."""
+    library, cuobjdump = _built_library()
+    instances = kr.read_instances([library], cuobjdump)
+    archs = sorted({i.arch for i in instances} & set(kr.ARCHS))  # a local build may target one of them
+    if not archs:
+        pytest.skip(f"{library} holds no {' or '.join(kr.ARCHS)} machine code")
+    failures, rows = kr.check(instances, archs)
+    assert rows, f"no kernel instances found in {library}"
+    assert not failures, "\n".join(failures)
+
+
+# --- Launch plans (csrc/cuda/plan_rows.h compiled for the host: benchmarks/plans.py) --------------------------
+
+def _plan_table():
+    from benchmarks import plans
+    try:
+        plans.plan_host()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return plans, plans.benchmark_table()
+
+
+def test_benchmark_plans_keep_enough_loads_in_flight():
+    """Every benchmark shape, on the A100, H100 and H200: the blocks the launch bounds guarantee an SM hold at
+    least the bytes of loads the card needs in flight (bandwidth × latency / SMs)."""
+    _, table = _plan_table()
+    short = [r for r in table if r["in_flight"] < r["need"]]
+    assert not short, [(r["op"], r["dtype"], r["rows"], r["n"], r["gpu"], r["in_flight"], int(r["need"]))
+                       for r in short]
+
+
+def test_benchmark_plans_read_each_row_once_where_possible():
+    """A row is read twice (a split with a reduction) only where no kernel can hold it: no clusters on the card
+    and more packs than one block's kMaxThreads × kRowPacks. Passes without a reduction never take a cluster, and
+    every launch fits its instance's bound."""
+    plans, table = _plan_table()
+    for r in table:
+        op = plans.ENGINE_OPS[r["op"]]
+        where = (r["op"], r["dtype"], r["rows"], r["n"], r["gpu"], r["path"])
+        if r["reads"] > 1:
+            P = 16 // plans.ITEMSIZE[r["dtype"]]
+            one_block = plans.max_threads(r["op"], r["dtype"]) * plans.row_packs(op, r["dtype"]) * P
+            assert not plans.GPUS[r["gpu"]].clusters and r["n"] > one_block, where
+        if not op.reduces:
+            assert r["cluster"] == 1, where
+        assert r["threads"] <= r["bound"], where
+
+
+def test_plans_table_in_the_readme_is_current():
+    """benchmarks/README.md's plan table is what `python -m benchmarks.plans` prints now."""
+    plans, table = _plan_table()
+    readme = open(os.path.join(plans.ROOT, "benchmarks", "README.md")).read()
+    assert plans.markdown(table) in readme, "regenerate it: python -m benchmarks.plans"
