@@ -150,8 +150,14 @@ struct CpuNorm {
         const T rho = l.n == 1 ? math::abs_(T(xr[0])) : math::sqrt_(sum_row(l.n, [](auto v) { return v * v; }, xr));
         const T denominator = math::normalize_denominator<scalar_t>(rho, T(eps));
         norms[ctx.row] = rho;
-        // x / ρ as torch's, correctly rounded (x · (1/ρ) rounds twice: a row of one element would miss ±1)
-        map_row(yr, l.n, ctx.stream, [denominator](auto v) { return v / decltype(v)(denominator); }, xr);
+        // x · (1/ρ): a vector division costs more than the pass on half types. A row of one element, where
+        // x · (1/|x|) can miss ±1 by an ulp, is divided, as torch does.
+        if (l.n == 1) {
+          yr[0] = static_cast<scalar_t>(T(xr[0]) / denominator);
+        } else {
+          const T inverse = T(1) / denominator;
+          map_row(yr, l.n, ctx.stream, [inverse](auto v) { return v * decltype(v)(inverse); }, xr);
+        }
       });
     });
   }
