@@ -362,11 +362,7 @@ class _VocabParallelCE(torch.autograd.Function):
         (ignore_index, reduction, label_smoothing, classes, offset, shape, mesh, placements, count,
          global_shape, global_stride) = ctx.meta
         ct = log_sum.dtype
-        g = _replicated(grad_output).to(ct).reshape(-1)
-        if reduction == "mean":
-            g = g / count.to(ct)
-        counted = t1 != ignore_index
-        scale = torch.where(counted, g.expand(t1.shape), 0)
+        counted, scale = _row_scale(grad_output, t1, ignore_index, reduction, count, ct)
         # one (N, V_local) buffer, worked in place: the gradient itself
         p = torch.sub(x2.to(ct), row_max.unsqueeze(-1)).sub_(log_sum.unsqueeze(-1)).exp_()
         if label_smoothing > 0:
@@ -385,6 +381,16 @@ def _plain_shards(op: str, placements) -> None:
     if any(p.is_shard() and type(p) is not Shard for p in placements):
         raise ValueError(f"torch_vjp.{op}: vocabulary parallelism takes plain Shard() placements, got {placements}; "
                          f"redistribute first")
+
+
+def _row_scale(grad_output, target, ignore_index, reduction, count, ct):
+    """The VJP's per-row scale (ops/cross_entropy.h's row_scale) on a rank: the replicated grad_output, over the
+    all-reduced count for 'mean', 0 on ignored rows; and which rows count."""
+    g = _replicated(grad_output).to(ct).reshape(-1)
+    if reduction == "mean":
+        g = g / count.to(ct)
+    counted = target != ignore_index
+    return counted, torch.where(counted, g.expand(target.shape), 0)
 
 
 def _replicated(t):
@@ -500,11 +506,7 @@ class _VocabParallelFLCE(torch.autograd.Function):
         (ignore_index, reduction, label_smoothing, classes, offset, count, mesh, mesh_dim, group,
          input_meta, (weight_placements, weight_shape, weight_stride), has_bias) = ctx.meta
         ct = log_sum.dtype
-        g = _replicated(grad_output).to(ct).reshape(-1)
-        if reduction == "mean":
-            g = g / count.to(ct)
-        counted = t != ignore_index
-        scale = torch.where(counted, g.expand(t.shape), 0)
+        counted, scale = _row_scale(grad_output, t, ignore_index, reduction, count, ct)
         local_t = t - offset
         owned = counted & (local_t >= 0) & (local_t < w.shape[0])
         wc = w.to(ct)
