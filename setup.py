@@ -15,7 +15,8 @@ without a GPU sets FORCE_CUDA=1), never with USE_CUDA=0. Otherwise the build is 
 Environment: USE_CUDA=0, FORCE_CUDA=1, CUDA_HOME (else the toolkit of the nvcc on PATH, else
 /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX" without a visible GPU: machine code for the A100
 and H100/H200, and compute_90 PTX that the driver JIT-compiles for newer cards, Blackwell's sm_100 and sm_120,
-which would otherwise find no kernel image), MAX_JOBS.
+which would otherwise find no kernel image), MAX_JOBS, TORCH_VJP_CPU_CAPABILITIES (development only: build
+some CPU capabilities, e.g. "avx512", not all three).
 """
 import glob
 import logging
@@ -104,7 +105,14 @@ def find_cuda_toolkit():
 
 
 def cpu_capabilities():
-    return list(CPU_CAPABILITIES) if platform.machine().lower() in ("x86_64", "amd64") else ["default"]
+    """Every capability on x86-64; TORCH_VJP_CPU_CAPABILITIES="avx512" (comma-separated) builds only those, a
+    developer's faster rebuild: torch_vjp then loads the widest built one the CPU supports."""
+    isas = list(CPU_CAPABILITIES) if platform.machine().lower() in ("x86_64", "amd64") else ["default"]
+    wanted = [w.strip() for w in os.environ.get("TORCH_VJP_CPU_CAPABILITIES", "").split(",") if w.strip()]
+    unknown = [w for w in wanted if w not in isas]
+    if unknown:
+        raise SystemExit(f"torch_vjp: TORCH_VJP_CPU_CAPABILITIES names {unknown}; this machine builds {isas}")
+    return wanted or isas
 
 
 def isa_sources(isa):
