@@ -1,4 +1,5 @@
-"""python -m benchmarks [--quick] [--ops ...] [--providers ...] [--dtype ...] [--device ...] [--out DIR] [--overhead]"""
+"""python -m benchmarks [--quick] [--ops ...] [--providers ...] [--dtype ...] [--device ...] [--out DIR] [--overhead]
+                     [--model FAMILIES [--vocab V] [--threads T] [--rounds R] [--no-compile]]"""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,13 @@ def parse_args(argv=None):
     parser.add_argument("--shape", help="ROWSxN: replace the preset's main shape (and drop its row sweep)")
     parser.add_argument("--all-variants", action="store_true", help="every keyword variant of each op, not only the default")
     parser.add_argument("--time-budget", type=float, help="seconds; cases not started by then are recorded as skipped")
+    parser.add_argument("--model", type=_list,
+                        help="only the training step of these Hugging Face model families, stock against "
+                             "torch_vjp.transformers.patch() (benchmarks/models.py; 'all' for every family)")
+    parser.add_argument("--vocab", type=int, default=32000, help="--model: the vocabulary (default 32000)")
+    parser.add_argument("--threads", type=int, default=1, help="--model on the CPU: intra-op threads (default 1)")
+    parser.add_argument("--rounds", type=int, default=7, help="--model: interleaved timed rounds (default 7)")
+    parser.add_argument("--no-compile", action="store_true", help="--model: eager only, no torch.compile variants")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when stderr is not a terminal, as in CI logs)")
     return parser.parse_args(argv)
 
@@ -86,6 +94,13 @@ def main(argv=None):
             sys.exit(f"benchmarks: unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
     if args.overhead:
         return overhead_main(args, device, command_line(argv))
+    if args.model:
+        from . import models
+
+        kind = "cuda" if device.startswith("cuda") else "cpu"
+        out = args.out or os.path.join("bench_out", f"{kind}-{datetime.date.today().isoformat()}-models")
+        return models.main(args.model, args.vocab, device, args.rounds, args.threads, not args.no_compile, out,
+                           command_line(argv))
     preset = preset_for(device, args.quick)
     if args.shape:
         rows, n = (int(v) for v in args.shape.lower().split("x"))

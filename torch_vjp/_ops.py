@@ -25,7 +25,9 @@ A call takes the cheapest path that is exact for what is active (`VJPOp.call`, `
    (`torch.func.hessian`, `jvp(grad(f))`) is exact.
 4. **torch.compile, torch.export, torch.jit.trace**: the registered op itself: one opaque node with a fake kernel for
    Dynamo (which refuses a Function that has a `jvp`), one recorded op for the tracer. AOTAutograd and a
-   loaded trace differentiate it through the op's Autograd kernel (below).
+   loaded trace differentiate it through the op's Autograd kernel (below). Except under torch.compile where
+   the compile policy (torch_vjp/compile_policy.py, measured per op and backend) gives the op to inductor as
+   its torch-ops form (`VJPOp.decomposition`), which inductor fuses with the op's neighbours.
 
 The Functions are also the registered ops' Autograd kernels, so `torch.ops.torch_vjp.*` is differentiable
 by itself (and passes `torch.library.opcheck`). Every op and its Functions get a vmap rule
@@ -42,7 +44,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch.autograd import Function
 
-from . import _direct
+from . import _direct, compile_policy
 from ._extension import backends, cuda_missing_error  # loading the libraries registers torch.ops.torch_vjp.*
 
 LIB = torch.library.Library("torch_vjp", "IMPL")
@@ -210,6 +212,9 @@ class VJPOp:
                    in its input's dtype, as torch does for counterparts on none of its lists.
     autocast_output: under autocast, the public output's dtype, where the counterpart's differs from the
                    kernel's ("fp32": the counterpart ends in an op of the "fp32" list).
+    decomposition: the public op in torch ops (the registered op's arguments -> its public output), with the
+                   kernels' precision rules: what torch.compile traces where compile_policy.py says inductor's
+                   fusion of it with its neighbours beats the opaque kernel. None: always the kernel.
     integers:      what the public op does with an integer or bool input, as its counterpart does:
                    "promote" (to the default float dtype) or "error": integer_error (NotImplementedError), or
                    a function of the arguments giving the error type where torch's depends on them.
@@ -235,6 +240,7 @@ class VJPOp:
     autocast_output: str | None = None
     integers: str = "error"
     integer_error: type | Callable = NotImplementedError
+    decomposition: Callable | None = None
 
     def __post_init__(self):
         if self.vjp_ref is not None:
@@ -280,6 +286,7 @@ class VJPOp:
         forward, name, casts = self._forward, self.name, bool(self.autocast)
         traceable, func_apply, lean_apply, below = forward.traceable, forward.func.apply, forward.lean.apply, forward.below
         integral_input, autocast_args = self.integral_input, self.autocast_args
+        compiled = self._compiled_call()
 
         if forward.simple:  # one tensor input, one output: the hot path of most ops, written out
             def call(input, *params):
@@ -287,7 +294,9 @@ class VJPOp:
                     raise TypeError(f"torch_vjp.{name}(): argument 'input' must be Tensor, not {type(input).__name__}")
                 if not input.is_floating_point():
                     input = integral_input(input)
-                if _is_compiling() or _tracing_state() is not None:
+                if _is_compiling():
+                    return compiled(input, *params)
+                if _tracing_state() is not None:
                     return traceable(input, *params)
                 if casts and _any_autocast():
                     input = autocast_args((input, *params))[0]
@@ -314,7 +323,9 @@ class VJPOp:
                 raise RuntimeError(
                     f"torch.jit.trace cannot record torch_vjp.{name}: its registered op returns optional tensors, "
                     f"which TorchScript does not support; use torch.export or torch.compile")
-            if _is_compiling() or _tracing_state() is not None:
+            if _is_compiling():
+                return compiled(*args)
+            if _tracing_state() is not None:
                 return public(traceable(*args))
             if casts and _any_autocast():
                 output = public(_dispatch(autocast_args(args)))
@@ -329,6 +340,21 @@ class VJPOp:
             return below(*args)
 
         return call
+
+    def _compiled_call(self):
+        """The call under torch.compile (traced by Dynamo, so this runs once per compiled graph): the
+        decomposition where the compile policy picks it for the input's device, else the registered op. Never
+        under torch.export: an exported program keeps the op (and its kernels)."""
+        traceable, decomposition, name = self._forward.traceable, self.decomposition, self.name
+        public = (lambda outputs: outputs[0]) if self._forward.n_outputs > 1 else (lambda output: output)
+
+        def compiled(*args):
+            if (decomposition is not None and not torch.compiler.is_exporting()
+                    and compile_policy.decomposes(name, args[0].device.type)):
+                return decomposition(*args)
+            return public(traceable(*args))
+
+        return compiled
 
     def integral_input(self, input: torch.Tensor, args: tuple = ()) -> torch.Tensor:
         """torch's rule for an integer or bool input (see `integers`). A complex input goes on to the kernels'

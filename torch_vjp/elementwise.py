@@ -13,8 +13,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
-from ._ops import VJPOp, check_floating, check_same, register_fake
+from ._ops import VJPOp, check_floating, check_same, compute_type, register_fake
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _KAPPA = 0.044715
@@ -68,6 +69,31 @@ _FAMILY = {
     "mish": ("input", _dg_mish, _no_check, {}),
 }
 
+def gelu_form(x, approximate):
+    """GELU in torch ops, as csrc/math/elementwise.h computes it: x Φ(x) with Φ(x) = erfc(-x/√2)/2, and the
+    tanh form's (1 + tanh u)/2 as σ(2u) = 1/(1 + e) for u > 0, e/(1 + e) otherwise, e = exp(-2|u|). Neither
+    cancels: 1 + erf and 1 + tanh do for negative x, and σ's autograd σ(1 - σ) does for large u (the forms AOT
+    autograd gives F.gelu and its backward: up to 7x torch's own error in float32). In the compute type,
+    rounded once."""
+    xc = x.to(compute_type(x.dtype))
+    if approximate == "tanh":
+        u = _SQRT_2_OVER_PI * (xc + _KAPPA * xc * xc * xc)
+        positive = u > 0
+        e = torch.exp(torch.where(positive, -2 * u, 2 * u))  # not abs: its derivative at u = 0 would be 0
+        r = 1 / (1 + e)
+        y = xc * torch.where(positive, r, e * r)
+    else:
+        y = xc * (0.5 * torch.special.erfc(xc * -math.sqrt(0.5)))
+    return y.to(x.dtype)
+
+
+# The torch-ops form of each (torch.compile, where compile_policy.py picks it): torch's own op, which computes
+# a half-type input in float32 and rounds once, as the kernels do; GELU as the kernels compute it.
+TORCH_FORMS = {
+    "exp": torch.exp, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "silu": F.silu, "mish": F.mish,
+    "softplus": F.softplus, "gelu": gelu_form,
+}
+
 
 def _make(name, saved, dg, check_params, autocast):
     # torch promotes integer input to float for exp, sigmoid and tanh; its activation kernels refuse it.
@@ -89,7 +115,7 @@ def _make(name, saved, dg, check_params, autocast):
         return out if t_s is None else out + grad_output * dg(s, *params) * t_s
 
     op = VJPOp(name, saves=(saved,), jvp=jvp, vjp_grads=vjp_grads, backward_jvp=backward_jvp, elementwise=True,
-               autocast=autocast, integers=integers)
+               autocast=autocast, integers=integers, decomposition=TORCH_FORMS[name])
 
     @register_fake(name)
     def _(input, *params):

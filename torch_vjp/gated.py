@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from ._ops import VJPOp, check_floating, check_same, compute_type, register_fake
-from .elementwise import _check_approximate
+from .elementwise import _check_approximate, gelu_form
 
 
 def _activation(name):
     if name == "swiglu":
         return lambda a: F.silu(a)
-    return lambda a, approximate: F.gelu(a, approximate=approximate)
+    return gelu_form
 
 
 def _make(name: str) -> VJPOp:
@@ -44,7 +44,11 @@ def _make(name: str) -> VJPOp:
         da, db = pull(grad_output.to(ct))
         return da.to(a.dtype), db.to(b.dtype)
 
-    op = VJPOp(name, saves=lambda args, outputs: args[:2], jvp=jvp, vjp_ref=vjp_ref)
+    def decomposition(gate, up, *params):  # in the compute type, rounded once, as the kernel
+        ct = compute_type(gate.dtype)
+        return (f(gate.to(ct), *params) * up.to(ct)).to(gate.dtype)
+
+    op = VJPOp(name, saves=lambda args, outputs: args[:2], jvp=jvp, vjp_ref=vjp_ref, decomposition=decomposition)
 
     @register_fake(name)
     def _(gate, up, *params):

@@ -174,6 +174,8 @@ CROSS_ENTROPY = VJPOp(
     "cross_entropy", saves=lambda args, outputs: (args[0], args[1], outputs[1], outputs[2]), jvp=_ce_jvp,
     vjp_ref=_ce_backward_ref, nondifferentiable=("target",), extras_vjp=_ce_extras_vjp, vmap=_ce_vmap,
     backward_vmap=_ce_backward_vmap, autocast={"cuda": "fp32", "cpu": "fp32"},
+    decomposition=lambda input, target, ignore_index, reduction, label_smoothing: F.cross_entropy(
+        input, target.long(), ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing),
 )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ._ops import VJPOp, check_floating, check_same, compute_type, register_fake, wrap_dim
 
@@ -213,7 +214,8 @@ def _make_norm(name: str, centered: bool) -> VJPOp:
         return RuntimeError if centered and (w is not None or b is not None) else NotImplementedError
 
     op = VJPOp(name, saves=saves, jvp=jvp, vjp_ref=vjp_ref, vjp_args=vjp_args, extras_vjp=extras_vjp, vmap=vmap,
-               backward_vmap=backward_vmap, autocast={"cuda": "fp32"}, integer_error=integer_error)
+               backward_vmap=backward_vmap, autocast={"cuda": "fp32"}, integer_error=integer_error,
+               decomposition=F.layer_norm if centered else F.rms_norm)  # torch's: statistics in float32
     return op
 
 

@@ -110,16 +110,18 @@ SOFTMAX = VJPOp(
     jvp=lambda tangents, saved, params: SOFTMAX.backward(tangents[0], *saved, *params),
     vjp_grads=_softmax_grads,
     backward_jvp=_softmax_backward_jvp,
+    decomposition=torch.softmax,
     dim_param=0,
     autocast={"cuda": "fp32"},
 )
 LOG_SOFTMAX = VJPOp(
     "log_softmax", saves=("output",), jvp=_log_softmax_jvp, vjp_grads=_log_softmax_grads,
-    backward_jvp=_log_softmax_backward_jvp, dim_param=0, autocast={"cuda": "fp32"},
+    backward_jvp=_log_softmax_backward_jvp, dim_param=0, autocast={"cuda": "fp32"}, decomposition=torch.log_softmax,
 )
 LOGSUMEXP = VJPOp(
     "logsumexp", saves=("input", "output"), jvp=_logsumexp_jvp, vjp_grads=_logsumexp_grads,
     backward_jvp=_logsumexp_backward_jvp, dim_param=0, keepdim_param=1, autocast={"cuda": "fp32"},
+    decomposition=torch.logsumexp,
     integers="promote",  # as torch.logsumexp; torch's softmax kernels refuse integers
 )
 OPS = {op.name: op for op in (SOFTMAX, LOG_SOFTMAX, LOGSUMEXP)}
