@@ -8,7 +8,7 @@ gradients (no optimizer: it is the same on both sides). The steps of the four va
 round; on the CPU with one thread (the default) a step's time is the calling thread's CPU time, which other
 work on a shared machine does not inflate as it does wall time (benchmarks/compile_policy.py: clock); the table gives each variant's median and the
 ratios patched ÷ stock, eager and compiled, with the spread of the per-round ratios (the noise). Peak memory
-is not measured here (the fused loss's memory is the main benchmark's fused section).
+is each variant's peak during one step beyond what was allocated before it (benchmarks/timing.py: peak_memory_bytes; the CPU's through the profiler).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import time
 import torch
 
 from .compile_policy import clock
-from .timing import environment
+from .timing import environment, peak_memory_bytes
 
 # family -> (model class, config class, config arguments beyond the shared sizes). Sliding windows shorter than
 # the sequence exercise the sliding masks; Gemma2 softcaps attention scores and final logits.
@@ -108,11 +108,13 @@ def run_family(family: str, vocab: int, device: str, rounds: int, compile: bool)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             times[name].append((now() - start) * 1e3)
+    peaks = {name: peak_memory_bytes(lambda m=model: step(m), device) for name, model in models.items()}
     row = {"family": family, "vocab": vocab, "patched": str(report.counts).replace(",", ";"),
            "loss_path": report.loss}
     for name in models:
         row[f"{name} ms"] = round(statistics.median(times[name]), 2)
         row[f"{name} loss"] = round(losses[name], 5)
+        row[f"{name} peak MiB"] = None if peaks[name] is None else round(peaks[name] / 2**20, 1)
     for kind in ("eager", "compiled"):
         if f"stock {kind}" in times:
             per_round = [p / s for p, s in zip(times[f"patched {kind}"], times[f"stock {kind}"])]
@@ -123,7 +125,7 @@ def run_family(family: str, vocab: int, device: str, rounds: int, compile: bool)
 
 def markdown(rows, command: str, env: dict, threads: int, timer: str) -> str:
     kinds = [k for k in ("eager", "compiled") if f"{k} ratio" in rows[0]]
-    head = ["family", "vocab", *[f"{v} ms" for v in VARIANTS if f"{v} ms" in rows[0]],
+    head = ["family", "vocab", *[f"{v} {unit}" for unit in ("ms", "peak MiB") for v in VARIANTS if f"{v} ms" in rows[0]],
             *[c for k in kinds for c in (f"{k} ratio", f"{k} ratio spread")], "loss_path"]
     lines = [f"# Training step, stock vs torch_vjp.transformers.patch() ({env['device']}, {threads} thread(s))", "",
              f"`{command}`, torch {env['torch']}, commit {env['commit']}, {env['date']}.", "",

@@ -212,3 +212,19 @@ def test_overhead_section_writes_its_table(tmp_path, capsys, monkeypatch):
         assert len(list(csv.DictReader(f))) == len(rows)
     out = capsys.readouterr().out
     assert "| logsumexp |" in out and "## 4x8" in out and (tmp_path / "overhead.md").read_text() in out
+
+
+def test_model_section_runs_stock_and_patched(tmp_path, monkeypatch):
+    """python -m benchmarks --model: one small family end to end, eager only (the compiled variants take
+    minutes of inductor); the table and csv are written, the patched step's loss is stock's."""
+    pytest.importorskip("transformers")
+    from benchmarks import models
+
+    monkeypatch.setattr(models, "LENGTH", 16)
+    rows = models.main(["llama"], vocab=512, device="cpu", rounds=2, threads=1, compile=False, out=str(tmp_path),
+                       command="python -m benchmarks --model llama")
+    (row,) = rows
+    assert row["loss_path"] == "fused" and row["eager ratio"] > 0
+    assert abs(row["patched eager loss"] - row["stock eager loss"]) < 1e-4
+    assert row["stock eager peak MiB"] is not None and row["patched eager peak MiB"] is not None
+    assert (tmp_path / "models.md").read_text().count("| llama |") == 1
