@@ -119,6 +119,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "compile_policy.csv")
     rows = []
     for name in args.ops.split(","):
         for dtype in args.dtype.split(","):
@@ -128,12 +130,10 @@ def main(argv=None):
                 rows.append(row)
                 print(f"{row['op']:28s} {row['dtype']:9s} {row['shape']:>10s}  kernel {row['kernel_ms']:8.3f} ms  "
                       f"{row['other_form']} {row['other_ms']:8.3f} ms  ratio {row['ratio']:.2f}", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "compile_policy.csv")
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+                with open(path, "w", newline="") as f:  # after every row: a long run interrupted keeps its rows
+                    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                    writer.writeheader()
+                    writer.writerows(rows)
     print(f"benchmarks.compile_policy: wrote {path}")
 
 
