@@ -52,6 +52,13 @@ TORCH_LIBRARY(torch_vjp, m) {
   m.def("normalize(Tensor input, int dim, float eps) -> (Tensor, Tensor)");
   m.def("normalize_backward(Tensor grad_output, Tensor output, Tensor norm, int dim, float eps) -> Tensor");
 
+  // Rotary position embedding (math/rope.h), transformers' apply_rotary_pos_emb for q and k in one call.
+  // The backward is the transposed rotation of the gradients (None where the output took no part); given
+  // q and k (saved only when cos or sin require grad) it also returns the gradients of cos and sin.
+  m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin, int unsqueeze_dim) -> (Tensor, Tensor)");
+  m.def("rope_backward(Tensor? grad_q, Tensor? grad_k, Tensor cos, Tensor sin, Tensor? q, Tensor? k, "
+        "int unsqueeze_dim) -> (Tensor?, Tensor?, Tensor?, Tensor?)");
+
   // Losses (math/cross_entropy.h). cross_entropy also returns the per-row statistics its VJP needs, the max
   // and log Σ exp(x - max) (their sum is the log-sum-exp, never rounded into one value).
   // fused_linear_cross_entropy returns its loss in the compute type (float32 for half types: the public

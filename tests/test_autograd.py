@@ -53,7 +53,8 @@ def test_backward_is_dy_times_jacobian(info, variant, device):
         expected = dy * torch.func.grad(c.ref)(*[t.detach() for t in c.primals])
         torch.testing.assert_close(dx, expected, rtol=1e-10, atol=1e-12)
         return
-    sample_shape = (1, 4) if info.name.startswith("fused") else (7,)  # a (C,) sample is one row of logits
+    # a (C,) sample is one row of logits; rope's queries need a dim for cos and sin to broadcast over
+    sample_shape = (1, 4) if info.name.startswith("fused") else (3, 6) if info.family == "rope" else (7,)
     batch = batch_of_calls(info, sample_shape, 5, torch.float64, device, **variant)
     x, *rest = batch.args
     per_sample_ref = batch.fn("ref")

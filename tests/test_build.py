@@ -101,8 +101,8 @@ def test_cpu_only_build_names_the_fix_for_cuda_tensors(info):
     args = c.raw_args()
     outputs = getattr(torch.ops.torch_vjp, info.name)(*args)
     y = outputs[0] if isinstance(outputs, tuple) else outputs
-    calls = {info.name: args,
-             info.name + "_backward": REGISTRY[info.name].vjp_call_args(args, outputs, torch.ones_like(y))}
+    grad = tuple(torch.ones_like(o) for o in outputs[:info.outputs]) if info.outputs > 1 else torch.ones_like(y)
+    calls = {info.name: args, info.name + "_backward": REGISTRY[info.name].vjp_call_args(args, outputs, grad)}
     for name, call_args in calls.items():
         with pytest.raises(RuntimeError, match="no CUDA kernels.*FORCE_CUDA=1"):
             getattr(torch.ops.torch_vjp, name).default.redispatch(cuda, *call_args)

@@ -42,6 +42,9 @@ def test_opcheck(info, variant, device):
         outputs = getattr(torch.ops.torch_vjp, info.name)(*args)
         y = outputs[0] if isinstance(outputs, tuple) else outputs
         dy = sample(info, y.shape, y.dtype, device, generator_seed=1)
+        if info.outputs > 1:  # a gradient for each public output (rope: q and k)
+            dy = tuple(sample(info, o.shape, o.dtype, device, generator_seed=1 + i)
+                       for i, o in enumerate(outputs[:info.outputs]))
         vjp_args = spec.vjp_call_args(args, outputs, dy)
         torch.library.opcheck(getattr(torch.ops.torch_vjp, info.name + "_backward").default,
                               tuple(grad_leaf(a) for a in vjp_args))
@@ -62,19 +65,22 @@ def composite(ops):
         k = 0
         for info, variant in ops:
             kwargs = info.call_kwargs(**{key: v for key, v in variant.items() if v is not SAMPLED})
+            kwargs.update(fixed[(info.name, tuple(variant.items()))])  # what the draw chose (rope's unsqueeze_dim)
             if info.has_normalized_shape:
                 kwargs["normalized_shape"] = x.shape[-1:]
             for name in drawn_names[(info.name, tuple(variant.items()))]:
                 kwargs[name] = tensors[k]
                 k += 1
-            y = info.op(x, **kwargs)
+            y = info.joined(info.op(x, **kwargs))
             out = out + (y * torch.arange(y.numel(), device=y.device).reshape(y.shape)).sum()
         return out
 
     probe = torch.zeros(2, 3)
-    drawn_names = {}
+    drawn_names, fixed = {}, {}
     for info, variant in ops:
         c = info.call(probe, **variant)
+        fixed[(info.name, tuple(variant.items()))] = {k: v for k, v in c.kwargs.items()
+                                                      if k not in variant and not isinstance(v, torch.Tensor)}
         drawn_names[(info.name, tuple(variant.items()))] = [*c.names, *(k for k, v in c.kwargs.items()
                                                                         if isinstance(v, torch.Tensor))]
     return f, draw

@@ -30,27 +30,27 @@ GEMMA = dict(DECODER, head_dim=16)
 # family -> (model class, config, expected report counts). Sliding windows (Mistral, Gemma2/3) are shorter than
 # the sequence so that the sliding mask is exercised; Gemma2 softcaps attention scores and the final logits.
 FAMILIES = {
-    "llama": (LlamaForCausalLM, lambda: LlamaConfig(**DECODER), dict(norms=5, mlp=2, attention=2, loss=1)),
+    "llama": (LlamaForCausalLM, lambda: LlamaConfig(**DECODER), dict(norms=5, mlp=2, attention=2, rope=2, loss=1)),
     "mistral": (MistralForCausalLM, lambda: MistralConfig(**DECODER, sliding_window=6),
-                dict(norms=5, mlp=2, attention=2, loss=1)),
+                dict(norms=5, mlp=2, attention=2, rope=2, loss=1)),
     "mixtral": (MixtralForCausalLM, lambda: MixtralConfig(**DECODER, num_local_experts=4, num_experts_per_tok=2),
-                dict(norms=5, mlp=2, attention=2, loss=1)),
-    "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(**DECODER), dict(norms=5, mlp=2, attention=2, loss=1)),
+                dict(norms=5, mlp=2, attention=2, rope=2, loss=1)),
+    "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(**DECODER), dict(norms=5, mlp=2, attention=2, rope=2, loss=1)),
     # Qwen3 adds per-head q/k norms: 2 more per layer.
-    "qwen3": (Qwen3ForCausalLM, lambda: Qwen3Config(**GEMMA), dict(norms=9, mlp=2, attention=2, loss=1)),
+    "qwen3": (Qwen3ForCausalLM, lambda: Qwen3Config(**GEMMA), dict(norms=9, mlp=2, attention=2, rope=2, loss=1)),
     "qwen3_moe": (Qwen3MoeForCausalLM, lambda: Qwen3MoeConfig(**GEMMA, num_experts=4, num_experts_per_tok=2,
                                                               moe_intermediate_size=48),
-                  dict(norms=9, mlp=2, attention=2, loss=1)),
+                  dict(norms=9, mlp=2, attention=2, rope=2, loss=1)),
     "gemma": (GemmaForCausalLM, lambda: GemmaConfig(**GEMMA, hidden_act="gelu_pytorch_tanh"),
-              dict(norms=5, mlp=2, attention=2, loss=1)),
+              dict(norms=5, mlp=2, attention=2, rope=2, loss=1)),
     # Gemma2/3: four norms per layer; Gemma3 adds q/k norms.
     "gemma2": (Gemma2ForCausalLM, lambda: Gemma2Config(**GEMMA, sliding_window=6, final_logit_softcapping=30.0,
                                                        attn_logit_softcapping=50.0),
-               dict(norms=9, mlp=2, attention=2, loss=1)),
+               dict(norms=9, mlp=2, attention=2, rope=2, loss=1)),
     "gemma3": (Gemma3ForCausalLM, lambda: Gemma3TextConfig(**GEMMA, sliding_window=6,
                                                            layer_types=["sliding_attention", "full_attention"]),
-               dict(norms=13, mlp=2, attention=2, loss=1)),
-    "phi3": (Phi3ForCausalLM, lambda: Phi3Config(**DECODER), dict(norms=5, mlp=2, attention=2, loss=1)),
+               dict(norms=13, mlp=2, attention=2, rope=2, loss=1)),
+    "phi3": (Phi3ForCausalLM, lambda: Phi3Config(**DECODER), dict(norms=5, mlp=2, attention=2, rope=2, loss=1)),
     # GPT-2: ln_1, ln_2 per block and ln_f; its tanh-GELU activation modules.
     "gpt2": (GPT2LMHeadModel, lambda: GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
                                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
@@ -404,7 +404,7 @@ def test_a_family_it_does_not_know_is_patched_where_it_shares_modules():
     stock = OlmoForCausalLM(OlmoConfig(**DECODER))
     model = cls_copy(stock)
     report = tvt.patch(model)
-    assert report.counts == dict(mlp=2, attention=2, loss=1)
+    assert report.counts == dict(mlp=2, attention=2, rope=2, loss=1)
     assert len([1 for kind, name, reason in report.not_patched if kind == "norms" and "OlmoLayerNorm" in reason]) == 5
     inputs = batch("llama")
     torch.testing.assert_close(train(model, inputs, 3), train(stock, inputs, 3), rtol=2e-5, atol=2e-5)
@@ -507,3 +507,61 @@ def test_a_bfloat16_model_gets_the_stock_float32_loss():
     expected, loss = stock(**inputs).loss, twin(**inputs).loss
     assert loss.dtype == expected.dtype == torch.float32
     torch.testing.assert_close(loss, expected, rtol=2e-6, atol=0)  # a bfloat16 loss would be 1/256 apart
+
+
+ROTARY = [name for name in FAMILIES if FAMILIES[name][2].get("rope")]
+
+
+def build_rotary(family):
+    """build(family), or "phi3_partial": Phi3 rotating half of each head (partial_rotary_factor=0.5, the part of
+    transformers' partial-rotary apply_rotary_pos_emb that passes the rest of the head through)."""
+    if family != "phi3_partial":
+        return build(family)
+    torch.manual_seed(0)
+    stock = Phi3ForCausalLM(Phi3Config(**DECODER, partial_rotary_factor=0.5))
+    twin = Phi3ForCausalLM(stock.config)
+    twin.load_state_dict(stock.state_dict())
+    return stock, twin
+
+
+def rope_ops_run(model, inputs):
+    """Whether a forward and backward of `model` ran torch_vjp's rope kernels (the profiler's op names)."""
+    from torch.profiler import profile
+    with profile() as prof:
+        model(**inputs).loss.backward()
+    names = {event.name for event in prof.events()}
+    return "torch_vjp::rope" in names and "torch_vjp::rope_backward" in names
+
+
+@pytest.mark.parametrize("family", [*ROTARY, "phi3_partial"])
+def test_rope_alone_equals_stock_bitwise_in_float32_and_unpatches(family):
+    """patch(model, rope=True) with nothing else: every attention module's apply_rotary_pos_emb is torch_vjp.rope
+    (the profiler sees its kernels), and since rope rounds each product and sum as torch's formula does in float32,
+    the loss, the logits and every gradient equal stock's bit for bit. The stock model in the same process runs
+    no torch_vjp op; unpatch gives back the class's forward."""
+    stock, model = build_rotary(family)
+    report = tvt.patch(model, norms=False, mlp=False, attention=False, loss=None, rope=True)
+    assert report.counts == dict(rope=2) and not [r for r in report.not_patched if r[0] == "rope"], str(report)
+    inputs = batch("llama")
+    assert rope_ops_run(model, inputs) and not rope_ops_run(stock, inputs) and untouched(stock)
+    model.train(), stock.train()
+    for m in (model, stock):
+        m.zero_grad()
+    out, stock_out = model(**inputs), stock(**inputs)
+    out.loss.backward(), stock_out.loss.backward()
+    assert torch.equal(out.logits, stock_out.logits) and torch.equal(out.loss, stock_out.loss)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), stock.parameters()))
+    tvt.unpatch(model)
+    assert untouched(model) and not rope_ops_run(model, inputs)
+
+
+def test_rope_patch_reports_what_it_cannot_take():
+    """An attention class whose modeling file's apply_rotary_pos_emb is another form (here GLM's interleaved
+    one) is reported with the reason and left stock."""
+    from transformers import GlmConfig, GlmForCausalLM
+    torch.manual_seed(0)
+    model = GlmForCausalLM(GlmConfig(**DECODER, head_dim=16))
+    report = tvt.patch(model, norms=False, mlp=False, attention=False, loss=None)
+    assert "rope" not in report.counts
+    reasons = [reason for kind, _, reason in report.not_patched if kind == "rope"]
+    assert len(reasons) == 2 and all("not transformers' rotate-half form" in r for r in reasons), str(report)

@@ -30,6 +30,10 @@ NORM_SHAPES = [(1,), (5, 0), (0, 5), (1023,), (7, 33), (3, 1025), (1000, 3), (2,
 # (N, C, d) with the class dim second. The fused loss's input is (N, H), its head VOCAB × H.
 LOSS_SHAPES = [(5,), (1, 1), (0, 5), (7, 33), (3, 1025), (4, 50257), (2, 7, 3)]
 FUSED_SHAPES = [(1, 1), (0, 5), (7, 33), (3, 1025), (64, 16)]
+# Rotary embedding (queries (..., D); testing._draw_rope draws k, cos and sin): rows of no elements and no rows,
+# head dims even (whole rotation: 8, 64) and odd (one element passed through: 1 rotates nothing, 7, 33, 1025,
+# the long prime 100003), transformers' 4-D layouts with one key head and cos shared by the batch.
+ROPE_SHAPES = [(5, 0), (0, 6), (3, 1), (7, 33), (3, 1025), (2, 100003), (2, 3, 5, 8), (2, 3, 5, 7), (2, 4, 3, 64)]
 
 
 def shape_cases(info):
@@ -37,7 +41,7 @@ def shape_cases(info):
     if info.family == "loss":
         return [(s, {}) for s in (FUSED_SHAPES if info.name.startswith("fused") else LOSS_SHAPES)]
     shapes = {"elementwise": ELEMENTWISE_SHAPES, "gated": ELEMENTWISE_SHAPES, "softmax": SOFTMAX_SHAPES,
-              "norm": SOFTMAX_SHAPES if info.has_dim else NORM_SHAPES}[info.family]
+              "norm": SOFTMAX_SHAPES if info.has_dim else NORM_SHAPES, "rope": ROPE_SHAPES}[info.family]
     return [(s, call) for s in shapes for call in dim_calls(info, len(s))]
 
 
@@ -123,6 +127,13 @@ def test_row_families(info, variant, shape, call, dtype, device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("info,variant,shape,call", family_cases("loss"))
 def test_losses(info, variant, shape, call, dtype, device):
+    check_against_reference(info, variant, sample(info, shape, dtype, device), **call)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("info,variant,shape,call", family_cases("rope"))
+def test_rope(info, variant, shape, call, dtype, device):
+    """q_embed and k_embed, and the gradients of q, k, cos and sin, against transformers' formula in float64."""
     check_against_reference(info, variant, sample(info, shape, dtype, device), **call)
 
 

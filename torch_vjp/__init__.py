@@ -40,6 +40,7 @@ from .functional import (  # noqa: E402
     mish,
     normalize,
     rms_norm,
+    rope,
     sigmoid,
     silu,
     softmax,

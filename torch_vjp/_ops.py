@@ -6,7 +6,8 @@ forward-mode formula, the second-order formulas); everything else is made here, 
 and for its VJP op.
 
 An op takes one or several tensor arguments (anywhere in its schema; optional ones may be None; some, such
-as a class-index target, are not differentiable) and returns one public output, optionally followed by
+as a class-index target, are not differentiable) and returns one public output (or several: rope's q and k,
+`VJPOp.public_outputs`), optionally followed by
 extra outputs the public function does not return: statistics its VJP reuses (a norm's mean and rstd: they
 are differentiable outputs, so that the second derivative through them is exact) or caches (gradients
 computed in the forward pass: not differentiable). The Functions take the registered op's arguments in its
@@ -215,6 +216,9 @@ class VJPOp:
     decomposition: the public op in torch ops (the registered op's arguments -> its public output), with the
                    kernels' precision rules: what torch.compile traces where compile_policy.py says inductor's
                    fusion of it with its neighbours beats the opaque kernel. None: always the kernel.
+    public_outputs: how many leading outputs the public op returns (a tuple when more than one). The VJP op
+                   then gets their gradients as a tuple in vjp_args' grad_output, None where an output took
+                   no part in the loss, and jvp returns one tangent per output.
     integers:      what the public op does with an integer or bool input, as its counterpart does:
                    "promote" (to the default float dtype) or "error": integer_error (NotImplementedError), or
                    a function of the arguments giving the error type where torch's depends on them.
@@ -238,6 +242,7 @@ class VJPOp:
     elementwise: bool = False
     autocast: dict = field(default_factory=dict)
     autocast_output: str | None = None
+    public_outputs: int = 1
     integers: str = "error"
     integer_error: type | Callable = NotImplementedError
     decomposition: Callable | None = None
@@ -309,7 +314,11 @@ class VJPOp:
             return call
 
         tensors, first = forward.tensors, forward.arg_names[0]
-        public = (lambda outputs: outputs[0]) if forward.n_outputs > 1 else (lambda output: output)
+        n_public = self.public_outputs
+        if n_public > 1:
+            public = lambda outputs: tuple(outputs[:n_public])  # noqa: E731
+        else:
+            public = (lambda outputs: outputs[0]) if forward.n_outputs > 1 else (lambda output: output)
         cast_output = self.cast_output
         optional_outputs = any(str(ret.type) != "Tensor" for ret in forward.overload._schema.returns)
 
@@ -346,7 +355,11 @@ class VJPOp:
         decomposition where the compile policy picks it for the input's device, else the registered op. Never
         under torch.export: an exported program keeps the op (and its kernels)."""
         traceable, decomposition, name = self._forward.traceable, self.decomposition, self.name
-        public = (lambda outputs: outputs[0]) if self._forward.n_outputs > 1 else (lambda output: output)
+        n_public = self.public_outputs
+        if n_public > 1:
+            public = lambda outputs: tuple(outputs[:n_public])  # noqa: E731
+        else:
+            public = (lambda outputs: outputs[0]) if self._forward.n_outputs > 1 else (lambda output: output)
 
         def compiled(*args):
             if (decomposition is not None and not torch.compiler.is_exporting()
@@ -552,6 +565,7 @@ class _Paths:
         tensors, params_at, n_args, n_outputs = self.tensors, self.params_at, len(self.arg_names), self.n_outputs
         differentiable = [k for k, i in enumerate(tensors) if i not in self.nondiff]  # where the VJP op's results go
         caches = n_outputs > 1 and cached_vjp is not None
+        n_public = spec.public_outputs
 
         def save(ctx, inputs, output):
             return save_tensors(inputs, output if n_outputs > 1 else (output,))
@@ -567,10 +581,15 @@ class _Paths:
             return outputs
 
         def gradients(ctx, *grad_outputs):
-            saved, params, grad_output = ctx.saved_tensors, ctx.params, grad_outputs[0]
+            saved, params = ctx.saved_tensors, ctx.params
             needs = tuple(ctx.needs_input_grad[i] for i in tensors)
             grads = None
-            if grad_output is not None:
+            if n_public == 1:
+                grad_output, used = grad_outputs[0], grad_outputs[0] is not None
+            else:  # several public outputs: their gradients together, None where an output is unused
+                grad_output = grad_outputs[:n_public]
+                used = any(g is not None for g in grad_output)
+            if used:
                 differentiated = _grad_enabled()  # create_graph, or a torch.func transform
                 if caches and not differentiated:
                     grads = cached_vjp(grad_output, saved, params)
@@ -580,8 +599,8 @@ class _Paths:
                     grads = [None] * len(tensors)
                     for k, grad in zip(differentiable, result):
                         grads[k] = grad
-            if extras_vjp is not None and any(g is not None for g in grad_outputs[1:]):
-                extra = extras_vjp(grad_outputs[1:], saved, params)
+            if extras_vjp is not None and any(g is not None for g in grad_outputs[n_public:]):
+                extra = extras_vjp(grad_outputs[n_public:], saved, params)
                 grads = extra if grads is None else [a if b is None else b if a is None else a + b
                                                      for a, b in zip(grads, extra)]
             out = [None] * n_args

@@ -19,10 +19,11 @@ from .elementwise import OPS as _ELEMENTWISE
 from .gated import OPS as _GATED
 from .losses import OPS as _LOSSES
 from .norm import OPS as _NORM
+from .rotary import OPS as _ROPE_OPS
 from .softmax import OPS as _SOFTMAX
 
 __all__ = ["exp", "sigmoid", "tanh", "softplus", "gelu", "silu", "mish", "softmax", "log_softmax", "logsumexp",
-           "layer_norm", "rms_norm", "normalize", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy"]
+           "layer_norm", "rms_norm", "normalize", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy", "rope"]
 
 Tensor = torch.Tensor
 # Each op's per-call entry (VJPOp.call), bound once.
@@ -31,6 +32,7 @@ _EXP, _SIGMOID, _TANH, _SOFTPLUS, _GELU, _SILU, _MISH = (
 _SOFTMAX_OP, _LOG_SOFTMAX, _LOGSUMEXP = (_SOFTMAX[n].call for n in ("softmax", "log_softmax", "logsumexp"))
 _LAYER_NORM, _RMS_NORM, _NORMALIZE = (_NORM[n].call for n in ("layer_norm", "rms_norm", "normalize"))
 _SWIGLU, _GEGLU = _GATED["swiglu"].call, _GATED["geglu"].call
+_ROPE = _ROPE_OPS["rope"].call
 _CROSS_ENTROPY, _FUSED_LINEAR_CROSS_ENTROPY = (_LOSSES[n].call for n in ("cross_entropy", "fused_linear_cross_entropy"))
 
 
@@ -510,6 +512,43 @@ def geglu(gate: Tensor, up: Tensor, approximate: str = "tanh") -> Tensor:
         _str(approximate, "geglu", "approximate")
         raise RuntimeError(f"torch_vjp.geglu: approximate argument must be either none or tanh, got '{approximate}'")
     return _GEGLU(gate, _tensor(up, "geglu", "up"), approximate)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rotary position embedding.
+
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1) -> tuple[Tensor, Tensor]:
+    r"""rope(q, k, cos, sin, unsqueeze_dim=1) -> (Tensor, Tensor)
+
+    Rotary position embedding of q and k in one call, transformers' ``apply_rotary_pos_emb`` (rotate-half
+    convention): :math:`y = x \odot \cos + \operatorname{rotate\_half}(x) \odot \sin` with
+    :math:`\operatorname{rotate\_half}(x) = (-x_2, x_1)`, cos and sin unsqueezed at ``unsqueeze_dim``. Partial
+    rotary dims: when cos's last dim R is smaller than the head dim, the first R elements of each row rotate
+    and the rest pass through (Phi, GPT-NeoX's ``rotary_ndims``). Backward (saves cos and sin; q and k too only
+    when cos or sin require grad): the transposed rotation :math:`dx = dy \odot \cos -
+    \operatorname{rotate\_half}(dy \odot \sin)`, and, when asked, the gradients of cos and sin.
+
+    Args:
+        q (Tensor): queries (..., D), floating, e.g. (batch, heads, seq, head_dim).
+        k (Tensor): keys (..., D), floating; its leading dims may differ from q's (fewer key heads).
+        cos (Tensor): (..., R), R even and at most D, e.g. (batch, seq, R); cos.unsqueeze(unsqueeze_dim) must
+            broadcast to the leading dims of q and of k (the outputs have their shapes).
+        sin (Tensor): cos's shape.
+        unsqueeze_dim (int): where cos and sin get the dim they broadcast over (1 for q of shape
+            (batch, heads, seq, head_dim), 2 for (batch, seq, heads, head_dim)). Default: 1.
+
+    Shape: the outputs as q and k. Dtype: the four tensors' promoted dtype, as torch's formula gives it
+    (bfloat16 q with float32 cos gives float32).
+    """
+    fn = "rope"
+    q, k, cos, sin = (_tensor(t, fn, name) for t, name in ((q, "q"), (k, "k"), (cos, "cos"), (sin, "sin")))
+    unsqueeze_dim = _int(unsqueeze_dim, fn, "unsqueeze_dim")
+    dtype = q.dtype
+    for t in (k, cos, sin):
+        dtype = torch.promote_types(dtype, t.dtype)
+    if dtype.is_floating_point and not (q.dtype == k.dtype == cos.dtype == sin.dtype):
+        q, k, cos, sin = (t.to(dtype) for t in (q, k, cos, sin))  # torch's type promotion: exact widening
+    return _ROPE(q, k, cos, sin, unsqueeze_dim)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import torch_vjp
 import torch_vjp.nn
+from torch_vjp.rotary import reference as _rope_reference
 
 __all__ = ["OpInfo", "OPS", "OPS_BY_NAME", "ModuleInfo", "MODULES", "Call", "Batch", "SAMPLED", "op_variants",
            "sample", "dim_calls", "sample_shapes", "batch_of_calls", "IGNORE_INDEX"]
@@ -37,7 +38,7 @@ class OpInfo:
     name: str
     op: Callable  # torch_vjp.<name>
     ref: Callable  # the torch reference, same signature
-    family: str  # "elementwise" | "softmax" (along dim) | "norm" | "gated" | "loss": decides shapes and dims
+    family: str  # "elementwise" | "softmax" (along dim) | "norm" | "gated" | "loss" | "rope": decides shapes and dims
     variants: tuple[dict, ...] = ({},)  # keyword arguments to try, beyond dim/keepdim (SAMPLED: drawn tensors)
     keepdim: bool = False  # takes keepdim (logsumexp)
     scale: float = 1.0  # spread of the random inputs (randn * scale)
@@ -55,6 +56,16 @@ class OpInfo:
     # in half precision differs by single roundings of logits and dlogits either way).
     unfused: Callable | None = None
     bench: dict = field(default_factory=dict)  # the variant the benchmarks time (a norm's: with its parameters)
+    # How many outputs the op returns (rope: q and k). The table's checks see them as one tensor, each output
+    # flattened and concatenated (`joined`): every value and every gradient is compared, and autograd splits
+    # a gradient of the concatenation back exactly. tests/test_rope.py checks the outputs themselves.
+    outputs: int = 1
+
+    def joined(self, out):
+        """The op's output as the checks see it: itself, or several outputs flattened and concatenated."""
+        if self.outputs == 1:
+            return out
+        return torch.cat([o.reshape(-1) for o in out])
 
     @property
     def has_dim(self) -> bool:
@@ -83,6 +94,8 @@ class OpInfo:
     def raw(self, input, **kwargs):
         """The same call on the registered op, torch.ops.torch_vjp.<name>: its public output."""
         out = getattr(torch.ops.torch_vjp, self.name)(input, *self.raw_params(input, **kwargs))
+        if self.outputs > 1:
+            return self.joined(out[:self.outputs])
         return out[0] if isinstance(out, tuple) else out
 
     def call_kwargs(self, dim=-1, keepdim=False, **variant):
@@ -101,8 +114,9 @@ class OpInfo:
         if self.has_normalized_shape:
             kwargs["normalized_shape"] = tuple(x.shape[x.dim() - normalized_dims:])
         drawn = self.draw(x, kwargs, torch.Generator().manual_seed(1000 + seed)) if self.draw else {}
-        kwargs.update({k: v for k, v in drawn.items() if not v.is_floating_point()})
-        names = tuple(k for k, v in drawn.items() if v.is_floating_point())
+        floating = lambda v: isinstance(v, torch.Tensor) and v.is_floating_point()  # noqa: E731
+        kwargs.update({k: v for k, v in drawn.items() if not floating(v)})  # targets; rope's unsqueeze_dim
+        names = tuple(k for k, v in drawn.items() if floating(v))
         for k in [k for k, v in kwargs.items() if v is SAMPLED]:
             del kwargs[k]
         return Call(self, (x, *(drawn[k] for k in names)), names, kwargs)
@@ -121,14 +135,14 @@ class Call:
         return {**self.kwargs, **dict(zip(self.names, primals[1:]))}
 
     def op(self, *primals):
-        return self.info.op(primals[0], **self._kwargs(primals))
+        return self.info.joined(self.info.op(primals[0], **self._kwargs(primals)))
 
     def ref(self, *primals):
-        return self.info.ref(primals[0], **self._kwargs(primals))
+        return self.info.joined(self.info.ref(primals[0], **self._kwargs(primals)))
 
     def exact(self, *primals):
         """The reference for derivatives: exact_ref where torch's own op is wrong in one, else ref."""
-        return (self.info.exact_ref or self.info.ref)(primals[0], **self._kwargs(primals))
+        return self.info.joined((self.info.exact_ref or self.info.ref)(primals[0], **self._kwargs(primals)))
 
     def raw(self, *primals):
         return self.info.raw(primals[0], **self._kwargs(primals))
@@ -141,7 +155,7 @@ class Call:
 
     def baseline(self, *primals):
         """The accuracy baseline in the op's own dtype: the unfused form on torch_vjp's ops, else torch's."""
-        return (self.info.unfused or self.info.ref)(primals[0], **self._kwargs(primals))
+        return self.info.joined((self.info.unfused or self.info.ref)(primals[0], **self._kwargs(primals)))
 
     @property
     def x(self):
@@ -249,6 +263,31 @@ def _fused_unfused(input, weight, target, bias=None, ignore_index=-100, reductio
                                    reduction=reduction, label_smoothing=label_smoothing)
 
 
+def _draw_rope(x, kwargs, gen):
+    """k, cos and sin for queries x (..., D), and unsqueeze_dim where the variant's does not fit x's rank (a 2-D x
+    takes 0). Rotary dim R = D rounded down to even: odd head dims (33, 1025, 7) pass their last element
+    through (partial rotary), even ones rotate whole. cos and sin are drawn freely (the op is defined for any
+    tables, not only duplicated cos θ, sin θ). From rank 3, k has one head where x has several (the dim cos
+    and sin broadcast over: multi-query attention); from rank 4, cos and sin are shared by the batch (size 1
+    at dim 0)."""
+    rank = x.dim()
+    u = kwargs.get("unsqueeze_dim", 1)
+    drawn = {}
+    if not (rank >= 2 and -rank <= u < rank and u % rank != rank - 1):
+        u = drawn["unsqueeze_dim"] = 0
+    u %= rank
+    rotary = x.shape[-1] - x.shape[-1] % 2 if rank else 0
+    lead = [n for d, n in enumerate(x.shape[:-1]) if d != u]
+    if rank >= 4 and u != 0:
+        lead[0] = 1
+    k_shape = list(x.shape)
+    if rank >= 3:
+        k_shape[u] = 1
+    drawn.update(k=_draw_like(x, gen, 1.0, k_shape), cos=_draw_like(x, gen, 1.0, (*lead, rotary)),
+                 sin=_draw_like(x, gen, 1.0, (*lead, rotary)))
+    return drawn
+
+
 def _row(name, op, ref, family, **kw):
     return OpInfo(name, op, ref, family, registered=(name, name + "_backward"), **kw)
 
@@ -294,9 +333,13 @@ OPS = [
                    {"reduction": "none", "bias": SAMPLED}, {"reduction": "none", "label_smoothing": 0.2},
                    {"ignore_index": 1}),
          draw=_draw_head, shared=("weight", "bias"), scaled_grads=True, unfused=_fused_unfused),
+    # Rotary embedding of q and k: transformers' layouts (B, H, S, D) with unsqueeze_dim 1 and (B, S, H, D) with 2,
+    # and a broadcast over the dim before last; partial rotary on odd head dims; cos and sin shared by samples.
+    _row("rope", torch_vjp.rope, _rope_reference, "rope", draw=_draw_rope, shared=("cos", "sin"),
+         variants=({}, {"unsqueeze_dim": 2}, {"unsqueeze_dim": -2}), outputs=2),
 ]
 OPS_BY_NAME = {info.name: info for info in OPS}
-FAMILIES = ("elementwise", "softmax", "norm", "gated", "loss")
+FAMILIES = ("elementwise", "softmax", "norm", "gated", "loss", "rope")
 
 
 def dim_calls(info: OpInfo, ndim: int, **variant) -> list[dict]:
@@ -317,6 +360,8 @@ def sample_shapes(info: OpInfo) -> list[tuple]:
         return [(3, 4)]
     if info.family == "loss":
         return [(5,), (3, 4)]
+    if info.family == "rope":  # rows of a head dim and a dim for cos and sin to broadcast over, at least
+        return [(3, 4), (2, 3, 6), (2, 2, 3, 5)]
     if info.has_normalized_shape:
         return [(5,), (3, 4), (2, 3, 4)]
     return [(), (5,), (3, 4), (2, 3, 4)]

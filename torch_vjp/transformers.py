@@ -12,11 +12,14 @@ same process runs stock. What is swapped:
   modules through ``gelu``/``silu``;
 - attention: eager attention with ``torch_vjp.softmax`` (scores in float32, as transformers' eager), registered
   with ``AttentionInterface`` and its mask function with ``ALL_MASK_ATTENTION_FUNCTIONS`` as ``"torch_vjp"``;
+- rope: the attention modules' ``apply_rotary_pos_emb`` (transformers' rotate-half form, Llama's, or Phi3's with
+  partial rotary dims) through ``torch_vjp.rope``, q and k in one call;
 - loss: the causal-LM loss through ``fused_linear_cross_entropy`` on the model's own forward when it trains
   with labels (no full logits), or ``cross_entropy`` on the logits; the masked-LM loss through
   ``cross_entropy``.
 
-Every swap is an instance attribute (a bound ``forward``, ``_apply_gate`` or ``loss_function``), so the
+Every swap is an instance attribute (a bound ``forward``, ``_apply_gate`` or ``loss_function``; for rope, the
+attention class's own forward code bound with globals in which ``apply_rotary_pos_emb`` is torch_vjp's), so the
 state_dict, parameter identity, ``isinstance`` and ``type(module)`` are those of the stock model.
 """
 from __future__ import annotations
@@ -57,7 +60,8 @@ _LOSSES = ("fused", "ce", None)
 class PatchReport:
     """What ``patch`` did to one model.
 
-    ``replaced`` maps each kind (``"norms"``, ``"mlp"``, ``"activations"``, ``"attention"``, ``"loss"``) to the
+    ``replaced`` maps each kind (``"norms"``, ``"mlp"``, ``"activations"``, ``"attention"``, ``"rope"``,
+    ``"loss"``) to the
     qualified names of the modules it now runs through torch_vjp (``""`` is the model itself).
     ``not_patched`` lists ``(kind, module name, reason)`` for what was left stock. ``attention`` is the
     attention implementation the model now runs, ``loss`` ``"fused"``, ``"ce"`` or None.
@@ -70,7 +74,7 @@ class PatchReport:
 
     @property
     def counts(self) -> dict:
-        order = ("norms", "mlp", "activations", "attention", "loss")
+        order = ("norms", "mlp", "activations", "attention", "rope", "loss")
         return {kind: len(self.replaced[kind]) for kind in order if kind in self.replaced}
 
     def _add(self, kind: str, name: str) -> None:
@@ -129,9 +133,14 @@ def _same_code(f, g) -> bool:
 def _references() -> dict:
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
     from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+    from transformers.models.llama import modeling_llama
+    from transformers.models.phi3 import modeling_phi3
     from transformers.models.phi3.modeling_phi3 import Phi3MLP
     return {"llama_norm": LlamaRMSNorm.forward, "gemma_norm": GemmaRMSNorm.forward, "gemma_norm_": GemmaRMSNorm._norm,
-            "mlp": LlamaMLP.forward, "fused_mlp": Phi3MLP.forward}
+            "mlp": LlamaMLP.forward, "fused_mlp": Phi3MLP.forward,
+            # apply_rotary_pos_emb: Llama's (whole head dim), Phi3's (partial rotary: the rest passes through)
+            "rope": (modeling_llama.apply_rotary_pos_emb, modeling_phi3.apply_rotary_pos_emb),
+            "rotate_half": modeling_llama.rotate_half}
 
 
 def _has_parameter(module: nn.Module, name: str) -> bool:
@@ -245,6 +254,50 @@ def _head_forward(self, input):
     if self._torch_vjp_pass_hidden:
         return input
     return type(self).forward(self, input)
+
+
+def _rope_forward(cls) -> tuple:
+    """(cls.forward's code bound to globals where apply_rotary_pos_emb is torch_vjp.rope, None) for an attention
+    class whose forward calls its modeling file's apply_rotary_pos_emb, that function and rotate_half being
+    transformers' rotate-half forms; else (None, the reason)."""
+    forward = cls.forward
+    if inspect.unwrap(forward) is not forward:
+        return None, f"{cls.__name__}.forward is wrapped by a decorator"
+    stock = forward.__globals__.get("apply_rotary_pos_emb")
+    ref = _references()
+    if not any(_same_code(stock, r) for r in ref["rope"]) or not _same_code(
+            stock.__globals__.get("rotate_half"), ref["rotate_half"]):
+        return None, f"{cls.__module__}.apply_rotary_pos_emb is not transformers' rotate-half form"
+    scope = dict(forward.__globals__, apply_rotary_pos_emb=_apply_rotary_pos_emb)
+    patched = types.FunctionType(forward.__code__, scope, forward.__name__, forward.__defaults__, forward.__closure__)
+    patched.__kwdefaults__ = forward.__kwdefaults__
+    patched.__dict__.update(forward.__dict__)
+    patched.__qualname__ = forward.__qualname__
+    return patched, None
+
+
+def _apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """transformers' apply_rotary_pos_emb (and Phi3's partial-rotary one) by torch_vjp.rope."""
+    return torch_vjp.rope(q, k, cos, sin, unsqueeze_dim)
+
+
+def _patch_rope(model: PreTrainedModel, record: _Record, report: PatchReport) -> None:
+    forwards: dict = {}  # per attention class, its forward bound to torch_vjp's rope (made once)
+    for name, module in model.named_modules():
+        if not _calls(type(module).forward, "apply_rotary_pos_emb"):
+            continue
+        if "forward" in module.__dict__:
+            report._skip("rope", name, "its forward is already replaced on the instance")
+            continue
+        cls = type(module)
+        if cls not in forwards:
+            forwards[cls] = _rope_forward(cls)
+        forward, reason = forwards[cls]
+        if forward is None:
+            report._skip("rope", name, reason)
+            continue
+        _set(record, module, "forward", types.MethodType(forward, module))
+        report._add("rope", name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -510,8 +563,8 @@ def _fuse_weight_matches() -> bool:
     return torch.equal(torch_vjp.rms_norm(x, (96,), w, 1e-6), eager)
 
 
-def patch(model, *, norms: bool = True, mlp: bool = True, attention: bool = True, loss: Optional[str] = "fused"
-          ) -> PatchReport:
+def patch(model, *, norms: bool = True, mlp: bool = True, attention: bool = True, rope: bool = True,
+          loss: Optional[str] = "fused") -> PatchReport:
     r"""Swap torch_vjp's fused ops into one transformers model instance, in place.
 
     Modules are found by what their forward computes (the same code as transformers' Llama, Gemma and Phi3
@@ -528,6 +581,10 @@ def patch(model, *, norms: bool = True, mlp: bool = True, attention: bool = True
         attention: run attention as eager attention with ``torch_vjp.softmax``, registered with transformers
             as ``"torch_vjp"`` (with its mask function). The model gets a private copy of its config, where
             transformers keeps the attention implementation, so models that shared the config are unaffected.
+        rope: the rotary embedding of q and k by ``torch_vjp.rope``, in attention modules whose forward calls
+            their modeling file's ``apply_rotary_pos_emb`` when that is transformers' rotate-half function
+            (Llama's, or Phi3's with partial rotary dims): the instance gets its class's forward code bound to
+            globals where that name is torch_vjp's. Other forms (interleaved, decorated forwards) are reported.
         loss: ``"fused"``: when the model trains (``model.training``) with ``labels``, the causal-LM loss
             through ``fused_linear_cross_entropy`` on the head's input, never forming the logits, and the output
             carries no logits (pass ``return_logits=True`` to the forward for them); otherwise, and where the
@@ -544,7 +601,7 @@ def patch(model, *, norms: bool = True, mlp: bool = True, attention: bool = True
     model = _unwrap(model)
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"patch(): expected a transformers PreTrainedModel, got {type(model).__name__}")
-    options = dict(norms=norms, mlp=mlp, attention=attention, loss=loss)
+    options = dict(norms=norms, mlp=mlp, attention=attention, rope=rope, loss=loss)
     record = model.__dict__.get(_STATE)
     if record is not None:
         if record.options != options:
@@ -609,6 +666,8 @@ def patch(model, *, norms: bool = True, mlp: bool = True, attention: bool = True
 
     if attention:
         _patch_attention(model, record, report)
+    if rope:
+        _patch_rope(model, record, report)
     if loss is not None:
         _patch_loss(model, loss, record, report)
     object.__setattr__(model, _STATE, record)
