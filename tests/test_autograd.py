@@ -283,6 +283,10 @@ def test_shared_parameter_gradient_is_the_batch_sum_of_per_sample_gradients(info
     leaves = c.cast(requires_grad=True).primals
     out = c.op(*leaves)
     total = (out * w.reshape(out.shape)).sum() if out.dim() else out
+    if info.outputs > 1:  # each output weighted by its part of every sample's joined output (testing.OpInfo.joined)
+        outs = info.op(leaves[0], **c._kwargs(leaves))
+        parts = w.reshape(w.shape[0], -1).split([o.numel() // w.shape[0] for o in outs], dim=1)
+        total = sum((o * part.reshape(o.shape)).sum() for o, part in zip(outs, parts))
     batch_grads = torch.autograd.grad(total, [leaves[i] for i in shared])
     for per, whole in zip(per_sample_grads, batch_grads):
         assert per.shape == (6, *whole.shape)

@@ -73,7 +73,16 @@ def test_autocast_follows_torch(info, variant, in_dtype, device):
     c = info.call(sample(info, (4, 6), in_dtype, device), **variant)
     with torch.autocast(device, dtype=torch.bfloat16):
         leaves_ref, leaves = c.cast(requires_grad=True).primals, c.cast(requires_grad=True).primals
-        expected = c.ref(*leaves_ref)
+        try:
+            expected = c.ref(*leaves_ref)
+        except RuntimeError as error:
+            # torch.cat (in rope's reference) refuses float16 under CPU bfloat16 autocast (torch 2.14: "Unexpected
+            # floating ScalarType in at::autocast::prioritize"). Its ops are on none of autocast's lists: they run
+            # in their input's dtype, so the reference is that, outside autocast.
+            if "autocast::prioritize" not in str(error):
+                raise
+            with torch.autocast(device, enabled=False):
+                expected = c.ref(*leaves_ref)
         outputs = [c.op(*c.primals), c.raw(*c.primals), c.op(*leaves)]
         # The dtype the op computed in: its output's, or the autocast dtype where the output is widened
         # after (the fused loss: its products run in bfloat16, its loss comes back in float32).
@@ -187,6 +196,8 @@ def exported_model():
             h = torch_vjp.log_softmax(h, -1) + torch_vjp.softmax(h, 0) + torch_vjp.logsumexp(h, (0, 1), True)
             h = torch_vjp.layer_norm(h, (6,), self.weight, self.bias) + torch_vjp.rms_norm(h, (6,), self.weight)
             h = torch_vjp.swiglu(h, x) + torch_vjp.geglu(x, h) + torch_vjp.normalize(h, dim=-1)
+            q_embed, k_embed = torch_vjp.rope(h, x, torch.cos(self.bias), torch.sin(self.bias), 0)
+            h = h + q_embed * k_embed
             loss = torch_vjp.cross_entropy(h, target, label_smoothing=0.1)
             return h, loss + torch_vjp.fused_linear_cross_entropy(h, self.head, target)
 
@@ -263,6 +274,9 @@ def ddp_loss(model, x, target):
     # nll (mean over the rows) plus a term of each family, so that every family is in the graph
     extra = torch_vjp.logsumexp(log_p * 0.5, -1).mean() + (torch_vjp.softmax(log_p, -1) * torch_vjp.tanh(log_p)).mean()
     extra = extra + torch_vjp.swiglu(log_p, torch_vjp.normalize(log_p, dim=-1)).mean()
+    angles = torch.linspace(0, 1, 4, dtype=log_p.dtype)  # rope over the first 4 of the 5 classes
+    q_embed, k_embed = torch_vjp.rope(log_p, log_p * 0.5, angles.cos(), angles.sin(), 0)
+    extra = extra + (q_embed * k_embed).mean()
     head = getattr(model, "module", model)[0].weight  # (16, 6): a head over the input, 16 classes
     fused = torch_vjp.fused_linear_cross_entropy(x, head, target, label_smoothing=0.1)
     return torch.nn.functional.nll_loss(log_p, target) + 0.1 * (extra + torch_vjp.cross_entropy(log_p, target) + fused)

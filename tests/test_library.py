@@ -79,8 +79,7 @@ def composite(ops):
     drawn_names, fixed = {}, {}
     for info, variant in ops:
         c = info.call(probe, **variant)
-        fixed[(info.name, tuple(variant.items()))] = {k: v for k, v in c.kwargs.items()
-                                                      if k not in variant and not isinstance(v, torch.Tensor)}
+        fixed[(info.name, tuple(variant.items()))] = {k: v for k, v in c.kwargs.items() if not isinstance(v, torch.Tensor)}
         drawn_names[(info.name, tuple(variant.items()))] = [*c.names, *(k for k, v in c.kwargs.items()
                                                                         if isinstance(v, torch.Tensor))]
     return f, draw

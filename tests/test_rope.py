@@ -99,7 +99,7 @@ def test_type_promotion_as_the_formula(device):
 
 def test_vmap_with_q_and_k_of_different_ranks_and_batched_tables(device):
     """vmap pads per-sample ranks so that cos and sin broadcast as they do per sample."""
-    q, k = torch.randn(3, 2, 4, 5, 8, device=device, dtype=torch.float64), torch.randn(3, 5, 8, device=device, dtype=torch.float64)
+    q, k = torch.randn(3, 2, 4, 5, 8, device=device, dtype=torch.float64), torch.randn(3, 2, 5, 8, device=device, dtype=torch.float64)
     cos, sin = torch.randn(3, 5, 8, device=device, dtype=torch.float64), torch.randn(3, 5, 8, device=device, dtype=torch.float64)
     fn = lambda q_, k_, c_, s_: torch_vjp.rope(q_, k_, c_, s_, 0)  # noqa: E731
     ref = lambda q_, k_, c_, s_: reference(q_, k_, c_, s_, 0)  # noqa: E731

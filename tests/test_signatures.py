@@ -255,6 +255,8 @@ def traced_model():
         h = torch_vjp.log_softmax(h, -1) + torch_vjp.softmax(h, 0) + torch_vjp.logsumexp(h, 1, True)
         h = torch_vjp.layer_norm(h, (6,), weight, bias) + torch_vjp.rms_norm(h, (6,)) + torch_vjp.normalize(x)
         h = torch_vjp.swiglu(h, x) + torch_vjp.geglu(x, h)
+        q_embed, k_embed = torch_vjp.rope(h, x, weight.cos(), weight.sin(), 0)
+        h = h + q_embed * k_embed
         return h * torch_vjp.cross_entropy(h, target)
 
     return f

@@ -20,6 +20,7 @@ from .gated import OPS as _GATED
 from .losses import OPS as _LOSSES
 from .norm import OPS as _NORM
 from .rotary import OPS as _ROPE_OPS
+from .rotary import reference as _rope_reference
 from .softmax import OPS as _SOFTMAX
 
 __all__ = ["exp", "sigmoid", "tanh", "softplus", "gelu", "silu", "mish", "softmax", "log_softmax", "logsumexp",
@@ -538,11 +539,15 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1)
             (batch, heads, seq, head_dim), 2 for (batch, seq, heads, head_dim)). Default: 1.
 
     Shape: the outputs as q and k. Dtype: the four tensors' promoted dtype, as torch's formula gives it
-    (bfloat16 q with float32 cos gives float32).
+    (bfloat16 q with float32 cos gives float32); integer or bool q or k are left to torch's formula itself.
     """
     fn = "rope"
     q, k, cos, sin = (_tensor(t, fn, name) for t, name in ((q, "q"), (k, "k"), (cos, "cos"), (sin, "sin")))
     unsqueeze_dim = _int(unsqueeze_dim, fn, "unsqueeze_dim")
+    if not (q.is_floating_point() and k.is_floating_point()) and not (q.is_complex() or k.is_complex()):
+        # Integer or bool q or k: torch's formula itself, as torch computes it (its integer negation in
+        # rotate_half wraps around for uint8, and bool has none): there is no kernel of ours to run.
+        return _rope_reference(q, k, cos, sin, unsqueeze_dim)
     dtype = q.dtype
     for t in (k, cos, sin):
         dtype = torch.promote_types(dtype, t.dtype)

@@ -27,6 +27,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _split(x, rotary):
+    """(x's first `rotary` elements, the rest) along the last dim, or (x, None) when it is all rotary (a slice of
+    the whole dim is an alias, which torch's legacy vmap cannot batch)."""
+    if rotary == x.shape[-1]:
+        return x, None
+    return x[..., :rotary], x[..., rotary:]
+
+
+def _join(rotated, rest):
+    return rotated if rest is None else torch.cat((rotated, rest), dim=-1)
+
+
 def reference(q, k, cos, sin, unsqueeze_dim=1):
     """The op in torch ops: transformers' apply_rotary_pos_emb, with the partial rotary dims of its partial-rotary
     models (rotate the first cos.shape[-1] elements, pass the rest)."""
@@ -34,8 +46,8 @@ def reference(q, k, cos, sin, unsqueeze_dim=1):
     rotary = cos.shape[-1]
 
     def one(x):
-        x_rot, x_pass = x[..., :rotary], x[..., rotary:]
-        return torch.cat(((x_rot * cos) + (rotate_half(x_rot) * sin), x_pass), dim=-1)
+        x_rot, x_pass = _split(x, rotary)
+        return _join((x_rot * cos) + (rotate_half(x_rot) * sin), x_pass)
 
     return one(q), one(k)
 
@@ -43,14 +55,14 @@ def reference(q, k, cos, sin, unsqueeze_dim=1):
 def _table_tangent(x, t_cos, t_sin, unsqueeze_dim):
     """∂y/∂(cos, sin)·(ṫ_cos, ṫ_sin) = x ⊙ ṫ_cos + rotate_half(x) ⊙ ṫ_sin on the rotary elements, 0 elsewhere."""
     rotary = (t_cos if t_cos is not None else t_sin).shape[-1]
-    x_rot = x[..., :rotary]
+    x_rot, x_pass = _split(x, rotary)
     term = 0
     if t_cos is not None:
         term = term + x_rot * t_cos.unsqueeze(unsqueeze_dim)
     if t_sin is not None:
         term = term + rotate_half(x_rot) * t_sin.unsqueeze(unsqueeze_dim)
     term = term.expand(x_rot.shape)
-    return torch.cat((term, torch.zeros_like(x[..., rotary:])), dim=-1)
+    return _join(term, None if x_pass is None else torch.zeros_like(x_pass))
 
 
 def _backward_ref(grad_q, grad_k, cos, sin, q, k, unsqueeze_dim):
@@ -62,8 +74,8 @@ def _backward_ref(grad_q, grad_k, cos, sin, q, k, unsqueeze_dim):
     def transposed(g):
         if g is None:
             return None
-        g_rot = g[..., :rotary]
-        return torch.cat((g_rot * c - rotate_half(g_rot * s), g[..., rotary:]), dim=-1)
+        g_rot, g_pass = _split(g, rotary)
+        return _join(g_rot * c - rotate_half(g_rot * s), g_pass)
 
     dq, dk = transposed(grad_q), transposed(grad_k)
     if q is None:
@@ -72,7 +84,7 @@ def _backward_ref(grad_q, grad_k, cos, sin, q, k, unsqueeze_dim):
     for g, x in ((grad_q, q), (grad_k, k)):
         if g is None:
             continue
-        g_rot, x_rot = g[..., :rotary], x[..., :rotary]
+        g_rot, x_rot = _split(g, rotary)[0], _split(x, rotary)[0]
         shape = c.shape
         gc = (g_rot * x_rot).sum_to_size(shape).squeeze(unsqueeze_dim)
         gs = (g_rot * rotate_half(x_rot)).sum_to_size(shape).squeeze(unsqueeze_dim)
@@ -92,9 +104,9 @@ def _saves(args, outputs):
 def _vjp_args(grad_output, saved, params, needs):
     grad_q, grad_k = grad_output
     cos, sin, q, k = saved
-    tables = needs[2] or needs[3]
-    if tables and q is None:  # the forward saw cos and sin not requiring grad (cannot happen through autograd)
-        raise RuntimeError("torch_vjp.rope: the gradient of cos or sin was asked but the forward did not save q and k")
+    # q and k are saved exactly when autograd can ask for the tables' gradients (_saves): cos or sin required
+    # grad in the forward, or a transform is active. Without them (a direct call of vjp_call_args) none is asked.
+    tables = (needs[2] or needs[3]) and q is not None
     return (grad_q, grad_k, cos, sin, q if tables else None, k if tables else None, *params)
 
 

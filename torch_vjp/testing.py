@@ -65,7 +65,8 @@ class OpInfo:
         """The op's output as the checks see it: itself, or several outputs flattened and concatenated."""
         if self.outputs == 1:
             return out
-        return torch.cat([o.reshape(-1) for o in out])
+        with torch.autocast(out[0].device.type, enabled=False):  # torch's CPU autocast refuses cat of float16
+            return torch.cat([o.reshape(-1) for o in out])
 
     @property
     def has_dim(self) -> bool:
