@@ -511,8 +511,29 @@ def case_mesh_2d(rank, world):
         torch_vjp.fused_linear_cross_entropy(torch.randn(4, 8), head, torch.randint(0, 10, (4,)))
 
 
+def case_rope(rank, world):
+    """q and k sharded by heads (tensor parallelism: cos and sin replicated, their gradients Partial()) and by the
+    sequence (cos and sin sharded alike), and replicated; values and every gradient against the full tensors."""
+    import torch_vjp
+    from torch.distributed.tensor import Replicate, Shard
+    mesh = _mesh((world,))
+    torch.manual_seed(2)
+    q, k = torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)
+    cos, sin = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+
+    def fn(q_, k_, c_, s_):
+        q_embed, k_embed = torch_vjp.rope(q_, k_, c_, s_)
+        return q_embed + 2 * k_embed
+
+    R = Replicate()
+    for rows, table, table_grad in ((Shard(1), R, None), (Shard(2), Shard(1), Shard(1)), (Shard(0), Shard(0), Shard(0)),
+                                    (R, R, R)):
+        grads = [[rows], [rows], None if table_grad is None else [table_grad], None if table_grad is None else [table_grad]]
+        _check(fn, [q, k, cos, sin], [[rows], [rows], [table], [table]], mesh, expect=[rows], grad_placements=grads)
+
+
 SUITES = {
-    "two": [("elementwise", case_elementwise), ("gated", case_gated), ("softmax", case_softmax),
+    "two": [("elementwise", case_elementwise), ("gated", case_gated), ("softmax", case_softmax), ("rope", case_rope),
             ("norms", case_norms), ("losses", case_losses), ("vocab_parallel", case_vocab_parallel),
             ("vocab_parallel_fused", case_vocab_parallel_fused), ("errors", case_errors), ("fsdp", case_fsdp),
             ("example_tp", case_example_tp),

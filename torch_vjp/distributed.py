@@ -22,6 +22,11 @@ that is sharded is gathered first (never a wrong answer on a shard):
   vocabulary-parallel algorithm below instead;
 - fused_linear_cross_entropy: `Shard(0)` of the rows with the target, the head `Replicate()` ('none' and
   'sum'; its weight and bias gradients `Partial()`; 'mean' as cross_entropy's), `Replicate()`;
+- rope: `Replicate()`, or q and k `Shard(d)` alike on a dim before the head dim: cos and sin `Replicate()` where
+  they broadcast over d (the heads: tensor parallelism), `Shard(d')` on their own matching dim where they do
+  not (the sequence or batch); its VJP op (whose outputs are `Tensor?`) has a DTensor op handler,
+  `_rope_backward_handler`, with the same placements, the gradients of cos and sin then `Partial()` or
+  `Shard(d')`;
 - every VJP op, being linear in grad_output: grad_output `Partial()` with every saved tensor `Replicate()`
   gives `Partial()` gradients.
 
@@ -262,6 +267,74 @@ def _norm_backward_handler(op_call, args, kwargs):
     return tuple(wrapped)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# rope: rows of q and k are independent; cos and sin are read by every row they broadcast over.
+
+def _rope_table_dim(q, k, cos, unsqueeze_dim, d):
+    """For q and k sharded alike on dim d (before the head dim): cos and sin's matching dim (they are sharded
+    there too), None where they broadcast over d (Replicate()), or False where d cannot be sharded (ranks differ,
+    or q and k disagree in d's size)."""
+    q_shape, k_shape, c_shape = tuple(q.shape), tuple(k.shape), tuple(cos.shape)
+    if not (len(q_shape) == len(k_shape) == len(c_shape) + 1) or q_shape[d] != k_shape[d]:
+        return False
+    u = unsqueeze_dim % (len(c_shape) + 1)
+    if d == u:
+        return None
+    table = d if d < u else d - 1
+    if c_shape[table] == 1:
+        return None
+    return table if c_shape[table] == q_shape[d] else False
+
+
+def _rope_rule(q, k, cos, sin, unsqueeze_dim):
+    rules = [([R, R], [R, R, R, R, None])]
+    for d in range(_ndim(q) - 1):
+        table = _rope_table_dim(q, k, cos, unsqueeze_dim, d)
+        if table is not False:
+            placed = R if table is None else Shard(table)
+            rules.append(([Shard(d)] * 2, [Shard(d), Shard(d), placed, placed, None]))
+    return rules
+
+
+def _rope_backward_handler(op_call, args, kwargs):
+    """rope_backward under DTensor (its outputs are Tensor?, which DTensor's propagation cannot wrap): per mesh
+    dim, a gradient sharded on a dim before the head dim stays local (q, k and their gradients alike; cos and
+    sin as in _rope_rule, their gradients then Shard(d') or Partial()); any other placement is redistributed to
+    Replicate()."""
+    grad_q, grad_k, cos, sin, q, k, unsqueeze_dim = args
+    name = "rope_backward"
+    rows_like = [t for t in (grad_q, grad_k, q, k) if t is not None]
+    if not all(isinstance(t, DTensor) for t in (*rows_like, cos, sin)):
+        raise TypeError(f"torch_vjp.{name}: mixed DTensor and torch.Tensor arguments; make every tensor a DTensor")
+    mesh = _mesh_of(name, [*rows_like, cos, sin])
+    shape_q = grad_q if grad_q is not None else q
+    shape_k = grad_k if grad_k is not None else k
+    lead = rows_like[0]
+    rows, tables, table_grads = [], [], []
+    for p in lead.placements:
+        table = False
+        if (isinstance(p, Shard) and p.dim < lead.dim() - 1 and shape_q is not None and shape_k is not None):
+            table = _rope_table_dim(shape_q, shape_k, cos, unsqueeze_dim, p.dim)
+        if table is False:
+            rows.append(R), tables.append(R), table_grads.append(R)
+        else:
+            rows.append(p)
+            tables.append(R if table is None else Shard(table))
+            table_grads.append(Partial() if table is None else Shard(table))
+    local = [None if t is None else t.redistribute(mesh, rows).to_local() for t in (grad_q, grad_k)]
+    local += [t.redistribute(mesh, tables).to_local() for t in (cos, sin)]
+    local += [None if t is None else t.redistribute(mesh, rows).to_local() for t in (q, k)]
+    outputs = op_call(*local, unsqueeze_dim)
+    wrapped = []
+    for out, like, placements in zip(outputs, (grad_q, grad_k, cos, sin), (rows, rows, table_grads, table_grads)):
+        if out is None:
+            wrapped.append(None)
+            continue
+        stride = like.stride() if placements is rows else torch.empty(like.shape, device="meta").stride()
+        wrapped.append(DTensor.from_local(out, mesh, placements, run_check=False, shape=like.shape, stride=stride))
+    return tuple(wrapped)
+
+
 _RULES = {
     "swiglu": (_gated_rule, _gated_backward_rule),
     "geglu": (_gated_rule, _gated_backward_rule),
@@ -273,6 +346,7 @@ _RULES = {
     "layer_norm": (_layer_norm_rule, None),
     "cross_entropy": (_ce_rule, _ce_backward_rule),
     "fused_linear_cross_entropy": (_flce_rule, _flce_backward_rule),
+    "rope": (_rope_rule, None),
 }
 for _name in ("exp", "sigmoid", "tanh", "softplus", "gelu", "silu", "mish"):
     _RULES[_name] = (_elementwise_rule, _elementwise_backward_rule)
@@ -282,7 +356,8 @@ for _name, (_forward_rule, _backward_rule) in _RULES.items():
     if _backward_rule is not None:
         _register(_name + "_backward", _backward_rule)
     else:
-        DTensor._op_dispatcher._custom_op_handlers[getattr(ops, _name + "_backward").default] = _norm_backward_handler
+        handler = _rope_backward_handler if _name == "rope" else _norm_backward_handler
+        DTensor._op_dispatcher._custom_op_handlers[getattr(ops, _name + "_backward").default] = handler
 
 
 # ---------------------------------------------------------------------------------------------------------
