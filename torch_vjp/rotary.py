@@ -218,8 +218,9 @@ def _(grad_q, grad_k, cos, sin, q, k, unsqueeze_dim):
     for g, name in ((grad_q, "grad_q"), (grad_k, "grad_k")):
         if g is not None:
             _check(g, name, cos, sin, unsqueeze_dim, backward)
-    dq = None if grad_q is None else _like_kernel(grad_q)
-    dk = None if grad_k is None else _like_kernel(grad_k)
+    contiguous = torch.contiguous_format  # the VJP's gradients (csrc/ops/rope.h)
+    dq = None if grad_q is None else torch.empty_like(grad_q, memory_format=contiguous)
+    dk = None if grad_k is None else torch.empty_like(grad_k, memory_format=contiguous)
     if q is None or (grad_q is None and grad_k is None):
         return dq, dk, None, None
     return dq, dk, torch.empty_like(cos, memory_format=torch.contiguous_format), \

@@ -256,23 +256,64 @@ def _head_forward(self, input):
     return type(self).forward(self, input)
 
 
+def _plain_function(f):
+    """The Python function behind `f`: itself, or the function a wrapper module holds (with the `kernels` package
+    installed, transformers' apply_rotary_pos_emb is a hub-kernel module wrapping the function)."""
+    if isinstance(f, types.FunctionType):
+        return f
+    forward = getattr(type(f), "forward", None)
+    for cell in getattr(forward, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            continue
+        if isinstance(value, types.FunctionType) and value.__name__ == getattr(f, "__name__", value.__name__):
+            return value
+    return None
+
+
+def _rebound(f, names: dict):
+    """A copy of function `f` whose global `names` are replaced; through decorators made with functools.wraps
+    (transformers' deprecate_kwarg, the kernels package's forward wrapper), by copying each wrapper with its
+    wrapped function replaced in its closure. None where a wrapper does not hold what it wraps in its closure."""
+    inner = f.__dict__.get("__wrapped__")
+    if inner is None:
+        copy_ = types.FunctionType(f.__code__, dict(f.__globals__, **names), f.__name__, f.__defaults__, f.__closure__)
+    else:
+        cells = f.__closure__ or ()
+        at = []
+        for i, cell in enumerate(cells):
+            try:
+                if cell.cell_contents is inner:
+                    at.append(i)
+            except ValueError:  # an empty cell
+                pass
+        new_inner = _rebound(inner, names) if len(at) == 1 else None
+        if new_inner is None:
+            return None
+        closure = tuple(types.CellType(new_inner) if i == at[0] else c for i, c in enumerate(cells))
+        copy_ = types.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__, closure)
+    copy_.__kwdefaults__ = f.__kwdefaults__
+    copy_.__dict__.update(f.__dict__)
+    if inner is not None:
+        copy_.__wrapped__ = new_inner
+    copy_.__qualname__ = f.__qualname__
+    return copy_
+
+
 def _rope_forward(cls) -> tuple:
-    """(cls.forward's code bound to globals where apply_rotary_pos_emb is torch_vjp.rope, None) for an attention
-    class whose forward calls its modeling file's apply_rotary_pos_emb, that function and rotate_half being
-    transformers' rotate-half forms; else (None, the reason)."""
-    forward = cls.forward
-    if inspect.unwrap(forward) is not forward:
-        return None, f"{cls.__name__}.forward is wrapped by a decorator"
-    stock = forward.__globals__.get("apply_rotary_pos_emb")
+    """(cls.forward rebound so that its apply_rotary_pos_emb is torch_vjp.rope, None) for an attention class whose
+    forward calls its modeling file's apply_rotary_pos_emb, that function and rotate_half being transformers'
+    rotate-half forms; else (None, the reason)."""
+    stock = inspect.unwrap(cls.forward).__globals__.get("apply_rotary_pos_emb")
+    function = _plain_function(stock)
     ref = _references()
-    if not any(_same_code(stock, r) for r in ref["rope"]) or not _same_code(
-            stock.__globals__.get("rotate_half"), ref["rotate_half"]):
+    if function is None or not any(_same_code(function, _plain_function(r)) for r in ref["rope"]) or not _same_code(
+            function.__globals__.get("rotate_half"), ref["rotate_half"]):
         return None, f"{cls.__module__}.apply_rotary_pos_emb is not transformers' rotate-half form"
-    scope = dict(forward.__globals__, apply_rotary_pos_emb=_apply_rotary_pos_emb)
-    patched = types.FunctionType(forward.__code__, scope, forward.__name__, forward.__defaults__, forward.__closure__)
-    patched.__kwdefaults__ = forward.__kwdefaults__
-    patched.__dict__.update(forward.__dict__)
-    patched.__qualname__ = forward.__qualname__
+    patched = _rebound(cls.forward, {"apply_rotary_pos_emb": _apply_rotary_pos_emb})
+    if patched is None:
+        return None, f"{cls.__name__}.forward is wrapped by a decorator that does not hold it in its closure"
     return patched, None
 
 

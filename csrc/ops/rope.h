@@ -135,7 +135,10 @@ at::Tensor rope_apply(const at::Tensor& x_in, const at::Tensor& cos, const at::T
   const auto cos_rows = rope_table_for(x_in, cos, u, op, x_name);
   const auto sin_rows = rope_table_for(x_in, sin, u, op, x_name);
   const auto x = rows_readable(x_in);
-  auto out = at::empty_like(x);
+  // The forward keeps x's layout (a transposed q stays transposed, as torch's formula's output does); the VJP's
+  // gradients are contiguous, as autograd's sum of the formula's branches gives them (a norm before rope then
+  // reduces its weight gradient over the same layout, in the same order, as with stock transformers).
+  auto out = Transposed ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::empty_like(x);
   if (out.stride(-1) != 1 || !row_index(out).has_value()) out = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.numel() == 0) return out;
   RopeRows rows{x.numel() / x.size(-1), x.size(-1), cos.size(-1) / 2, *row_index(x), *row_index(cos_rows),
