@@ -134,12 +134,14 @@ def _references() -> dict:
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
     from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
     from transformers.models.llama import modeling_llama
+    from transformers.models.olmo import modeling_olmo
     from transformers.models.phi3 import modeling_phi3
     from transformers.models.phi3.modeling_phi3 import Phi3MLP
     return {"llama_norm": LlamaRMSNorm.forward, "gemma_norm": GemmaRMSNorm.forward, "gemma_norm_": GemmaRMSNorm._norm,
             "mlp": LlamaMLP.forward, "fused_mlp": Phi3MLP.forward,
             # apply_rotary_pos_emb: Llama's (whole head dim), Phi3's (partial rotary: the rest passes through)
             "rope": (modeling_llama.apply_rotary_pos_emb, modeling_phi3.apply_rotary_pos_emb),
+            "rope_cast": modeling_olmo.apply_rotary_pos_emb,  # OLMo's: the outputs cast back to q's and k's dtypes
             "rotate_half": modeling_llama.rotate_half}
 
 
@@ -308,10 +310,12 @@ def _rope_forward(cls) -> tuple:
     stock = inspect.unwrap(cls.forward).__globals__.get("apply_rotary_pos_emb")
     function = _plain_function(stock)
     ref = _references()
-    if function is None or not any(_same_code(function, _plain_function(r)) for r in ref["rope"]) or not _same_code(
-            function.__globals__.get("rotate_half"), ref["rotate_half"]):
+    casts = function is not None and _same_code(function, _plain_function(ref["rope_cast"]))
+    if function is None or not (casts or any(_same_code(function, _plain_function(r)) for r in ref["rope"])) or \
+            not _same_code(function.__globals__.get("rotate_half"), ref["rotate_half"]):
         return None, f"{cls.__module__}.apply_rotary_pos_emb is not transformers' rotate-half form"
-    patched = _rebound(cls.forward, {"apply_rotary_pos_emb": _apply_rotary_pos_emb})
+    patched = _rebound(cls.forward, {"apply_rotary_pos_emb": _apply_rotary_pos_emb_cast if casts else
+                                     _apply_rotary_pos_emb})
     if patched is None:
         return None, f"{cls.__name__}.forward is wrapped by a decorator that does not hold it in its closure"
     return patched, None
@@ -320,6 +324,12 @@ def _rope_forward(cls) -> tuple:
 def _apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
     """transformers' apply_rotary_pos_emb (and Phi3's partial-rotary one) by torch_vjp.rope."""
     return torch_vjp.rope(q, k, cos, sin, unsqueeze_dim)
+
+
+def _apply_rotary_pos_emb_cast(q, k, cos, sin, unsqueeze_dim=1):
+    """OLMo's apply_rotary_pos_emb (outputs cast back to q's and k's dtypes) by torch_vjp.rope."""
+    q_embed, k_embed = torch_vjp.rope(q, k, cos, sin, unsqueeze_dim)
+    return q_embed.to(q.dtype), k_embed.to(k.dtype)
 
 
 def _patch_rope(model: PreTrainedModel, record: _Record, report: PatchReport) -> None:
@@ -624,7 +634,7 @@ def patch(model, *, norms: bool = True, mlp: bool = True, attention: bool = True
             transformers keeps the attention implementation, so models that shared the config are unaffected.
         rope: the rotary embedding of q and k by ``torch_vjp.rope``, in attention modules whose forward calls
             their modeling file's ``apply_rotary_pos_emb`` when that is transformers' rotate-half function
-            (Llama's, or Phi3's with partial rotary dims): the instance gets its class's forward code bound to
+            (Llama's, Phi3's with partial rotary dims, OLMo's with its casts): the instance gets its class's forward code bound to
             globals where that name is torch_vjp's. Other forms (interleaved, decorated forwards) are reported.
         loss: ``"fused"``: when the model trains (``model.training``) with ``labels``, the causal-LM loss
             through ``fused_linear_cross_entropy`` on the head's input, never forming the logits, and the output
