@@ -79,6 +79,9 @@ OCCUPANCY = [
     Rule(r"param_sums_kernel<", 256, 1,
          "parameter sums of rows at different grid offsets, one element a thread: latency covered by many blocks "
          "only where registers allow; rare path (n % P != 0)"),
+    Rule(r"rope_kernel<", 256, 4,
+         "rope (csrc/cuda/rope.cu): 4 blocks of kRopeThreads = 256 an SM (its launch bound), 6 loads of a pack in "
+         "flight a thread (x's two halves, cos's, sin's): 96 KB an SM"),
     Rule(r"map_kernel<.*, ([123]), \d+, [\w:]+>\(", 256, lambda m: {1: 4, 2: 3, 3: 2}[int(m.group(1))],
          "elementwise map: 4, 3 or 2 blocks of 256 an SM for 1, 2 or 3 inputs (kMapMinBlocks), 48-64 KB in flight"),
 ]

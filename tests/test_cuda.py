@@ -1296,3 +1296,53 @@ def test_paths_host_plans_match_the_device():
         got = row_plan(r["op"], r["rows"], r["n"], dtype=getattr(torch, r["dtype"]))
         assert (got.path, got.threads, got.cluster, got.chunks, got.packs) == (
             r["path"], r["threads"], r["cluster"], r["chunks"], r["V"]), r
+
+
+# rope (csrc/cuda/rope.cu): 16-byte packs where every pointer, row stride and half-row allows them, else the
+# scalar instance. Head dims 64 and 128 (packs in every dtype), 8 (one pack of bf16 pairs is half a row), 6 and
+# 33 (scalar: no whole pack of pairs, an odd pass-through), partial rotary (32 of 128); q transposed from
+# (B, S, H, D) as transformers gives it, k with fewer heads, cos shared by the batch, a misaligned q.
+ROPE_CASES = [  # (q shape, k heads, rotary dim, layout)
+    ((2, 8, 5, 64), 2, 64, "bshd"), ((1, 4, 7, 128), 4, 128, "contiguous"), ((2, 3, 4, 8), 1, 8, "bshd"),
+    ((2, 2, 3, 6), 2, 6, "contiguous"), ((3, 2, 5, 33), 1, 32, "contiguous"), ((2, 4, 6, 128), 2, 32, "bshd"),
+    ((1, 2, 3, 64), 2, 64, "misaligned"), ((64, 16, 32, 64), 4, 64, "bshd"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ROPE_CASES, ids=lambda c: f"{list(c[0])}-k{c[1]}-r{c[2]}-{c[3]}")
+def test_paths_rope(case, dtype):
+    """Both outputs and the gradients of q, k, cos and sin on CUDA against the CPU kernels."""
+    import torch_vjp
+
+    (b, h, s, d), kh, rotary, layout = case
+    g = torch.Generator().manual_seed(0)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    if layout == "bshd":
+        q, k = draw(b, s, h, d).transpose(1, 2), draw(b, s, kh, d).transpose(1, 2)
+    elif layout == "misaligned":
+        q, k = draw(b * h * s * d + 1)[1:].view(b, h, s, d), draw(b, kh, s, d)
+    else:
+        q, k = draw(b, h, s, d), draw(b, kh, s, d)
+    cos, sin = draw(1, s, rotary), draw(1, s, rotary)
+    dq, dk = draw(b, h, s, d), draw(b, kh, s, d)
+
+    def placed(t, device):
+        """t on the device with t's layout and storage offset (Tensor.to would make the copy dense from 0)."""
+        storage = torch.empty(t.storage_offset() + t.untyped_storage().nbytes() // t.element_size(), dtype=dtype,
+                              device=device)
+        view = storage.as_strided(t.shape, t.stride(), t.storage_offset())
+        view.copy_(t)
+        return view
+
+    def run(device):
+        leaves = [placed(t, device).requires_grad_() for t in (q, k, cos, sin)]
+        out = torch_vjp.rope(*leaves)
+        grads = torch.autograd.grad(out, leaves, (dq.to(device), dk.to(device)))
+        return [t.cpu() for t in (*out, *grads)]
+
+    for got, expected in zip(run(GPU), run("cpu")):
+        torch.testing.assert_close(got, expected, **TOL[dtype])

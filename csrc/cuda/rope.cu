@@ -28,6 +28,7 @@ namespace torch_vjp::cuda {
 namespace {
 
 constexpr int kRopeThreads = 256;
+constexpr int kRopeMinBlocks = 4;  // resident blocks an SM: 64 registers a thread (benchmarks/kernel_resources.py)
 
 // V elements from p (16-byte aligned when V is a pack) in the compute type.
 template <class S, int V, class T>
@@ -48,7 +49,7 @@ __device__ __forceinline__ void store_elems(S* p, const T (&v)[V]) {
 }
 
 template <class S, int V, bool Transposed>
-__global__ void __launch_bounds__(kRopeThreads) rope_kernel(RopeRows r, const S* __restrict__ x,
+__global__ void __launch_bounds__(kRopeThreads, kRopeMinBlocks) rope_kernel(RopeRows r, const S* __restrict__ x,
                                                             const S* __restrict__ cos, const S* __restrict__ sin,
                                                             S* __restrict__ out, int tpr) {
   using T = at::opmath_type<S>;
