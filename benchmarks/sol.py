@@ -35,6 +35,10 @@ PASSES: dict[str, tuple[int, int]] = {
     # row; the loss and lse per row are negligible) (1). Backward reads the logits and writes dlogits (2):
     # grad_output is a scalar or a value per row. Total 3.
     "cross_entropy": (1, 2),
+    # rope, in passes of q's size with k drawn like q (testing._draw_rope below rank 3): forward reads q and k,
+    # writes q_embed and k_embed (4); backward reads dq_embed and dk_embed, writes dq and dk (4), reading nothing
+    # saved but cos and sin (one row per position, shared by the heads: negligible). Total 8.
+    "rope": (4, 4),
 }
 
 PHASES = ("fwd", "bwd", "fwd+bwd")

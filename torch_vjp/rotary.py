@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ops import VJPOp, register_fake, transforms_active, wrap_dim
+from ._ops import VJPOp, check_floating, check_same, register_fake, transforms_active, wrap_dim
 
 NAME = "rope"
 
@@ -163,7 +163,8 @@ def _vmap_rule(is_vjp):
         u = 1 + pad + u
         if is_vjp:
             outs = call(rows[0], rows[1], *tables, rows[2], rows[3], u)
-            like = (shapes[0], shapes[1], cos_shape := (size, *tables[0].shape[1 + pad:]), cos_shape)
+            table_shape = (size, *tables[0].shape[1 + pad:])
+            like = (shapes[0], shapes[1], table_shape, table_shape)
         else:
             outs = call(rows[0], rows[1], *tables, u)
             like = tuple(shapes)
@@ -188,7 +189,6 @@ def _like_kernel(x):
 
 def _check(x, x_name, cos, sin, unsqueeze_dim, op):
     """Mirrors csrc/ops/rope.h for fake tensors."""
-    from ._ops import check_floating, check_same
     check_floating(x, op, x_name)
     check_floating(cos, op, "cos")
     check_same(cos, "cos", x, x_name, op, shape=False)
