@@ -42,7 +42,7 @@ SHUFFLE_MAX_MIN_BLOCKS = 6  # row_engine.cuh's kShuffleMaxMinBlocks (40 register
 ROW_OP_INPUTS = {
     "SoftmaxForward": 1, "SoftmaxBackward": 2, "LogSumExpBackward": 1,
     "NormForward": 1, "NormBackward": 2, "NormalizeForward": 1, "NormalizeBackward": 2,
-    "CrossEntropyForward": 1, "CrossEntropyGrad": 1, "SlotSum": 1,
+    "CrossEntropyForward": 1, "CrossEntropyGrad": 1, "CrossEntropyForwardGrad": 1, "SlotSum": 1,
 }
 
 
