@@ -101,6 +101,16 @@ SPILLS = [
      "norm backward with dx alone (no weight or bias gradient wanted: not the benchmark's variant, which fuses "
      "them), 4 packs of dy and x a thread at 768 threads (80 registers): 8-24 B; at a 512-thread bound ptxas "
      "spilled 200+ B (csrc/cuda/norm_epilogues.cuh's kBlockThreads)"),
+    (r"row_kernel<torch_vjp::cuda::CrossEntropyForwardGrad<float, false>, 8, \(torch_vjp::cuda::RowKind\)1>",
+     ("sm_80", "sm_90"), 32,
+     "the fused loss's one-read kernel in fp32 (not the fused benchmark's dtype), Block instance (rows of at most "
+     "16384 classes): 24-32 B at 128 registers, 8 packs of logits held across the row's reduction and then "
+     "mapped; the alternative, the forward and gradient kernels, reads the logits a second time (128 B a thread "
+     "of DRAM traffic against 24-32 B of spill kept in L1)"),
+    (r"row_kernel<torch_vjp::cuda::CrossEntropyForwardGrad<[\w:]+, true>, 1, \(torch_vjp::cuda::RowKind\)0>",
+     ("sm_80", "sm_90"), 24,
+     "the fused loss with label smoothing at V = 1 (vocabularies of at most 32 packs: 256 bf16/fp16 or 128 fp32 "
+     "classes, no language-model head): 8-24 B at 40 registers (6 blocks of 256 an SM)"),
     (r"column_kernel<", ("sm_90",), 16,
      "column kernels (reductions over a dim other than the last) on sm_90: 4-8 B kept across the cluster "
      "primitives' calls; no benchmark shape takes this path (issue 16 item 4, the column kernel's registers, is "

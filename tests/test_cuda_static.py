@@ -141,3 +141,21 @@ def test_half_type_gelu_formula_accuracy():
             assert r[f"{key}_ulps"] <= 0.75, where
             assert r[f"{key}_ulps"] <= t[f"torch_{key}_ulps"], where
             assert r[f"{key}_off"] <= t[f"torch_{key}_off"], where
+
+
+def test_fused_loss_reads_each_chunk_once_where_a_kernel_holds_its_rows():
+    """fused_linear_cross_entropy with the gradient: its row kernels pass over each chunk of logits one pass
+    fewer than the forward-then-gradient kernels did, and exactly the minimum (read once, write once) wherever
+    the plan does not split the rows; the table in benchmarks/README.md is current."""
+    plans, table = _plan_table()
+    from benchmarks import sol
+    passes = plans.fused_loss_passes(table)
+    assert passes
+    plan = {(r["op"], r["rows"], r["n"], r["gpu"]): r for r in table}
+    for p in passes:
+        where = (p["rows"], p["n"], p["gpu"])
+        assert p["now"] == p["before"] - 1, where
+        if plan[("fused_linear_cross_entropy", p["rows"], p["n"], p["gpu"])]["path"] != "split":
+            assert p["now"] == sol.FUSED_LOSS_ROW_PASSES["loss+grad"], where
+    readme = open(os.path.join(plans.ROOT, "benchmarks", "README.md")).read()
+    assert plans.fused_markdown(passes) in readme, "regenerate it: python -m benchmarks.plans"
