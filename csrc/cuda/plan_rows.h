@@ -16,7 +16,8 @@
 namespace torch_vjp::cuda {
 
 constexpr int kWarpSize = 32;
-constexpr int kColumnMaxThreads = 512;  // column_kernel: holds P statistics per thread, needs up to 128 registers
+constexpr int kColumnMaxThreads = 512;  // column_kernel's largest block
+constexpr int kColumnMinBlocks = 2;     // ... and its blocks an SM (64 registers): one loads while another reduces
 constexpr int kSubWarpThreads = 256;    // row_kernel with G <= 32 lanes a row: 256 / G rows a block
 constexpr int kSplitMinThreads = 128;   // the smallest chunk of a split row, in threads
 

@@ -79,6 +79,8 @@
 //   static constexpr int  kMaxThreads;   threads a block at most (the launch bound; default 1024)
 //   static constexpr int  kBlockThreads; the bound of the Block instance, which serves blocks up to it; larger
 //                                        ones take WideBlock (default 512: 128 registers)
+//   static constexpr int  kBlockMinBlocks;  resident blocks an SM the Block instance's bound asks for
+//                                        (default 1; 2 at 512 threads: 64 registers)
 //   static constexpr int  kClusterThreads;  threads a block of a cluster at most on sm_90 (default 512): fewer
 //                                        make a long row a cluster of smaller blocks, so that blocks of other
 //                                        rows share an SM and load while this one reduces
@@ -164,6 +166,7 @@ struct EpilogueDefaults {
   static constexpr bool kAsserts = false;
   static constexpr int kMaxThreads = 1024;
   static constexpr int kBlockThreads = 512;
+  static constexpr int kBlockMinBlocks = 1;
   static constexpr int kClusterThreads = 512;
   static constexpr int kClusterBound = 0;
 };
@@ -334,13 +337,14 @@ inline constexpr int kRowThreads = K == RowKind::Shuffle   ? kSubWarpThreads
 // Resident blocks an SM the launch bound asks for: a Shuffle instance's 256-thread blocks, as many as hold
 // kRowBytesInFlight (V packs of kIn inputs a thread), at most 6 (40 registers: at 8, 32 registers, the
 // cross-entropy instances spilled; an instance that needs no more than 32 still gets 8 blocks, 32 KB at V = 1);
-// one block of the others.
+// the Block instance's kBlockMinBlocks (1 unless the op asks for more: a second block an SM loads while the
+// first reduces); one block of the others.
 constexpr int kShuffleMaxMinBlocks = 6;
 template <class Op, int V, RowKind K>
 inline constexpr int kRowMinBlocks =
-    K != RowKind::Shuffle
-        ? 1
-        : std::clamp(kRowBytesInFlight / (kSubWarpThreads * V * Op::kIn * 16), 1, kShuffleMaxMinBlocks);
+    K == RowKind::Block     ? Op::kBlockMinBlocks
+    : K != RowKind::Shuffle ? 1
+                            : std::clamp(kRowBytesInFlight / (kSubWarpThreads * V * Op::kIn * 16), 1, kShuffleMaxMinBlocks);
 
 template <class Op, int V, RowKind K>
 __global__ void __launch_bounds__(kRowThreads<Op, K>, (kRowMinBlocks<Op, V, K>)) row_kernel(const EngineArgs<Op> a) {
@@ -530,7 +534,7 @@ __global__ void __launch_bounds__(kRowThreads<Op, K>, (kRowMinBlocks<Op, V, K>))
 // covers column pack cp = tile·W + tx of the flattened columns (o, i) (kVec: Pe = P adjacent columns of one
 // o, a 16-byte pack; else Pe = 1 column); member m holds rows j = chunk·chunk_len + m + v·width, v < V.
 template <class Op, int V, bool kVec>
-__global__ void __launch_bounds__(kColumnMaxThreads) column_kernel(const EngineArgs<Op> a) {
+__global__ void __launch_bounds__(kColumnMaxThreads, kColumnMinBlocks) column_kernel(const EngineArgs<Op> a) {
   static_assert(!Op::kRowsOnly, "an op that uses row positions or parameters runs on rows only");
   using T = typename Op::T;
   using S = typename Op::S;
