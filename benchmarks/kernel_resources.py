@@ -78,6 +78,9 @@ OCCUPANCY = [
          "cluster runs (sm_80)"),
     Rule(r"row_kernel<.*\(torch_vjp::cuda::RowKind\)3>\(", None, 1,
          "Cluster instance (sm_90): blocks of the op's kClusterThreads (512 unless smaller)"),
+    Rule(r"column_kernel<.*, true>\(", 256, 2,
+         "vectorised column tiles (P statistics a thread) of up to 256 threads (kColumnVecMaxThreads), two blocks an "
+         "SM (kColumnMinBlocks: one loads its tile while the other reduces)"),
     Rule(r"column_kernel<", 512, 2,
          "column tiles of up to 512 threads (kColumnMaxThreads), two blocks an SM (kColumnMinBlocks: one loads its "
          "tile while the other reduces; each holds V packs of kIn inputs a thread)"),
