@@ -66,10 +66,6 @@ OCCUPANCY = [
          lambda m: shuffle_blocks(m.group(1), int(m.group(2))),
          "Shuffle instance (V < kRowPacks): rows of at most 32 packs a lane, blocks of 256 threads; enough of them "
          "an SM for ROW_BYTES_IN_FLIGHT of loads"),
-    Rule(r"row_kernel<torch_vjp::cuda::NormBackward<(true|false), [\w:]+, true>, \d+, \(torch_vjp::cuda::RowKind\)1>\(",
-         None, 2,
-         "Block instance of the norm backwards with the parameter sums (kBlockMinBlocks = 2): two 512-thread blocks "
-         "an SM, so that one loads while the other is at its row's barriers (A100: fp32 n = 4096, bf16 n = 8192)"),
     Rule(r"row_kernel<.*\(torch_vjp::cuda::RowKind\)1>\(", None, 1,
          "Block instance (V = kRowPacks): one block of up to the op's kBlockThreads (512; 768 or 1024 where "
          "ptxas spills at 128 registers and not at 80 or 64) an SM holds kRowPacks packs a thread: 32-128 KB"),

@@ -51,7 +51,6 @@ class EngineOp:
     param_sums: bool = False  # the norm backwards' fused weight and bias gradients (kRowPacks = 2)
     block_threads: int = 512  # kBlockThreads: the Block instance's bound
     cluster_bound: int = 0    # kClusterBound: the Cluster instance's bound when above cluster_threads
-    block_min_blocks: int = 1  # kBlockMinBlocks: resident blocks an SM the Block instance's bound asks for
 
 
 # The ops of the engine as torch.ops.torch_vjp names them (a norm's backward: the kernel that writes dx with the
@@ -61,9 +60,9 @@ ENGINE_OPS = {
     "log_softmax": EngineOp(1, 1024, 512), "log_softmax_backward": EngineOp(2, 1024, 512),
     "logsumexp": EngineOp(1, 1024, 512), "logsumexp_backward": EngineOp(1, 512, 512, reduces=False),
     "layer_norm": EngineOp(1, 768, 512, block_threads=768),
-    "layer_norm_backward": EngineOp(2, 768, 512, param_sums=True, block_min_blocks=2),
+    "layer_norm_backward": EngineOp(2, 768, 512, param_sums=True),
     "rms_norm": EngineOp(1, 1024, 512, cluster_bound=768),
-    "rms_norm_backward": EngineOp(2, 768, 512, param_sums=True, block_min_blocks=2),
+    "rms_norm_backward": EngineOp(2, 768, 512, param_sums=True),
     "normalize": EngineOp(1, 1024, 512), "normalize_backward": EngineOp(2, 1024, 512),
     "cross_entropy": EngineOp(1, 1024, 512), "cross_entropy_backward": EngineOp(1, 512, 512, reduces=False),
     # fused_linear_cross_entropy's chunk of logits with the gradient: loss, statistics and dlogits in place from
@@ -125,7 +124,7 @@ def instance(name: str, dtype: str, plan: dict) -> tuple[str, int, int]:
         return "Cluster", max(op.cluster_threads, op.cluster_bound), 1
     top = max_threads(name, dtype)
     if plan["threads"] <= min(block_threads(name, dtype), top):
-        return "Block", min(block_threads(name, dtype), top), op.block_min_blocks
+        return "Block", min(block_threads(name, dtype), top), 1
     return "WideBlock", top, 1
 
 

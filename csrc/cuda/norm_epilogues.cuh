@@ -177,9 +177,6 @@ struct NormBackward : EpilogueDefaults {
   // dx alone: one instance for every block size (80 registers). At a 512-thread bound (128 registers) ptxas kept
   // the 4 packs of dy and x unpacked and spilled 200+ bytes a thread, against 8-16 at 80.
   static constexpr int kBlockThreads = kSums ? 512 : 768;
-  // With the sums: two 512-thread blocks an SM (64 registers), so that one loads while the other is at its
-  // row's barriers (one block at 80 registers left an A100 at about half its bandwidth by the plan's model).
-  static constexpr int kBlockMinBlocks = kSums ? 2 : 1;
   static constexpr int kClusterBound = kSums ? 0 : 768;  // the same for its Cluster instance (200+ B at 128)
   // A cluster's blocks hold at most 512 threads (the Cluster instance's bound: 128 registers), and 8 of them
   // hold a row of 8·512·kRowPacks packs: with the parameter sums, fp32 n = 32768 in one read.

@@ -79,8 +79,6 @@
 //   static constexpr int  kMaxThreads;   threads a block at most (the launch bound; default 1024)
 //   static constexpr int  kBlockThreads; the bound of the Block instance, which serves blocks up to it; larger
 //                                        ones take WideBlock (default 512: 128 registers)
-//   static constexpr int  kBlockMinBlocks;  resident blocks an SM the Block instance's bound asks for
-//                                        (default 1; 2 at 512 threads: 64 registers)
 //   static constexpr int  kClusterThreads;  threads a block of a cluster at most on sm_90 (default 512): fewer
 //                                        make a long row a cluster of smaller blocks, so that blocks of other
 //                                        rows share an SM and load while this one reduces
@@ -167,7 +165,6 @@ struct EpilogueDefaults {
   static constexpr bool kAsserts = false;
   static constexpr int kMaxThreads = 1024;
   static constexpr int kBlockThreads = 512;
-  static constexpr int kBlockMinBlocks = 1;
   static constexpr int kClusterThreads = 512;
   static constexpr int kClusterBound = 0;
 };
@@ -338,14 +335,13 @@ inline constexpr int kRowThreads = K == RowKind::Shuffle   ? kSubWarpThreads
 // Resident blocks an SM the launch bound asks for: a Shuffle instance's 256-thread blocks, as many as hold
 // kRowBytesInFlight (V packs of kIn inputs a thread), at most 6 (40 registers: at 8, 32 registers, the
 // cross-entropy instances spilled; an instance that needs no more than 32 still gets 8 blocks, 32 KB at V = 1);
-// the Block instance's kBlockMinBlocks (1 unless the op asks for more: a second block an SM loads while the
-// first reduces); one block of the others.
+// one block of the others.
 constexpr int kShuffleMaxMinBlocks = 6;
 template <class Op, int V, RowKind K>
 inline constexpr int kRowMinBlocks =
-    K == RowKind::Block     ? Op::kBlockMinBlocks
-    : K != RowKind::Shuffle ? 1
-                            : std::clamp(kRowBytesInFlight / (kSubWarpThreads * V * Op::kIn * 16), 1, kShuffleMaxMinBlocks);
+    K != RowKind::Shuffle
+        ? 1
+        : std::clamp(kRowBytesInFlight / (kSubWarpThreads * V * Op::kIn * 16), 1, kShuffleMaxMinBlocks);
 
 template <class Op, int V, RowKind K>
 __global__ void __launch_bounds__(kRowThreads<Op, K>, (kRowMinBlocks<Op, V, K>)) row_kernel(const EngineArgs<Op> a) {
