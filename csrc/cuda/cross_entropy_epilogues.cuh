@@ -252,6 +252,9 @@ struct CrossEntropyGrad : SumEpilogue<Opmath<T_>> {
 // kernels they replace. Per row: reads the logits once, writes dlogits once (the split path, rows longer than
 // a block or a cluster holds, reads its chunk a second time, from L2 where the few rows fit, as the forward).
 //
+// VJP (CrossEntropyGrad's derivation above): dx_ij = s_i (p_ij - ε/C - (1 - ε)[j = t_i]), p_i = exp((x_i - m_i)
+// - log_s_i), with (m_i, log_s_i) this kernel's own reduction and s_i the row input (the frontend's row_scale).
+//
 // The target logit rides in the Stat (read from the thread's registers in partial): finish may not read it
 // from memory, because in place another thread of the row (of the block, the cluster, or an earlier chunk of
 // a split row) may already have written dlogits over it.
