@@ -119,7 +119,8 @@ SPILLS = [
      "column kernels (reductions over a dim other than the last) on sm_90: 4-8 B kept across the cluster "
      "primitives' calls at a 512 × 1 bound; no benchmark shape takes this path. At the bounds of issue 16 item 4 "
      "(256 × 2 vectorised, 512 × 2 otherwise) the fp32 and bf16 norm and bf16 softmax translation units showed "
-     "none; the others were not recompiled here"),
+     "none (fp64 softmax's non-vectorised ones 8-32 B, under the fp64 exception); the fp16 units and fp64 norm "
+     "were not recompiled here"),
 ]
 
 
