@@ -42,7 +42,7 @@ SHUFFLE_MAX_MIN_BLOCKS = 6  # row_engine.cuh's kShuffleMaxMinBlocks (40 register
 ROW_OP_INPUTS = {
     "SoftmaxForward": 1, "SoftmaxBackward": 2, "LogSumExpBackward": 1,
     "NormForward": 1, "NormBackward": 2, "NormalizeForward": 1, "NormalizeBackward": 2,
-    "CrossEntropyForward": 1, "CrossEntropyGrad": 1, "SlotSum": 1,
+    "CrossEntropyForward": 1, "CrossEntropyGrad": 1, "CrossEntropyForwardGrad": 1, "SlotSum": 1,
 }
 
 
@@ -74,8 +74,12 @@ OCCUPANCY = [
          "cluster runs (sm_80)"),
     Rule(r"row_kernel<.*\(torch_vjp::cuda::RowKind\)3>\(", None, 1,
          "Cluster instance (sm_90): blocks of the op's kClusterThreads (512 unless smaller)"),
-    Rule(r"column_kernel<", 512, 1,
-         "column tiles of up to 512 threads (kColumnMaxThreads); one a SM holds V packs of kIn inputs a thread"),
+    Rule(r"column_kernel<.*, true>\(", 256, 2,
+         "vectorised column tiles (P statistics a thread) of up to 256 threads (kColumnVecMaxThreads), two blocks an "
+         "SM (kColumnMinBlocks: one loads its tile while the other reduces)"),
+    Rule(r"column_kernel<", 512, 2,
+         "column tiles of up to 512 threads (kColumnMaxThreads), two blocks an SM (kColumnMinBlocks: one loads its "
+         "tile while the other reduces; each holds V packs of kIn inputs a thread)"),
     Rule(r"param_sums_kernel<", 256, 1,
          "parameter sums of rows at different grid offsets, one element a thread: latency covered by many blocks "
          "only where registers allow; rare path (n % P != 0)"),
@@ -104,10 +108,22 @@ SPILLS = [
      "norm backward with dx alone (no weight or bias gradient wanted: not the benchmark's variant, which fuses "
      "them), 4 packs of dy and x a thread at 768 threads (80 registers): 8-24 B; at a 512-thread bound ptxas "
      "spilled 200+ B (csrc/cuda/norm_epilogues.cuh's kBlockThreads)"),
+    (r"row_kernel<torch_vjp::cuda::CrossEntropyForwardGrad<float, false>, 8, \(torch_vjp::cuda::RowKind\)1>",
+     ("sm_80", "sm_90"), 32,
+     "the fused loss's one-read kernel in fp32 (not the fused benchmark's dtype), Block instance (rows of at most "
+     "16384 classes): 24-32 B at 128 registers, 8 packs of logits held across the row's reduction and then "
+     "mapped; the alternative, the forward and gradient kernels, reads the logits a second time (128 B a thread "
+     "of DRAM traffic against 24-32 B of spill kept in L1)"),
+    (r"row_kernel<torch_vjp::cuda::CrossEntropyForwardGrad<[\w:]+, true>, 1, \(torch_vjp::cuda::RowKind\)0>",
+     ("sm_80", "sm_90"), 24,
+     "the fused loss with label smoothing at V = 1 (vocabularies of at most 32 packs: 256 bf16/fp16 or 128 fp32 "
+     "classes, no language-model head): 8-24 B at 40 registers (6 blocks of 256 an SM)"),
     (r"column_kernel<", ("sm_90",), 16,
      "column kernels (reductions over a dim other than the last) on sm_90: 4-8 B kept across the cluster "
-     "primitives' calls; no benchmark shape takes this path (issue 16 item 4, the column kernel's registers, is "
-     "open)"),
+     "primitives' calls at a 512 × 1 bound; no benchmark shape takes this path. At the bounds of issue 16 item 4 "
+     "(256 × 2 vectorised, 512 × 2 otherwise) the fp32 and bf16 norm and bf16 softmax translation units showed "
+     "none (fp64 softmax's non-vectorised ones 8-32 B, under the fp64 exception); the fp16 units and fp64 norm "
+     "were not recompiled here"),
 ]
 
 

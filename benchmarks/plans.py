@@ -7,7 +7,7 @@ guarantee (row_engine.cuh's row_kernel instances: RowKind and its bound; the reg
 benchmarks/kernel_resources.py's): resident blocks an SM, bytes of loads in flight an SM against what the
 card needs to reach its bandwidth (Little's law: bandwidth × latency / SMs), waves, and reads of each row.
 
-    python -m benchmarks.plans            # the table in benchmarks/README.md ("Launch plans")
+    python -m benchmarks.plans            # the tables in benchmarks/README.md ("Launch plans", "Fused loss")
 
 The op constants below mirror the epilogues (csrc/cuda/*_epilogues.cuh: kIn, kParamSums, kMaxThreads,
 kClusterThreads, kReduces); tests/test_cuda.py checks the mirror against torch.ops.torch_vjp_cuda.row_plan on
@@ -65,6 +65,9 @@ ENGINE_OPS = {
     "rms_norm_backward": EngineOp(2, 768, 512, param_sums=True),
     "normalize": EngineOp(1, 1024, 512), "normalize_backward": EngineOp(2, 1024, 512),
     "cross_entropy": EngineOp(1, 1024, 512), "cross_entropy_backward": EngineOp(1, 512, 512, reduces=False),
+    # fused_linear_cross_entropy's chunk of logits with the gradient: loss, statistics and dlogits in place from
+    # one read (CrossEntropyForwardGrad, without label smoothing: the forward's plan)
+    "fused_linear_cross_entropy": EngineOp(1, 1024, 512),
 }
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 SUB_WARP_THREADS, BYTES_IN_FLIGHT = 256, 32 * 1024  # row_engine.cuh's
@@ -84,7 +87,7 @@ def block_threads(name: str, dtype: str) -> int:
 
 def max_threads(name: str, dtype: str) -> int:
     op = ENGINE_OPS[name]
-    return 512 if name == "cross_entropy" and dtype == "float64" else op.max_threads
+    return 512 if name in ("cross_entropy", "fused_linear_cross_entropy") and dtype == "float64" else op.max_threads
 
 
 @functools.lru_cache(maxsize=1)
@@ -177,12 +180,57 @@ def benchmark_table() -> list[dict]:
 
     preset = PRESETS["cuda"]
     shapes = tuple(preset.shapes) + tuple(preset.row_sweep)
-    table = row_table(shapes, preset.dtypes)
+    table = row_table(shapes, preset.dtypes, names=tuple(n for n in ENGINE_OPS if n != "fused_linear_cross_entropy"))
     vocab = tuple((tokens, vocab) for tokens, _, vocab in preset.fused_shapes)
     table += row_table(vocab, (preset.fused_dtype,), names=("cross_entropy", "cross_entropy_backward"))
+    table += row_table(fused_chunks(preset), (preset.fused_dtype,),
+                       names=("cross_entropy", "cross_entropy_backward", "fused_linear_cross_entropy"))
     return table
 
 
+CHUNK_BYTES = 112 << 20  # csrc/cuda/cross_entropy.cu's kChunkBytes
+
+
+def chunk_rows(rows: int, vocab: int, itemsize: int) -> int:
+    """csrc/ops/cross_entropy.h's chunk_rows: the rows of one chunk of fused_linear_cross_entropy's logits."""
+    return min(max(CHUNK_BYTES // max(1, vocab * itemsize) // 8 * 8, 8), max(rows, 8))
+
+
+def fused_chunks(preset) -> tuple:
+    """(rows, vocab) of the chunks of logits the fused loss's row kernels run on at the preset's shapes."""
+    size = ITEMSIZE[preset.fused_dtype]
+    return tuple(dict.fromkeys((chunk_rows(tokens, vocab, size), vocab) for tokens, _, vocab in preset.fused_shapes))
+
+
+def fused_loss_passes(table: list[dict]) -> list[dict]:
+    """Passes over each chunk of the fused loss's logits by its row kernels where the gradient is wanted (the
+    matrix products aside; benchmarks/sol.py's FUSED_LOSS_ROW_PASSES): before, the forward kernel's reads, then
+    the gradient kernel's read and write; now, the one kernel's reads and its write."""
+    plans = {(r["op"], r["rows"], r["n"], r["gpu"]): r for r in table}
+    out = []
+    for (op, rows, n, gpu), r in plans.items():
+        if op != "fused_linear_cross_entropy":
+            continue
+        before = plans[("cross_entropy", rows, n, gpu)]["reads"] + 2
+        out.append(dict(rows=rows, n=n, gpu=gpu, dtype=r["dtype"], before=before, now=r["reads"] + 1))
+    return out
+
+
+def fused_markdown(passes: list[dict]) -> str:
+    cards = list(dict.fromkeys(p["gpu"] for p in passes))
+    out = ["| chunk (rows × vocab) | dtype | " + " | ".join(f"{c}: before → now" for c in cards) + " |",
+           "|---|---|" + "---|" * len(cards)]
+    lines: dict[tuple, dict] = {}
+    for p in passes:
+        lines.setdefault((p["rows"], p["n"], p["dtype"]), {})[p["gpu"]] = f"{p['before']} → {p['now']}"
+    for (rows, n, dtype), cells in lines.items():
+        out.append(f"| {rows} × {n} | {dtype} | " + " | ".join(cells.get(c, "") for c in cards) + " |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
-    print(markdown(benchmark_table()))
+    _table = benchmark_table()
+    print(markdown(_table))
+    print()
+    print(fused_markdown(fused_loss_passes(_table)))
     sys.exit(0)

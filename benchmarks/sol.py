@@ -41,6 +41,14 @@ PASSES: dict[str, tuple[int, int]] = {
     "rope": (4, 4),
 }
 
+# fused_linear_cross_entropy is timed against its matrix products (benchmarks/fused_loss.py), but its row
+# kernels' passes over each chunk of logits (rows × vocab, written by the first product) are counted here. With
+# the gradient, the minimum is one read of the logits and one write of dlogits over them (2): on CUDA one
+# kernel (CrossEntropyForwardGrad) does both; before, the CE forward read them and the gradient kernel read and
+# wrote them (3). Without the gradient, one read (1). benchmarks/plans.py's fused_loss_passes gives the passes
+# each card's plan makes (a row split across blocks reads its chunk once more).
+FUSED_LOSS_ROW_PASSES = {"loss": 1, "loss+grad": 2}
+
 PHASES = ("fwd", "bwd", "fwd+bwd")
 
 

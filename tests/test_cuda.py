@@ -536,6 +536,44 @@ def test_paths_gated_alignment(name, extra, dtype):
             torch.testing.assert_close(_cpu(db), want_db, **TOL[dtype])
 
 
+def _every_value(dtype):
+    """Every finite value of a 16-bit dtype (bit patterns 0..65535)."""
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    return x[torch.isfinite(x)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_paths_half_type_exact_gelu_accuracy(dtype):
+    """Exact GELU and GeGLU in the half types (MUFU.EX2 and MUFU.RCP: csrc/math/gelu_fast.h), forward and
+    backward, for every finite bf16 and fp16 input, against float64 (erfc-based, accurate in the lower tail):
+    within one ulp of the dtype, as the host emulation (benchmarks/gelu_accuracy.py) predicts (at most 0.7)."""
+    import math
+
+    import torch_vjp
+
+    x = _every_value(dtype)
+    x64 = x.double()
+    cdf = 0.5 * torch.special.erfc(-x64 / math.sqrt(2))
+    want_f, want_df = x64 * cdf, cdf + x64 * torch.exp(-0.5 * x64 * x64) / math.sqrt(2 * math.pi)
+
+    def ulps(got, ref):
+        """Largest |got - ref| in ulps of dtype at ref."""
+        rounded = ref.to(dtype)
+        ulp = (torch.nextafter(rounded.abs(), torch.tensor(math.inf, dtype=dtype)) - rounded.abs()).double()
+        return ((got.cpu().double() - ref).abs() / ulp).nan_to_num(0.0).max().item()
+
+    xg = x.to(GPU).requires_grad_()
+    y = torch_vjp.gelu(xg, approximate="none")
+    (dx,) = torch.autograd.grad(y, xg, torch.ones_like(y))
+    up = torch.ones_like(xg, requires_grad=True)
+    z = torch_vjp.geglu(xg, up, approximate="none")
+    da, db = torch.autograd.grad(z, (xg, up), torch.ones_like(z))
+    for name, got, ref in (("gelu", y, want_f), ("gelu'", dx, want_df), ("geglu", z, want_f), ("geglu da", da, want_df),
+                           ("geglu db", db, want_f)):
+        err = ulps(got.detach(), ref)
+        assert err <= 1.0, f"{name} {dtype}: {err:.3g} ulps"
+
+
 def test_paths_gated_shapes():
     """A 3-D tensor (the kernels see one flat run) against float64 torch."""
     gate = _randn((4, 33, 257), torch.float32, 1, 2.0).to(GPU)
@@ -706,6 +744,29 @@ def _check_fused_linear_cross_entropy(vocab):
         if reduction != "none":
             for g, g64 in zip((gx, gw, gb), grads64):
                 torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_paths_fused_cross_entropy_kernel_matches_the_two_kernels(dtype):
+    """The fused loss's one-read kernel (loss, statistics and dlogits in place: CrossEntropyForwardGrad) gives
+    the bits of cross_entropy's forward kernel followed by its gradient kernel, on every path (rows per warp,
+    warp, block, cluster or split): the same plan, the same merges. Smoothing too, where the row fits a block of
+    512 threads or a cluster (elsewhere its plan splits the row and may merge in another order)."""
+    rows, hidden = 24, 32
+    for vocab in (100, 1000, 5003, 50257, 128256):
+        x = _randn((rows, hidden), dtype, 30).to(GPU)
+        w = _randn((vocab, hidden), dtype, 31, 0.5).to(GPU)
+        target = _ce_targets(rows, vocab, 32, ignored=(3,)).to(GPU)
+        logits = torch.mm(x, w.t())  # the fused op's chunk (one chunk: rows x vocab fits kChunkBytes)
+        short = vocab * logits.element_size() <= 512 * 64  # a row of at most 512 threads' packs
+        for smoothing in (0.0, 0.1) if short or torch.cuda.get_device_capability()[0] >= 9 else (0.0,):
+            loss, row_max, log_sum = VJP.cross_entropy(logits, target, -100, "none", smoothing)
+            dlogits = VJP.cross_entropy_backward(torch.ones(rows, device=GPU, dtype=loss.dtype), logits, target,
+                                                 row_max, log_sum, -100, "none", smoothing)
+            fused, gx, _, _ = VJP.fused_linear_cross_entropy(x, w, target, None, -100, "none", smoothing, True)
+            where = f"vocab {vocab}, smoothing {smoothing}"
+            assert torch.equal(fused.to(dtype), loss), where
+            assert torch.equal(gx, torch.mm(dlogits, w)), where
 
 
 def test_fused_linear_cross_entropy_bf16_vocab_50000():

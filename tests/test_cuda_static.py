@@ -118,3 +118,44 @@ def test_plans_table_in_the_readme_is_current():
     plans, table = _plan_table()
     readme = open(os.path.join(plans.ROOT, "benchmarks", "README.md")).read()
     assert plans.markdown(table) in readme, "regenerate it: python -m benchmarks.plans"
+
+
+# --- Exact GELU in the half types (csrc/math/gelu_fast.h compiled for the host: benchmarks/gelu_accuracy.py) --
+
+def test_half_type_gelu_formula_accuracy():
+    """The CUDA half types' exact GELU (one ex2.approx, one rcp.approx), emulated on the host with those two
+    functions off by the hardware's error bound in each direction, for every finite bf16 and fp16 input:
+    f and f' rounded to the dtype within 0.75 ulp of float64 (0.5 is correct rounding), never further than
+    torch's own float formula x/2 (1 + erf(x/√2)) lands, and no more results off the correctly rounded one."""
+    from benchmarks import gelu_accuracy
+    try:
+        gelu_accuracy.gelu_host()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    rows = gelu_accuracy.summary()
+    torch_row = {r["dtype"]: r for r in rows if r["variant"] == "exact"}
+    for r in rows:
+        t = torch_row[r["dtype"]]
+        for key in ("f", "df"):
+            where = (r["dtype"], r["variant"], key, r[f"{key}_ulps"], r[f"{key}_off"])
+            assert r[f"{key}_ulps"] <= 0.75, where
+            assert r[f"{key}_ulps"] <= t[f"torch_{key}_ulps"], where
+            assert r[f"{key}_off"] <= t[f"torch_{key}_off"], where
+
+
+def test_fused_loss_reads_each_chunk_once_where_a_kernel_holds_its_rows():
+    """fused_linear_cross_entropy with the gradient: its row kernels pass over each chunk of logits one pass
+    fewer than the forward-then-gradient kernels did, and exactly the minimum (read once, write once) wherever
+    the plan does not split the rows; the table in benchmarks/README.md is current."""
+    plans, table = _plan_table()
+    from benchmarks import sol
+    passes = plans.fused_loss_passes(table)
+    assert passes
+    plan = {(r["op"], r["rows"], r["n"], r["gpu"]): r for r in table}
+    for p in passes:
+        where = (p["rows"], p["n"], p["gpu"])
+        assert p["now"] == p["before"] - 1, where
+        if plan[("fused_linear_cross_entropy", p["rows"], p["n"], p["gpu"])]["path"] != "split":
+            assert p["now"] == sol.FUSED_LOSS_ROW_PASSES["loss+grad"], where
+    readme = open(os.path.join(plans.ROOT, "benchmarks", "README.md")).read()
+    assert plans.fused_markdown(passes) in readme, "regenerate it: python -m benchmarks.plans"

@@ -64,6 +64,36 @@ struct CudaCrossEntropy {
     });
   }
 
+  // Both in one kernel (CrossEntropyForwardGrad): loss, row_max, log_sum and dx from one read of x, with the
+  // bits of cross_entropy_rows followed by cross_entropy_grad_rows. dx = x allowed (written in place).
+  static void cross_entropy_with_grad_rows(const at::Tensor& x, const at::Tensor& target, int64_t ignore_index,
+                                           double smoothing, const at::Tensor& scale, const at::Tensor& loss,
+                                           const at::Tensor& row_max, const at::Tensor& log_sum, const at::Tensor& dx) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_vjp_cross_entropy_with_grad_cuda", [&] {
+      const auto run = [&](auto op) {
+        using Op = decltype(op);
+        using S = typename Op::S;
+        const int64_t classes = x.size(1);
+        op.forward.target = target.const_data_ptr<int64_t>();
+        op.forward.ignore_index = ignore_index;
+        op.forward.classes = classes;
+        op.forward.smoothing = static_cast<S>(smoothing);
+        op.forward.per_class = static_cast<S>(smoothing / static_cast<double>(classes));
+        op.per_class_target = static_cast<S>(smoothing / static_cast<double>(classes) + (1.0 - smoothing));
+        Operands<Op> ops;
+        ops.in[0] = x.const_data_ptr<scalar_t>();
+        ops.out = dx.mutable_data_ptr<scalar_t>();
+        ops.row_in[0] = scale.const_data_ptr<S>();
+        ops.row_out[0] = loss.mutable_data_ptr<S>();
+        ops.row_out[1] = row_max.mutable_data_ptr<S>();
+        ops.row_out[2] = log_sum.mutable_data_ptr<S>();
+        run_rows(op, RowLayout{x.size(0), classes, 1}, ops);
+      };
+      if (smoothing > 0) run(CrossEntropyForwardGrad<scalar_t, true>{});
+      else run(CrossEntropyForwardGrad<scalar_t, false>{});
+    });
+  }
+
   // The logits of one chunk of fused_linear_cross_entropy: 112 MiB, whatever memory is free (a chunk sized from
   // free memory made the gradient's bits depend on it: the chunks decide the order of the fp32 sums). The size
   // keeps the reference case (8192 tokens × hidden 4096 × vocab 128256, bf16, on an H200) near its memory
@@ -77,11 +107,13 @@ struct CudaCrossEntropy {
 
 }  // namespace
 
-// The plan of each kernel (cuda/plan.h); the forward's with and without smoothing are the same.
+// The plan of each kernel (cuda/plan.h); the forward's with and without smoothing are the same, and the fused
+// kernel's (fused_linear_cross_entropy's chunks of logits with the gradient) is the forward's.
 template <class T>
 bool cross_entropy_plan(std::string_view op, const RowLayout& l, Plan& plan) {
   if (op == "cross_entropy") plan = engine_plan<CrossEntropyForward<T, false>>(l);
   else if (op == "cross_entropy_backward") plan = engine_plan<CrossEntropyGrad<T>>(l);
+  else if (op == "fused_linear_cross_entropy") plan = engine_plan<CrossEntropyForwardGrad<T, false>>(l);  // a chunk's
   else return false;
   return true;
 }

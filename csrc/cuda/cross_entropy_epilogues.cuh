@@ -109,13 +109,21 @@ struct CrossEntropyForward : EpilogueDefaults {
   }
 
   template <class Each>
-  __device__ __forceinline__ Stat partial(const Each& each, const S (&row_in)[1], const RowAt& at) const {
+  __device__ __forceinline__ Stat partial(const Each& each, const S (&)[1], const RowAt&) const {
+    return partial_seeing(each, [](const S (&)[1], int) {});
+  }
+
+  // The partial, with see(v, e) called on every element slot in the first pass (CrossEntropyForwardGrad picks
+  // the target logit there). Without smoothing: the log_softmax forward's partial (SoftmaxForward::partial).
+  template <class Each, class See>
+  __device__ __forceinline__ Stat partial_seeing(const Each& each, const See& see) const {
+    S m = neg_inf<S>();
     if constexpr (kSmoothing) {
-      S m = neg_inf<S>();
       int count = 0;  // an int: the adds of a whole pack fold into one
-      each([&](const S (&v)[1], int) {
+      each([&](const S (&v)[1], int e) {
         m = max_nan(m, v[0]);
         ++count;
+        see(v, e);
       });
       if (count == 0) return identity();
       if (m == neg_inf<S>()) return {LogSoftmaxForward{}.identity(), neg_inf<S>(), S(count)};  // -inf only
@@ -127,7 +135,15 @@ struct CrossEntropyForward : EpilogueDefaults {
       });
       return {{m, s}, sum, S(count)};
     } else {
-      return LogSoftmaxForward{}.partial(each, row_in, at);
+      each([&](const S (&v)[1], int e) {
+        m = max_nan(m, v[0]);
+        see(v, e);
+      });
+      if (m == neg_inf<S>()) return identity();  // padding only, or -inf only: nothing to add
+      const typename LogSoftmaxForward::Exp e(math::shift_for<math::SoftmaxKind::LogSoftmax>(m));
+      S s = 0;
+      each([&](const S (&v)[1], int) { s += e(v[0]); });
+      return {m, s};
     }
   }
 
@@ -225,6 +241,98 @@ struct CrossEntropyGrad : SumEpilogue<Opmath<T_>> {
   __device__ __forceinline__ S map(const Row& r, const S (&v)[1], int e) const {
     return math::cross_entropy_vjp_with(v[0], r.softmax, r.scale, e == r.t ? per_class_target : per_class);
   }
+  __device__ __forceinline__ bool row_ok(const Row& r) const { return r.ok; }
+};
+
+// Forward and gradient in one kernel, for fused_linear_cross_entropy's chunks where the gradient is wanted:
+// the logits are read once (into registers), reduced to (m, log_s) and the loss exactly as CrossEntropyForward
+// does, and dlogits written over them (in place) as CrossEntropyGrad does, from the same (m, log_s) bits it
+// would have read back. Launched with CrossEntropyForward's block and cluster sizes, so that the plan, and with
+// it the order of the (m, s) merges, is the forward's: loss, m, log_s and dlogits have the bits of the two
+// kernels they replace. Per row: reads the logits once, writes dlogits once (the split path, rows longer than
+// a block or a cluster holds, reads its chunk a second time, from L2 where the few rows fit, as the forward).
+//
+// VJP (CrossEntropyGrad's derivation above): dx_ij = s_i (p_ij - ε/C - (1 - ε)[j = t_i]), p_i = exp((x_i - m_i)
+// - log_s_i), with (m_i, log_s_i) this kernel's own reduction and s_i the row input (the frontend's row_scale).
+//
+// The target logit rides in the Stat (read from the thread's registers in partial): finish may not read it
+// from memory, because in place another thread of the row (of the block, the cluster, or an earlier chunk of
+// a split row) may already have written dlogits over it.
+template <class T_, bool kSmoothing>
+struct CrossEntropyForwardGrad : EpilogueDefaults {
+  using T = T_;
+  using S = Opmath<T>;
+  using R = S;
+  using Forward = CrossEntropyForward<T, kSmoothing>;
+  // The target logit, NaN where not among the elements seen: no flag needed, because a NaN target logit
+  // makes the row max NaN (max_nan), and with it the loss, whichever NaN the merges keep.
+  struct Stat {
+    typename Forward::Stat loss;  // the forward's reduction
+    S target_logit;
+  };
+  static constexpr int kIn = 1;
+  static constexpr int kRowIn = 1;  // scale
+  static constexpr bool kElementOut = true;
+  static constexpr int kRowOut = 3;  // loss, row_max, log_sum
+  static constexpr bool kReduces = true;
+  static constexpr bool kMasked = Forward::kMasked;
+  static constexpr bool kRowsOnly = true;
+  static constexpr bool kAsserts = true;  // the target
+  // The forward's plan (same merges, same bits), except with smoothing: at 1024 threads (64 registers) ptxas
+  // spilled 56-152 B of that variant's WideBlock instance, so its rows longer than 512 threads hold, where no
+  // cluster runs, are split (read twice, as the forward and gradient kernels read them; merged in another
+  // order, so their bits may differ from those two kernels').
+  static constexpr int kMaxThreads = kSmoothing ? 512 : Forward::kMaxThreads;
+  static constexpr int kClusterThreads = Forward::kClusterThreads;
+  Forward forward;  // logits unused (the target logit comes from the Stat)
+  S per_class_target;  // ε/C + (1 - ε)
+
+  struct Row {
+    S loss, m, log_s;
+    SoftmaxFromStatsFor<T> softmax;
+    S scale;
+    int t;    // the target's run element, or -1
+    bool ok;  // the target is in range
+  };
+
+  __device__ __forceinline__ S pad(int i) const { return forward.pad(i); }
+  __device__ __forceinline__ Stat identity() const { return {forward.identity(), S(NAN)}; }
+  __device__ __forceinline__ Stat combine(Stat a, Stat b) const {
+    return {forward.combine(a.loss, b.loss), b.target_logit == b.target_logit ? b.target_logit : a.target_logit};
+  }
+
+  template <class Each>
+  __device__ __forceinline__ Stat partial(const Each& each, const S (&)[1], const RowAt& at) const {
+    const int t = target_in_run(forward.target[at.row], forward.ignore_index, at);
+    S x_t = S(NAN);
+    const auto loss = forward.partial_seeing(each, [&](const S (&v)[1], int e) {
+      if (e == t) x_t = v[0];
+    });
+    return {loss, x_t};
+  }
+
+  __device__ __forceinline__ Row finish(Stat st, const S (&row_in)[1], const RowAt& at) const {
+    const int64_t t = forward.target[at.row];
+    const bool counted = t != forward.ignore_index && t >= 0 && t < forward.classes;
+    MaxSum<S> ms;
+    S sum_shifted = 0;
+    if constexpr (kSmoothing) {
+      ms = st.loss.ms;
+      sum_shifted = st.loss.sum;
+    } else {
+      ms = st.loss;
+    }
+    const S log_s = math::log_(ms.s);
+    const S loss = counted ? math::cross_entropy_loss_with(log_s, st.target_logit - ms.m, sum_shifted,
+                                                           forward.smoothing, forward.per_class)
+                           : S(0);
+    return {loss, ms.m, log_s, softmax_from_stats<T>(ms.m, log_s), row_in[0], target_in_run(t, forward.ignore_index, at),
+            target_ok(t, forward.ignore_index, forward.classes)};
+  }
+  __device__ __forceinline__ S map(const Row& r, const S (&v)[1], int e) const {
+    return math::cross_entropy_vjp_with(v[0], r.softmax, r.scale, e == r.t ? per_class_target : forward.per_class);
+  }
+  __device__ __forceinline__ S row_out(const Row& r, int i) const { return i == 0 ? r.loss : i == 1 ? r.m : r.log_s; }
   __device__ __forceinline__ bool row_ok(const Row& r) const { return r.ok; }
 };
 

@@ -13,11 +13,14 @@ namespace {
 // Forward: out = op.forward(x). Backward: the Jacobian of an elementwise f is diag(f'(x)), so
 // dx = Jᵀ dy = dy ⊙ f'(x), which op.backward(dy, saved) computes from saved = y or x (per Op::kSavesOutput).
 // Each reads its inputs once and writes out once.
+// for_storage<T>: the functor with the math T's kernel evaluates (MathFor: exact GELU's in the half types).
 template <class Op>
 struct Forward {
   Op op;
   template <class S>
   __device__ __forceinline__ void operator()(const S (&x)[1], S (&y)[1]) const { y[0] = op.forward(x[0]); }
+  template <class T>
+  auto for_storage() const { return Forward<decltype(MathFor<T, Op>::of(op))>{MathFor<T, Op>::of(op)}; }
 };
 
 template <class Op>
@@ -25,6 +28,8 @@ struct Backward {
   Op op;
   template <class S>
   __device__ __forceinline__ void operator()(const S (&x)[2], S (&y)[1]) const { y[0] = op.backward(x[0], x[1]); }
+  template <class T>
+  auto for_storage() const { return Backward<decltype(MathFor<T, Op>::of(op))>{MathFor<T, Op>::of(op)}; }
 };
 
 struct CudaElementwise {

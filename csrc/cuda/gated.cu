@@ -19,6 +19,8 @@ struct GatedForward {
   Op op;
   template <class S>
   __device__ __forceinline__ void operator()(const S (&x)[2], S (&y)[1]) const { y[0] = op.forward(x[0], x[1]); }
+  template <class T>  // the math T's kernel evaluates (MathFor: exact GELU's in the half types)
+  auto for_storage() const { return GatedForward<decltype(MathFor<T, Op>::of(op))>{MathFor<T, Op>::of(op)}; }
 };
 
 template <class Op>
@@ -26,6 +28,8 @@ struct GatedBackward {
   Op op;
   template <class S>
   __device__ __forceinline__ void operator()(const S (&x)[3], S (&y)[2]) const { op.backward(x[0], x[1], x[2], y[0], y[1]); }
+  template <class T>
+  auto for_storage() const { return GatedBackward<decltype(MathFor<T, Op>::of(op))>{MathFor<T, Op>::of(op)}; }
 };
 
 struct CudaGated {

@@ -16,7 +16,14 @@
 namespace torch_vjp::cuda {
 
 constexpr int kWarpSize = 32;
-constexpr int kColumnMaxThreads = 512;  // column_kernel: holds P statistics per thread, needs up to 128 registers
+// column_kernel's largest block, and the blocks an SM its launch bound asks for: two, so that one loads its
+// tile while the other reduces (one 512-thread block an SM alternated the two). The vectorised kernel (kVec,
+// P statistics a thread: 84-105 registers on sm_90) takes blocks of up to 256 threads (128 registers), the
+// other up to 512 (64 registers).
+constexpr int kColumnMaxThreads = 512;
+constexpr int kColumnVecMaxThreads = 256;
+constexpr int kColumnMinBlocks = 2;
+TORCH_VJP_HOST_DEVICE constexpr int column_max_threads(bool vec) { return vec ? kColumnVecMaxThreads : kColumnMaxThreads; }
 constexpr int kSubWarpThreads = 256;    // row_kernel with G <= 32 lanes a row: 256 / G rows a block
 constexpr int kSplitMinThreads = 128;   // the smallest chunk of a split row, in threads
 
@@ -92,6 +99,7 @@ inline Plan plan_rows(int64_t rows, int64_t n, int P, int Vmax, int max_threads,
 // inner > 1. vec: inner % P == 0 and every pointer 16-byte aligned.
 inline Plan plan_columns(int64_t outer, int64_t n, int64_t inner, int P, int V, bool vec, int sms, bool clusters) {
   const int Pe = vec ? P : 1;
+  const int max_threads = column_max_threads(vec);
   const int64_t col_packs = outer * inner / Pe;
   const int64_t rows_threads = ceil_div(n, V);  // threads along n that hold a whole column
   // Widest slot count first (W · Pe <= 32: the reduction's shared buffer; wider tiles, longer contiguous
@@ -101,8 +109,8 @@ inline Plan plan_columns(int64_t outer, int64_t n, int64_t inner, int P, int V, 
   for (int W = widest; W >= narrowest; W /= 2) {
     const int64_t threads_needed = round_up(rows_threads * W, kWarpSize);
     int cluster = 0;
-    if (threads_needed <= kColumnMaxThreads) cluster = 1;
-    else if (clusters && threads_needed <= 8 * kColumnMaxThreads) cluster = static_cast<int>(ceil_div(threads_needed, kColumnMaxThreads));
+    if (threads_needed <= max_threads) cluster = 1;
+    else if (clusters && threads_needed <= 8 * max_threads) cluster = static_cast<int>(ceil_div(threads_needed, max_threads));
     if (cluster == 0) continue;
     const int64_t tiles = ceil_div(col_packs, W);
     if (tiles * cluster < sms / 2 && n >= 4 * int64_t(kSplitMinThreads / W) * V) break;  // few tiles: split along n
@@ -112,7 +120,7 @@ inline Plan plan_columns(int64_t outer, int64_t n, int64_t inner, int P, int V, 
   // Split along n, at the widest tile: chunks of H·V rows, enough chunks to give every SM work.
   const int W = widest;
   const int64_t tiles = ceil_div(col_packs, W);
-  const int64_t least = ceil_div(n, int64_t(kColumnMaxThreads / W) * V);
+  const int64_t least = ceil_div(n, int64_t(max_threads / W) * V);
   const int64_t most = std::max(least, ceil_div(n, int64_t(std::max(1, kSplitMinThreads / W)) * V));
   const int64_t chunks0 = std::min(most, std::max(least, ceil_div(2 * int64_t(sms), tiles)));
   const int threads = static_cast<int>(round_up(ceil_div(ceil_div(n, chunks0), V) * W, kWarpSize));

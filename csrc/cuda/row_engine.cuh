@@ -28,7 +28,7 @@
 //     ([row][chunk], the op's Stat type); phase 2 combines the row's partials (the same order in every
 //     block), re-reads its chunk (from L2 when the tensor fits there: the few-rows case) and maps it. No
 //     atomics: deterministic. So sm_80 reads a float row of more than 32768 (backward 16384) twice.
-// inner > 1, column_kernel<Op, V, kVec>: a block is W column slots × H threads along n (W·H <= 512). A slot
+// inner > 1, column_kernel<Op, V, kVec>: a block is W column slots × H threads along n (W·H <= 512; 256 for kVec). A slot
 //   is a 16-byte pack of P adjacent columns when inner is a multiple of P and every pointer is aligned
 //   (kVec), else one column; W · (columns a slot) <= 32 and every row segment a warp reads is at least 32
 //   bytes (a sector). A tile of W slots × H·V rows is held in registers and reduced along n through shared
@@ -138,7 +138,8 @@ namespace torch_vjp::cuda {
 template <class T>
 using Opmath = at::opmath_type<T>;
 
-// kColumnMaxThreads, kSubWarpThreads, kSplitMinThreads: cuda/plan_rows.h (the plan uses them).
+// kColumnMaxThreads, kColumnVecMaxThreads, kColumnMinBlocks, kSubWarpThreads, kSplitMinThreads: cuda/plan_rows.h
+// (the plan uses them).
 constexpr int kParamSumThreads = 256;   // param_sums_kernel: row positions a block
 
 enum class Mode : int {
@@ -530,7 +531,7 @@ __global__ void __launch_bounds__(kRowThreads<Op, K>, (kRowMinBlocks<Op, V, K>))
 // covers column pack cp = tile·W + tx of the flattened columns (o, i) (kVec: Pe = P adjacent columns of one
 // o, a 16-byte pack; else Pe = 1 column); member m holds rows j = chunk·chunk_len + m + v·width, v < V.
 template <class Op, int V, bool kVec>
-__global__ void __launch_bounds__(kColumnMaxThreads) column_kernel(const EngineArgs<Op> a) {
+__global__ void __launch_bounds__(column_max_threads(kVec), kColumnMinBlocks) column_kernel(const EngineArgs<Op> a) {
   static_assert(!Op::kRowsOnly, "an op that uses row positions or parameters runs on rows only");
   using T = typename Op::T;
   using S = typename Op::S;

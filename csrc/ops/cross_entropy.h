@@ -9,6 +9,9 @@
 //   Backend::cross_entropy_grad_rows(x, target, row_max, log_sum, scale, ignore_index, smoothing, dx)
 //       dx_i = scale_i (softmax(x_i) - smoothed one-hot(t_i)); dx may be x itself (written in place)
 //   Backend::kChunkBytes   the bytes of logits one chunk of fused_linear_cross_entropy may hold
+// and may supply both in one pass (one read of x; used by fused_linear_cross_entropy's chunks when the
+// gradient is wanted), with the bits of cross_entropy_rows followed by cross_entropy_grad_rows:
+//   Backend::cross_entropy_with_grad_rows(x, target, ignore_index, smoothing, scale, loss, row_max, log_sum, dx)
 // and calls register_cross_entropy<Backend>(m) in its TORCH_LIBRARY_IMPL. Checks, shapes, the reductions and
 // the fused op's chunk loop (matrix products through at::mm / at::addmm: cuBLAS or the CPU BLAS) are here.
 #pragma once
@@ -21,11 +24,19 @@
 #include <algorithm>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "common/checks.h"
 #include "math/cross_entropy.h"
 
 namespace torch_vjp {
+
+// Whether Backend has cross_entropy_with_grad_rows (the CUDA backend; the CPU's runs the two passes).
+template <class Backend, class = void>
+struct HasCrossEntropyWithGrad : std::false_type {};
+template <class Backend>
+struct HasCrossEntropyWithGrad<Backend, std::void_t<decltype(&Backend::cross_entropy_with_grad_rows)>>
+    : std::true_type {};
 
 using math::Reduction;
 
@@ -170,7 +181,8 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_output, const at::Tenso
 
 // fused_linear_cross_entropy: cross_entropy(input @ weightᵀ + bias) without ever holding all the logits.
 // Rows go in chunks; for each, logits = x_c weightᵀ + bias (at::addmm), their loss, and, when gradients are
-// wanted, dlogits written over the chunk's own logits, then grad_input_c = dlogits weight and
+// wanted, dlogits written over the chunk's own logits (on CUDA by the same kernel as the loss: one read of
+// the chunk's logits, one write), then grad_input_c = dlogits weight and
 // grad_weight += dlogitsᵀ x_c, grad_bias += Σ_rows dlogits, both accumulated in the compute type (float32
 // for half types) across chunks and rounded once at the end, as one product over every row would be.
 //
@@ -220,11 +232,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> linear
     const auto t = a.target.narrow(0, begin, n);
     auto logits = a.bias.has_value() ? at::addmm(*a.bias, x, a.weight.t()) : at::mm(x, a.weight.t());
     const auto chunk_max = row_max.narrow(0, begin, n), chunk_log_sum = log_sum.narrow(0, begin, n);
-    Backend::cross_entropy_rows(logits, t, a.ignore_index, a.label_smoothing, losses.narrow(0, begin, n), chunk_max,
-                                chunk_log_sum);
-    if (!grads) continue;
-    Backend::cross_entropy_grad_rows(logits, t, chunk_max, chunk_log_sum, scale.narrow(0, begin, n), a.ignore_index,
-                                     a.label_smoothing, logits);  // dlogits over the chunk's own logits
+    const auto chunk_losses = losses.narrow(0, begin, n);
+    if (!grads) {
+      Backend::cross_entropy_rows(logits, t, a.ignore_index, a.label_smoothing, chunk_losses, chunk_max, chunk_log_sum);
+      continue;
+    }
+    // dlogits over the chunk's own logits
+    if constexpr (HasCrossEntropyWithGrad<Backend>::value) {
+      Backend::cross_entropy_with_grad_rows(logits, t, a.ignore_index, a.label_smoothing, scale.narrow(0, begin, n),
+                                            chunk_losses, chunk_max, chunk_log_sum, logits);
+    } else {
+      Backend::cross_entropy_rows(logits, t, a.ignore_index, a.label_smoothing, chunk_losses, chunk_max, chunk_log_sum);
+      Backend::cross_entropy_grad_rows(logits, t, chunk_max, chunk_log_sum, scale.narrow(0, begin, n), a.ignore_index,
+                                       a.label_smoothing, logits);
+    }
     auto grad_input_rows = grad_input.narrow(0, begin, n);
     at::mm_out(grad_input_rows, logits, a.weight);
     add_product(grad_weight, logits.t(), x);
