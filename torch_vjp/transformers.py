@@ -188,21 +188,27 @@ def _calls(function, name: str) -> bool:
 # The forwards bound to patched instances. They read all they need from `self`, so a deep copy of a patched
 # model (a reference model, an EMA copy) runs its own parameters.
 
+_NATIVE = (torch.float32, torch.bfloat16, torch.float16)  # dtypes the eager norms compute in float32 from
+
+
 def _llama_rms_norm_forward(self, hidden_states):
-    # The eager module normalises in float32, rounds to the input dtype, then scales by the weight; the kernel
-    # computes half types in float32 and rounds once, so only the scaling stays outside. float64 input is
-    # normalised in float32 by the eager module too.
-    native = hidden_states.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    x = hidden_states if native else hidden_states.float()
-    if hidden_states.dtype == torch.float32 and self.weight.dtype == torch.float32 and self._torch_vjp_fuse_weight:
-        return torch_vjp.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
-    return self.weight * torch_vjp.rms_norm(x, (x.shape[-1],), None, self.variance_epsilon).to(hidden_states.dtype)
+    # The eager module normalises in float32, rounds to the input dtype, then scales by the weight (in the
+    # weight's and the input's promoted dtype): rms_norm's casting_mode="llama". float64 input is normalised in
+    # float32 by the eager module, then scaled in float64.
+    if hidden_states.dtype in _NATIVE:
+        return torch_vjp.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self.variance_epsilon,
+                                  casting_mode="llama")
+    y = torch_vjp.rms_norm(hidden_states.float(), (hidden_states.shape[-1],), None, self.variance_epsilon)
+    return self.weight * y.to(hidden_states.dtype)
 
 
 def _gemma_rms_norm_forward(self, x):
-    # Gemma scales by (1 + weight) in float32 and casts after.
-    y = torch_vjp.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
-    return (y * (1.0 + self.weight.float())).type_as(x)
+    # Gemma scales by 1 + weight in float32 and casts after: rms_norm's offset=1.0 (the kernel adds 1 to the
+    # float32 weight, as `1.0 + weight.float()`, and rounds once). float64 input is computed in float32 too.
+    if x.dtype in _NATIVE:
+        return torch_vjp.rms_norm(x, (x.shape[-1],), self.weight, self.eps, offset=1.0, casting_mode="gemma")
+    y = torch_vjp.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps, offset=1.0)
+    return y.type_as(x)
 
 
 def _layer_norm_forward(self, input):
@@ -501,15 +507,6 @@ def is_patched(model) -> bool:
     return _STATE in _unwrap(model).__dict__
 
 
-def _fuse_weight_matches() -> bool:
-    """Whether rms_norm with the float32 weight inside the kernel rounds as the eager module's x̂ then w·x̂."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 96, generator=generator) * 3
-    w = torch.randn(96, generator=generator)
-    eager = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
-    return torch.equal(torch_vjp.rms_norm(x, (96,), w, 1e-6), eager)
-
-
 def patch(model, *, norms: bool = True, mlp: bool = True, attention: bool = True, loss: Optional[str] = "fused"
           ) -> PatchReport:
     r"""Swap torch_vjp's fused ops into one transformers model instance, in place.
@@ -554,7 +551,6 @@ def patch(model, *, norms: bool = True, mlp: bool = True, attention: bool = True
 
     report = PatchReport(model=type(model).__name__)
     record = _Record(options=options, report=report)
-    fuse_weight = _fuse_weight_matches() if norms else False
     owned_activations = set()  # act_fn modules a patched MLP no longer calls
 
     for name, module in model.named_modules():
@@ -568,8 +564,6 @@ def patch(model, *, norms: bool = True, mlp: bool = True, attention: bool = True
                 continue
             forward = {"layer_norm": _layer_norm_forward, "torch_rms_norm": _torch_rms_norm_forward,
                        "llama_rms_norm": _llama_rms_norm_forward, "gemma_rms_norm": _gemma_rms_norm_forward}[kind]
-            if kind == "llama_rms_norm":
-                _set(record, module, "_torch_vjp_fuse_weight", fuse_weight)
             _set(record, module, "forward", types.MethodType(forward, module))
             report._add("norms", name)
             continue
