@@ -81,7 +81,8 @@ struct NormForward : EpilogueDefaults {
   static constexpr int kClusterBound = kCentered ? 0 : 768;
   S eps, inv_n;  // inv_n = 1 / n
   const T* x;    // the input (layer_norm: each row's first element is its mean's shift)
-  bool round_xhat = false;  // rms_norm casting_mode="llama": x̂ rounded to T before the weight (math/norm.h)
+  bool round_xhat = false;  // rms_norm casting_mode="llama": x̂ rounded to T before the weight (math/norm.h);
+                            // layer_norm's kernels never read it
 
   struct Row {
     S mean, rstd;
@@ -140,9 +141,12 @@ struct NormForward : EpilogueDefaults {
   }
 
   __device__ __forceinline__ S map(const Row& r, const S (&v)[kParamIn + 1], int) const {
-    const S b = kCentered ? v[kParamIn] : S(0);
-    if (round_xhat) return math::norm_out_rounded(v[0], r.mean, r.rstd, v[1], b, [](S t) { return math::as_stored<T>(t); });
-    return math::norm_out(v[0], r.mean, r.rstd, v[1], b);
+    if constexpr (kCentered) {
+      return math::norm_out(v[0], r.mean, r.rstd, v[1], v[2]);
+    } else {
+      if (round_xhat) return math::norm_out_rounded(v[0], r.mean, r.rstd, v[1], S(0), [](S t) { return math::as_stored<T>(t); });
+      return math::norm_out(v[0], r.mean, r.rstd, v[1], S(0));
+    }
   }
 
   __device__ __forceinline__ S row_out(const Row& r, int i) const { return kCentered && i == 0 ? r.mean : r.rstd; }
