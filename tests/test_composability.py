@@ -186,6 +186,9 @@ def exported_model():
             h = h * torch_vjp.sigmoid(x) + torch_vjp.tanh(x) + torch_vjp.exp(-x.abs())
             h = torch_vjp.log_softmax(h, -1) + torch_vjp.softmax(h, 0) + torch_vjp.logsumexp(h, (0, 1), True)
             h = torch_vjp.layer_norm(h, (6,), self.weight, self.bias) + torch_vjp.rms_norm(h, (6,), self.weight)
+            y, s = torch_vjp.add_rms_norm(h, x, (6,), self.weight, offset=1.0, casting_mode="llama")
+            z, s = torch_vjp.add_layer_norm(y, s, (6,), self.weight, self.bias)
+            h = h + z + s
             h = torch_vjp.swiglu(h, x) + torch_vjp.geglu(x, h) + torch_vjp.normalize(h, dim=-1)
             loss = torch_vjp.cross_entropy(h, target, label_smoothing=0.1)
             return h, loss + torch_vjp.fused_linear_cross_entropy(h, self.head, target)
