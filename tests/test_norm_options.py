@@ -79,6 +79,18 @@ def test_casting_modes_are_the_models_arithmetic(n, dtype, w_dtype, device):
         torch.testing.assert_close(llama, llama_eager(x, w, 1e-6))
 
 
+@pytest.mark.parametrize("n", [1, 7, 8, 37, 64, 4096, 70000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_default_mode_is_torchs_rms_norm_bit_for_bit(n, dtype):
+    """casting_mode="torch": F.rms_norm's bits on the CPU, with and without a weight, at row lengths on either
+    side of one vector and long enough for the sum's cascade to flush its levels (70000: 8750 vectors)."""
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(3, n, generator=g, dtype=torch.float64) * 3).to(dtype)
+    w = (torch.randn(n, generator=g, dtype=torch.float64) * 0.3 + 1).to(dtype)
+    for weight in (None, w):
+        assert torch.equal(torch_vjp.rms_norm(x, (n,), weight, 1e-6), F.rms_norm(x, (n,), weight, 1e-6)), weight is None
+
+
 def test_offset_is_a_shift_of_the_weight_and_its_gradient_the_weights(device):
     """rms_norm(x, w, offset=o) is rms_norm(x, o + w) (float64, where the sums are exact enough to compare), and
     the weight's gradient is the same: d(o + w) = dw."""
