@@ -8,6 +8,8 @@ module's attributes.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from . import functional as F
@@ -105,6 +107,13 @@ class RMSNorm(torch.nn.RMSNorm):
     def extra_repr(self) -> str:
         extra = "" if self.offset == 0 else f", offset={self.offset}"
         return super().extra_repr() + extra + ("" if self.casting_mode == "torch" else f", casting_mode={self.casting_mode!r}")
+
+# torch.nn.RMSNorm's constructor signature, then the keyword-only options (inspect.signature, IDEs).
+_RMS_SIGNATURE = inspect.signature(torch.nn.RMSNorm)
+RMSNorm.__signature__ = _RMS_SIGNATURE.replace(parameters=[
+    *_RMS_SIGNATURE.parameters.values(),
+    inspect.Parameter("offset", inspect.Parameter.KEYWORD_ONLY, default=0.0, annotation=float),
+    inspect.Parameter("casting_mode", inspect.Parameter.KEYWORD_ONLY, default="torch", annotation=str)])
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
