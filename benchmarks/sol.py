@@ -28,6 +28,12 @@ PASSES: dict[str, tuple[int, int]] = {
     # per-block partial rows (blocks × n values, negligible) and summed after. Total 5.
     # normalize: forward reads x, writes y (2). Backward reads dy and the saved y, writes dx (3). Total 5.
     "norm": (2, 3),
+    # add_layer_norm, add_rms_norm (s = input + residual, then the norm of s): forward reads input and residual,
+    # writes y and s (4); saves s. Backward, as the table's row times it (y alone used, no gradient reaching s
+    # from elsewhere), reads dy and s, writes the one dx both inputs share (3); with that gradient ds, one more
+    # read (4). Total 7.
+    "add_layer_norm": (4, 3),
+    "add_rms_norm": (4, 3),
     # swiglu, geglu, in passes of the gate's size: forward reads gate and up, writes y (3); saves only the
     # inputs. Backward reads dy, gate and up, writes dgate and dup (5), recomputing the activation. Total 8.
     "gated": (3, 5),

@@ -46,9 +46,23 @@ TORCH_LIBRARY(torch_vjp, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("layer_norm_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, "
         "Tensor? bias, SymInt[] normalized_shape, bool[3] output_mask) -> (Tensor?, Tensor?, Tensor?)");
-  m.def("rms_norm(Tensor input, SymInt[] normalized_shape, Tensor? weight, float eps) -> (Tensor, Tensor)");
+  // rms_norm scales by offset + weight (Gemma: offset 1); casting_mode "llama" rounds x̂ to the input dtype
+  // before the weight multiplies it, "torch" (and "gemma", the same rounding) does not.
+  m.def("rms_norm(Tensor input, SymInt[] normalized_shape, Tensor? weight, float eps, float offset=0., "
+        "str casting_mode=\"torch\") -> (Tensor, Tensor)");
   m.def("rms_norm_backward(Tensor grad_output, Tensor input, Tensor rstd, Tensor? weight, SymInt[] normalized_shape, "
-        "bool[2] output_mask) -> (Tensor?, Tensor?)");
+        "bool[2] output_mask, float offset=0.) -> (Tensor?, Tensor?)");
+  // add_rms_norm / add_layer_norm: s = input + residual (rounded to the input dtype), then the norm of s;
+  // they return (y, s, statistics). The VJP op reads s and adds grad_sum (the gradient reaching s from its
+  // other uses) into dx, the gradient of both input and residual.
+  m.def("add_rms_norm(Tensor input, Tensor residual, SymInt[] normalized_shape, Tensor? weight, float eps, "
+        "float offset=0., str casting_mode=\"torch\") -> (Tensor, Tensor, Tensor)");
+  m.def("add_rms_norm_backward(Tensor grad_output, Tensor? grad_sum, Tensor sum, Tensor rstd, Tensor? weight, "
+        "SymInt[] normalized_shape, bool[2] output_mask, float offset=0.) -> (Tensor?, Tensor?)");
+  m.def("add_layer_norm(Tensor input, Tensor residual, SymInt[] normalized_shape, Tensor? weight, Tensor? bias, "
+        "float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("add_layer_norm_backward(Tensor grad_output, Tensor? grad_sum, Tensor sum, Tensor mean, Tensor rstd, "
+        "Tensor? weight, Tensor? bias, SymInt[] normalized_shape, bool[3] output_mask) -> (Tensor?, Tensor?, Tensor?)");
   m.def("normalize(Tensor input, int dim, float eps) -> (Tensor, Tensor)");
   m.def("normalize_backward(Tensor grad_output, Tensor output, Tensor norm, int dim, float eps) -> Tensor");
 

@@ -195,6 +195,9 @@ def exported_model():
             h = h * torch_vjp.sigmoid(x) + torch_vjp.tanh(x) + torch_vjp.exp(-x.abs())
             h = torch_vjp.log_softmax(h, -1) + torch_vjp.softmax(h, 0) + torch_vjp.logsumexp(h, (0, 1), True)
             h = torch_vjp.layer_norm(h, (6,), self.weight, self.bias) + torch_vjp.rms_norm(h, (6,), self.weight)
+            y, s = torch_vjp.add_rms_norm(h, x, (6,), self.weight, offset=1.0, casting_mode="llama")
+            z, s = torch_vjp.add_layer_norm(y, s, (6,), self.weight, self.bias)
+            h = h + z + s
             h = torch_vjp.swiglu(h, x) + torch_vjp.geglu(x, h) + torch_vjp.normalize(h, dim=-1)
             q_embed, k_embed = torch_vjp.rope(h, x, torch.cos(self.bias), torch.sin(self.bias), 0)
             h = h + q_embed * k_embed

@@ -26,8 +26,15 @@ def test_every_module_is_tested_and_exported():
 @pytest.mark.parametrize("info,kwargs", cases())
 def test_drop_in_for_torch_nn(info, kwargs, device):
     """Same constructor, attributes, repr and state_dict as the torch.nn module; the same values and
-    gradients; either module loads the other's state_dict; it pickles and deep-copies."""
-    assert inspect.signature(info.module) == inspect.signature(info.ref)
+    gradients; either module loads the other's state_dict; it pickles and deep-copies. A module may add options
+    of torch_vjp's op after torch's parameters, keyword-only with defaults that give torch's module (RMSNorm's
+    offset and casting_mode): torch's constructor calls are its."""
+    ours_signature, torch_signature = inspect.signature(info.module), inspect.signature(info.ref)
+    ours_parameters, torch_parameters = list(ours_signature.parameters.values()), list(torch_signature.parameters.values())
+    assert ours_parameters[:len(torch_parameters)] == torch_parameters
+    assert ours_signature.return_annotation == torch_signature.return_annotation
+    extra = ours_parameters[len(torch_parameters):]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty for p in extra)
     ours, theirs = info.module(**kwargs), info.ref(**kwargs)
     assert isinstance(ours, info.ref)
     assert repr(ours) == repr(theirs) and ours.extra_repr() == theirs.extra_repr()

@@ -30,17 +30,22 @@ GEMMA = dict(DECODER, head_dim=16)
 # family -> (model class, config, expected report counts). Sliding windows (Mistral, Gemma2/3) are shorter than
 # the sequence so that the sliding mask is exercised; Gemma2 softcaps attention scores and the final logits.
 FAMILIES = {
-    "llama": (LlamaForCausalLM, lambda: LlamaConfig(**DECODER), dict(norms=5, mlp=2, attention=2, rope=2, loss=1)),
+    # Llama's decoder layer (Mistral, Qwen2, Qwen3 and Qwen3-MoE share it): its residual add and post-attention norm as one
+    # add_rms_norm per layer (residual_norms).
+    "llama": (LlamaForCausalLM, lambda: LlamaConfig(**DECODER),
+              dict(norms=5, residual_norms=2, mlp=2, attention=2, rope=2, loss=1)),
     "mistral": (MistralForCausalLM, lambda: MistralConfig(**DECODER, sliding_window=6),
-                dict(norms=5, mlp=2, attention=2, rope=2, loss=1)),
+                dict(norms=5, residual_norms=2, mlp=2, attention=2, rope=2, loss=1)),
     "mixtral": (MixtralForCausalLM, lambda: MixtralConfig(**DECODER, num_local_experts=4, num_experts_per_tok=2),
                 dict(norms=5, mlp=2, attention=2, rope=2, loss=1)),
-    "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(**DECODER), dict(norms=5, mlp=2, attention=2, rope=2, loss=1)),
+    "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(**DECODER),
+              dict(norms=5, residual_norms=2, mlp=2, attention=2, rope=2, loss=1)),
     # Qwen3 adds per-head q/k norms: 2 more per layer.
-    "qwen3": (Qwen3ForCausalLM, lambda: Qwen3Config(**GEMMA), dict(norms=9, mlp=2, attention=2, rope=2, loss=1)),
+    "qwen3": (Qwen3ForCausalLM, lambda: Qwen3Config(**GEMMA),
+              dict(norms=9, residual_norms=2, mlp=2, attention=2, rope=2, loss=1)),
     "qwen3_moe": (Qwen3MoeForCausalLM, lambda: Qwen3MoeConfig(**GEMMA, num_experts=4, num_experts_per_tok=2,
                                                               moe_intermediate_size=48),
-                  dict(norms=9, mlp=2, attention=2, rope=2, loss=1)),
+                  dict(norms=9, residual_norms=2, mlp=2, attention=2, rope=2, loss=1)),
     "gemma": (GemmaForCausalLM, lambda: GemmaConfig(**GEMMA, hidden_act="gelu_pytorch_tanh"),
               dict(norms=5, mlp=2, attention=2, rope=2, loss=1)),
     # Gemma2/3: four norms per layer; Gemma3 adds q/k norms.
@@ -274,26 +279,56 @@ def test_save_load_generate_checkpointing_and_unpatch(family, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------
 
-def test_norms_match_the_eager_modules_bit_for_bit_in_bfloat16():
-    """The norms keep each model's casting rule (Llama: normalise in float32, cast, scale; Gemma: scale by 1 + weight
-    in float32, cast after; LayerNorm): with bfloat16 activations, beside bfloat16 or float32 parameters, every
-    patched norm gives its eager module's bits. In float32, round-off."""
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma", "gemma2", "gemma3", "gpt2"])
+def test_norms_match_the_eager_modules_bit_for_bit(family):
+    """The patched norms keep each model's casting rule: Llama's RMSNorm through rms_norm's casting_mode="llama"
+    (normalise in float32, cast, scale), Gemma's through offset=1.0 (scale by 1 + weight in float32, cast after;
+    no `1 + weight` built per call), LayerNorm as torch's. Every patched norm gives its eager module's bits for
+    bfloat16 and float32 activations, beside bfloat16 or float32 parameters (a float32 weight beside bfloat16
+    input gives Llama's float32 output). LayerNorm: bfloat16 activations only (torch's layer_norm kernel sums
+    in another order; float32 is round-off)."""
     x = torch.randn(3, 7, 64, generator=torch.Generator().manual_seed(5)) * 3
-    for family in ("llama", "gemma", "gpt2"):
-        for dtype in (torch.bfloat16, torch.float32):
-            stock, model = build(family, dtype)
-            with torch.no_grad():  # weights away from their initial ones and zeros
-                for name, p in stock.named_parameters():
-                    if "norm" in name or "ln_" in name:
-                        p.normal_(0.5, 0.3)
-            model.load_state_dict(stock.state_dict())
-            names = tvt.patch(model).replaced["norms"]
-            for name in names:
-                ours, theirs = model.get_submodule(name)(x.to(torch.bfloat16)), stock.get_submodule(name)(
-                    x.to(torch.bfloat16))
-                assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), (family, dtype, name)
-                torch.testing.assert_close(model.get_submodule(name)(x.to(dtype)), stock.get_submodule(name)(
-                    x.to(dtype)), rtol=1e-6, atol=2e-6)
+    for dtype in (torch.bfloat16, torch.float32):
+        stock, model = build(family, dtype)
+        with torch.no_grad():  # weights away from their initial ones and zeros
+            for name, p in stock.named_parameters():
+                if "norm" in name or "ln_" in name:
+                    p.normal_(0.5, 0.3)
+        model.load_state_dict(stock.state_dict())
+        names = tvt.patch(model).replaced["norms"]
+        assert names
+        for name in names:
+            ours, theirs = model.get_submodule(name), stock.get_submodule(name)
+            width = ours.weight.shape[-1]
+            for x_dtype in (torch.bfloat16, torch.float32):
+                inputs = x[..., :width].to(x_dtype)
+                if family == "gpt2" and x_dtype == torch.float32:  # (bfloat16 parameters: refused, as torch's)
+                    if dtype == torch.float32:
+                        torch.testing.assert_close(ours(inputs), theirs(inputs), rtol=1e-6, atol=2e-6)
+                    continue
+                out, expected = ours(inputs), theirs(inputs)
+                assert out.dtype == expected.dtype and torch.equal(out, expected), (family, dtype, x_dtype, name)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma3", "phi3"])
+def test_patched_norms_give_the_stock_models_logits_bit_for_bit(family):
+    """With only the norms patched (Llama-family decoder layers' residual add + post-attention norm through
+    add_rms_norm, every RMSNorm through rms_norm's options), a whole model's logits and hidden states are stock's
+    bits, in float32 and bfloat16; the gradients of a loss match stock to round-off."""
+    for dtype in (torch.float32, torch.bfloat16):
+        stock, model = build(family, dtype)
+        report = tvt.patch(model, mlp=False, attention=False, loss=None)
+        assert report.counts.get("residual_norms", 0) == FAMILIES[family][2].get("residual_norms", 0)
+        ids = batch(family)["input_ids"]
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, stock(ids).logits), (family, dtype)
+    stock, model = build(family)
+    tvt.patch(model, mlp=False, attention=False, loss=None)
+    inputs = batch(family)
+    for m in (stock, model):
+        m(**inputs).loss.backward()
+    for (name, p), q in zip(stock.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_padding_is_masked():

@@ -29,6 +29,8 @@ from ._distributed_hook import install as _install_distributed  # noqa: E402
 
 _install_distributed()  # DTensor sharding rules, once torch.distributed.tensor is imported
 from .functional import (  # noqa: E402
+    add_layer_norm,
+    add_rms_norm,
     cross_entropy,
     exp,
     fused_linear_cross_entropy,

@@ -213,12 +213,15 @@ class VJPOp:
                    in its input's dtype, as torch does for counterparts on none of its lists.
     autocast_output: under autocast, the public output's dtype, where the counterpart's differs from the
                    kernel's ("fp32": the counterpart ends in an op of the "fp32" list).
-    decomposition: the public op in torch ops (the registered op's arguments -> its public output), with the
+    decomposition: the public op in torch ops (the registered op's arguments -> its public output(s)), with the
                    kernels' precision rules: what torch.compile traces where compile_policy.py says inductor's
                    fusion of it with its neighbours beats the opaque kernel. None: always the kernel.
-    public_outputs: how many leading outputs the public op returns (a tuple when more than one). The VJP op
-                   then gets their gradients as a tuple in vjp_args' grad_output, None where an output took
-                   no part in the loss, and jvp returns one tangent per output.
+    public_outputs: how many leading outputs the public op returns (a tuple when more than one: rope's q and k,
+                   add_rms_norm's y and s). The VJP op then gets their gradients as a tuple in vjp_args'
+                   grad_output, None where an output took no part in the loss, and jvp returns one tangent per
+                   output.
+    vjp_results:   the VJP op's outputs -> one gradient per differentiable tensor argument, where they are not
+                   the same list (add_rms_norm: the gradient of s is that of input and of residual).
     integers:      what the public op does with an integer or bool input, as its counterpart does:
                    "promote" (to the default float dtype) or "error": integer_error (NotImplementedError), or
                    a function of the arguments giving the error type where torch's depends on them.
@@ -246,6 +249,8 @@ class VJPOp:
     integers: str = "error"
     integer_error: type | Callable = NotImplementedError
     decomposition: Callable | None = None
+    public_outputs: int = 1
+    vjp_results: Callable | None = None
 
     def __post_init__(self):
         if self.vjp_ref is not None:
@@ -315,10 +320,7 @@ class VJPOp:
 
         tensors, first = forward.tensors, forward.arg_names[0]
         n_public = self.public_outputs
-        if n_public > 1:
-            public = lambda outputs: tuple(outputs[:n_public])  # noqa: E731
-        else:
-            public = (lambda outputs: outputs[0]) if forward.n_outputs > 1 else (lambda output: output)
+        public = self._public()
         cast_output = self.cast_output
         optional_outputs = any(str(ret.type) != "Tensor" for ret in forward.overload._schema.returns)
 
@@ -338,6 +340,8 @@ class VJPOp:
                 return public(traceable(*args))
             if casts and _any_autocast():
                 output = public(_dispatch(autocast_args(args)))
+                if n_public > 1:
+                    return tuple(cast_output(o, input.device.type) for o in output)
                 return cast_output(output, input.device.type)
             return public(_dispatch(args))
 
@@ -350,16 +354,20 @@ class VJPOp:
 
         return call
 
+    def _public(self) -> Callable:
+        """The registered op's outputs -> the public op's: all of one output, the first, or the first
+        `public_outputs` as a tuple."""
+        n_public = self.public_outputs
+        if self._forward.n_outputs == 1:
+            return lambda output: output
+        return (lambda outputs: outputs[0]) if n_public == 1 else (lambda outputs: tuple(outputs[:n_public]))
+
     def _compiled_call(self):
         """The call under torch.compile (traced by Dynamo, so this runs once per compiled graph): the
         decomposition where the compile policy picks it for the input's device, else the registered op. Never
         under torch.export: an exported program keeps the op (and its kernels)."""
         traceable, decomposition, name = self._forward.traceable, self.decomposition, self.name
-        n_public = self.public_outputs
-        if n_public > 1:
-            public = lambda outputs: tuple(outputs[:n_public])  # noqa: E731
-        else:
-            public = (lambda outputs: outputs[0]) if self._forward.n_outputs > 1 else (lambda output: output)
+        public = self._public()
 
         def compiled(*args):
             if (decomposition is not None and not torch.compiler.is_exporting()
@@ -562,6 +570,7 @@ class _Paths:
         """Several tensor arguments (optional ones None, some not differentiable), extra outputs."""
         spec, below, save_tensors = self.spec, self.below, self.save
         vjp_below, vjp_args, extras_vjp, cached_vjp = vjp.below, spec.vjp_args, spec.extras_vjp, spec.cached_vjp
+        vjp_results = spec.vjp_results
         tensors, params_at, n_args, n_outputs = self.tensors, self.params_at, len(self.arg_names), self.n_outputs
         differentiable = [k for k, i in enumerate(tensors) if i not in self.nondiff]  # where the VJP op's results go
         caches = n_outputs > 1 and cached_vjp is not None
@@ -596,6 +605,8 @@ class _Paths:
                 if grads is None:
                     result = (vjp if differentiated else vjp_below)(*vjp_args(grad_output, saved, params, needs))
                     result = result if isinstance(result, tuple) else (result,)
+                    if vjp_results is not None:
+                        result = vjp_results(result)
                     grads = [None] * len(tensors)
                     for k, grad in zip(differentiable, result):
                         grads[k] = grad
@@ -687,9 +698,26 @@ class _Paths:
 
         return rule
 
+    def with_defaults(self, fn: Callable, lead: int = 0) -> Callable:
+        """fn called with every schema argument: the dispatcher hands a Python kernel its arguments without the
+        trailing ones left at their schema defaults (rms_norm's offset, casting_mode). `lead`: arguments fn
+        takes before the schema's (a vmap rule's info and in_dims)."""
+        defaults = [arg.default_value for arg in self.overload._schema.arguments]
+        n = len(defaults)
+        if not any(arg.has_default_value() for arg in self.overload._schema.arguments):
+            return fn
+
+        def full(*args):
+            given = len(args) - lead
+            return fn(*args, *defaults[given:]) if given < n else fn(*args)
+
+        return full
+
     def register(self):
-        LIB.impl(self.op_name, self.autograd_kernel(), "Autograd")
-        torch.library.register_vmap(f"torch_vjp::{self.op_name}", self.vmap_rule(self.packet))
+        LIB.impl(self.op_name, self.with_defaults(self.autograd_kernel()), "Autograd")
+        rule = self.vmap_rule(self.packet)
+        torch.library.register_vmap(f"torch_vjp::{self.op_name}", self.with_defaults(
+            lambda info, in_dims, *args: rule(info, in_dims + (None,) * (len(args) - len(in_dims)), *args), lead=2))
         # torch's legacy vmap (torch._vmap_internals: gradcheck's batched checks, autograd.grad with
         # is_grads_batched=True) has no rule for our ops and loops over the samples, which it can do only for
         # an op whose returns are all tensors. An op with an optional output is computed there by its torch-ops
@@ -699,7 +727,7 @@ class _Paths:
             if composite is None:
                 raise ValueError(f"torch_vjp.{self.op_name} returns an optional tensor: give its torch-ops form "
                                  f"({'vjp_ref' if self.is_vjp else 'forward_ref'}) for torch's legacy vmap")
-            LIB.impl(self.op_name, composite, "Batched")
+            LIB.impl(self.op_name, self.with_defaults(composite), "Batched")
         if backends()["cuda"] is None:  # a CPU-only build: a CUDA tensor gets the fix, not "could not run"
             LIB.impl(self.op_name, _no_cuda_kernel(self.spec.name), "CUDA")
 

@@ -166,10 +166,23 @@ def _batch_dims(input, normalized_shape) -> range:
     return range(_ndim(input) - len(normalized_shape))
 
 
-def _rms_norm_rule(input, normalized_shape, weight, eps):
-    rules = [([R, R], [R, None, _p(weight, R), None])]
-    return rules + [([Shard(d), Shard(d)], [Shard(d), None, _p(weight, R), None])
+def _rms_norm_rule(input, normalized_shape, weight, eps, offset=0.0, casting_mode="torch"):
+    rules = [([R, R], [R, None, _p(weight, R), None, None, None])]
+    return rules + [([Shard(d), Shard(d)], [Shard(d), None, _p(weight, R), None, None, None])
                     for d in _batch_dims(input, normalized_shape)]
+
+
+def _add_rms_norm_rule(input, residual, normalized_shape, weight, eps, offset=0.0, casting_mode="torch"):
+    """(y, s, rstd): rows sharded alike in input and residual stay local."""
+    rules = [([R, R, R], [R, R, None, _p(weight, R), None, None, None])]
+    return rules + [([Shard(d)] * 3, [Shard(d), Shard(d), None, _p(weight, R), None, None, None])
+                    for d in _batch_dims(input, normalized_shape)]
+
+
+def _add_layer_norm_rule(input, residual, normalized_shape, weight, bias, eps):
+    w, b = _p(weight, R), _p(bias, R)
+    rules = [([R] * 4, [R, R, None, w, b, None])]
+    return rules + [([Shard(d)] * 4, [Shard(d), Shard(d), None, w, b, None]) for d in _batch_dims(input, normalized_shape)]
 
 
 def _layer_norm_rule(input, normalized_shape, weight, bias, eps):
@@ -231,18 +244,20 @@ def _mesh_of(op: str, dtensors) -> "object":
 
 
 def _norm_backward_handler(op_call, args, kwargs):
-    """layer_norm_backward and rms_norm_backward under DTensor. Their first output is an optional tensor, which
+    """layer_norm_backward and rms_norm_backward (and the add_* ones) under DTensor. Their first output is an
+    optional tensor, which
     DTensor's sharding propagation cannot wrap (it takes a first return of type Tensor? for a single output),
     so they are dispatched here with the same rule as a registered one: per mesh dim, rows sharded (Shard(d),
     d before the normalized dims) stay local, the weight and bias gradients then Partial(); any other
     placement (the normalized dims sharded, a Partial grad_output) is redistributed to Replicate()."""
-    layer = op_call == ops.layer_norm_backward.default
-    n_tensors = 6 if layer else 4
-    tensors, (normalized_shape, output_mask) = list(args[:n_tensors]), args[n_tensors:]
-    grad_output, input = tensors[0], tensors[1]
-    stats, params = tensors[2:4] if layer else tensors[2:3], tensors[4:] if layer else tensors[3:]
-    dtensors = [t for t in tensors if t is not None]
     name = op_call._schema.name.split("::")[-1]
+    layer, adds = "layer_norm" in name, name.startswith("add_")
+    n_params = 2 if layer else 1  # weight (, bias): the last tensors
+    n_tensors = (6 if layer else 4) + adds  # add_*: grad_sum after grad_output, and s in place of the input
+    tensors, normalized_shape = list(args[:n_tensors]), args[n_tensors]
+    row_tensors, params = tensors[:n_tensors - n_params], tensors[n_tensors - n_params:]
+    input = row_tensors[1 + adds]
+    dtensors = [t for t in tensors if t is not None]
     if not all(isinstance(t, DTensor) for t in dtensors):
         raise TypeError(f"torch_vjp.{name}: mixed DTensor and torch.Tensor arguments; make every tensor a DTensor "
                         f"(a norm's weight and bias Replicate())")
@@ -251,7 +266,7 @@ def _norm_backward_handler(op_call, args, kwargs):
     rows = []
     for i, p in enumerate(input.placements):
         rows.append(p if isinstance(p, Shard) and p.dim < batch else R)
-    local = [t.redistribute(mesh, rows).to_local() for t in (grad_output, input, *stats)]
+    local = [None if t is None else t.redistribute(mesh, rows).to_local() for t in row_tensors]
     local += [None if t is None else t.redistribute(mesh, [R] * mesh.ndim).to_local() for t in params]
     outputs = op_call(*local, *args[n_tensors:])
     param_placements = [Partial() if isinstance(p, Shard) else R for p in rows]
@@ -344,6 +359,8 @@ _RULES = {
     "normalize": (_normalize_rule, _normalize_backward_rule),
     "rms_norm": (_rms_norm_rule, None),
     "layer_norm": (_layer_norm_rule, None),
+    "add_rms_norm": (_add_rms_norm_rule, None),
+    "add_layer_norm": (_add_layer_norm_rule, None),
     "cross_entropy": (_ce_rule, _ce_backward_rule),
     "fused_linear_cross_entropy": (_flce_rule, _flce_backward_rule),
     "rope": (_rope_rule, None),

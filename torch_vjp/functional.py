@@ -24,7 +24,8 @@ from .rotary import reference as _rope_reference
 from .softmax import OPS as _SOFTMAX
 
 __all__ = ["exp", "sigmoid", "tanh", "softplus", "gelu", "silu", "mish", "softmax", "log_softmax", "logsumexp",
-           "layer_norm", "rms_norm", "normalize", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy", "rope"]
+           "layer_norm", "rms_norm", "normalize", "add_layer_norm", "add_rms_norm", "swiglu", "geglu", "cross_entropy",
+           "fused_linear_cross_entropy", "rope"]
 
 Tensor = torch.Tensor
 # Each op's per-call entry (VJPOp.call), bound once.
@@ -32,6 +33,7 @@ _EXP, _SIGMOID, _TANH, _SOFTPLUS, _GELU, _SILU, _MISH = (
     _ELEMENTWISE[n].call for n in ("exp", "sigmoid", "tanh", "softplus", "gelu", "silu", "mish"))
 _SOFTMAX_OP, _LOG_SOFTMAX, _LOGSUMEXP = (_SOFTMAX[n].call for n in ("softmax", "log_softmax", "logsumexp"))
 _LAYER_NORM, _RMS_NORM, _NORMALIZE = (_NORM[n].call for n in ("layer_norm", "rms_norm", "normalize"))
+_ADD_LAYER_NORM, _ADD_RMS_NORM = (_NORM[n].call for n in ("add_layer_norm", "add_rms_norm"))
 _SWIGLU, _GEGLU = _GATED["swiglu"].call, _GATED["geglu"].call
 _ROPE = _ROPE_OPS["rope"].call
 _CROSS_ENTROPY, _FUSED_LINEAR_CROSS_ENTROPY = (_LOSSES[n].call for n in ("cross_entropy", "fused_linear_cross_entropy"))
@@ -418,30 +420,121 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[
                        _tensor(bias, fn, "bias", True), _float(eps, fn, "eps"))
 
 
-@_with_args(_norm_args(_WEIGHT, "float, optional): added to the mean square. Default: None, which is "
-                                "``torch.finfo(input.dtype).eps``, as torch's."))
-def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
-             eps: Optional[float] = None) -> Tensor:
-    r"""rms_norm(input, normalized_shape, weight=None, eps=None) -> Tensor
+_RMS_OPTIONS = """        offset (float): x̂ is scaled by ``offset + weight`` (Gemma's RMSNorm: ``offset=1.0``, its weight stored
+            as the difference from one); its gradient is the weight's. Default: 0.
+        casting_mode (str): where the result is rounded to the input dtype, for half-precision input.
+            ``"torch"``: as :func:`torch.nn.functional.rms_norm`, x̂ and its product with the weight in float32,
+            rounded once. ``"gemma"``: the same rounding (Gemma's modules scale in float32, then cast).
+            ``"llama"``: as transformers' ``LlamaRMSNorm``, x̂ in float32 rounded to the input dtype, then
+            multiplied by the weight in the weight's and the input's promoted dtype, which is the output's
+            (a float32 weight beside bfloat16 input gives float32, as the module does). The gradients are the
+            same in every mode (rounding is taken to have derivative 1). Default: ``"torch"``.
+"""
 
-    :math:`y = \hat x \odot w`, :math:`\hat x = x\,/\sqrt{\overline{x^2} + \epsilon}` over each row of the
-    trailing ``normalized_shape``, like :func:`torch.nn.functional.rms_norm`. Backward (saves x and the
-    per-row :math:`r`): :math:`dx = r\,(g - \hat x\,\overline{g \hat x})` with :math:`g = dy \odot w`;
-    :math:`dw = \sum_\text{rows} dy \odot \hat x`, deterministic.
+
+def _rms_eps(eps, input):
+    if eps is None:
+        return torch.finfo(input.dtype).eps if isinstance(input, Tensor) and input.is_floating_point() else 0.0
+    return eps
+
+
+def _casting_mode(casting_mode, fn: str) -> str:
+    casting_mode = _str(casting_mode, fn, "casting_mode")
+    if casting_mode not in ("torch", "gemma", "llama"):
+        raise ValueError(f"torch_vjp.{fn}: casting_mode must be 'torch', 'gemma' or 'llama', got '{casting_mode}'")
+    return casting_mode
+
+
+def _promotes(input, weight) -> bool:
+    """casting_mode="llama" with a weight whose dtype promotes the output beyond the input's (a float32 weight
+    beside bfloat16 input): the kernel gives round(x̂) and the weight multiplies it in torch ops, as the module."""
+    return (isinstance(input, Tensor) and isinstance(weight, Tensor) and input.is_floating_point()
+            and weight.is_floating_point() and torch.promote_types(input.dtype, weight.dtype) != input.dtype)
+
+
+def _scaled(y, weight, offset):
+    return (weight if offset == 0 else weight + offset) * y
+
+
+@_with_args(_norm_args(_WEIGHT + _RMS_OPTIONS, "float, optional): added to the mean square. Default: None, which "
+                                               "is ``torch.finfo(input.dtype).eps``, as torch's."))
+def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+             eps: Optional[float] = None, offset: float = 0.0, casting_mode: str = "torch") -> Tensor:
+    r"""rms_norm(input, normalized_shape, weight=None, eps=None, offset=0.0, casting_mode="torch") -> Tensor
+
+    :math:`y = \hat x \odot (o + w)`, :math:`\hat x = x\,/\sqrt{\overline{x^2} + \epsilon}` over each row of the
+    trailing ``normalized_shape``, like :func:`torch.nn.functional.rms_norm` (which is ``offset=0``). Backward
+    (saves x and the per-row :math:`r`): :math:`dx = r\,(g - \hat x\,\overline{g \hat x})` with
+    :math:`g = dy \odot (o + w)`; :math:`dw = \sum_\text{rows} dy \odot \hat x`, deterministic.
     """
     fn = "rms_norm"
     if isinstance(input, Tensor) and isinstance(normalized_shape, (tuple, list, torch.Size)) \
             and input.dim() < len(normalized_shape):
         raise ValueError(f"torch_vjp.rms_norm: normalized_shape={list(normalized_shape)} has more dims than the input "
                          f"of size {list(input.shape)} (torch raises ValueError here too)")
-    if (isinstance(input, Tensor) and input.is_complex()) or (
+    offset, casting_mode = _float(offset, fn, "offset"), _casting_mode(casting_mode, fn)
+    if offset == 0 and casting_mode == "torch" and ((isinstance(input, Tensor) and input.is_complex()) or (
             isinstance(weight, Tensor) and isinstance(input, Tensor) and input.is_floating_point()
-            and not weight.is_floating_point()):
+            and not weight.is_floating_point())):
         # Forms torch computes by its composite (complex input, an integer or complex weight): torch's own.
         return F.rms_norm(input, normalized_shape, weight, eps)
-    if eps is None:
-        eps = torch.finfo(input.dtype).eps if isinstance(input, Tensor) and input.is_floating_point() else 0.0
-    return _RMS_NORM(input, _shape(normalized_shape, fn), _tensor(weight, fn, "weight", True), _float(eps, fn, "eps"))
+    eps = _rms_eps(eps, input)
+    shape, weight, eps = _shape(normalized_shape, fn), _tensor(weight, fn, "weight", True), _float(eps, fn, "eps")
+    if casting_mode == "llama" and _promotes(input, weight):
+        return _scaled(_RMS_NORM(input, shape, None, eps, 0.0, casting_mode), weight, offset)
+    return _RMS_NORM(input, shape, weight, eps, offset, casting_mode)
+
+
+_ADD_ARGS = """        residual (Tensor): of the input's shape, dtype and device; s = input + residual is normalized.
+"""
+
+
+def _add_norm_doc(params: str, eps: str) -> str:
+    return _norm_args(params, eps).replace("floating.\n", "floating.\n" + _ADD_ARGS, 1).replace(
+        "Shape: output as input. Under CUDA autocast it runs in float32, as torch's does.",
+        "Shape: both outputs as input. It runs in its inputs' dtype under autocast (torch's lists hold no add:\n"
+        "    the eager ``residual + x`` keeps the input dtype).")
+
+
+@_with_args(_add_norm_doc(_WEIGHT + "        bias (Tensor, optional): of shape ``normalized_shape``, added. Default: "
+                                    "None.\n", "float): added to the variance. Default: 1e-5."))
+def add_layer_norm(input: Tensor, residual: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+                   bias: Optional[Tensor] = None, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    r"""add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, eps=1e-05) -> (Tensor, Tensor)
+
+    :math:`s = x + \text{residual}` (rounded to the input dtype, as the eager ``residual + x``), then
+    :func:`layer_norm` of :math:`s`; returns ``(layer_norm(s), s)``, the pre-norm decoder layer's pattern (s is
+    the next residual), in one pass over the inputs on the CPU. Backward: the gradient of ``input`` and of
+    ``residual`` is one tensor, :math:`ds + \text{layer\_norm's } dx` at :math:`s` (ds, the gradient reaching s
+    from its other uses), added in the dx pass; the parameters' are layer_norm's.
+    """
+    fn = "add_layer_norm"
+    return _ADD_LAYER_NORM(_tensor(input, fn, "input"), _tensor(residual, fn, "residual"), _shape(normalized_shape, fn),
+                           _tensor(weight, fn, "weight", True), _tensor(bias, fn, "bias", True), _float(eps, fn, "eps"))
+
+
+@_with_args(_add_norm_doc(_WEIGHT + _RMS_OPTIONS, "float, optional): added to the mean square. Default: None, "
+                                                  "which is ``torch.finfo(input.dtype).eps``."))
+def add_rms_norm(input: Tensor, residual: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+                 eps: Optional[float] = None, offset: float = 0.0, casting_mode: str = "torch"
+                 ) -> tuple[Tensor, Tensor]:
+    r"""add_rms_norm(input, residual, normalized_shape, weight=None, eps=None, offset=0.0, casting_mode="torch") -> (Tensor, Tensor)
+
+    :math:`s = x + \text{residual}` (rounded to the input dtype, as the eager ``residual + x``), then
+    :func:`rms_norm` of :math:`s`; returns ``(rms_norm(s), s)``, the pre-norm decoder layer's pattern (s is the
+    next residual), in one pass over the inputs on the CPU. Backward: the gradient of ``input`` and of
+    ``residual`` is one tensor, :math:`ds + \text{rms\_norm's } dx` at :math:`s`, added in the dx pass; the
+    weight's is rms_norm's.
+    """
+    fn = "add_rms_norm"
+    offset, casting_mode = _float(offset, fn, "offset"), _casting_mode(casting_mode, fn)
+    input, residual = _tensor(input, fn, "input"), _tensor(residual, fn, "residual")
+    shape, weight, eps = _shape(normalized_shape, fn), _tensor(weight, fn, "weight", True), _rms_eps(eps, input)
+    eps = _float(eps, fn, "eps")
+    if casting_mode == "llama" and _promotes(input, weight):
+        y, s = _ADD_RMS_NORM(input, residual, shape, None, eps, 0.0, casting_mode)
+        return _scaled(y, weight, offset), s
+    return _ADD_RMS_NORM(input, residual, shape, weight, eps, offset, casting_mode)
 
 
 def normalize(input: Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12, out: Optional[Tensor] = None) -> Tensor:

@@ -8,6 +8,8 @@ module's attributes.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from . import functional as F
@@ -83,11 +85,35 @@ class LayerNorm(torch.nn.LayerNorm):
 
 
 class RMSNorm(torch.nn.RMSNorm):
-    """torch.nn.RMSNorm(normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None) computed by
-    torch_vjp.rms_norm: the same parameter (weight), so it loads torch's state_dict."""
+    """torch.nn.RMSNorm(normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None, *, offset=0.0,
+    casting_mode="torch") computed by torch_vjp.rms_norm: the same parameter (weight), so it loads torch's
+    state_dict. ``offset`` and ``casting_mode`` are rms_norm's: ``RMSNorm(n, eps=1e-6, offset=1.0)`` is Gemma's
+    norm, whose weight starts at 1 - offset (zeros) so that a new module scales by one, as Gemma's does;
+    ``casting_mode="llama"`` rounds as Llama's."""
+
+    def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True, device=None,
+                 dtype=None, *, offset: float = 0.0, casting_mode: str = "torch") -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, device=device, dtype=dtype)
+        self.offset, self.casting_mode = float(offset), casting_mode
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.elementwise_affine:
+            torch.nn.init.constant_(self.weight, 1.0 - getattr(self, "offset", 0.0))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps, self.offset, self.casting_mode)
+
+    def extra_repr(self) -> str:
+        extra = "" if self.offset == 0 else f", offset={self.offset}"
+        return super().extra_repr() + extra + ("" if self.casting_mode == "torch" else f", casting_mode={self.casting_mode!r}")
+
+# torch.nn.RMSNorm's constructor signature, then the keyword-only options (inspect.signature, IDEs).
+_RMS_SIGNATURE = inspect.signature(torch.nn.RMSNorm)
+RMSNorm.__signature__ = _RMS_SIGNATURE.replace(parameters=[
+    *_RMS_SIGNATURE.parameters.values(),
+    inspect.Parameter("offset", inspect.Parameter.KEYWORD_ONLY, default=0.0, annotation=float),
+    inspect.Parameter("casting_mode", inspect.Parameter.KEYWORD_ONLY, default="torch", annotation=str)])
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):

@@ -246,6 +246,64 @@ def _layer_norm_composite(input, normalized_shape, weight=None, bias=None, eps=1
     return y if bias is None else y + bias
 
 
+def _rms_norm_ref(input, normalized_shape, weight=None, eps=None, offset=0.0, casting_mode="torch"):
+    """torch's rms_norm with torch_vjp's options: x̂ scaled by offset + weight; "llama" rounds x̂ to the input dtype
+    before the weight multiplies it (transformers' LlamaRMSNorm), "torch" and "gemma" do not."""
+    if casting_mode != "llama":
+        scale = weight if offset == 0 else (weight + offset if weight is not None else None)
+        y = F.rms_norm(input, normalized_shape, scale, eps)
+        return y if weight is not None or offset == 0 else y * (1 + offset)
+    y = F.rms_norm(input, normalized_shape, None, eps)
+    scale = weight if offset == 0 else (weight + offset if weight is not None else 1 + offset)
+    return y if scale is None else scale * y
+
+
+def _add_rms_norm_ref(input, residual, normalized_shape, weight=None, eps=None, offset=0.0, casting_mode="torch"):
+    return _rms_norm_ref(residual + input, normalized_shape, weight, eps, offset, casting_mode)
+
+
+def _add_layer_norm_ref(input, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
+    return F.layer_norm(residual + input, normalized_shape, weight, bias, eps)
+
+
+def _add_layer_norm_exact(input, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
+    return _layer_norm_composite(residual + input, normalized_shape, weight, bias, eps)
+
+
+# The add_* rows compare the normalized output (the registered op's first); s = input + residual and its
+# gradient path (grad_sum, fused into the VJP kernel) are tested in tests/test_add_norms.py.
+def add_rms_norm_normed(input, residual, normalized_shape, weight=None, eps=None, offset=0.0, casting_mode="torch"):
+    return torch_vjp.add_rms_norm(input, residual, normalized_shape, weight, eps, offset, casting_mode)[0]
+
+
+def add_layer_norm_normed(input, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
+    return torch_vjp.add_layer_norm(input, residual, normalized_shape, weight, bias, eps)[0]
+
+
+def _normed_doc(fn):
+    """The row's docstring: the public op's, its first line naming the first output."""
+    first, rest = fn.__doc__.strip().split("\n", 1)
+    return first.replace(" -> (Tensor, Tensor)", "[0] -> Tensor") + "\n" + rest
+
+
+add_rms_norm_normed.__doc__ = _normed_doc(torch_vjp.add_rms_norm)
+add_layer_norm_normed.__doc__ = _normed_doc(torch_vjp.add_layer_norm)
+
+
+def _draw_residual(names):
+    """The residual, then the parameters the variant asks for. The op rounds s = input + residual to the input
+    dtype, as the eager `residual + x` does, and the float64 reference cannot: the residual is x itself, so that
+    s = 2x is exact in every dtype and the values test holds the op to the norm's own accuracy (x̂ is then the
+    rms_norm and layer_norm rows' on x). tests/test_norm_options.py checks the rounding of s with independent
+    residuals, bit for bit against torch's `residual + x`, and the gradients with independent ones in float64."""
+    params = _draw_params(names)
+
+    def draw(x, kwargs, gen):
+        return {"residual": x.detach().clone(), **params(x, kwargs, gen)}
+
+    return draw
+
+
 def _swiglu_ref(gate, up):
     return F.silu(gate) * up
 
@@ -293,6 +351,11 @@ def _row(name, op, ref, family, **kw):
     return OpInfo(name, op, ref, family, registered=(name, name + "_backward"), **kw)
 
 
+def _pin_eps(kwargs, dtype):
+    """rms_norm's default eps depends on the dtype: made explicit, so that a cast call computes the same function."""
+    return {"eps": torch.finfo(dtype).eps, **{k: v for k, v in kwargs.items() if v is not None}}
+
+
 _AFFINE = ({}, {"weight": SAMPLED}, {"weight": SAMPLED, "bias": SAMPLED}, {"bias": SAMPLED, "eps": 1e-3})
 
 OPS = [
@@ -313,10 +376,20 @@ OPS = [
     _row("layer_norm", torch_vjp.layer_norm, F.layer_norm, "norm", scale=2.0, variants=_AFFINE,
          draw=_draw_params(("weight", "bias")), shared=("weight", "bias"), exact_ref=_layer_norm_composite,
          bench=_AFFINE[2]),
-    _row("rms_norm", torch_vjp.rms_norm, F.rms_norm, "norm", scale=2.0,
-         variants=({}, {"weight": SAMPLED}, {"weight": SAMPLED, "eps": 1e-3}),
-         draw=_draw_params(("weight",)), shared=("weight",), bench={"weight": SAMPLED},
-         pin=lambda kwargs, dtype: {"eps": torch.finfo(dtype).eps, **{k: v for k, v in kwargs.items() if v is not None}}),
+    # rms_norm's options: Gemma's offset (scale by 1 + w), Llama's casting (x̂ rounded before the weight), and an
+    # offset with no weight (scale 1 + offset).
+    _row("rms_norm", torch_vjp.rms_norm, _rms_norm_ref, "norm", scale=2.0,
+         variants=({}, {"weight": SAMPLED}, {"weight": SAMPLED, "eps": 1e-3}, {"weight": SAMPLED, "offset": 1.0},
+                   {"weight": SAMPLED, "casting_mode": "llama"}, {"offset": 0.5, "casting_mode": "gemma"}),
+         draw=_draw_params(("weight",)), shared=("weight",), bench={"weight": SAMPLED}, pin=_pin_eps),
+    # residual + input, then the norm: the rows' output is the normalized one (add_*_normed).
+    _row("add_layer_norm", add_layer_norm_normed, _add_layer_norm_ref, "norm", scale=2.0,
+         variants=({}, {"weight": SAMPLED, "bias": SAMPLED}), draw=_draw_residual(("weight", "bias")),
+         shared=("weight", "bias"), exact_ref=_add_layer_norm_exact, bench={"weight": SAMPLED, "bias": SAMPLED}),
+    _row("add_rms_norm", add_rms_norm_normed, _add_rms_norm_ref, "norm", scale=2.0,
+         variants=({}, {"weight": SAMPLED}, {"weight": SAMPLED, "offset": 1.0},
+                   {"weight": SAMPLED, "casting_mode": "llama"}),
+         draw=_draw_residual(("weight",)), shared=("weight",), bench={"weight": SAMPLED}, pin=_pin_eps),
     _row("normalize", torch_vjp.normalize, F.normalize, "norm", scale=2.0, variants=({}, {"eps": 0.5})),
     # Gated: the gate's spread reaches silu's and gelu's tails; up is drawn like the gate.
     _row("swiglu", torch_vjp.swiglu, _swiglu_ref, "gated", scale=3.0, draw=_draw_up,

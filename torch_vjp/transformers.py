@@ -4,9 +4,11 @@
 replaced; ``unpatch(model)`` restores it. The process-wide classes are never touched, so a stock model in the
 same process runs stock. What is swapped:
 
-- norms: Llama-style ``*RMSNorm`` (float32 normalise, cast, then scale), Gemma's ``*RMSNorm`` (scale by
-  ``1 + weight`` in float32, cast after), ``nn.LayerNorm`` and ``nn.RMSNorm``; each with the eager module's
-  casting rule, so results are the eager module's;
+- norms: Llama-style ``*RMSNorm`` (float32 normalise, cast, then scale: ``rms_norm``'s ``casting_mode="llama"``),
+  Gemma's ``*RMSNorm`` (scale by ``1 + weight`` in float32, cast after: ``offset=1.0``), ``nn.LayerNorm`` and
+  ``nn.RMSNorm``; each with the eager module's casting rule, so results are the eager module's (bit for bit on
+  the CPU for the RMSNorms); and Llama's decoder layer (shared by Mistral, Qwen2, Qwen3, Qwen3-MoE) with its residual add
+  and ``post_attention_layernorm`` as one ``add_rms_norm`` (report kind ``"residual_norms"``);
 - mlp: gated MLPs (``gate_proj``/``up_proj`` or a fused ``gate_up_proj``) through ``swiglu``/``geglu``, the
   gate of MoE experts run by transformers' grouped/batched experts implementations, and GELU/SiLU activation
   modules through ``gelu``/``silu``;
@@ -74,7 +76,7 @@ class PatchReport:
 
     @property
     def counts(self) -> dict:
-        order = ("norms", "mlp", "activations", "attention", "rope", "loss")
+        order = ("norms", "residual_norms", "mlp", "activations", "attention", "rope", "loss")
         return {kind: len(self.replaced[kind]) for kind in order if kind in self.replaced}
 
     def _add(self, kind: str, name: str) -> None:
@@ -132,13 +134,13 @@ def _same_code(f, g) -> bool:
 @functools.lru_cache(maxsize=None)
 def _references() -> dict:
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
-    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMLP, LlamaRMSNorm
     from transformers.models.llama import modeling_llama
     from transformers.models.olmo import modeling_olmo
     from transformers.models.phi3 import modeling_phi3
     from transformers.models.phi3.modeling_phi3 import Phi3MLP
     return {"llama_norm": LlamaRMSNorm.forward, "gemma_norm": GemmaRMSNorm.forward, "gemma_norm_": GemmaRMSNorm._norm,
-            "mlp": LlamaMLP.forward, "fused_mlp": Phi3MLP.forward,
+            "mlp": LlamaMLP.forward, "fused_mlp": Phi3MLP.forward, "decoder": LlamaDecoderLayer.forward,
             # apply_rotary_pos_emb: Llama's (whole head dim), Phi3's (partial rotary: the rest passes through)
             "rope": (modeling_llama.apply_rotary_pos_emb, modeling_phi3.apply_rotary_pos_emb),
             "rope_cast": modeling_olmo.apply_rotary_pos_emb,  # OLMo's: the outputs cast back to q's and k's dtypes
@@ -199,21 +201,27 @@ def _calls(function, name: str) -> bool:
 # The forwards bound to patched instances. They read all they need from `self`, so a deep copy of a patched
 # model (a reference model, an EMA copy) runs its own parameters.
 
+_NATIVE = (torch.float32, torch.bfloat16, torch.float16)  # dtypes the eager norms compute in float32 from
+
+
 def _llama_rms_norm_forward(self, hidden_states):
-    # The eager module normalises in float32, rounds to the input dtype, then scales by the weight; the kernel
-    # computes half types in float32 and rounds once, so only the scaling stays outside. float64 input is
-    # normalised in float32 by the eager module too.
-    native = hidden_states.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    x = hidden_states if native else hidden_states.float()
-    if hidden_states.dtype == torch.float32 and self.weight.dtype == torch.float32 and self._torch_vjp_fuse_weight:
-        return torch_vjp.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
-    return self.weight * torch_vjp.rms_norm(x, (x.shape[-1],), None, self.variance_epsilon).to(hidden_states.dtype)
+    # The eager module normalises in float32, rounds to the input dtype, then scales by the weight (in the
+    # weight's and the input's promoted dtype): rms_norm's casting_mode="llama". float64 input is normalised in
+    # float32 by the eager module, then scaled in float64.
+    if hidden_states.dtype in _NATIVE:
+        return torch_vjp.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self.variance_epsilon,
+                                  casting_mode="llama")
+    y = torch_vjp.rms_norm(hidden_states.float(), (hidden_states.shape[-1],), None, self.variance_epsilon)
+    return self.weight * y.to(hidden_states.dtype)
 
 
 def _gemma_rms_norm_forward(self, x):
-    # Gemma scales by (1 + weight) in float32 and casts after.
-    y = torch_vjp.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
-    return (y * (1.0 + self.weight.float())).type_as(x)
+    # Gemma scales by 1 + weight in float32 and casts after: rms_norm's offset=1.0 (the kernel adds 1 to the
+    # float32 weight, as `1.0 + weight.float()`, and rounds once). float64 input is computed in float32 too.
+    if x.dtype in _NATIVE:
+        return torch_vjp.rms_norm(x, (x.shape[-1],), self.weight, self.eps, offset=1.0, casting_mode="gemma")
+    y = torch_vjp.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps, offset=1.0)
+    return y.type_as(x)
 
 
 def _layer_norm_forward(self, input):
@@ -222,6 +230,46 @@ def _layer_norm_forward(self, input):
 
 def _torch_rms_norm_forward(self, input):
     return torch_vjp.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+
+
+def _llama_decoder_forward(self, *args, **kwargs):
+    # transformers 5 checkpoints a layer in its class's `forward` (GradientCheckpointingLayer wraps it), which an
+    # instance forward replaces: the same here, caching off as there (older versions checkpoint in __call__,
+    # around this forward).
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    if (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+            and "__call__" not in GradientCheckpointingLayer.__dict__):
+        if kwargs.get("use_cache"):
+            kwargs["use_cache"] = False
+        if not self._can_checkpoint_with_cache:
+            for name in ("cache", "past_key_values", "layer_past"):
+                if kwargs.get(name) is not None:
+                    kwargs[name] = None
+        return self._gradient_checkpointing_func(functools.partial(_llama_decoder_layer, self, **kwargs), *args)
+    return _llama_decoder_layer(self, *args, **kwargs)
+
+
+def _llama_decoder_layer(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                         position_embeddings=None, **kwargs):
+    # LlamaDecoderLayer.forward with its first residual add and post_attention_layernorm as one add_rms_norm
+    # (s = residual + attention output, rounded as the eager add, then Llama's norm of s): the same bits,
+    # one pass over the two inputs, and the gradient of s added in the norm's VJP pass.
+    if "past_key_values" in kwargs:  # the name transformers still accepts for `cache` (deprecate_kwarg)
+        cache = kwargs.pop("past_key_values")
+    residual = hidden_states
+    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
+                                      position_ids=position_ids, cache=cache, use_cache=use_cache,
+                                      position_embeddings=position_embeddings, **kwargs)
+    norm = self.post_attention_layernorm
+    if hidden_states.dtype in _NATIVE and residual.dtype == hidden_states.dtype and residual.shape == hidden_states.shape:
+        hidden_states, residual = torch_vjp.add_rms_norm(hidden_states, residual, (hidden_states.shape[-1],),
+                                                         norm.weight, norm.variance_epsilon, casting_mode="llama")
+    else:
+        residual = residual + hidden_states
+        hidden_states = norm(residual)
+    hidden_states = self.mlp(hidden_states)
+    return residual + hidden_states
 
 
 def _gate(kind: str, gate, up):
@@ -605,15 +653,6 @@ def is_patched(model) -> bool:
     return _STATE in _unwrap(model).__dict__
 
 
-def _fuse_weight_matches() -> bool:
-    """Whether rms_norm with the float32 weight inside the kernel rounds as the eager module's x̂ then w·x̂."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 96, generator=generator) * 3
-    w = torch.randn(96, generator=generator)
-    eager = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
-    return torch.equal(torch_vjp.rms_norm(x, (96,), w, 1e-6), eager)
-
-
 def patch(model, *, norms: bool = True, mlp: bool = True, attention: bool = True, rope: bool = True,
           loss: Optional[str] = "fused") -> PatchReport:
     r"""Swap torch_vjp's fused ops into one transformers model instance, in place.
@@ -625,7 +664,8 @@ def patch(model, *, norms: bool = True, mlp: bool = True, attention: bool = True
 
     Args:
         model: a ``transformers.PreTrainedModel`` (or a PEFT, DDP or compiled wrapper of one).
-        norms: RMSNorm (Llama and Gemma forms), ``nn.LayerNorm``, ``nn.RMSNorm``.
+        norms: RMSNorm (Llama and Gemma forms), ``nn.LayerNorm``, ``nn.RMSNorm``; Llama-style decoder layers'
+            residual add + ``post_attention_layernorm`` through ``add_rms_norm``.
         mlp: gated MLPs through ``swiglu``/``geglu`` (by the activation module: SiLU, tanh or erf GELU), the
             gate of MoE experts under transformers' ``grouped_mm``/``batched_mm`` experts implementations, and
             other GELU/SiLU activation modules through ``gelu``/``silu``.
@@ -662,7 +702,6 @@ def patch(model, *, norms: bool = True, mlp: bool = True, attention: bool = True
 
     report = PatchReport(model=type(model).__name__)
     record = _Record(options=options, report=report)
-    fuse_weight = _fuse_weight_matches() if norms else False
     owned_activations = set()  # act_fn modules a patched MLP no longer calls
 
     for name, module in model.named_modules():
@@ -676,10 +715,19 @@ def patch(model, *, norms: bool = True, mlp: bool = True, attention: bool = True
                 continue
             forward = {"layer_norm": _layer_norm_forward, "torch_rms_norm": _torch_rms_norm_forward,
                        "llama_rms_norm": _llama_rms_norm_forward, "gemma_rms_norm": _gemma_rms_norm_forward}[kind]
-            if kind == "llama_rms_norm":
-                _set(record, module, "_torch_vjp_fuse_weight", fuse_weight)
             _set(record, module, "forward", types.MethodType(forward, module))
             report._add("norms", name)
+            continue
+        if norms and _same_code(type(module).forward, _references()["decoder"]):
+            post = getattr(module, "post_attention_layernorm", None)
+            if replaced_forward:
+                report._skip("residual_norms", name, "its forward is already replaced on the instance")
+            elif post is None or _norm_kind(post) != "llama_rms_norm" or "forward" in post.__dict__:
+                report._skip("residual_norms", name, "its post_attention_layernorm is not a Llama RMSNorm torch_vjp "
+                                                     "patches")
+            else:  # the residual add and post_attention_layernorm as one add_rms_norm
+                _set(record, module, "forward", types.MethodType(_llama_decoder_forward, module))
+                report._add("residual_norms", name)
             continue
         if norms and "Norm" in type(module).__name__ and not list(module.children()):
             report._skip("norms", name, f"{type(module).__name__}'s forward is none of the norms torch_vjp reproduces")

@@ -81,6 +81,8 @@ struct NormForward : EpilogueDefaults {
   static constexpr int kClusterBound = kCentered ? 0 : 768;
   S eps, inv_n;  // inv_n = 1 / n
   const T* x;    // the input (layer_norm: each row's first element is its mean's shift)
+  bool round_xhat = false;  // rms_norm casting_mode="llama": x̂ rounded to T before the weight (math/norm.h);
+                            // layer_norm's kernels never read it
 
   struct Row {
     S mean, rstd;
@@ -139,8 +141,12 @@ struct NormForward : EpilogueDefaults {
   }
 
   __device__ __forceinline__ S map(const Row& r, const S (&v)[kParamIn + 1], int) const {
-    if constexpr (kCentered) return math::norm_out(v[0], r.mean, r.rstd, v[1], v[2]);
-    else return math::norm_out(v[0], r.mean, r.rstd, v[1], S(0));
+    if constexpr (kCentered) {
+      return math::norm_out(v[0], r.mean, r.rstd, v[1], v[2]);
+    } else {
+      if (round_xhat) return math::norm_out_rounded(v[0], r.mean, r.rstd, v[1], S(0), [](S t) { return math::as_stored<T>(t); });
+      return math::norm_out(v[0], r.mean, r.rstd, v[1], S(0));
+    }
   }
 
   __device__ __forceinline__ S row_out(const Row& r, int i) const { return kCentered && i == 0 ? r.mean : r.rstd; }
@@ -314,10 +320,11 @@ struct NormalizeBackward : SumEpilogue<Opmath<T_>> {
 
 template <bool kCentered, class T>
 void norm_forward_cuda(int64_t rows, int64_t n, const T* x, const Opmath<T>* weight, const Opmath<T>* bias, double eps,
-                       T* y, Opmath<T>* mean, Opmath<T>* rstd) {
+                       T* y, Opmath<T>* mean, Opmath<T>* rstd, bool round_xhat) {
   using Op = NormForward<kCentered, T>;
   using S = Opmath<T>;
   Op op;
+  op.round_xhat = round_xhat;
   op.eps = static_cast<S>(eps);
   op.inv_n = static_cast<S>(1.0 / static_cast<double>(n));
   op.x = x;
@@ -422,9 +429,9 @@ bool norm_plan(std::string_view op, const RowLayout& l, Plan& plan) {
 #define TORCH_VJP_NORM_INSTANTIATE(T)                                                                          \
   namespace torch_vjp::cuda {                                                                                \
   template void norm_forward_cuda<true, T>(int64_t, int64_t, const T*, const Opmath<T>*, const Opmath<T>*,     \
-                                           double, T*, Opmath<T>*, Opmath<T>*);                                \
+                                           double, T*, Opmath<T>*, Opmath<T>*, bool);                          \
   template void norm_forward_cuda<false, T>(int64_t, int64_t, const T*, const Opmath<T>*, const Opmath<T>*,    \
-                                            double, T*, Opmath<T>*, Opmath<T>*);                               \
+                                            double, T*, Opmath<T>*, Opmath<T>*, bool);                         \
   template void norm_backward_cuda<true, T>(int64_t, int64_t, const T*, const T*, const Opmath<T>*,           \
                                             const Opmath<T>*, const Opmath<T>*, T*, Opmath<T>*, Opmath<T>*);   \
   template void norm_backward_cuda<false, T>(int64_t, int64_t, const T*, const T*, const Opmath<T>*,          \

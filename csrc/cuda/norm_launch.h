@@ -13,10 +13,11 @@
 namespace torch_vjp::cuda {
 
 // layer_norm (kCentered: mean and bias too) and rms_norm over rows of n: y, and per row (mean,) rstd.
+// round_xhat: casting_mode="llama", x̂ rounded to T before the weight multiplies it.
 template <bool kCentered, class T>
 void norm_forward_cuda(int64_t rows, int64_t n, const T* x, const at::opmath_type<T>* weight,
                        const at::opmath_type<T>* bias, double eps, T* y, at::opmath_type<T>* mean,
-                       at::opmath_type<T>* rstd);
+                       at::opmath_type<T>* rstd, bool round_xhat = false);
 
 // The VJP: any of dx, dweight, dbias (nullptr: not wanted); dweight and dbias are written, not accumulated.
 template <bool kCentered, class T>

@@ -4,7 +4,7 @@
 // layer_norm (kCentered) and rms_norm (not centered), per row:
 //   μ = c + Σ(x - c) / N with c a row element (0 for rms_norm),  σ² = Σ(x - μ)² / N,  r = 1 / √(σ² + eps),
 //   x̂ = (x - μ) r,
-//   y = x̂ ⊙ w + b                         (w = 1, b = 0 when absent)
+//   y = x̂ ⊙ w + b                         (w = 1, b = 0 when absent; rms_norm's w is offset + weight, Gemma's 1 + w)
 // Saved: x and the per-row μ, r (never x̂ or y).
 //
 // Backward (VJP), with g = dy ⊙ w. ∂x̂ᵢ/∂xⱼ = r (δᵢⱼ - 1/N - x̂ᵢ x̂ⱼ / N) (rms_norm: without the 1/N), a
@@ -44,6 +44,21 @@ TVJP_HD T norm_xhat(T x, S mean, S rstd) { return (x - T(mean)) * T(rstd); }
 // y = x̂ ⊙ w + b
 template <class T, class S>
 TVJP_HD T norm_out(T x, S mean, S rstd, T w, T b) { return norm_xhat(x, mean, rstd) * w + b; }
+
+// rms_norm's casting_mode="llama" (LlamaRMSNorm: x̂ in float32, cast to the input dtype, then times the
+// weight): y = round(x̂) ⊙ w + b, `round` rounding to the input dtype and back. The default (torch's and
+// Gemma's rule) is norm_out, rounded once. The rounding's derivative is taken as 1: the VJP is the same.
+template <class T, class S, class Round>
+TVJP_HD T norm_out_rounded(T x, S mean, S rstd, T w, T b, const Round& round) {
+  return round(norm_xhat(x, mean, rstd)) * w + b;
+}
+
+// add_rms_norm / add_layer_norm, s = input + residual then y = norm(s): ∂s/∂input = ∂s/∂residual = I, and s
+// reaches the loss through y and through its other uses (grad_sum, the next residual), so
+//   d_input = d_residual = grad_sum + norm_vjp(dy at s)     one tensor, added in the dx pass
+// and the parameters' gradients are the norm's, at s.
+template <class T>
+TVJP_HD T add_norm_vjp(T norm_dx, T grad_sum) { return norm_dx + grad_sum; }
 
 // dx = r (g - mean(g) - x̂ mean(g x̂)); mean_g = 0 for rms_norm.
 template <class T, class S>
