@@ -70,7 +70,7 @@ _FAMILY = {
 }
 
 def gelu_form(x, approximate):
-    """GELU in torch ops, as csrc/math/elementwise.h computes it: x Φ(x) with Φ(x) = erfc(-x/√2)/2, and the
+    """GELU in torch ops, with the formulas of csrc/math/elementwise.h: x Φ(x) with Φ(x) = erfc(-x/√2)/2, and the
     tanh form's (1 + tanh u)/2 as σ(2u) = 1/(1 + e) for u > 0, e/(1 + e) otherwise, e = exp(-2|u|). Neither
     cancels: 1 + erf and 1 + tanh do for negative x, and σ's autograd σ(1 - σ) does for large u (the forms AOT
     autograd gives F.gelu and its backward: up to 7x torch's own error in float32). In the compute type,
