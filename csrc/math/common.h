@@ -18,11 +18,9 @@
 
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define TVJP_HD __host__ __device__ __forceinline__
-#else
-// Always inlined: the CPU loops call these once per vector, and a call per vector costs more than the math.
-#define TVJP_HD inline __attribute__((always_inline))
+#include "math/hd.h"
+
+#if !defined(__CUDACC__)
 #include <ATen/cpu/vec/vec.h>
 
 #include "math/vec_float.h"

@@ -24,12 +24,7 @@
 
 #include <cmath>
 
-// As math/common.h defines it (this header is also compiled alone for the host: benchmarks/gelu_host.cpp).
-#if defined(__CUDACC__)
-#define TVJP_HD __host__ __device__ __forceinline__
-#else
-#define TVJP_HD inline __attribute__((always_inline))
-#endif
+#include "math/hd.h"  // (no ATen: this header is also compiled alone for the host, benchmarks/gelu_host.cpp)
 
 namespace torch_vjp::math {
 
