@@ -34,6 +34,9 @@ DECOMPOSE: dict[str, frozenset[str]] = {
     "layer_norm": _CPU,  # 1.11 (the kernel wins at 4096x1024 bf16, 0.88; loses at 1024x256, 1.18-1.43)
     "rms_norm": _CPU,  # 1.13 (likewise: 0.82-0.96 at 4096x1024, 1.42-1.48 at 1024x256)
     "cross_entropy": _CPU,  # 1.18
+    "rope": _CPU,  # 1.93
+    "add_rms_norm": _CPU,  # 1.44
+    "add_layer_norm": _CPU,  # 1.25
 }
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ops import VJPOp, check_floating, check_same, register_fake, transforms_active, wrap_dim
+from ._ops import VJPOp, check_floating, check_same, compute_type, register_fake, transforms_active, wrap_dim
 
 NAME = "rope"
 
@@ -174,8 +174,17 @@ def _vmap_rule(is_vjp):
     return rule
 
 
+def _decomposition(q, k, cos, sin, unsqueeze_dim):
+    """The op in torch ops for torch.compile's policy (VJPOp.decomposition), with the kernels' precision rule:
+    each output in the dtype q (k) and cos promote to, computed in its compute type and rounded once."""
+    q_dtype, k_dtype = torch.promote_types(q.dtype, cos.dtype), torch.promote_types(k.dtype, cos.dtype)
+    ct = compute_type(torch.promote_types(q_dtype, k_dtype))
+    q_embed, k_embed = reference(q.to(ct), k.to(ct), cos.to(ct), sin.to(ct), unsqueeze_dim)
+    return q_embed.to(q_dtype), k_embed.to(k_dtype)
+
+
 OP = VJPOp(NAME, saves=_saves, jvp=_jvp, vjp_ref=_backward_ref, vjp_args=_vjp_args, public_outputs=2,
-           vmap=_vmap_rule(False), backward_vmap=_vmap_rule(True))
+           vmap=_vmap_rule(False), backward_vmap=_vmap_rule(True), decomposition=_decomposition)
 
 
 def _like_kernel(x):
