@@ -42,9 +42,9 @@ def test_opcheck(info, variant, device):
         outputs = getattr(torch.ops.torch_vjp, info.name)(*args)
         y = outputs[0] if isinstance(outputs, tuple) else outputs
         dy = sample(info, y.shape, y.dtype, device, generator_seed=1)
-        if info.outputs > 1:  # a gradient for each public output (rope: q and k)
+        if spec.public_outputs > 1:  # a gradient for each public output (rope: q and k; add_rms_norm: y and s)
             dy = tuple(sample(info, o.shape, o.dtype, device, generator_seed=1 + i)
-                       for i, o in enumerate(outputs[:info.outputs]))
+                       for i, o in enumerate(outputs[:spec.public_outputs]))
         vjp_args = spec.vjp_call_args(args, outputs, dy)
         torch.library.opcheck(getattr(torch.ops.torch_vjp, info.name + "_backward").default,
                               tuple(grad_leaf(a) for a in vjp_args))

@@ -317,13 +317,13 @@ def test_patched_norms_give_the_stock_models_logits_bit_for_bit(family):
     bits, in float32 and bfloat16; the gradients of a loss match stock to round-off."""
     for dtype in (torch.float32, torch.bfloat16):
         stock, model = build(family, dtype)
-        report = tvt.patch(model, mlp=False, attention=False, loss=None)
+        report = tvt.patch(model, mlp=False, attention=False, rope=False, loss=None)
         assert report.counts.get("residual_norms", 0) == FAMILIES[family][2].get("residual_norms", 0)
         ids = batch(family)["input_ids"]
         with torch.no_grad():
             assert torch.equal(model(ids).logits, stock(ids).logits), (family, dtype)
     stock, model = build(family)
-    tvt.patch(model, mlp=False, attention=False, loss=None)
+    tvt.patch(model, mlp=False, attention=False, rope=False, loss=None)
     inputs = batch(family)
     for m in (stock, model):
         m(**inputs).loss.backward()
