@@ -14,30 +14,21 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .plans import host_program
+
 DTYPES = (torch.bfloat16, torch.float16)
 VARIANTS = ("exact", "ex2+ rcp+", "ex2+ rcp-", "ex2- rcp+", "ex2- rcp-")
 
 
 @functools.lru_cache(maxsize=1)
 def gelu_host() -> str:
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    if cxx is None:
-        raise FileNotFoundError("no C++ compiler (g++, c++ or clang++) to build benchmarks/gelu_host.cpp")
-    out = os.path.join(tempfile.mkdtemp(prefix="torch_vjp_gelu_"), "gelu_host")
-    subprocess.run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror", "-I",
-                    os.path.join(ROOT, "csrc"), os.path.join(ROOT, "benchmarks", "gelu_host.cpp"), "-o", out],
-                   check=True, capture_output=True)
-    return out
+    return host_program("gelu_host", "-O2", "-ffp-contract=off")
 
 
 def records() -> np.ndarray:

@@ -90,16 +90,22 @@ def max_threads(name: str, dtype: str) -> int:
     return 512 if name in ("cross_entropy", "fused_linear_cross_entropy") and dtype == "float64" else op.max_threads
 
 
-@functools.lru_cache(maxsize=1)
-def plan_host() -> str:
-    """The compiled planner (benchmarks/plan_host.cpp), built once per process into a temporary folder."""
+def host_program(name: str, *flags: str) -> str:
+    """benchmarks/<name>.cpp compiled for the host, csrc/ on its include path, into a temporary folder: the
+    program's path. (The CUDA code's host-compilable parts: the planner, GELU's half-type formula.)"""
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if cxx is None:
-        raise FileNotFoundError("no C++ compiler (g++, c++ or clang++) to build benchmarks/plan_host.cpp")
-    out = os.path.join(tempfile.mkdtemp(prefix="torch_vjp_plan_"), "plan_host")
-    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", "-I", os.path.join(ROOT, "csrc"),
-                    os.path.join(ROOT, "benchmarks", "plan_host.cpp"), "-o", out], check=True, capture_output=True)
+        raise FileNotFoundError(f"no C++ compiler (g++, c++ or clang++) to build benchmarks/{name}.cpp")
+    out = os.path.join(tempfile.mkdtemp(prefix=f"torch_vjp_{name}_"), name)
+    subprocess.run([cxx, "-std=c++17", *flags, "-Wall", "-Wextra", "-Werror", "-I", os.path.join(ROOT, "csrc"),
+                    os.path.join(ROOT, "benchmarks", f"{name}.cpp"), "-o", out], check=True, capture_output=True)
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def plan_host() -> str:
+    """The compiled planner (benchmarks/plan_host.cpp), built once per process."""
+    return host_program("plan_host", "-O1")
 
 
 def query(lines: list[str]) -> list[dict]:
