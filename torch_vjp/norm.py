@@ -187,8 +187,8 @@ def _make_norm(name: str, centered: bool, adds: bool = False) -> VJPOp:
     def vjp_args(grad_output, saved, params, needs):
         u, mean, rstd, w, b = unpack_saved(saved)
         grad_sum = None
-        if adds:  # the gradients of y and of s; y unused (s alone reaches the loss): the VJP of y is zero
-            grad_output, grad_sum = grad_output
+        if adds:  # the gradients of y and of s (or of y alone); y unused (s alone reaches the loss): zero
+            grad_output, grad_sum = grad_output if isinstance(grad_output, tuple) else (grad_output, None)
             grad_output = torch.zeros_like(u) if grad_output is None else grad_output
         needs_x = needs[0] or (adds and needs[1])
         needs = needs[head - 1:]  # (x or s, w, b)
