@@ -249,7 +249,6 @@ class VJPOp:
     integers: str = "error"
     integer_error: type | Callable = NotImplementedError
     decomposition: Callable | None = None
-    public_outputs: int = 1
     vjp_results: Callable | None = None
 
     def __post_init__(self):
