@@ -79,8 +79,12 @@ struct CpuCrossEntropy {
           const T s = scales[row], m = maxima[row], log_s = log_sums[row];
           const int64_t t = targets[row];
           const T x_t = t == ignore_index ? T(0) : T(xr[t]);
-          map_row(dxr, classes, stream,
-                  [s, m, log_s, per_class](auto v) { return math::cross_entropy_vjp(v, m, log_s, s, per_class); }, xr);
+          if (per_class > T(0))
+            map_row(dxr, classes, stream,
+                    [s, m, log_s, per_class](auto v) { return math::cross_entropy_vjp(v, m, log_s, s, per_class); }, xr);
+          else
+            map_row(dxr, classes, stream,
+                    [s, m, log_s](auto v) { return math::cross_entropy_vjp_unsmoothed(v, m, log_s, s); }, xr);
           if (t != ignore_index)
             dxr[t] = S(s * (math::SoftmaxFromStats<T>{m, log_s}(x_t) - per_class - (T(1) - T(smoothing))));
         }

@@ -172,9 +172,9 @@ TVJP_HD void map_row(S* out, int64_t n, bool stream, const Fn& fn, const In*... 
 }
 
 // The sum of a row's vectors: lanes accumulate in opmath for kChunk groups, then the chunk's total is added
-// in double with Neumaier's compensation, so rounding grows with the chunk length alone, not with n (a double
-// row of 128256 terms summed chunk after chunk lost ~30 ulps; torch's own sums are cascaded). Once a chunk:
-// the compensation costs nothing measurable.
+// in double with a compensation (Knuth's TwoSum: the exact low part of each addition, branch-free, so the
+// flush stays off the loop's critical path), and rounding grows with the chunk length alone, not with n (a
+// double row of 128256 terms summed chunk after chunk lost ~30 ulps; torch's own sums are cascaded).
 template <class T>
 struct RowSum {
   static constexpr int kChunk = 16;
@@ -187,16 +187,16 @@ struct RowSum {
   }
   TVJP_HD void flush() {
     const double term = double(at::vec::vec_reduce_all<T>([](Vec<T> a, Vec<T> b) { return a + b; }, acc));
-    const double sum = total + term;  // Neumaier: the low part lost by this addition, kept aside
-    if (std::isfinite(sum))  // (an infinite sum has no low part: inf - inf would make it NaN)
-      compensation += std::abs(total) >= std::abs(term) ? (total - sum) + term : (term - sum) + total;
+    const double sum = total + term, term_part = sum - total;
+    compensation += (total - (sum - term_part)) + (term - term_part);
     total = sum;
     acc = Vec<T>(T(0));
     groups = 0;
   }
   TVJP_HD T result() {
     flush();
-    return static_cast<T>(total + compensation);
+    // A total that became ±inf or NaN stays non-finite, and its compensation (inf - inf) means nothing.
+    return static_cast<T>(std::isfinite(total) ? total + compensation : total);
   }
 };
 
