@@ -4,6 +4,7 @@ dim, tensor and sequence parallelism (parallelize_module, DTensor) over the othe
     torchrun --nproc-per-node 4 examples/distributed_llama.py              # a 2 x 2 mesh (dp x tp), CPU gloo
     torchrun --nproc-per-node 2 examples/distributed_llama.py --dp 1 --tp 2
     python examples/distributed_llama.py --dp 1 --tp 1                      # one process, the reference
+    torchrun --nproc-per-node 4 examples/distributed_llama.py --compile    # each block through torch.compile
 
 Under sequence parallelism the norms (torch_vjp.nn.RMSNorm) see DTensors sharded along the sequence and run
 locally (their weight gradients Partial, reduced by DTensor); the SwiGLU MLP (torch_vjp.swiglu) runs on the
@@ -116,9 +117,10 @@ def batches(steps: int, batch: int, seq: int, vocab: int, seed: int = 0):
 
 
 def train(dp: int, tp: int, steps: int = 20, batch: int = 4, seq: int = 8, lr: float = 0.05, seed: int = 0,
-          distributed: bool | None = None):
+          distributed: bool | None = None, compile: bool = False):
     """Trains the model on a (dp, tp) mesh (distributed=False, or no process group: in this process alone, the
-    reference). Returns the loss per step and the final parameters, full, by name."""
+    reference). compile: each block through torch.compile (fullgraph, after it is parallelized and sharded, as
+    torchtitan does). Returns the loss per step and the final parameters, full, by name."""
     torch.manual_seed(seed)
     model = Llama()
     distributed = dist.is_initialized() if distributed is None else distributed
@@ -128,6 +130,9 @@ def train(dp: int, tp: int, steps: int = 20, batch: int = 4, seq: int = 8, lr: f
         mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
         parallelize(model, mesh)
         dp_rank = mesh["dp"].get_local_rank()
+    if compile:
+        for block in model.blocks:
+            block.compile(fullgraph=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     per_rank = batch // dp
     losses = []
@@ -153,12 +158,13 @@ def main():
     parser.add_argument("--dp", type=int, default=2)
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--compile", action="store_true", help="each block through torch.compile")
     args = parser.parse_args()
     if "RANK" in os.environ:
         dist.init_process_group("gloo")
         if dist.get_world_size() != args.dp * args.tp:
             raise SystemExit(f"--dp {args.dp} x --tp {args.tp} != {dist.get_world_size()} processes")
-    losses, _ = train(args.dp, args.tp, args.steps)
+    losses, _ = train(args.dp, args.tp, args.steps, compile=args.compile)
     if not dist.is_initialized() or dist.get_rank() == 0:
         for step, loss in enumerate(losses):
             print(f"step {step:3d}  loss {loss:.6f}")

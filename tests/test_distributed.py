@@ -22,6 +22,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available")
 
 TIMEOUT_S = 150  # per suite (2 or 4 processes, every case)
+COMPILED_TIMEOUT_S = 300  # the torch.compile suite: inductor compiles C++ for each rank, from a cold cache in CI
 
 
 def _free_port() -> int:
@@ -48,16 +49,16 @@ def _entry(rank, world, port, suite, out_dir):
         dist.destroy_process_group()
 
 
-def _run(suite: str, world: int) -> dict:
+def _run(suite: str, world: int, timeout_s: float = TIMEOUT_S) -> dict:
     with tempfile.TemporaryDirectory() as out_dir:
         context = mp.spawn(_entry, args=(world, _free_port(), suite, out_dir), nprocs=world, join=False)
-        deadline = time.monotonic() + TIMEOUT_S
+        deadline = time.monotonic() + timeout_s
         while not context.join(timeout=1):
             if time.monotonic() > deadline:
                 for p in context.processes:
                     if p.is_alive():
                         p.kill()
-                pytest.fail(f"the {world}-process suite ran past {TIMEOUT_S} s")
+                pytest.fail(f"the {world}-process suite {suite!r} ran past {timeout_s} s")
         results = {}
         for rank in range(world):
             with open(os.path.join(out_dir, f"{rank}.pkl"), "rb") as f:
@@ -75,6 +76,11 @@ def two():
 @pytest.fixture(scope="module")
 def four():
     return _run("four", 4)
+
+
+@pytest.fixture(scope="module")
+def two_compiled():
+    return _run("two_compiled", 2, COMPILED_TIMEOUT_S)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -231,7 +237,14 @@ def case_losses(rank, world):
         _check(fnb, [h, w, target, bias], [S0, R, S0, R], mesh)
 
 
-def _vocab_case(mesh, placements, N, V, reduction, smoothing, ignore, loss_parallel_too=False, dtype=torch.float32):
+def _compiled(fn, compile):
+    """fn, or fn through torch.compile(fullgraph=True) (inductor): the vocabulary-parallel losses, collectives
+    and all, are one graph."""
+    return torch.compile(fn, fullgraph=True) if compile else fn
+
+
+def _vocab_case(mesh, placements, N, V, reduction, smoothing, ignore, loss_parallel_too=False, dtype=torch.float32,
+                compile=False):
     import torch.nn.functional as F
     import torch_vjp
     from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
@@ -248,7 +261,8 @@ def _vocab_case(mesh, placements, N, V, reduction, smoothing, ignore, loss_paral
     gy = torch.randn_like(ref)
     ref.backward(gy)
     xd = distribute_tensor(x, mesh, placements).requires_grad_()
-    loss = torch_vjp.cross_entropy(xd, target, reduction=reduction, label_smoothing=smoothing)
+    loss = _compiled(lambda a, t: torch_vjp.cross_entropy(a, t, reduction=reduction, label_smoothing=smoothing),
+                     compile)(xd, target)
     assert isinstance(loss, DTensor) and all(p.is_replicate() for p in loss.placements), loss.placements
     loss.backward(distribute_tensor(gy, mesh, [Replicate()] * mesh.ndim))
     assert tuple(xd.grad.placements) == tuple(xd.placements), xd.grad.placements
@@ -297,7 +311,8 @@ def case_vocab_parallel(rank, world):
         g.full_tensor().sum().backward()
 
 
-def _fused_case(mesh, tp_placements, N, H, V, reduction, smoothing, bias, dtensor_input, dtype=torch.float32):
+def _fused_case(mesh, tp_placements, N, H, V, reduction, smoothing, bias, dtensor_input, dtype=torch.float32,
+                compile=False):
     import torch_vjp
     from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
     torch.manual_seed(N * 11 + V % 89)
@@ -316,7 +331,8 @@ def _fused_case(mesh, tp_placements, N, H, V, reduction, smoothing, bias, dtenso
     hd = (distribute_tensor(h, mesh, R) if dtensor_input else h.clone()).requires_grad_()
     wd = distribute_tensor(w, mesh, tp_placements).requires_grad_()
     bd = distribute_tensor(b, mesh, tp_placements).requires_grad_() if bias else None
-    loss = torch_vjp.fused_linear_cross_entropy(hd, wd, target, bd, reduction=reduction, label_smoothing=smoothing)
+    loss = _compiled(lambda a, w_, t, b_: torch_vjp.fused_linear_cross_entropy(
+        a, w_, t, b_, reduction=reduction, label_smoothing=smoothing), compile)(hd, wd, target, bd)
     assert isinstance(loss, DTensor) and all(p.is_replicate() for p in loss.placements), loss.placements
     loss.backward(distribute_tensor(gy, mesh, R))
     torch.testing.assert_close(loss.full_tensor(), ref, **tol)
@@ -385,7 +401,12 @@ def case_fsdp(rank, world):
     _fsdp_run(rank, world, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
 
 
-def _fsdp_run(rank, world, reshard_after_forward=True, checkpoint=False, mp_policy=None):
+def case_fsdp_compiled(rank, world):
+    """FSDP2 with each block through torch.compile (inductor, fullgraph), torchtitan's order: shard, then compile."""
+    _fsdp_run(rank, world, compile=True)
+
+
+def _fsdp_run(rank, world, reshard_after_forward=True, checkpoint=False, mp_policy=None, compile=False):
     import torch_vjp
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.utils.checkpoint import checkpoint as ckpt
@@ -427,6 +448,8 @@ def _fsdp_run(rank, world, reshard_after_forward=True, checkpoint=False, mp_poli
     model.load_state_dict(ref.state_dict())
     for block in model.blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
+        if compile:
+            block.compile(fullgraph=True)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
     steps = 5
     torch.manual_seed(7)
@@ -460,12 +483,12 @@ def _example():
     return module
 
 
-def _example_case(dp, tp, steps=20):
+def _example_case(dp, tp, steps=20, compile=False):
     """examples/distributed_llama.py on a (dp, tp) mesh: the loss curve and final parameters equal the
-    single-process run's."""
+    single-process run's (eager)."""
     example = _example()
     ref_losses, ref_params = example.train(1, 1, steps, distributed=False)
-    losses, params = example.train(dp, tp, steps)
+    losses, params = example.train(dp, tp, steps, compile=compile)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses))
     assert ref_losses[-1] < ref_losses[0]
     for name, p in params.items():
@@ -478,6 +501,18 @@ def case_example_tp(rank, world):
 
 def case_example_fsdp_tp(rank, world):
     _example_case(2, world // 2)
+
+
+def case_vocab_parallel_compiled(rank, world):
+    """The vocabulary-parallel cross_entropy and fused loss under torch.compile(fullgraph=True), backward too."""
+    from torch.distributed.tensor import Shard
+    mesh = _mesh((world,))
+    _vocab_case(mesh, [Shard(1)], 6, 1000, "mean", 0.1, ignore=True, compile=True)
+    _fused_case(mesh, [Shard(0)], 6, 8, 1000, "none", 0.0, bias=True, dtensor_input=False, compile=True)
+
+
+def case_example_fsdp_compiled(rank, world):
+    _example_case(world, 1, compile=True)
 
 
 def case_mesh_2d(rank, world):
@@ -539,6 +574,10 @@ SUITES = {
             ("example_tp", case_example_tp),
             ("compile", case_compile)],
     "four": [("mesh_2d", case_mesh_2d), ("example_fsdp_tp", case_example_fsdp_tp)],
+    # torch.compile of tensor-parallel blocks is not here: in torch 2.14.1 the example's TP blocks fail in the
+    # backward under compile with stock modules alone (torch.nn.RMSNorm, F.silu, F.cross_entropy), see README.
+    "two_compiled": [("fsdp_compiled", case_fsdp_compiled), ("example_fsdp_compiled", case_example_fsdp_compiled),
+                     ("vocab_parallel_compiled", case_vocab_parallel_compiled)],
 }
 
 
@@ -566,3 +605,8 @@ def test_two_processes(two, family):
 @pytest.mark.parametrize("family", [name for name, _ in SUITES["four"]])
 def test_four_processes(four, family):
     assert four.get(family) == "ok", four.get(family, "did not run")
+
+
+@pytest.mark.parametrize("family", [name for name, _ in SUITES["two_compiled"]])
+def test_two_processes_compiled(two_compiled, family):
+    assert two_compiled.get(family) == "ok", two_compiled.get(family, "did not run")
