@@ -24,7 +24,9 @@ def parse_args(argv=None):
         description="Time, memory and %% of speed-of-light of torch_vjp against eager, torch.compile and Liger-Kernel, "
                     "and the VJP against full Jacobians. Sizes come from the preset for the hardware found.")
     parser.add_argument("--ops", type=_list, help="comma-separated op names (default: every op in torch_vjp/testing.py)")
-    parser.add_argument("--providers", type=_list, help=f"comma-separated, from {','.join(ALL)} (default: all available)")
+    parser.add_argument("--providers", type=_list,
+                        help=f"comma-separated, from {','.join(ALL)}, and for the fused-loss section torch_lce,torch_lce_ref "
+                             "(torch's own F.linear_cross_entropy, chunked and reference) (default: all available)")
     parser.add_argument("--dtype", type=_list, help="comma-separated: float32, bfloat16, float16, float64 (default: the preset's)")
     parser.add_argument("--device", help="cpu or cuda[:i] (default: cuda if available, else cpu)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes: about 2 minutes on 2 CPU cores")
