@@ -1,4 +1,5 @@
 """python -m benchmarks [--quick] [--ops ...] [--providers ...] [--dtype ...] [--device ...] [--out DIR] [--overhead]
+                     [--fused-shape TxHxV ...]
                      [--model FAMILIES [--vocab V] [--threads T] [--rounds R] [--no-compile]]"""
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ def parse_args(argv=None):
     parser.add_argument("--overhead", action="store_true",
                         help="only the per-call cost at small sizes (8x8, 64x256; --shape replaces them), against torch")
     parser.add_argument("--shape", help="ROWSxN: replace the preset's main shape (and drop its row sweep)")
+    parser.add_argument("--fused-shape", action="append",
+                        help="TOKENSxHIDDENxVOCAB: replace the preset's fused-loss shapes (repeat for several)")
     parser.add_argument("--all-variants", action="store_true", help="every keyword variant of each op, not only the default")
     parser.add_argument("--time-budget", type=float, help="seconds; cases not started by then are recorded as skipped")
     parser.add_argument("--model", type=_list,
@@ -107,6 +110,11 @@ def main(argv=None):
     if args.shape:
         rows, n = (int(v) for v in args.shape.lower().split("x"))
         preset = dataclasses.replace(preset, shapes=((rows, n),), row_sweep=())
+    if args.fused_shape:
+        fused = tuple(tuple(int(v) for v in shape.lower().split("x")) for shape in args.fused_shape)
+        if any(len(shape) != 3 for shape in fused):
+            sys.exit("benchmarks: --fused-shape is TOKENSxHIDDENxVOCAB, e.g. 1024x1024x32000")
+        preset = dataclasses.replace(preset, fused_shapes=fused)
     kind = "cuda" if device.startswith("cuda") else "cpu"
     out = args.out or os.path.join("bench_out", f"{kind}-{datetime.date.today().isoformat()}")
     sections = (args.only,) if args.only else ("main", "jacobian", "fused")
