@@ -30,14 +30,16 @@ GEMMA = dict(DECODER, head_dim=16)
 # family -> (model class, config, expected report counts). Sliding windows (Mistral, Gemma2/3) are shorter than
 # the sequence so that the sliding mask is exercised; Gemma2 softcaps attention scores and the final logits.
 FAMILIES = {
-    # Llama's decoder layer (Mistral, Qwen2, Qwen3 and Qwen3-MoE share it): its residual add and post-attention norm as one
-    # add_rms_norm per layer (residual_norms).
+    # Llama's decoder layer (Mistral, Qwen2, Qwen3, Qwen3-MoE and Gemma share it), Mixtral's (the same body, its
+    # arguments in another order) and Phi3's (dropout on the residual branches): the first residual add and the
+    # post-attention norm as one add_rms_norm per layer (residual_norms); Gemma2/3's: the add after the
+    # post-attention norm and the pre-feedforward norm.
     "llama": (LlamaForCausalLM, lambda: LlamaConfig(**DECODER),
               dict(norms=5, residual_norms=2, mlp=2, attention=2, rope=2, loss=1)),
     "mistral": (MistralForCausalLM, lambda: MistralConfig(**DECODER, sliding_window=6),
                 dict(norms=5, residual_norms=2, mlp=2, attention=2, rope=2, loss=1)),
     "mixtral": (MixtralForCausalLM, lambda: MixtralConfig(**DECODER, num_local_experts=4, num_experts_per_tok=2),
-                dict(norms=5, mlp=2, attention=2, rope=2, loss=1)),
+                dict(norms=5, residual_norms=2, mlp=2, attention=2, rope=2, loss=1)),
     "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(**DECODER),
               dict(norms=5, residual_norms=2, mlp=2, attention=2, rope=2, loss=1)),
     # Qwen3 adds per-head q/k norms: 2 more per layer.
@@ -47,15 +49,16 @@ FAMILIES = {
                                                               moe_intermediate_size=48),
                   dict(norms=9, residual_norms=2, mlp=2, attention=2, rope=2, loss=1)),
     "gemma": (GemmaForCausalLM, lambda: GemmaConfig(**GEMMA, hidden_act="gelu_pytorch_tanh"),
-              dict(norms=5, mlp=2, attention=2, rope=2, loss=1)),
+              dict(norms=5, residual_norms=2, mlp=2, attention=2, rope=2, loss=1)),
     # Gemma2/3: four norms per layer; Gemma3 adds q/k norms.
     "gemma2": (Gemma2ForCausalLM, lambda: Gemma2Config(**GEMMA, sliding_window=6, final_logit_softcapping=30.0,
                                                        attn_logit_softcapping=50.0),
-               dict(norms=9, mlp=2, attention=2, rope=2, loss=1)),
+               dict(norms=9, residual_norms=2, mlp=2, attention=2, rope=2, loss=1)),
     "gemma3": (Gemma3ForCausalLM, lambda: Gemma3TextConfig(**GEMMA, sliding_window=6,
                                                            layer_types=["sliding_attention", "full_attention"]),
-               dict(norms=13, mlp=2, attention=2, rope=2, loss=1)),
-    "phi3": (Phi3ForCausalLM, lambda: Phi3Config(**DECODER), dict(norms=5, mlp=2, attention=2, rope=2, loss=1)),
+               dict(norms=13, residual_norms=2, mlp=2, attention=2, rope=2, loss=1)),
+    "phi3": (Phi3ForCausalLM, lambda: Phi3Config(**DECODER),
+             dict(norms=5, residual_norms=2, mlp=2, attention=2, rope=2, loss=1)),
     # GPT-2: ln_1, ln_2 per block and ln_f; its tanh-GELU activation modules.
     "gpt2": (GPT2LMHeadModel, lambda: GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
                                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
@@ -310,10 +313,11 @@ def test_norms_match_the_eager_modules_bit_for_bit(family):
                 assert out.dtype == expected.dtype and torch.equal(out, expected), (family, dtype, x_dtype, name)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma3", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2",
+                                    "gemma3", "phi3"])
 def test_patched_norms_give_the_stock_models_logits_bit_for_bit(family):
-    """With only the norms patched (Llama-family decoder layers' residual add + post-attention norm through
-    add_rms_norm, every RMSNorm through rms_norm's options), a whole model's logits and hidden states are stock's
+    """With only the norms patched (each decoder layer's residual add + the norm after it through add_rms_norm,
+    Llama's or Gemma's casting rule; every RMSNorm through rms_norm's options), a whole model's logits and hidden states are stock's
     bits, in float32 and bfloat16; the gradients of a loss match stock to round-off."""
     for dtype in (torch.float32, torch.bfloat16):
         stock, model = build(family, dtype)
@@ -329,6 +333,58 @@ def test_patched_norms_give_the_stock_models_logits_bit_for_bit(family):
         m(**inputs).loss.backward()
     for (name, p), q in zip(stock.named_parameters(), model.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def ops_run(model, inputs, *names):
+    """Whether a forward and backward of `model` ran every one of the torch_vjp ops `names` (profiler op names)."""
+    from torch.profiler import profile
+    with profile() as prof:
+        model(**inputs).loss.backward()
+    seen = {event.name for event in prof.events()}
+    return all(f"torch_vjp::{name}" in seen for name in names)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gemma", "gemma2", "gemma3", "phi3"])
+def test_residual_norms_run_add_rms_norm_where_the_layer_has_one(family):
+    """The families added to residual_norms run the add_rms_norm kernels (forward and backward) in place of the
+    residual add + the norm after it: Mixtral's post-attention norm (Llama's), Gemma's (1 + weight), Gemma2/3's
+    pre-feedforward norm after the post-attention one, Phi3's after its residual dropout. The stock model runs none."""
+    stock, model = build(family)
+    report = tvt.patch(model, mlp=False, attention=False, rope=False, loss=None)
+    assert report.counts == dict(norms=FAMILIES[family][2]["norms"], residual_norms=2), str(report)
+    inputs = batch(family)
+    assert ops_run(model, inputs, "add_rms_norm", "add_rms_norm_backward")
+    assert not ops_run(stock, inputs, "add_rms_norm")
+    tvt.unpatch(model)
+    assert not ops_run(model, inputs, "add_rms_norm")
+
+
+def test_phi3_residual_dropout_draws_the_stock_masks():
+    """Phi3 with dropout on its residual branches (resid_pdrop) in training: the dropout modules run as stock's,
+    from the same generator state, before add_rms_norm, so with the norms patched the loss is stock's bit for bit
+    and the gradients match to round-off, over several draws."""
+    torch.manual_seed(0)
+    config = Phi3Config(**DECODER, resid_pdrop=0.3, attention_dropout=0.0)
+    stock = Phi3ForCausalLM(config)
+    model = cls_copy(stock)
+    report = tvt.patch(model, mlp=False, attention=False, rope=False, loss=None)
+    assert report.counts["residual_norms"] == 2
+    inputs = batch("phi3")
+    stock.train(), model.train()
+    for seed in range(3):
+        losses = []
+        for m in (stock, model):
+            m.zero_grad()
+            torch.manual_seed(seed)
+            loss = m(**inputs).loss
+            loss.backward()
+            losses.append(loss.detach())
+        assert torch.equal(losses[1], losses[0]), seed
+        for (name, p), q in zip(stock.named_parameters(), model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    # the dropout did drop: another seed gives another loss
+    torch.manual_seed(99)
+    assert not torch.equal(model(**inputs).loss.detach(), losses[1])
 
 
 def test_padding_is_masked():
@@ -441,21 +497,36 @@ def test_a_family_it_does_not_know_is_patched_where_it_shares_modules():
     report = tvt.patch(model)
     assert report.counts == dict(mlp=2, attention=2, rope=2, loss=1)
     assert len([1 for kind, name, reason in report.not_patched if kind == "norms" and "OlmoLayerNorm" in reason]) == 5
+    # its decoder layer is Llama's, but its post-attention norm is not an RMSNorm torch_vjp patches: reported, stock
+    reasons = [reason for kind, _, reason in report.not_patched if kind == "residual_norms"]
+    assert len(reasons) == 2 and all("post_attention_layernorm is not a Llama or Gemma RMSNorm" in r for r in reasons)
     inputs = batch("llama")
     torch.testing.assert_close(train(model, inputs, 3), train(stock, inputs, 3), rtol=2e-5, atol=2e-5)
 
 
-def test_torch_compile():
+@pytest.mark.parametrize("family", ["llama", "mixtral", "phi3", "gemma2"])
+def test_torch_compile(family):
     """A patched Llama compiles as one graph (fullgraph=True: no break at the patched modules, the attention
-    function or the fused loss's head hand-off) and trains like the eager patched model. The aot_eager backend
-    (dynamo and AOT autograd without code generation) keeps the test fast; inductor was checked by hand."""
-    stock, model = build("llama")
+    function or the fused loss's head hand-off) and trains like the eager patched model; so do the other decoder
+    layer forms whose residual add and norm run as add_rms_norm (Mixtral's, Phi3's, Gemma2's). The aot_eager
+    backend (dynamo and AOT autograd without code generation) keeps the test fast; inductor was checked by hand
+    (for Llama).
+
+    Compiled, several ops run their torch-ops forms on the CPU (torch_vjp/compile_policy.py), so the compiled
+    model is the eager one to round-off, not bit for bit. For Llama that stays under 1e-6 after two AdamW steps;
+    for the others the gradients are held to the training test's 1e-5 and the parameters to its 5e-5 (AdamW
+    moves a parameter whose gradient is round-off-sized by up to lr a step: see that test). Patching these models
+    with norms=False (no add_rms_norm) gave compiled-vs-eager parameter differences of the same size (Mixtral
+    1.3e-5, Phi3 4.3e-6; measured when this test was written)."""
+    stock, model = build(family)
     tvt.patch(model)
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    inputs = batch("llama")
+    inputs = batch(family)
+    if family != "llama":
+        assert gradient_error(gradients(compiled, inputs), gradients(eager, inputs)) < 1e-5
     torch.testing.assert_close(train(compiled, inputs, 2), train(eager, inputs, 2), rtol=1e-6, atol=1e-6)
-    assert max_difference(model, eager) < 1e-6
+    assert max_difference(model, eager) < (1e-6 if family == "llama" else 5e-5)
 
 
 def test_patch_is_idempotent_and_refuses_mixed_options():
