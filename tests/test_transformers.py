@@ -672,3 +672,98 @@ def test_rope_patch_reports_what_it_cannot_take():
     assert "rope" not in report.counts
     reasons = [reason for kind, _, reason in report.not_patched if kind == "rope"]
     assert len(reasons) == 2 and all("not transformers' rotate-half form" in r for r in reasons), str(report)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA adapters. peft is not installed where these tests were written, so they test the mechanism PEFT relies on:
+# an adapter wrapper replaces an nn.Linear inside a module (setattr on its parent), and the parent's forward must
+# call the new child. patch() binds forwards that read self.<child> at call time and captures no submodule, so an
+# adapter put in after patch() (or before) is the one that runs. LoraLinear below is a minimal LoRA layer written
+# for the test (the base layer frozen, y = base(x) + B(A(x)) · alpha / r), not peft's.
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj", "qkv_proj")
+
+
+class LoraLinear(torch.nn.Module):
+    def __init__(self, base, r=4, alpha=8, seed=0):
+        super().__init__()
+        self.base_layer = base
+        generator = torch.Generator().manual_seed(seed)
+        self.lora_A = torch.nn.Parameter(torch.randn(r, base.in_features, generator=generator) / base.in_features ** 0.5)
+        # B is not zero (peft starts it at zero) so that the adapter changes the output from the first step
+        self.lora_B = torch.nn.Parameter(torch.randn(base.out_features, r, generator=generator) * 0.02)
+        self.scaling = alpha / r
+
+    def forward(self, x):
+        return self.base_layer(x) + (x @ self.lora_A.t()) @ self.lora_B.t() * self.scaling
+
+
+def add_lora(model, targets=LORA_TARGETS):
+    """Every nn.Linear named in `targets` wrapped in a LoraLinear (seeded by its position), every other parameter
+    frozen, as a LoRA fine-tune has it. Returns the wrapped names."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and type(child) is torch.nn.Linear:
+                setattr(module, child_name, LoraLinear(child, seed=len(wrapped)))
+                wrapped.append(f"{name}.{child_name}" if name else child_name)
+    return wrapped
+
+
+@pytest.mark.parametrize("order", ["patch_then_lora", "lora_then_patch"])
+@pytest.mark.parametrize("family", ["llama", "phi3", "gemma2", "qwen3_moe"])
+def test_lora_adapters_train_through_the_patched_model(family, order):
+    """A LoRA fine-tune of a patched model trains as the same fine-tune of the stock model: losses over AdamW steps to
+    fp32 round-off and the adapters' parameters within 5e-5 (the standard of the training test), with the adapters
+    in the patched MLPs and attention projections, whether they are put in after patch() or before it. The patched
+    model still runs torch_vjp's kernels, the adapters get gradients (they are the ones that run), and unpatch keeps
+    the adapters."""
+    stock, model = build(family)
+    if order == "patch_then_lora":
+        report = tvt.patch(model)
+        wrapped = add_lora(model)
+    else:
+        wrapped = add_lora(model)
+        report = tvt.patch(model)
+    assert add_lora(stock) == wrapped and len(wrapped) >= 8
+    assert report.counts == FAMILIES[family][2], str(report)
+    inputs = batch(family)
+    names = ("rms_norm", "add_rms_norm", "rope")
+    assert ops_run(model, inputs, *names) and not ops_run(stock, inputs, "rms_norm")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    model(**inputs).loss.backward()
+    assert len(trainable) == 2 * len(wrapped) and all(p.grad is not None and p.grad.abs().max() > 0 for p in trainable)
+    model.zero_grad()
+    losses, stock_losses = train(model, inputs), train(stock, inputs)
+    torch.testing.assert_close(losses, stock_losses, rtol=0, atol=5e-6)
+    assert max_difference(model, stock) < 5e-5
+    tvt.unpatch(model)
+    model.eval(), stock.eval()
+    with torch.no_grad():
+        assert isinstance(model.get_submodule(wrapped[0]), LoraLinear)
+        torch.testing.assert_close(model(**inputs).logits, stock(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_on_the_output_head_takes_the_logits_path():
+    """An adapter on the output head (peft's modules_to_save or a lm_head target) is not an nn.Linear: put in after
+    patch(), the fused forward sees a head it did not patch and computes logits and the loss from them; put in
+    before, patch() reports why the fused loss is not used. Both train as stock does."""
+    for order in ("after", "before"):
+        stock, model = build("llama")
+        if order == "before":
+            add_lora(model, targets=("lm_head", "q_proj"))
+            report = tvt.patch(model)
+            assert report.loss == "ce" and any(kind == "loss" and "not an nn.Linear" in reason
+                                               for kind, _, reason in report.not_patched), str(report)
+        else:
+            assert tvt.patch(model).loss == "fused"
+            add_lora(model, targets=("lm_head", "q_proj"))
+        add_lora(stock, targets=("lm_head", "q_proj"))
+        inputs = batch("llama")
+        model.train()
+        assert model(**inputs).logits is not None  # the logits path, which the adapter on the head takes part in
+        torch.testing.assert_close(train(model, inputs), train(stock, inputs), rtol=0, atol=5e-6)
+        assert max_difference(model, stock) < 5e-5
