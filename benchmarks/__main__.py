@@ -1,4 +1,5 @@
 """python -m benchmarks [--quick] [--ops ...] [--providers ...] [--dtype ...] [--device ...] [--out DIR] [--overhead]
+                     [--fused-shape TxHxV ...]
                      [--model FAMILIES [--vocab V] [--threads T] [--rounds R] [--no-compile]]"""
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ def parse_args(argv=None):
         description="Time, memory and %% of speed-of-light of torch_vjp against eager, torch.compile and Liger-Kernel, "
                     "and the VJP against full Jacobians. Sizes come from the preset for the hardware found.")
     parser.add_argument("--ops", type=_list, help="comma-separated op names (default: every op in torch_vjp/testing.py)")
-    parser.add_argument("--providers", type=_list, help=f"comma-separated, from {','.join(ALL)} (default: all available)")
+    parser.add_argument("--providers", type=_list,
+                        help=f"comma-separated, from {','.join(ALL)}, and for the fused-loss section torch_lce,torch_lce_ref "
+                             "(torch's own F.linear_cross_entropy, chunked and reference) (default: all available)")
     parser.add_argument("--dtype", type=_list, help="comma-separated: float32, bfloat16, float16, float64 (default: the preset's)")
     parser.add_argument("--device", help="cpu or cuda[:i] (default: cuda if available, else cpu)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes: about 2 minutes on 2 CPU cores")
@@ -33,6 +36,8 @@ def parse_args(argv=None):
     parser.add_argument("--overhead", action="store_true",
                         help="only the per-call cost at small sizes (8x8, 64x256; --shape replaces them), against torch")
     parser.add_argument("--shape", help="ROWSxN: replace the preset's main shape (and drop its row sweep)")
+    parser.add_argument("--fused-shape", action="append",
+                        help="TOKENSxHIDDENxVOCAB: replace the preset's fused-loss shapes (repeat for several)")
     parser.add_argument("--all-variants", action="store_true", help="every keyword variant of each op, not only the default")
     parser.add_argument("--time-budget", type=float, help="seconds; cases not started by then are recorded as skipped")
     parser.add_argument("--model", type=_list,
@@ -105,6 +110,11 @@ def main(argv=None):
     if args.shape:
         rows, n = (int(v) for v in args.shape.lower().split("x"))
         preset = dataclasses.replace(preset, shapes=((rows, n),), row_sweep=())
+    if args.fused_shape:
+        fused = tuple(tuple(int(v) for v in shape.lower().split("x")) for shape in args.fused_shape)
+        if any(len(shape) != 3 for shape in fused):
+            sys.exit("benchmarks: --fused-shape is TOKENSxHIDDENxVOCAB, e.g. 1024x1024x32000")
+        preset = dataclasses.replace(preset, fused_shapes=fused)
     kind = "cuda" if device.startswith("cuda") else "cpu"
     out = args.out or os.path.join("bench_out", f"{kind}-{datetime.date.today().isoformat()}")
     sections = (args.only,) if args.only else ("main", "jacobian", "fused")

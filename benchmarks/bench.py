@@ -76,7 +76,14 @@ def run_benchmark(device: str, preset, out_dir: str, ops=None, provider_names=No
     infos = [info for info in OPS if ops is None or info.name in ops]
     dtypes = [DTYPES[d] for d in (dtypes or preset.dtypes)]
     makers = dict(providers_mod.MAKERS, **(makers or {}))
-    names = providers_mod.available(provider_names or providers_mod.ALL, device, known=makers)
+    # torch's own fused loss (fused_loss.TORCH_PROVIDERS) is a provider of the fused section alone: by default it
+    # runs there (where torch has it); named in provider_names, it runs there and nowhere else.
+    if provider_names is None:
+        fused_only, main_names = list(fused_loss.TORCH_PROVIDERS), list(providers_mod.ALL)
+    else:
+        fused_only = [p for p in provider_names if p in fused_loss.TORCH_PROVIDERS]
+        main_names = [p for p in provider_names if p not in fused_loss.TORCH_PROVIDERS]
+    names = providers_mod.available(main_names, device, known=makers)
     env = environment(device)
     base = dict(env, timer=timer_name(device))
     allocator = keep_freed_memory() if not device.startswith("cuda") else "CUDA caching allocator"
@@ -87,7 +94,7 @@ def run_benchmark(device: str, preset, out_dir: str, ops=None, provider_names=No
     row_sweep = make_cases(infos, preset, dtypes, row_sweep=True) if "main" in sections else []
     sweep = jacobian.sweep_ops(ops) if "jacobian" in sections else []
     fused = preset.fused_shapes if "fused" in sections and (ops is None or "fused_linear_cross_entropy" in ops) else ()
-    fused_providers = [p for p in fused_loss.PROVIDERS if p == "matmuls" or p in names]
+    fused_providers = [p for p in fused_loss.PROVIDERS if p == "matmuls" or p in names or p in fused_only]
     total = ((len(cases) + len(row_sweep)) * len(names) + len(sweep) * len(preset.jac_ns) * len(jacobian.METHODS)
              + len(fused) * (len(fused_providers) - 1))
 

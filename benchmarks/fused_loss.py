@@ -7,6 +7,9 @@ loss and its gradients for the hidden states and the head:
   eager      F.cross_entropy(F.linear(x, W), target): the logits, their log-softmax and their gradient held
   compile    torch.compile of eager
   liger      Liger-Kernel's LigerFusedLinearCrossEntropyLoss (CUDA, when importable)
+  torch_lce  torch's own F.linear_cross_entropy (torch >= 2.13) with options=LinearCrossEntropyOptions():
+             its chunked path, default options (chunk rows, accumulation policy and dtype chosen by torch)
+  torch_lce_ref  F.linear_cross_entropy with options=None: torch's reference path (linear, then cross_entropy)
   matmuls    the three matrix products alone, x Wᵀ, dlogits W and dlogitsᵀ x: the floor every provider pays,
              and the fused loss's speed of light (its softmax part is O(N·V) against the products' O(N·V·H))
 
@@ -26,7 +29,14 @@ import torch_vjp
 from .harness import MIB, TOLERANCE, describe_error, rel_err
 from .timing import TimingConfig, peak_memory_bytes, time_ms
 
-PROVIDERS = ("torch_vjp", "eager", "compile", "liger", "matmuls")
+PROVIDERS = ("torch_vjp", "eager", "compile", "liger", "torch_lce", "torch_lce_ref", "matmuls")
+# Providers of this section alone (not of the main benchmark's op table): torch's own fused loss. They run
+# wherever torch has F.linear_cross_entropy, unless a provider list is given that leaves them out.
+TORCH_PROVIDERS = ("torch_lce", "torch_lce_ref")
+
+
+def torch_has_linear_cross_entropy() -> bool:
+    return hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
 COLUMNS = ["date", "device", "torch", "commit", "tokens", "hidden", "vocab", "dtype", "provider", "status", "median_ms",
            "peak_mib", "matmuls_ms", "loss_err", "grad_err", "timer"]
 
@@ -55,6 +65,11 @@ def make(provider: str, device: str):
             return None
         loss = LigerFusedLinearCrossEntropyLoss()
         return lambda x, w, target: loss(w, x, target)
+    if provider in TORCH_PROVIDERS:
+        if not torch_has_linear_cross_entropy():
+            return None  # torch < 2.13: no column
+        options = torch.nn.LinearCrossEntropyOptions() if provider == "torch_lce" else None
+        return lambda x, w, target: F.linear_cross_entropy(x, w, target, options=options)
     raise ValueError(provider)
 
 
@@ -147,11 +162,15 @@ def markdown(rows) -> str:
     if not rows:
         return ""
     providers = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
+    others = [p for p in ("eager", "torch_lce") if p in providers]  # the ratio columns besides ÷ matmuls
     lines = ["### Fused linear cross-entropy, forward + backward (mean loss; gradients of x and W)", "",
              "Each cell: median ms / peak MiB beyond the inputs. `matmuls`: the three matrix products alone, the "
-             "floor of every provider; `÷ matmuls`: torch_vjp's time over theirs (1 is the speed of light).", "",
-             "| tokens × hidden × vocab | dtype | " + " | ".join(providers) + " | torch_vjp ÷ matmuls | "
-             "torch_vjp ÷ eager |", "|---|---|" + "---|" * (len(providers) + 2)]
+             "floor of every provider; `÷ matmuls`: torch_vjp's time over theirs (1 is the speed of light). "
+             "`torch_lce`: torch's `F.linear_cross_entropy` with `options=LinearCrossEntropyOptions()` (its chunked "
+             "path), `torch_lce_ref`: with `options=None` (its reference path).", "",
+             "| tokens × hidden × vocab | dtype | " + " | ".join(providers) + " | torch_vjp ÷ matmuls | " +
+             " | ".join(f"torch_vjp ÷ {p}" for p in others) + " |",
+             "|---|---|" + "---|" * (len(providers) + 1 + len(others))]
     cases = {}
     for r in rows:
         cases.setdefault((r["tokens"], r["hidden"], r["vocab"], r["dtype"]), {})[r["provider"]] = r
@@ -175,5 +194,15 @@ def markdown(rows) -> str:
             return f"{float(ours['median_ms']) / float(other['median_ms']):.2f}"
 
         lines.append(f"| {tokens} × {hidden} × {vocab} | {dtype} | " + " | ".join(cells) +
-                     f" | {ratio(by.get('matmuls'))} | {ratio(by.get('eager'))} |")
+                     f" | {ratio(by.get('matmuls'))} | " + " | ".join(ratio(by.get(p)) for p in others) + " |")
+    checked = [p for p in providers if p != "matmuls"]
+    lines += ["", "Relative error against the reference (float64 eager on the CPU, float32 eager on CUDA): loss / "
+              "the worse of the two gradients (‖value − ref‖ / ‖ref‖).", "",
+              "| tokens × hidden × vocab | dtype | " + " | ".join(checked) + " |", "|---|---|" + "---|" * len(checked)]
+    for (tokens, hidden, vocab, dtype), by in cases.items():
+        cells = []
+        for p in checked:
+            r = by.get(p)
+            cells.append("-" if r is None or not r.get("loss_err") else f"{r['loss_err']} / {r['grad_err']}")
+        lines.append(f"| {tokens} × {hidden} × {vocab} | {dtype} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -85,6 +85,38 @@ def test_new_families_and_the_fused_section_run(tmp_path):
     assert "| 16 × 8 × 64 | float32 |" in (tmp_path / "summary.md").read_text()
 
 
+@pytest.mark.skipif(not hasattr(torch.nn.functional, "linear_cross_entropy"), reason="torch < 2.13: no F.linear_cross_entropy")
+def test_fused_section_compares_with_torchs_own_linear_cross_entropy(tmp_path):
+    """torch's F.linear_cross_entropy, chunked (options=LinearCrossEntropyOptions()) and reference (options=None),
+    run in the fused section by default, checked against the float64 reference like every provider, timed, their
+    memory measured, and in the table with torch_vjp's time over the chunked one's and an error table; named in
+    --providers they run in the fused section alone."""
+    from benchmarks import fused_loss
+
+    result = run_benchmark("cpu", TINY, str(tmp_path), ops=["fused_linear_cross_entropy"], sections=("fused",),
+                           progress=False)
+    rows = {r["provider"]: r for r in result["fused"]}
+    assert {"torch_vjp", "eager", "compile", "torch_lce", "torch_lce_ref", "matmuls"} <= set(rows)
+    for name in ("torch_lce", "torch_lce_ref"):
+        r = rows[name]
+        assert r["status"] == "ok" and float(r["median_ms"]) > 0 and r["peak_mib"] != "not measured", r
+        assert float(r["loss_err"]) <= 1e-4 and float(r["grad_err"]) <= 1e-4
+    summary = (tmp_path / "summary.md").read_text()
+    assert "torch_vjp ÷ torch_lce |" in summary and "Relative error against the reference" in summary
+    assert "| 16 × 8 × 64 | float32 |" in summary
+
+    # Named alone: the fused section runs it, the main section has no provider of that name.
+    result = run_benchmark("cpu", TINY, str(tmp_path / "named"), ops=["exp", "fused_linear_cross_entropy"],
+                           provider_names=["torch_vjp", "torch_lce"], sections=("main", "fused"), progress=False)
+    assert {r["provider"] for r in result["fused"]} == {"torch_vjp", "torch_lce", "matmuls"}
+    assert {r["provider"] for r in result["main"]} == {"torch_vjp"}
+
+    # The provider's function is the loss itself (the same value as linear, then cross_entropy).
+    x, w, t = fused_loss.inputs(16, 8, 64, torch.float32, "cpu")
+    fn = fused_loss.make("torch_lce", "cpu")
+    torch.testing.assert_close(fn(x, w, t), torch.nn.functional.cross_entropy(x @ w.t(), t), rtol=1e-5, atol=1e-6)
+
+
 def test_compile_provider_runs(tmp_path):
     result = run_benchmark("cpu", TINY, str(tmp_path), ops=["exp"], provider_names=["compile"], sections=("main",),
                            progress=False)

@@ -131,3 +131,95 @@ def test_bad_argument_types():
         torch_vjp.rope(q, q, q[0], q[0], 1.0)
     with pytest.raises(TypeError, match="'k' must be Tensor"):
         torch_vjp.rope(q, None, q[0], q[0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rope from position ids (rope_cos_sin, rope_positions) against transformers' rotary embeddings.
+
+def _rotary(family, **config):
+    """A transformers rotary embedding module and its modeling file's apply_rotary_pos_emb, from a tiny config."""
+    transformers = pytest.importorskip("transformers")
+    import importlib
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    cls = {"llama": "LlamaRotaryEmbedding", "phi3": "Phi3RotaryEmbedding", "qwen2": "Qwen2RotaryEmbedding"}[family]
+    make = {"llama": transformers.LlamaConfig, "phi3": transformers.Phi3Config, "qwen2": transformers.Qwen2Config}[family]
+    base = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                num_hidden_layers=1, vocab_size=32, max_position_embeddings=64)
+    return getattr(module, cls)(make(**dict(base, **config))), module.apply_rotary_pos_emb
+
+
+@pytest.mark.parametrize("family, config, theta", [
+    ("llama", {}, 10000.0),
+    ("qwen2", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}, 1e6),  # another base
+    ("phi3", {"partial_rotary_factor": 0.5}, 10000.0),  # rotary dim 8 of head dim 16: the rest passes through
+], ids=["llama", "qwen2-theta-1e6", "phi3-partial"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rope_positions_is_transformers_rotary_embedding_and_apply_rotary_pos_emb(family, config, theta, dtype):
+    """From position ids (offset rows, as with left padding or a KV cache): the tables are the rotary embedding
+    module's bit for bit, and rope_positions' outputs and gradients are apply_rotary_pos_emb's with them (bit for
+    bit in float32, as rope itself; in bfloat16 rope rounds once where the formula rounds each product and sum,
+    so within bfloat16's rounding of the formula, against float64)."""
+    rotary, apply_rotary_pos_emb = _rotary(family, **config)
+    head_dim = 16
+    rotary_dim = int(head_dim * config.get("partial_rotary_factor", 1.0))
+    positions = torch.arange(7)[None] + torch.tensor([[0], [5]])  # (2, 7), the second row offset by 5
+    hidden = torch.randn(2, 7, 64, dtype=dtype)
+    cos, sin = rotary(hidden, positions)
+    ours_cos, ours_sin = torch_vjp.rope_cos_sin(positions, dim=rotary_dim, theta=theta, dtype=dtype)
+    assert torch.equal(ours_cos, cos) and torch.equal(ours_sin, sin)
+    # the module's own inv_freq buffer (how scaled RoPE types are taken) gives the same tables
+    assert torch.equal(torch_vjp.rope_cos_sin(positions, rotary.inv_freq, dtype=dtype)[0], cos)
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 7, head_dim, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(2, 2, 7, head_dim, generator=g).to(dtype).requires_grad_()
+    dq, dk = torch.randn(q.shape, generator=g).to(dtype), torch.randn(k.shape, generator=g).to(dtype)
+    kwargs = dict(dim=rotary_dim) if rotary_dim != head_dim else {}
+    out = torch_vjp.rope_positions(q, k, positions, theta=theta, **kwargs)
+    expected = apply_rotary_pos_emb(q, k, cos, sin)
+    grads = torch.autograd.grad(out, (q, k), (dq, dk))
+    expected_grads = torch.autograd.grad(expected, (q, k), (dq, dk))
+    if dtype == torch.float32:
+        assert all(torch.equal(a, b) for a, b in zip(out, expected))
+        assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads))
+    else:
+        exact = apply_rotary_pos_emb(q.double(), k.double(), cos.double(), sin.double())
+        for a, b, e in zip(out, expected, exact):
+            assert a.dtype == dtype
+            assert (a.double() - e).abs().max() <= (b.double() - e).abs().max() + 2 ** -8 * e.abs().max()
+
+
+def test_rope_positions_takes_1d_positions_and_the_bshd_layout():
+    """A 1-D position vector is one row of position ids (broadcast over the batch); unsqueeze_dim=2 takes the
+    (batch, seq, heads, head_dim) projection itself."""
+    q, k = torch.randn(2, 5, 4, 16), torch.randn(2, 5, 2, 16)  # (B, S, H, D)
+    positions = torch.arange(3, 8)
+    out = torch_vjp.rope_positions(q, k, positions, unsqueeze_dim=2)
+    cos, sin = torch_vjp.rope_cos_sin(positions[None].expand(2, 5), dim=16)
+    expected = torch_vjp.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    assert all(torch.equal(a.transpose(1, 2), b) for a, b in zip(out, expected))
+    with pytest.raises(TypeError, match="inv_freq or dim"):
+        torch_vjp.rope_cos_sin(positions)
+    with pytest.raises(ValueError, match="even"):
+        torch_vjp.rope_cos_sin(positions, dim=7)
+
+
+@pytest.mark.parametrize("rope_parameters", [
+    {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0, "original_max_position_embeddings": 32},
+    {"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 32},
+], ids=lambda p: p["rope_type"])
+def test_rope_cos_sin_takes_a_scaled_rope_modules_inv_freq_and_attention_scaling(rope_parameters):
+    """Scaled RoPE types (YaRN scales cos and sin by its attention factor; Llama 3 rescales the frequencies):
+    the module's inv_freq buffer and attention_scaling give its tables bit for bit, and rope_positions with them
+    equals apply_rotary_pos_emb's result in float32."""
+    rotary, apply_rotary_pos_emb = _rotary("llama", rope_parameters=rope_parameters)
+    if rope_parameters["rope_type"] == "yarn":
+        assert rotary.attention_scaling != 1.0  # the factor is exercised
+    positions = torch.arange(40)[None] + torch.tensor([[0], [3]])
+    cos, sin = rotary(torch.randn(2, 40, 64), positions)
+    ours = torch_vjp.rope_cos_sin(positions, rotary.inv_freq, attention_scaling=rotary.attention_scaling)
+    assert torch.equal(ours[0], cos) and torch.equal(ours[1], sin)
+    q, k = torch.randn(2, 4, 40, 16), torch.randn(2, 2, 40, 16)
+    out = torch_vjp.rope_positions(q, k, positions, rotary.inv_freq, attention_scaling=rotary.attention_scaling)
+    assert all(torch.equal(a, b) for a, b in zip(out, apply_rotary_pos_emb(q, k, cos, sin)))

@@ -43,6 +43,8 @@ from .functional import (  # noqa: E402
     normalize,
     rms_norm,
     rope,
+    rope_cos_sin,
+    rope_positions,
     sigmoid,
     silu,
     softmax,

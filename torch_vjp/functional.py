@@ -25,7 +25,7 @@ from .softmax import OPS as _SOFTMAX
 
 __all__ = ["exp", "sigmoid", "tanh", "softplus", "gelu", "silu", "mish", "softmax", "log_softmax", "logsumexp",
            "layer_norm", "rms_norm", "normalize", "add_layer_norm", "add_rms_norm", "swiglu", "geglu", "cross_entropy",
-           "fused_linear_cross_entropy", "rope"]
+           "fused_linear_cross_entropy", "rope", "rope_cos_sin", "rope_positions"]
 
 Tensor = torch.Tensor
 # Each op's per-call entry (VJPOp.call), bound once.
@@ -647,6 +647,82 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1)
     if dtype.is_floating_point and not (q.dtype == k.dtype == cos.dtype == sin.dtype):
         q, k, cos, sin = (t.to(dtype) for t in (q, k, cos, sin))  # torch's type promotion: exact widening
     return _ROPE(q, k, cos, sin, unsqueeze_dim)
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Optional[Tensor] = None, *, dim: Optional[int] = None,
+                 theta: float = 10000.0, attention_scaling: float = 1.0, dtype: Optional[torch.dtype] = None
+                 ) -> tuple[Tensor, Tensor]:
+    r"""rope_cos_sin(positions, inv_freq=None, *, dim=None, theta=10000.0, attention_scaling=1.0, dtype=None) -> (Tensor, Tensor)
+
+    The cos and sin tables :func:`rope` takes, from position ids, computed as transformers' default rotary
+    embedding (``LlamaRotaryEmbedding``) computes them, operation for operation (so the same bits):
+    :math:`\text{inv\_freq}_i = 1 / \theta^{2i/\text{dim}}` in float32 (when not given),
+    :math:`f = \text{positions} \cdot \text{inv\_freq}` in float32, :math:`e = (f, f)` concatenated,
+    :math:`\cos = \cos(e) \cdot \text{attention\_scaling}`, the same for sin, then cast to ``dtype``.
+
+    Args:
+        positions (Tensor): integer (or floating) position ids, (batch, seq) as transformers' ``position_ids``
+            (or any shape: the tables get a last dim of size dim).
+        inv_freq (Tensor, optional): the inverse frequencies (dim / 2,), e.g. a rotary embedding module's
+            ``inv_freq`` buffer (scaled RoPE types: llama3, yarn, linear, ...). Default: the plain RoPE ones from
+            ``dim`` and ``theta``.
+        dim (int, optional): the rotary dim R (even): the head dim, or less for partial rotary. Needed when
+            ``inv_freq`` is not given.
+        theta (float): the RoPE base (transformers' ``rope_theta``). Default: 10000.
+        attention_scaling (float): the factor cos and sin are multiplied by (transformers' ``attention_scaling``
+            of scaled RoPE types; 1 for plain RoPE). Default: 1.
+        dtype (torch.dtype, optional): the tables' dtype (transformers casts them to the hidden states'
+            dtype). Default: float32.
+
+    Shape: cos and sin are ``positions.shape + (R,)``, R = 2 · len(inv_freq). Not differentiable in positions.
+    """
+    if inv_freq is None:
+        if dim is None:
+            raise TypeError("torch_vjp.rope_cos_sin: give inv_freq or dim (the rotary dim)")
+        dim = _int(dim, "rope_cos_sin", "dim")
+        if dim <= 0 or dim % 2:
+            raise ValueError(f"torch_vjp.rope_cos_sin: dim must be even and positive, got {dim}")
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=positions.device) / dim))
+    freqs = positions[..., None].float() * inv_freq.to(device=positions.device, dtype=torch.float)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos() * attention_scaling, emb.sin() * attention_scaling
+    if dtype is not None:
+        cos, sin = cos.to(dtype), sin.to(dtype)
+    return cos, sin
+
+
+def rope_positions(q: Tensor, k: Tensor, positions: Tensor, inv_freq: Optional[Tensor] = None, *,
+                   dim: Optional[int] = None, theta: float = 10000.0, attention_scaling: float = 1.0,
+                   unsqueeze_dim: int = 1, dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    r"""rope_positions(q, k, positions, inv_freq=None, *, dim=None, theta=10000.0, attention_scaling=1.0, unsqueeze_dim=1, dtype=None) -> (Tensor, Tensor)
+
+    :func:`rope` from position ids: the cos and sin tables of :func:`rope_cos_sin` (transformers' rotary
+    embedding), then ``rope(q, k, cos, sin, unsqueeze_dim)``; the same result as transformers'
+    ``apply_rotary_pos_emb(q, k, *rotary_emb(x, positions))``.
+
+    Args:
+        q (Tensor): queries (batch, heads, seq, head_dim) (or (batch, seq, heads, head_dim) with unsqueeze_dim=2).
+        k (Tensor): keys, q's layout (fewer heads allowed).
+        positions (Tensor): position ids (batch, seq); a 1-D (seq,) is taken as (1, seq).
+        inv_freq (Tensor, optional): see :func:`rope_cos_sin`. Default: plain RoPE of ``dim`` and ``theta``.
+        dim (int, optional): the rotary dim; default the head dim (q's last), less for partial rotary.
+        theta (float): the RoPE base. Default: 10000.
+        attention_scaling (float): see :func:`rope_cos_sin`. Default: 1.
+        unsqueeze_dim (int): as :func:`rope`'s. Default: 1.
+        dtype (torch.dtype, optional): the tables' dtype; transformers uses the hidden states' dtype, which is
+            q's unless autocast changed q. Default: q's dtype.
+
+    Shape: the outputs as q and k.
+    """
+    q, k = _tensor(q, "rope_positions", "q"), _tensor(k, "rope_positions", "k")
+    positions = _tensor(positions, "rope_positions", "positions")
+    if positions.dim() == 1:
+        positions = positions[None]
+    if inv_freq is None and dim is None:
+        dim = q.shape[-1]
+    cos, sin = rope_cos_sin(positions, inv_freq, dim=dim, theta=theta, attention_scaling=attention_scaling,
+                            dtype=q.dtype if dtype is None else dtype)
+    return rope(q, k, cos, sin, unsqueeze_dim)
 
 
 # ---------------------------------------------------------------------------------------------------------

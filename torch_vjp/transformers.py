@@ -7,8 +7,10 @@ same process runs stock. What is swapped:
 - norms: Llama-style ``*RMSNorm`` (float32 normalise, cast, then scale: ``rms_norm``'s ``casting_mode="llama"``),
   Gemma's ``*RMSNorm`` (scale by ``1 + weight`` in float32, cast after: ``offset=1.0``), ``nn.LayerNorm`` and
   ``nn.RMSNorm``; each with the eager module's casting rule, so results are the eager module's (bit for bit on
-  the CPU for the RMSNorms); and Llama's decoder layer (shared by Mistral, Qwen2, Qwen3, Qwen3-MoE) with its residual add
-  and ``post_attention_layernorm`` as one ``add_rms_norm`` (report kind ``"residual_norms"``);
+  the CPU for the RMSNorms); and in decoder layers a residual add and the norm after it as one ``add_rms_norm``
+  (report kind ``"residual_norms"``): Llama's layer (the same code in Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma),
+  Mixtral's and Phi3's (after its residual dropout), their first add and ``post_attention_layernorm``; Gemma2's
+  and Gemma3's, the add after ``post_attention_layernorm`` and ``pre_feedforward_layernorm`` (1 + weight);
 - mlp: gated MLPs (``gate_proj``/``up_proj`` or a fused ``gate_up_proj``) through ``swiglu``/``geglu``, the
   gate of MoE experts run by transformers' grouped/batched experts implementations, and GELU/SiLU activation
   modules through ``gelu``/``silu``;
@@ -138,9 +140,14 @@ def _references() -> dict:
     from transformers.models.llama import modeling_llama
     from transformers.models.olmo import modeling_olmo
     from transformers.models.phi3 import modeling_phi3
-    from transformers.models.phi3.modeling_phi3 import Phi3MLP
+    from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer, Phi3MLP
+    from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2DecoderLayer
     return {"llama_norm": LlamaRMSNorm.forward, "gemma_norm": GemmaRMSNorm.forward, "gemma_norm_": GemmaRMSNorm._norm,
-            "mlp": LlamaMLP.forward, "fused_mlp": Phi3MLP.forward, "decoder": LlamaDecoderLayer.forward,
+            "mlp": LlamaMLP.forward, "fused_mlp": Phi3MLP.forward,
+            # decoder layers whose residual add + the next norm become one add_rms_norm (_DECODERS)
+            "decoder": LlamaDecoderLayer.forward, "decoder_mixtral": MixtralDecoderLayer.forward,
+            "decoder_phi3": Phi3DecoderLayer.forward, "decoder_sandwich": Gemma2DecoderLayer.forward,
             # apply_rotary_pos_emb: Llama's (whole head dim), Phi3's (partial rotary: the rest passes through)
             "rope": (modeling_llama.apply_rotary_pos_emb, modeling_phi3.apply_rotary_pos_emb),
             "rope_cast": modeling_olmo.apply_rotary_pos_emb,  # OLMo's: the outputs cast back to q's and k's dtypes
@@ -232,11 +239,16 @@ def _torch_rms_norm_forward(self, input):
     return torch_vjp.rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
 
-def _llama_decoder_forward(self, *args, **kwargs):
+def _decoder_forward(self, *args, **kwargs):
+    # The decoder layer's forward with a residual add and the norm after it as one add_rms_norm: the body for
+    # this layer's pattern is `self._torch_vjp_layer` (a plain function, set by patch()).
     # transformers 5 checkpoints a layer in its class's `forward` (GradientCheckpointingLayer wraps it), which an
     # instance forward replaces: the same here, caching off as there (older versions checkpoint in __call__,
     # around this forward).
     from transformers.modeling_layers import GradientCheckpointingLayer
+    body = self._torch_vjp_layer
+    if "past_key_values" in kwargs:  # the name transformers still accepts for `cache` (deprecate_kwarg)
+        kwargs["cache"] = kwargs.pop("past_key_values")
     if (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
             and "__call__" not in GradientCheckpointingLayer.__dict__):
         if kwargs.get("use_cache"):
@@ -245,31 +257,93 @@ def _llama_decoder_forward(self, *args, **kwargs):
             for name in ("cache", "past_key_values", "layer_past"):
                 if kwargs.get(name) is not None:
                     kwargs[name] = None
-        return self._gradient_checkpointing_func(functools.partial(_llama_decoder_layer, self, **kwargs), *args)
-    return _llama_decoder_layer(self, *args, **kwargs)
+        return self._gradient_checkpointing_func(functools.partial(body, self, **kwargs), *args)
+    return body(self, *args, **kwargs)
+
+
+def _add_norm(layer, norm: nn.Module, x, residual):
+    """(norm(residual + x), residual + x) by one add_rms_norm, the sum rounded as the eager add, the norm the
+    module's own casting rule (Llama's, or Gemma's 1 + weight in float32); the eager add and module elsewhere."""
+    if x.dtype in _NATIVE and residual.dtype == x.dtype and residual.shape == x.shape:
+        shape = (x.shape[-1],)
+        if layer._torch_vjp_residual == "gemma_rms_norm":
+            return torch_vjp.add_rms_norm(x, residual, shape, norm.weight, norm.eps, offset=1.0, casting_mode="gemma")
+        return torch_vjp.add_rms_norm(x, residual, shape, norm.weight, norm.variance_epsilon, casting_mode="llama")
+    s = residual + x
+    return norm(s), s
 
 
 def _llama_decoder_layer(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
                          position_embeddings=None, **kwargs):
-    # LlamaDecoderLayer.forward with its first residual add and post_attention_layernorm as one add_rms_norm
-    # (s = residual + attention output, rounded as the eager add, then Llama's norm of s): the same bits,
-    # one pass over the two inputs, and the gradient of s added in the norm's VJP pass.
-    if "past_key_values" in kwargs:  # the name transformers still accepts for `cache` (deprecate_kwarg)
-        cache = kwargs.pop("past_key_values")
+    # LlamaDecoderLayer.forward (Mistral's, Qwen2's, Qwen3's, Qwen3-MoE's, Gemma's, OLMo's: the same code) with its
+    # first residual add and post_attention_layernorm as one add_rms_norm (s = residual + attention output,
+    # rounded as the eager add, then the norm of s): the same bits, one pass over the two inputs, and the
+    # gradient of s added in the norm's VJP pass.
     residual = hidden_states
     hidden_states = self.input_layernorm(hidden_states)
     hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
                                       position_ids=position_ids, cache=cache, use_cache=use_cache,
                                       position_embeddings=position_embeddings, **kwargs)
-    norm = self.post_attention_layernorm
-    if hidden_states.dtype in _NATIVE and residual.dtype == hidden_states.dtype and residual.shape == hidden_states.shape:
-        hidden_states, residual = torch_vjp.add_rms_norm(hidden_states, residual, (hidden_states.shape[-1],),
-                                                         norm.weight, norm.variance_epsilon, casting_mode="llama")
-    else:
-        residual = residual + hidden_states
-        hidden_states = norm(residual)
+    hidden_states, residual = _add_norm(self, self.post_attention_layernorm, hidden_states, residual)
     hidden_states = self.mlp(hidden_states)
     return residual + hidden_states
+
+
+def _mixtral_decoder_layer(self, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None,
+                           cache=None, **kwargs):
+    # MixtralDecoderLayer.forward: Llama's body, its arguments in another order and no use_cache of its own
+    # (one passed in stays in kwargs, as there).
+    residual = hidden_states
+    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states, position_embeddings=position_embeddings,
+                                      attention_mask=attention_mask, position_ids=position_ids, cache=cache, **kwargs)
+    hidden_states, residual = _add_norm(self, self.post_attention_layernorm, hidden_states, residual)
+    hidden_states = self.mlp(hidden_states)
+    return residual + hidden_states
+
+
+def _phi3_decoder_layer(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                        position_embeddings=None, **kwargs):
+    # Phi3DecoderLayer.forward: Llama's, with dropout modules on the attention and MLP outputs before each residual
+    # add. The dropout module runs as stock (the same random mask from the same generator state), then its output
+    # and the residual go through add_rms_norm.
+    residual = hidden_states
+    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
+                                      position_ids=position_ids, cache=cache, use_cache=use_cache,
+                                      position_embeddings=position_embeddings, **kwargs)
+    hidden_states, residual = _add_norm(self, self.post_attention_layernorm, self.resid_attn_dropout(hidden_states),
+                                        residual)
+    hidden_states = self.mlp(hidden_states)
+    return residual + self.resid_mlp_dropout(hidden_states)
+
+
+def _sandwich_decoder_layer(self, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None,
+                            cache=None, **kwargs):
+    # Gemma2DecoderLayer.forward (Gemma3's: the same code): the attention output normed by post_attention_layernorm,
+    # added to the residual, and the sum normed by pre_feedforward_layernorm: that add and pre_feedforward_layernorm
+    # as one add_rms_norm (Gemma's 1 + weight). The MLP output's post_feedforward_layernorm and the last add stay.
+    residual = hidden_states
+    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states, position_embeddings=position_embeddings,
+                                      attention_mask=attention_mask, position_ids=position_ids, cache=cache, **kwargs)
+    hidden_states = self.post_attention_layernorm(hidden_states)
+    hidden_states, residual = _add_norm(self, self.pre_feedforward_layernorm, hidden_states, residual)
+    hidden_states = self.mlp(hidden_states)
+    hidden_states = self.post_feedforward_layernorm(hidden_states)
+    return residual + hidden_states
+
+
+# reference forward (in _references()) -> (the body that replaces it, the norm after the residual add it fuses)
+_DECODERS = {"decoder": (_llama_decoder_layer, "post_attention_layernorm"),
+             "decoder_mixtral": (_mixtral_decoder_layer, "post_attention_layernorm"),
+             "decoder_phi3": (_phi3_decoder_layer, "post_attention_layernorm"),
+             "decoder_sandwich": (_sandwich_decoder_layer, "pre_feedforward_layernorm")}
+
+
+def _decoder_kind(module: nn.Module) -> Optional[str]:
+    forward = type(module).forward
+    return next((kind for kind in _DECODERS if _same_code(forward, _references()[kind])), None)
 
 
 def _gate(kind: str, gate, up):
@@ -664,8 +738,9 @@ def patch(model, *, norms: bool = True, mlp: bool = True, attention: bool = True
 
     Args:
         model: a ``transformers.PreTrainedModel`` (or a PEFT, DDP or compiled wrapper of one).
-        norms: RMSNorm (Llama and Gemma forms), ``nn.LayerNorm``, ``nn.RMSNorm``; Llama-style decoder layers'
-            residual add + ``post_attention_layernorm`` through ``add_rms_norm``.
+        norms: RMSNorm (Llama and Gemma forms), ``nn.LayerNorm``, ``nn.RMSNorm``; in decoder layers whose forward
+            is Llama's, Mixtral's, Phi3's or Gemma2's (Gemma3's) code, a residual add and the RMSNorm after it
+            through ``add_rms_norm`` (Llama's or Gemma's casting rule, as that norm's).
         mlp: gated MLPs through ``swiglu``/``geglu`` (by the activation module: SiLU, tanh or erf GELU), the
             gate of MoE experts under transformers' ``grouped_mm``/``batched_mm`` experts implementations, and
             other GELU/SiLU activation modules through ``gelu``/``silu``.
@@ -718,15 +793,20 @@ def patch(model, *, norms: bool = True, mlp: bool = True, attention: bool = True
             _set(record, module, "forward", types.MethodType(forward, module))
             report._add("norms", name)
             continue
-        if norms and _same_code(type(module).forward, _references()["decoder"]):
-            post = getattr(module, "post_attention_layernorm", None)
+        layer = _decoder_kind(module) if norms else None
+        if layer is not None:
+            body, norm_name = _DECODERS[layer]
+            norm = getattr(module, norm_name, None)
+            norm_kind = _norm_kind(norm) if isinstance(norm, nn.Module) else None
             if replaced_forward:
                 report._skip("residual_norms", name, "its forward is already replaced on the instance")
-            elif post is None or _norm_kind(post) != "llama_rms_norm" or "forward" in post.__dict__:
-                report._skip("residual_norms", name, "its post_attention_layernorm is not a Llama RMSNorm torch_vjp "
+            elif norm_kind not in ("llama_rms_norm", "gemma_rms_norm") or "forward" in norm.__dict__:
+                report._skip("residual_norms", name, f"its {norm_name} is not a Llama or Gemma RMSNorm torch_vjp "
                                                      "patches")
-            else:  # the residual add and post_attention_layernorm as one add_rms_norm
-                _set(record, module, "forward", types.MethodType(_llama_decoder_forward, module))
+            else:  # the residual add and the norm after it as one add_rms_norm
+                _set(record, module, "_torch_vjp_layer", body)
+                _set(record, module, "_torch_vjp_residual", norm_kind)
+                _set(record, module, "forward", types.MethodType(_decoder_forward, module))
                 report._add("residual_norms", name)
             continue
         if norms and "Norm" in type(module).__name__ and not list(module.children()):
