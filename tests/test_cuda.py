@@ -36,13 +36,13 @@ SOFTMAX_FAMILY = op_variants(families=("softmax",))
 
 
 def forward_backward(info, x, kwargs, dy=None):
-    """A single-input op's output and input gradient, on the CPU."""
-    x = x.detach().requires_grad_()
-    y = info.op(x, **kwargs)
+    """Any op's output and every gradient, on the CPU: x as given (a view keeps its offset and strides), the
+    op's other tensors drawn for x's shape on x's device (the same values on either device)."""
+    call = info.call(x.detach(), **kwargs).cast(requires_grad=True)
+    y = call.op(*call.primals)
     if dy is None:
         dy = sample(info, y.shape, y.dtype, "cpu", generator_seed=7).to(y.device)
-    (dx,) = torch.autograd.grad(y, x, dy)
-    return y.cpu(), dx.cpu()
+    return y.cpu(), [g.cpu() for g in torch.autograd.grad(y, call.primals, dy)]
 
 
 def call_forward_backward(call):
@@ -63,12 +63,11 @@ def on_cuda(call):
 
 def assert_cuda_matches_cpu(info, x, kwargs, dy=None):
     """x (and dy) on the CPU or a CUDA view; the CUDA run sees them as given (views and offsets kept)."""
-    y_gpu, dx_gpu = forward_backward(info, x if x.is_cuda else x.cuda(), kwargs,
-                                     None if dy is None else (dy if dy.is_cuda else dy.cuda()))
-    x_cpu = x.cpu()
-    y_cpu, dx_cpu = forward_backward(info, x_cpu, kwargs, None if dy is None else dy.cpu())
+    y_gpu, grads_gpu = forward_backward(info, x if x.is_cuda else x.cuda(), kwargs,
+                                        None if dy is None else (dy if dy.is_cuda else dy.cuda()))
+    y_cpu, grads_cpu = forward_backward(info, x.cpu(), kwargs, None if dy is None else dy.cpu())
     torch.testing.assert_close(y_gpu, y_cpu, equal_nan=True, **TOL[x.dtype])
-    torch.testing.assert_close(dx_gpu, dx_cpu, equal_nan=True, **TOL[x.dtype])
+    torch.testing.assert_close(grads_gpu, grads_cpu, equal_nan=True, **TOL[x.dtype])
 
 
 @pytest.mark.parametrize("dtype", list(TOL), ids=str)
@@ -196,8 +195,8 @@ def test_paths_misaligned_views(info, variant, dtype):
         wide = sample(info, (rows, n + 1), dtype).cuda()
         assert_cuda_matches_cpu(info, wide[:, 1:], kwargs)
         x = sample(info, (rows, n), dtype)
-        y_shape = info.op(x[:1], **kwargs).shape[1:]
-        dy = sample(info, (rows * y_shape.numel() + 1,), dtype, generator_seed=3).cuda()[1:].view(rows, *y_shape)
+        y_shape = forward_backward(info, x, kwargs)[0].shape
+        dy = sample(info, (y_shape.numel() + 1,), dtype, generator_seed=3).cuda()[1:].view(y_shape)
         assert_cuda_matches_cpu(info, x, kwargs, dy=dy)
 
 
@@ -235,9 +234,9 @@ def test_paths_concurrent_host_threads():
                 for step in range(12):
                     k = (first + step) % len(cases)
                     info, _, dim = cases[k]
-                    y, dx = forward_backward(info, inputs[k], info.call_kwargs(dim=dim))
+                    y, grads = forward_backward(info, inputs[k], info.call_kwargs(dim=dim))
                     torch.testing.assert_close(y, expected[k][0], rtol=0, atol=0)
-                    torch.testing.assert_close(dx, expected[k][1], rtol=0, atol=0)
+                    torch.testing.assert_close(grads, expected[k][1], rtol=0, atol=0)
         except Exception as error:  # noqa: BLE001  (reported from the main thread)
             errors.append(error)
 
