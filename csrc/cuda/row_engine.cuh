@@ -363,12 +363,16 @@ __global__ void __launch_bounds__(kRowThreads<Op, K>, (kRowMinBlocks<Op, V, K>))
   constexpr int kParamIn = Op::kParamIn;
   constexpr int kSums = Op::kParamSums;
   const ClusterInfo cluster = K == RowKind::Cluster ? cluster_info() : ClusterInfo{0, 1};
-  const int G = a.lanes;
+  // WideBlock and Cluster instances run only plans whose group is the whole block (plan_rows' block, cluster
+  // and split paths: lanes = threads > 32; with_row_kernel asserts it): G is blockDim.x, one group a block, and
+  // no division by a run-time G is kept live across the row (at a 64-80 register budget it was spilled).
+  constexpr bool kBlockGroup = K == RowKind::WideBlock || K == RowKind::Cluster;
+  const int G = kBlockGroup ? static_cast<int>(blockDim.x) : a.lanes;
   const int lane = threadIdx.x % kWarpSize;
-  const int member = cluster.rank * G + static_cast<int>(threadIdx.x) % G;
+  const int member = cluster.rank * G + (kBlockGroup ? static_cast<int>(threadIdx.x) : static_cast<int>(threadIdx.x) % G);
   const int width = G * cluster.size;
-  const int groups = blockDim.x / G;
-  const bool last_in_run = (lane + 1) % (G < kWarpSize ? G : kWarpSize) == 0;
+  const int groups = kBlockGroup ? 1 : static_cast<int>(blockDim.x / G);
+  const bool last_in_run = (lane + 1) % (!kBlockGroup && G < kWarpSize ? G : kWarpSize) == 0;
   // Chunks (split rows) along y; phase 2 of an op with neither element output nor parameter sums only
   // combines: one y.
   const bool combine_only = !Op::kElementOut && kSums == 0 && a.mode == Mode::Finish;
@@ -384,7 +388,7 @@ __global__ void __launch_bounds__(kRowThreads<Op, K>, (kRowMinBlocks<Op, V, K>))
   for (int64_t chunk = blockIdx.y; chunk < chunks_here; chunk += gridDim.y) {
     S sums[kSlotsFor<kSums>][V][P] = {};  // parameter sums of this thread's slots over the rows it maps
     for (int64_t base = int64_t(blockIdx.x / cluster.size) * groups; base < a.outer; base += stride, parity ^= 1) {
-      const int64_t row_or_end = base + threadIdx.x / G;
+      const int64_t row_or_end = base + (kBlockGroup ? 0u : threadIdx.x / G);
       const bool active = row_or_end < a.outer;
       const int64_t row = active ? row_or_end : 0;
       // The run starts at row element run0 (grid pack chunk·chunk_len); [lo, hi) is the row relative to it,
@@ -454,7 +458,7 @@ __global__ void __launch_bounds__(kRowThreads<Op, K>, (kRowMinBlocks<Op, V, K>))
           st[0] = a.op.partial(each, row_in, at);
         }
         const auto combine = [&](const Stat& x, const Stat& y) { return a.op.combine(x, y); };
-        if (kShuffleOnly || G <= kWarpSize) {
+        if (kShuffleOnly || (!kBlockGroup && G <= kWarpSize)) {
           st[0] = group_allreduce(st[0], combine, G);
         } else {
           block_allreduce_columns<1>(st, combine, a.op.identity(), 1);
@@ -858,9 +862,17 @@ void with_row_kernel(const Plan& plan, const Go& go) {
   TORCH_INTERNAL_ASSERT(plan.threads <= (plan.cluster > 1 ? Op::kClusterThreads : Op::kMaxThreads),
                         "torch_vjp: a row plan of ", plan.threads, " threads a block above its kernel's launch bound");
   if (plan.V == Vmax) {
-    if (plan.cluster > 1) return go(row_kernel<Op, Vmax, RowKind::Cluster>);
+    // Cluster and WideBlock instances take the block as the row's group (row_kernel's kBlockGroup).
+    const bool block_group = plan.lanes == plan.threads && plan.lanes > kWarpSize;
+    if (plan.cluster > 1) {
+      TORCH_INTERNAL_ASSERT(block_group, "torch_vjp: a cluster plan of ", plan.lanes, " lanes in blocks of ", plan.threads);
+      return go(row_kernel<Op, Vmax, RowKind::Cluster>);
+    }
     if (plan.threads <= kRowThreads<Op, RowKind::Block>) return go(row_kernel<Op, Vmax, RowKind::Block>);
-    if constexpr (Op::kMaxThreads > Op::kBlockThreads) return go(row_kernel<Op, Vmax, RowKind::WideBlock>);
+    if constexpr (Op::kMaxThreads > Op::kBlockThreads) {
+      TORCH_INTERNAL_ASSERT(block_group, "torch_vjp: a wide-block plan of ", plan.lanes, " lanes in blocks of ", plan.threads);
+      return go(row_kernel<Op, Vmax, RowKind::WideBlock>);
+    }
   }
   switch (plan.V) {
     case 1: return go(row_kernel<Op, 1, RowKind::Shuffle>);
