@@ -103,13 +103,6 @@ SPILLS = [
      "(768 threads, 80 registers): 4 B, the thread's row-group index (threadIdx.x / G), stored once and loaded back "
      "once a thread before the row loop. Not a benchmark variant: the benchmark's norms fuse dW/db, and the "
      "Jacobian sweep's parameterless layer_norm is fp32"),
-    (r"row_kernel<torch_vjp::cuda::CrossEntropyForwardGrad<float, false>, 8, \(torch_vjp::cuda::RowKind\)1>",
-     ("sm_80", "sm_90"), 32,
-     "the fused loss's one-read kernel in fp32 (the fused benchmark's dtype is bf16), Block instance (512 threads, "
-     "128 registers): 24-32 B of loop-invariant element indices hoisted out of the row loop; stored once a thread, "
-     "and loaded back in the row loop only on the misaligned-row path (n % 4 != 0: load_grid_pack's funnel), once "
-     "a pack. Bound at 1024 (64 registers) it spilled 16-24 B; the alternative, the forward and gradient kernels, "
-     "reads the logits a second time"),
 ]
 
 

@@ -82,9 +82,12 @@ def row_packs(op: EngineOp, dtype: str) -> int:
 
 
 def block_threads(name: str, dtype: str) -> int:
-    """kBlockThreads: float softmax and log_softmax forward bind their one Block instance at 1024 threads."""
+    """kBlockThreads: float softmax and log_softmax forward bind their one Block instance at 1024 threads, the
+    float fused loss at 768."""
     if name in ("softmax", "log_softmax") and ITEMSIZE[dtype] == 4:
         return 1024
+    if name == "fused_linear_cross_entropy" and ITEMSIZE[dtype] == 4:  # CrossEntropyForwardGrad<float, false>
+        return 768
     return ENGINE_OPS[name].block_threads
 
 
