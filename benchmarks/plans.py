@@ -83,11 +83,13 @@ def row_packs(op: EngineOp, dtype: str) -> int:
 
 def block_threads(name: str, dtype: str) -> int:
     """kBlockThreads: float softmax and log_softmax forward bind their one Block instance at 1024 threads, the
-    float fused loss at 768."""
+    float fused loss at 768, the half types' dx-only norm backward at 640."""
     if name in ("softmax", "log_softmax") and ITEMSIZE[dtype] == 4:
         return 1024
     if name == "fused_linear_cross_entropy" and ITEMSIZE[dtype] == 4:  # CrossEntropyForwardGrad<float, false>
         return 768
+    if name == "layer_norm_backward_dx" and ITEMSIZE[dtype] == 2:  # NormBackward<true, half type, false>
+        return 640
     return ENGINE_OPS[name].block_threads
 
 
