@@ -67,11 +67,11 @@ OCCUPANCY = [
          "Shuffle instance (V < kRowPacks): rows of at most 32 packs a lane, blocks of 256 threads; enough of them "
          "an SM for ROW_BYTES_IN_FLIGHT of loads"),
     Rule(r"row_kernel<.*\(torch_vjp::cuda::RowKind\)1>\(", None, 1,
-         "Block instance (V = kRowPacks): one block of up to the op's kBlockThreads (512; 768 or 1024 where "
-         "ptxas spills at 128 registers and not at 80 or 64) an SM holds kRowPacks packs a thread: 32-128 KB"),
+         "Block instance (V = kRowPacks): one block of up to the op's kBlockThreads (512; 640, 768 or 1024 where "
+         "ptxas spills at 128 registers and not at 96, 80 or 64) an SM holds kRowPacks packs a thread: 32-128 KB"),
     Rule(r"row_kernel<.*\(torch_vjp::cuda::RowKind\)2>\(", None, 1,
-         "WideBlock instance: one block of up to the op's kMaxThreads, rows too long for 512 threads where no "
-         "cluster runs (sm_80)"),
+         "WideBlock instance: one block of up to the op's kMaxThreads, blocks above its kBlockThreads where no "
+         "cluster runs (sm_80, or clusters off)"),
     Rule(r"row_kernel<.*\(torch_vjp::cuda::RowKind\)3>\(", None, 1,
          "Cluster instance (sm_90): blocks of the op's kClusterThreads (512 unless smaller)"),
     Rule(r"column_kernel<.*, true>\(", 256, 2,

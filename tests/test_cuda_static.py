@@ -132,7 +132,8 @@ def test_row_plans_give_each_instance_its_row_groups():
     block (lanes = threads > 32), and by the whole block wherever it takes a Cluster or WideBlock instance."""
     plans, _ = _plan_table()
     ops = [(8, 4, 1024, 512, 512), (4, 8, 1024, 512, 1024), (8, 2, 768, 512, 512), (4, 4, 768, 512, 768),
-           (2, 4, 512, 512, 512), (2, 8, 1024, 512, 512)]  # P, kRowPacks, kMaxThreads, kClusterThreads, kBlockThreads
+           (2, 4, 512, 512, 512), (2, 8, 1024, 512, 512), (8, 4, 768, 512, 640), (4, 8, 1024, 512, 768)]
+    # P, kRowPacks, kMaxThreads, kClusterThreads, kBlockThreads
     cases, lines = [], []
     for rows in (1, 3, 33, 100, 4096, 65536):
         for n in [*range(1, 300, 7), 511, 513, 1024, 4096, 8191, 12288, 16385, 32768, 50257, 65537, 128256, 1 << 20]:
