@@ -67,11 +67,11 @@ OCCUPANCY = [
          "Shuffle instance (V < kRowPacks): rows of at most 32 packs a lane, blocks of 256 threads; enough of them "
          "an SM for ROW_BYTES_IN_FLIGHT of loads"),
     Rule(r"row_kernel<.*\(torch_vjp::cuda::RowKind\)1>\(", None, 1,
-         "Block instance (V = kRowPacks): one block of up to the op's kBlockThreads (512; 768 or 1024 where "
-         "ptxas spills at 128 registers and not at 80 or 64) an SM holds kRowPacks packs a thread: 32-128 KB"),
+         "Block instance (V = kRowPacks): one block of up to the op's kBlockThreads (512; 640, 768 or 1024 where "
+         "ptxas spills at 128 registers and not at 96, 80 or 64) an SM holds kRowPacks packs a thread: 32-128 KB"),
     Rule(r"row_kernel<.*\(torch_vjp::cuda::RowKind\)2>\(", None, 1,
-         "WideBlock instance: one block of up to the op's kMaxThreads, rows too long for 512 threads where no "
-         "cluster runs (sm_80)"),
+         "WideBlock instance: one block of up to the op's kMaxThreads, blocks above its kBlockThreads where no "
+         "cluster runs (sm_80, or clusters off)"),
     Rule(r"row_kernel<.*\(torch_vjp::cuda::RowKind\)3>\(", None, 1,
          "Cluster instance (sm_90): blocks of the op's kClusterThreads (512 unless smaller)"),
     Rule(r"column_kernel<.*, true>\(", 256, 2,
@@ -90,40 +90,13 @@ OCCUPANCY = [
          "elementwise map: 4, 3 or 2 blocks of 256 an SM for 1, 2 or 3 inputs (kMapMinBlocks), 48-64 KB in flight"),
 ]
 
-# Instances allowed a stack frame: (pattern, archs, most bytes, why). Each is off the benchmark shapes' hot paths
-# on the card it names, or cheaper than every alternative; a spill anywhere else fails.
+# Instances allowed a stack frame: (pattern, archs, most bytes, why); a spill anywhere else fails. Only fp64 now.
+# An entry added here must name only instances no benchmark shape launches: tests/test_cuda_static.py checks every
+# entry but fp64's against the plans of benchmarks/plans.py (the A100 for sm_80, the H100 and H200 for sm_90).
 SPILLS = [
     (r"[<, ]double[>,]", ("sm_80", "sm_90"), 256,
      "fp64 instances (2-4 packs of 2 doubles a thread): fp64 is no benchmark dtype; up to 256 B allowed until a "
      "GPU shows whether they cost anything against torch's own fp64 kernels"),
-    (r"row_kernel<.*\(torch_vjp::cuda::RowKind\)2>", ("sm_80",), 32,
-     "WideBlock on sm_80 (up to kMaxThreads = 768-1024 threads, 64-80 registers): the A100's instance for rows "
-     "longer than 512 threads hold (bf16 softmax n > 16384, layer_norm backward's chunks at n = 32768); 8-24 B "
-     "spilled a thread, against the alternative, 512-thread blocks, which split those rows and read them twice"),
-    (r"row_kernel<.*\(torch_vjp::cuda::RowKind\)2>", ("sm_90",), 32,
-     "WideBlock on sm_90: reached only with clusters off (TORCH_VJP_DISABLE_CLUSTERS, the testing switch that "
-     "runs the A100's plans on a Hopper GPU) or where a cluster cannot run (a partitioned GPU)"),
-    (r"row_kernel<torch_vjp::cuda::NormBackward<(true|false), [\w:]+, false>, 4, \(torch_vjp::cuda::RowKind\)[13]>",
-     ("sm_80", "sm_90"), 40,
-     "norm backward with dx alone (no weight or bias gradient wanted: not the benchmark's variant, which fuses "
-     "them), 4 packs of dy and x a thread at 768 threads (80 registers): 8-24 B; at a 512-thread bound ptxas "
-     "spilled 200+ B (csrc/cuda/norm_epilogues.cuh's kBlockThreads)"),
-    (r"row_kernel<torch_vjp::cuda::CrossEntropyForwardGrad<float, false>, 8, \(torch_vjp::cuda::RowKind\)1>",
-     ("sm_80", "sm_90"), 32,
-     "the fused loss's one-read kernel in fp32 (not the fused benchmark's dtype), Block instance (rows of at most "
-     "16384 classes): 24-32 B at 128 registers, 8 packs of logits held across the row's reduction and then "
-     "mapped; the alternative, the forward and gradient kernels, reads the logits a second time (128 B a thread "
-     "of DRAM traffic against 24-32 B of spill kept in L1)"),
-    (r"row_kernel<torch_vjp::cuda::CrossEntropyForwardGrad<[\w:]+, true>, 1, \(torch_vjp::cuda::RowKind\)0>",
-     ("sm_80", "sm_90"), 24,
-     "the fused loss with label smoothing at V = 1 (vocabularies of at most 32 packs: 256 bf16/fp16 or 128 fp32 "
-     "classes, no language-model head): 8-24 B at 40 registers (6 blocks of 256 an SM)"),
-    (r"column_kernel<", ("sm_90",), 16,
-     "column kernels (reductions over a dim other than the last) on sm_90: 4-8 B kept across the cluster "
-     "primitives' calls at a 512 × 1 bound; no benchmark shape takes this path. At the bounds of issue 16 item 4 "
-     "(256 × 2 vectorised, 512 × 2 otherwise) the fp32 and bf16 norm and bf16 softmax translation units showed "
-     "none (fp64 softmax's non-vectorised ones 8-32 B, under the fp64 exception); the fp16 units and fp64 norm "
-     "were not recompiled here"),
 ]
 
 

@@ -68,6 +68,9 @@ ENGINE_OPS = {
     # fused_linear_cross_entropy's chunk of logits with the gradient: loss, statistics and dlogits in place from
     # one read (CrossEntropyForwardGrad, without label smoothing: the forward's plan)
     "fused_linear_cross_entropy": EngineOp(1, 1024, 512),
+    # layer_norm's backward with dx alone (no parameters, or no parameter gradient wanted): the Jacobian sweep's
+    # parameterless layer_norm (benchmarks/jacobian.py); not in the plan table below
+    "layer_norm_backward_dx": EngineOp(2, 768, 512, block_threads=768, cluster_bound=768),
 }
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 SUB_WARP_THREADS, BYTES_IN_FLIGHT = 256, 32 * 1024  # row_engine.cuh's
@@ -79,9 +82,14 @@ def row_packs(op: EngineOp, dtype: str) -> int:
 
 
 def block_threads(name: str, dtype: str) -> int:
-    """kBlockThreads: float softmax and log_softmax forward bind their one Block instance at 1024 threads."""
+    """kBlockThreads: float softmax and log_softmax forward bind their one Block instance at 1024 threads, the
+    float fused loss at 768, the half types' dx-only norm backward at 640."""
     if name in ("softmax", "log_softmax") and ITEMSIZE[dtype] == 4:
         return 1024
+    if name == "fused_linear_cross_entropy" and ITEMSIZE[dtype] == 4:  # CrossEntropyForwardGrad<float, false>
+        return 768
+    if name == "layer_norm_backward_dx" and ITEMSIZE[dtype] == 2:  # NormBackward<true, half type, false>
+        return 640
     return ENGINE_OPS[name].block_threads
 
 
@@ -132,6 +140,34 @@ def instance(name: str, dtype: str, plan: dict) -> tuple[str, int, int]:
     if plan["threads"] <= min(block_threads(name, dtype), top):
         return "Block", min(block_threads(name, dtype), top), 1
     return "WideBlock", top, 1
+
+
+# The row_kernel instance each op launches (csrc/cuda/*_epilogues.cuh), as c++filt spells it in the library, so
+# that the plans can be matched against benchmarks/kernel_resources.py's SPILLS.
+KERNEL_OPS = {
+    "softmax": "SoftmaxForward<(torch_vjp::math::SoftmaxKind)0, {T}>",
+    "log_softmax": "SoftmaxForward<(torch_vjp::math::SoftmaxKind)1, {T}>",
+    "logsumexp": "SoftmaxForward<(torch_vjp::math::SoftmaxKind)2, {T}>",
+    "softmax_backward": "SoftmaxBackward<(torch_vjp::math::SoftmaxKind)0, {T}>",
+    "log_softmax_backward": "SoftmaxBackward<(torch_vjp::math::SoftmaxKind)1, {T}>",
+    "logsumexp_backward": "LogSumExpBackward<{T}>",
+    "layer_norm": "NormForward<true, {T}>", "rms_norm": "NormForward<false, {T}>",
+    "layer_norm_backward": "NormBackward<true, {T}, true>", "rms_norm_backward": "NormBackward<false, {T}, true>",
+    "layer_norm_backward_dx": "NormBackward<true, {T}, false>",
+    "normalize": "NormalizeForward<{T}>", "normalize_backward": "NormalizeBackward<{T}>",
+    "cross_entropy": "CrossEntropyForward<{T}, false>", "cross_entropy_backward": "CrossEntropyGrad<{T}>",
+    "fused_linear_cross_entropy": "CrossEntropyForwardGrad<{T}, false>",
+}
+CXX_TYPES = {"bfloat16": "c10::BFloat16", "float16": "c10::Half", "float32": "float", "float64": "double"}
+ROW_KINDS = ("Shuffle", "Block", "WideBlock", "Cluster")  # row_engine.cuh's RowKind
+ARCH = {"A100": "sm_80", "H100": "sm_90", "H200": "sm_90"}
+
+
+def kernel_name(r: dict) -> str:
+    """The demangled name of the row_kernel instance a plan row (row_table's) launches."""
+    op = "torch_vjp::cuda::" + KERNEL_OPS[r["op"]].format(T=CXX_TYPES[r["dtype"]])
+    return (f"void torch_vjp::cuda::row_kernel<{op}, {r['V']}, (torch_vjp::cuda::RowKind){ROW_KINDS.index(r['kind'])}>"
+            f"(torch_vjp::cuda::EngineArgs<{op} >)")
 
 
 def row_table(shapes, dtypes, names=tuple(ENGINE_OPS), gpus=GPUS) -> list[dict]:
@@ -186,12 +222,28 @@ def benchmark_table() -> list[dict]:
 
     preset = PRESETS["cuda"]
     shapes = tuple(preset.shapes) + tuple(preset.row_sweep)
-    table = row_table(shapes, preset.dtypes, names=tuple(n for n in ENGINE_OPS if n != "fused_linear_cross_entropy"))
+    table = row_table(shapes, preset.dtypes,
+                      names=tuple(n for n in ENGINE_OPS if n not in ("fused_linear_cross_entropy", "layer_norm_backward_dx")))
     vocab = tuple((tokens, vocab) for tokens, _, vocab in preset.fused_shapes)
     table += row_table(vocab, (preset.fused_dtype,), names=("cross_entropy", "cross_entropy_backward"))
     table += row_table(fused_chunks(preset), (preset.fused_dtype,),
                        names=("cross_entropy", "cross_entropy_backward", "fused_linear_cross_entropy"))
     return table
+
+
+def jacobian_table() -> list[dict]:
+    """The plans of the Jacobian sweep (benchmarks/jacobian.py: softmax and parameterless layer_norm, forward and
+    backward, at the CUDA preset's batch and row lengths, in its dtype)."""
+    import re
+
+    from benchmarks.config import PRESETS
+
+    preset = PRESETS["cuda"]
+    shapes = tuple((preset.jac_batch, n) for n in preset.jac_ns)
+    # jacobian.py's DTYPE, read from its source (importing it imports the built library)
+    source = open(os.path.join(ROOT, "benchmarks", "jacobian.py")).read()
+    dtype = re.search(r"^DTYPE = torch\.(\w+)", source, re.M).group(1)
+    return row_table(shapes, (dtype,), names=("softmax", "softmax_backward", "layer_norm", "layer_norm_backward_dx"))
 
 
 CHUNK_BYTES = 112 << 20  # csrc/cuda/cross_entropy.cu's kChunkBytes

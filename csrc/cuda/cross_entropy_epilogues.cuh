@@ -284,6 +284,10 @@ struct CrossEntropyForwardGrad : EpilogueDefaults {
   // order, so their bits may differ from those two kernels').
   static constexpr int kMaxThreads = kSmoothing ? 512 : Forward::kMaxThreads;
   static constexpr int kClusterThreads = Forward::kClusterThreads;
+  // fp32 without smoothing (8 packs of logits a thread): the Block instance bound at 768 threads (80 registers:
+  // 76-79, no spill); at 512 (128 registers) ptxas hoisted element indices out of the row loop and spilled 24-32
+  // bytes, at 1024 (64) 16-24. Blocks of 769-1024 threads take WideBlock. The plan does not depend on it.
+  static constexpr int kBlockThreads = !kSmoothing && sizeof(T) == 4 ? 768 : EpilogueDefaults::kBlockThreads;
   Forward forward;  // logits unused (the target logit comes from the Stat)
   S per_class_target;  // ε/C + (1 - ε)
 

@@ -10,7 +10,7 @@
 //             blocks share an SM), split rows beyond; one read of x, one write of y.
 //   backward  dy and x, 4 packs each; with parameter sums 2 packs each and at most 768 threads a block
 //             (80 registers, so 3 blocks of 256 an SM: 32 of them hold the thread's fp32 dweight and dbias
-//             sums; ptxas spills a few loop invariants of the half types' layer_norm, ~15 L1 accesses a row),
+//             sums; no spill since the WideBlock instance stopped dividing by the run-time group size),
 //             clusters of blocks of up to 256 threads on sm_90. Reads dy and x once, writes dx once; the
 //             parameter sums add one fp32 partial row per resident row slot (a few MiB) and a small second
 //             launch. Rows of up to 8 · 768 · 2 packs (bf16 98304, fp32 49152, fp64 24576 elements) take an
@@ -180,9 +180,11 @@ struct NormBackward : EpilogueDefaults {
   static constexpr int kParamSums = kSums ? kTerms : 0;
   static constexpr bool kRowsOnly = true;
   static constexpr int kMaxThreads = 768;  // 80 registers
-  // dx alone: one instance for every block size (80 registers). At a 512-thread bound (128 registers) ptxas kept
-  // the 4 packs of dy and x unpacked and spilled 200+ bytes a thread, against 8-16 at 80.
-  static constexpr int kBlockThreads = kSums ? 512 : 768;
+  // dx alone: at a 512-thread bound (128 registers) ptxas kept the 4 packs of dy and x unpacked and spilled 200+
+  // bytes a thread. float: one instance for every block size (768, 80 registers). The half types: a Block
+  // instance bound at 640 (96 registers: 92-96, no spill; at 768 layer_norm's kept 4 bytes on the stack on
+  // sm_90), and WideBlock (768, 80 registers: 77-80, no spill) for blocks of 641-768 threads.
+  static constexpr int kBlockThreads = kSums ? 512 : sizeof(T) == 2 ? 640 : 768;
   static constexpr int kClusterBound = kSums ? 0 : 768;  // the same for its Cluster instance (200+ B at 128)
   // A cluster's blocks hold at most 512 threads (the Cluster instance's bound: 128 registers), and 8 of them
   // hold a row of 8·512·kRowPacks packs: with the parameter sums, fp32 n = 32768 in one read.

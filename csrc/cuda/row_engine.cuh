@@ -363,12 +363,25 @@ __global__ void __launch_bounds__(kRowThreads<Op, K>, (kRowMinBlocks<Op, V, K>))
   constexpr int kParamIn = Op::kParamIn;
   constexpr int kSums = Op::kParamSums;
   const ClusterInfo cluster = K == RowKind::Cluster ? cluster_info() : ClusterInfo{0, 1};
-  const int G = a.lanes;
+  // The block's row groups of G threads. The plans give each kind one shape (plan_rows; with_row_kernel asserts
+  // them): WideBlock and Cluster, one group, the whole block (their block, cluster and split paths: lanes =
+  // threads > 32); Shuffle, G = lanes, a power of two <= 32, so groups by shifts and masks; Block, warps (the
+  // warp path) or the whole block (its block and split paths), by G = lanes. At the 40-80 register budgets of
+  // the first three, a division by a run-time G kept its quotient and remainder live across the row, and ptxas
+  // spilled them. Block keeps the division: shift forms tried there (CUDA 13.0) raised several instances'
+  // registers and moved a spill from one instance to another.
+  constexpr bool kBlockGroup = K == RowKind::WideBlock || K == RowKind::Cluster;
+  const int group_shift = kShuffleOnly ? __ffs(a.lanes) - 1 : 0;  // Shuffle: log2 G
+  const int G = kBlockGroup ? static_cast<int>(blockDim.x) : kShuffleOnly ? 1 << group_shift : a.lanes;
   const int lane = threadIdx.x % kWarpSize;
-  const int member = cluster.rank * G + static_cast<int>(threadIdx.x) % G;
+  const int member = cluster.rank * G + (kBlockGroup    ? static_cast<int>(threadIdx.x)
+                                         : kShuffleOnly ? static_cast<int>(threadIdx.x) & (G - 1)
+                                                        : static_cast<int>(threadIdx.x) % G);
   const int width = G * cluster.size;
-  const int groups = blockDim.x / G;
-  const bool last_in_run = (lane + 1) % (G < kWarpSize ? G : kWarpSize) == 0;
+  const int groups = kBlockGroup ? 1 : kShuffleOnly ? static_cast<int>(blockDim.x >> group_shift) : static_cast<int>(blockDim.x / G);
+  const int shuffle_group = kShuffleOnly ? static_cast<int>(threadIdx.x >> group_shift) : 0;  // this thread's
+  const bool last_in_run = kShuffleOnly ? ((lane + 1) & (G - 1)) == 0  // G <= 32
+                                        : (lane + 1) % (!kBlockGroup && G < kWarpSize ? G : kWarpSize) == 0;
   // Chunks (split rows) along y; phase 2 of an op with neither element output nor parameter sums only
   // combines: one y.
   const bool combine_only = !Op::kElementOut && kSums == 0 && a.mode == Mode::Finish;
@@ -384,7 +397,7 @@ __global__ void __launch_bounds__(kRowThreads<Op, K>, (kRowMinBlocks<Op, V, K>))
   for (int64_t chunk = blockIdx.y; chunk < chunks_here; chunk += gridDim.y) {
     S sums[kSlotsFor<kSums>][V][P] = {};  // parameter sums of this thread's slots over the rows it maps
     for (int64_t base = int64_t(blockIdx.x / cluster.size) * groups; base < a.outer; base += stride, parity ^= 1) {
-      const int64_t row_or_end = base + threadIdx.x / G;
+      const int64_t row_or_end = base + (kBlockGroup ? 0u : kShuffleOnly ? unsigned(shuffle_group) : threadIdx.x / G);
       const bool active = row_or_end < a.outer;
       const int64_t row = active ? row_or_end : 0;
       // The run starts at row element run0 (grid pack chunk·chunk_len); [lo, hi) is the row relative to it,
@@ -454,7 +467,7 @@ __global__ void __launch_bounds__(kRowThreads<Op, K>, (kRowMinBlocks<Op, V, K>))
           st[0] = a.op.partial(each, row_in, at);
         }
         const auto combine = [&](const Stat& x, const Stat& y) { return a.op.combine(x, y); };
-        if (kShuffleOnly || G <= kWarpSize) {
+        if (kShuffleOnly || (!kBlockGroup && G <= kWarpSize)) {
           st[0] = group_allreduce(st[0], combine, G);
         } else {
           block_allreduce_columns<1>(st, combine, a.op.identity(), 1);
@@ -858,10 +871,24 @@ void with_row_kernel(const Plan& plan, const Go& go) {
   TORCH_INTERNAL_ASSERT(plan.threads <= (plan.cluster > 1 ? Op::kClusterThreads : Op::kMaxThreads),
                         "torch_vjp: a row plan of ", plan.threads, " threads a block above its kernel's launch bound");
   if (plan.V == Vmax) {
-    if (plan.cluster > 1) return go(row_kernel<Op, Vmax, RowKind::Cluster>);
+    // The row groups of plan_rows: Cluster and WideBlock (row_kernel's kBlockGroup), the whole block; Block,
+    // warps or the whole block.
+    const bool block_group = plan.lanes == plan.threads && plan.lanes > kWarpSize;
+    TORCH_INTERNAL_ASSERT(block_group || plan.lanes == kWarpSize, "torch_vjp: a row plan of ", plan.lanes,
+                          " lanes a row in blocks of ", plan.threads);
+    if (plan.cluster > 1) {
+      TORCH_INTERNAL_ASSERT(block_group, "torch_vjp: a cluster plan of ", plan.lanes, " lanes in blocks of ", plan.threads);
+      return go(row_kernel<Op, Vmax, RowKind::Cluster>);
+    }
     if (plan.threads <= kRowThreads<Op, RowKind::Block>) return go(row_kernel<Op, Vmax, RowKind::Block>);
-    if constexpr (Op::kMaxThreads > Op::kBlockThreads) return go(row_kernel<Op, Vmax, RowKind::WideBlock>);
+    if constexpr (Op::kMaxThreads > Op::kBlockThreads) {
+      TORCH_INTERNAL_ASSERT(block_group, "torch_vjp: a wide-block plan of ", plan.lanes, " lanes in blocks of ", plan.threads);
+      return go(row_kernel<Op, Vmax, RowKind::WideBlock>);
+    }
   }
+  // Shuffle: groups of a power of two lanes, at most a warp.
+  TORCH_INTERNAL_ASSERT(plan.lanes <= kWarpSize && (plan.lanes & (plan.lanes - 1)) == 0 && plan.lanes > 0,
+                        "torch_vjp: a shuffle plan of ", plan.lanes, " lanes a row");
   switch (plan.V) {
     case 1: return go(row_kernel<Op, 1, RowKind::Shuffle>);
     case 2:
