@@ -515,6 +515,12 @@ def case_example_fsdp_compiled(rank, world):
     _example_case(world, 1, compile=True)
 
 
+def case_example_tp_compiled(rank, world):
+    """Tensor and sequence parallelism with the blocks' norms, attention and MLP compiled (the example's
+    --compile under TP: see its train())."""
+    _example_case(1, world, compile=True)
+
+
 def case_mesh_2d(rank, world):
     """A 2 × 2 mesh: rows sharded on one mesh dim, the sequence or the vocabulary on the other."""
     import torch_vjp
@@ -574,9 +580,8 @@ SUITES = {
             ("example_tp", case_example_tp),
             ("compile", case_compile)],
     "four": [("mesh_2d", case_mesh_2d), ("example_fsdp_tp", case_example_fsdp_tp)],
-    # torch.compile of tensor-parallel blocks is not here: in torch 2.14.1 the example's TP blocks fail in the
-    # backward under compile with stock modules alone (torch.nn.RMSNorm, F.silu, F.cross_entropy), see README.
     "two_compiled": [("fsdp_compiled", case_fsdp_compiled), ("example_fsdp_compiled", case_example_fsdp_compiled),
+                     ("example_tp_compiled", case_example_tp_compiled),
                      ("vocab_parallel_compiled", case_vocab_parallel_compiled)],
 }
 
