@@ -43,6 +43,9 @@ ROW_OP_INPUTS = {
     "SoftmaxForward": 1, "SoftmaxBackward": 2, "LogSumExpBackward": 1,
     "NormForward": 1, "NormBackward": 2, "NormalizeForward": 1, "NormalizeBackward": 2,
     "CrossEntropyForward": 1, "CrossEntropyGrad": 1, "CrossEntropyForwardGrad": 1, "SlotSum": 1,
+    # class weights with label smoothing: the logits as above, plus w_j a class (scalar loads of a (C,) vector
+    # every row shares, from L1/L2)
+    "WeightedCrossEntropyForward": 1, "WeightedCrossEntropyGrad": 1, "WeightedCrossEntropyForwardGrad": 1,
 }
 
 
