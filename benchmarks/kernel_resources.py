@@ -121,6 +121,11 @@ SPILLS = [
      ("sm_80", "sm_90"), 24,
      "the fused loss with label smoothing at V = 1 (vocabularies of at most 32 packs: 256 bf16/fp16 or 128 fp32 "
      "classes, no language-model head): 8-24 B at 40 registers (6 blocks of 256 an SM)"),
+    (r"row_kernel<torch_vjp::cuda::WeightedCrossEntropyForwardGrad<[\w:]+>, 1, \(torch_vjp::cuda::RowKind\)0>",
+     ("sm_80", "sm_90"), 32,
+     "the fused loss with class weights and label smoothing at V = 1 (vocabularies of at most 32 packs, no "
+     "language-model head), as the unweighted smoothed instance above: 16 B on sm_80, 24 B (bf16, fp16) and 32 B "
+     "(fp32) on sm_90, at 40 registers (6 blocks of 256 an SM; ptxas -v of cross_entropy.cu alone, CUDA 13.0)"),
     (r"column_kernel<", ("sm_90",), 16,
      "column kernels (reductions over a dim other than the last) on sm_90: 4-8 B kept across the cluster "
      "primitives' calls at a 512 × 1 bound; no benchmark shape takes this path. At the bounds of issue 16 item 4 "

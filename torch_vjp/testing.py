@@ -225,11 +225,10 @@ def _targets(rows_shape, classes, kwargs, gen, device):
 
 
 def _class_weights(x, classes, gen):
-    """Class weights for a loss: uniform in [0.25, 2), one of them 0 where there are several classes (a class
-    that counts for nothing, as people mask one), in x's dtype."""
+    """Class weights for a loss: uniform in [0.25, 2), in x's dtype. None is 0 here: a sample of few rows whose
+    counted targets all weigh 0 has a 'mean' of 0/0 (NaN, as torch's); tests/test_loss_options.py holds a class
+    of weight 0 and that case."""
     w = torch.rand((classes,), generator=gen, dtype=torch.float64) * 1.75 + 0.25
-    if classes > 1:
-        w[1] = 0.0
     dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
     return w.to(dtype=dtype, device=x.device)
 

@@ -82,8 +82,8 @@ struct CpuCrossEntropy {
 
   // dx_i = s_i (exp((x_i - m_i) - log_sum_i) - ε/C), then the target's element alone gets - s_i (1 - ε), from
   // x_t read before the row is written (dx may be x itself). Rows with s_i = 0 (ignored) are zeros.
-  // With class weights and ε > 0 (math/cross_entropy.h): dx_ik = s_i (a_i p_ik - (ε/C) w_k), a_i = (1 - ε) w_t +
-  // (ε/C) W, then the target's element gets - s_i (1 - ε) w_t.
+  // With class weights and ε > 0 (math/cross_entropy.h): dx_ik = (s_i a_i) p_ik - (s_i ε/C) w_k, a_i = (1 - ε) w_t
+  // + (ε/C) W, then the target's element gets - s_i (1 - ε) w_t.
   static void cross_entropy_grad_rows(const at::Tensor& x, const at::Tensor& target, const at::Tensor& row_max,
                                       const at::Tensor& log_sum, const at::Tensor& scale, int64_t ignore_index,
                                       double smoothing, const SmoothingWeights& weights, const at::Tensor& dx) {
@@ -108,18 +108,17 @@ struct CpuCrossEntropy {
             const S* xr = xs + row * classes;
             S* dxr = dxs + row * classes;
             const T s = scales[row], m = maxima[row], log_s = log_sums[row], w_t = row_weights[row];
-            const T a = math::weighted_softmax_coefficient(w_t, eps, per_class, total);
+            const T sa = s * math::weighted_softmax_coefficient(w_t, eps, per_class, total), sc = s * per_class;
             const int64_t t = targets[row];
             const T x_t = t == ignore_index ? T(0) : T(xr[t]);
             const math::SoftmaxFromStats<T> softmax{m, log_s};
             map_row(dxr, classes, stream,
-                    [s, a, per_class, softmax](auto v, auto wv) {
-                      return math::weighted_cross_entropy_vjp_with(v, wv, softmax, s, a, per_class);
+                    [sa, sc, softmax](auto v, auto wv) {
+                      return math::weighted_cross_entropy_vjp_with(v, wv, softmax, sa, sc);
                     },
                     xr, w);
             if (t != ignore_index)
-              dxr[t] = S(math::weighted_cross_entropy_vjp_with(x_t, w[t], softmax, s, a, per_class) -
-                         s * (T(1) - eps) * w_t);
+              dxr[t] = S(math::weighted_cross_entropy_vjp_with(x_t, w[t], softmax, sa, sc) - s * (T(1) - eps) * w_t);
           }
           cpu::fence();
         });

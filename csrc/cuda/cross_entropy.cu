@@ -5,6 +5,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <climits>
 #include <cstdint>
 #include <string_view>
 #include <type_traits>
@@ -19,6 +20,8 @@ namespace {
 template <class T>
 WeightedCrossEntropyGrad<T> weighted_grad(double smoothing, const SmoothingWeights& weights) {
   using S = Opmath<T>;
+  TORCH_CHECK(weights.weight.numel() <= INT_MAX, "torch_vjp.cross_entropy: class weights with label smoothing take at "
+              "most 2^31 - 1 classes on CUDA, got ", weights.weight.numel());
   WeightedCrossEntropyGrad<T> op{};
   op.smoothing = static_cast<S>(smoothing);
   op.class_weight = weights.weight.const_data_ptr<S>();

@@ -362,6 +362,10 @@ struct WeightedCrossEntropyForward : CrossEntropyForward<T_, true> {
   using typename Base::Row;
   using LogSoftmaxForward = typename Base::LogSoftmaxForward;
   using Stat = WeightedLossStat<S>;
+  // 512 threads a block at most (128 registers), all dtypes: at 1024 (64 registers) ptxas spilled 80 B of the
+  // float WideBlock instance (the weight sum rides the merge beside LossStat's). Longer rows take a cluster on
+  // sm_90 or are split on sm_80, as the smoothed CrossEntropyForwardGrad's.
+  static constexpr int kMaxThreads = 512;
   const S* class_weight;  // (C,)
   const S* row_weight;    // (rows,) w_t (0 where ignored)
   const S* weight_total;  // W (one value)
@@ -428,8 +432,9 @@ struct WeightedCrossEntropyForward : CrossEntropyForward<T_, true> {
 };
 
 // Gradient (CrossEntropyGrad's derivation, weighted; math/cross_entropy.h):
-//   dx_ij = s_i (a_i p_ij - (ε/C) w_j) - s_i (1 - ε) w_t [j = t_i],   a_i = (1 - ε) w_t + (ε/C) W
-// Row inputs m, log_s, s as CrossEntropyGrad's; w_t and W read once a row, w_j once an element.
+//   dx_ij = (s_i a_i) p_ij - (s_i ε/C) w_j - s_i (1 - ε) w_t [j = t_i],   a_i = (1 - ε) w_t + (ε/C) W
+// Row inputs m, log_s, s as CrossEntropyGrad's; w_t and W read once a row, w_j once an element. The Row holds
+// three products of s (the fewest registers: the fused kernel's cluster instance holds the row's logits too).
 template <class T_>
 struct WeightedCrossEntropyGrad : CrossEntropyGrad<T_> {
   using Base = CrossEntropyGrad<T_>;
@@ -442,22 +447,23 @@ struct WeightedCrossEntropyGrad : CrossEntropyGrad<T_> {
 
   struct Row {
     SoftmaxFromStatsFor<T> softmax;
-    S scale, coefficient, target_term;  // s, a, s (1 - ε) w_t
-    const S* w;                         // class_weight + the run's first column
-    int t;    // the target's run element, or -1
-    bool ok;  // the target is in range
+    S scaled_coefficient, scaled_per_class, target_term;  // s a, s ε/C, s (1 - ε) w_t
+    int first;  // the run's first column (< C: the class weights' index base)
+    int t;      // the target's run element, or -1
+    bool ok;    // the target is in range
   };
 
   __device__ __forceinline__ Row finish(S, const S (&row_in)[3], const RowAt& at) const {
     const int64_t t = this->target[at.row];
     const S w_t = row_weight[at.row], scale = row_in[2];
-    return {softmax_from_stats<T>(row_in[0], row_in[1]), scale,
-            math::weighted_softmax_coefficient(w_t, smoothing, this->per_class, *weight_total),
-            scale * (S(1) - smoothing) * w_t, class_weight + at.first, target_in_run(t, this->ignore_index, at),
-            target_ok(t, this->ignore_index, this->classes)};
+    return {softmax_from_stats<T>(row_in[0], row_in[1]),
+            scale * math::weighted_softmax_coefficient(w_t, smoothing, this->per_class, *weight_total),
+            scale * this->per_class, scale * (S(1) - smoothing) * w_t, static_cast<int>(at.first),
+            target_in_run(t, this->ignore_index, at), target_ok(t, this->ignore_index, this->classes)};
   }
   __device__ __forceinline__ S map(const Row& r, const S (&v)[1], int e) const {
-    const S dx = math::weighted_cross_entropy_vjp_with(v[0], r.w[e], r.softmax, r.scale, r.coefficient, this->per_class);
+    const S dx = math::weighted_cross_entropy_vjp_with(v[0], class_weight[r.first + e], r.softmax,
+                                                       r.scaled_coefficient, r.scaled_per_class);
     return e == r.t ? dx - r.target_term : dx;
   }
   __device__ __forceinline__ bool row_ok(const Row& r) const { return r.ok; }

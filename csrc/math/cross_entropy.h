@@ -22,7 +22,7 @@
 // ε > 0: the row reduction adds Σ_j w_j (x_j - m) (every term ≤ 0 for w ≥ 0: no cancellation), and
 //   loss_i = (1 - ε) w_t (log_s - (x_t - m)) + (ε/C) (W log_s - Σ_j w_j (x_j - m))
 //   ∂loss_i/∂x_ik = a_i p_ik - (ε/C) w_k - (1 - ε) w_t [k = t],     a_i = (1 - ε) w_t + (ε/C) W
-//   dx_ik = s_i (a_i p_ik - (ε/C) w_k) - s_i (1 - ε) w_t [k = t]
+//   dx_ik = (s_i a_i) p_ik - (s_i ε/C) w_k - s_i (1 - ε) w_t [k = t]
 // (w = 1: a_i = 1, and these are the unweighted formulas).
 // T is float, double, or (CPU only) at::vec::Vectorized<float|double>.
 #pragma once
@@ -78,11 +78,12 @@ TVJP_HD S weighted_softmax_coefficient(S target_weight, S smoothing, S smoothing
   return (S(1) - smoothing) * target_weight + smoothing_per_class * weight_total;
 }
 
-// dx_ik without the target's term: s (a p_k - (ε/C) w_k); the caller subtracts s (1 - ε) w_t at k = t.
+// dx_ik without the target's term, from two per-row constants: (s a) p_k - (s ε/C) w_k; the caller subtracts
+// s (1 - ε) w_t at k = t.
 template <class T, class S, class Softmax>
-TVJP_HD T weighted_cross_entropy_vjp_with(T x, T class_weight, const Softmax& softmax, S scale, S coefficient,
-                                          S smoothing_per_class) {
-  return T(scale) * (T(coefficient) * softmax(x) - T(smoothing_per_class) * class_weight);
+TVJP_HD T weighted_cross_entropy_vjp_with(T x, T class_weight, const Softmax& softmax, S scaled_coefficient,
+                                          S scaled_per_class) {
+  return T(scaled_coefficient) * softmax(x) - T(scaled_per_class) * class_weight;
 }
 
 }  // namespace torch_vjp::math
