@@ -344,6 +344,12 @@ def _cross_entropy_ref(input, target, weight=None, size_average=None, ignore_ind
     if weight is None or not label_smoothing > 0 or size_average is not None or reduce is not None:
         return F.cross_entropy(input, target, weight=weight, size_average=size_average, ignore_index=ignore_index,
                                reduce=reduce, reduction=reduction, label_smoothing=label_smoothing)
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):  # torch's cross_entropy is on autocast's float32 lists
+        widen = lambda t: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t  # noqa: E731
+        with torch.autocast(device_type, enabled=False):
+            return _cross_entropy_ref(widen(input), target, widen(weight), ignore_index=ignore_index,
+                                      reduction=reduction, label_smoothing=label_smoothing)
     class_dim = 0 if input.dim() == 1 else 1
     log_p = F.log_softmax(input, class_dim)
     nll = F.nll_loss(log_p, target, weight, ignore_index=ignore_index, reduction=reduction)
