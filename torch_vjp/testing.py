@@ -571,7 +571,8 @@ MODULES = [
                ({"normalized_shape": 5}, {"normalized_shape": (4, 5), "eps": 1e-3},
                 {"normalized_shape": 5, "elementwise_affine": False})),
     ModuleInfo(torch_vjp.nn.CrossEntropyLoss, torch.nn.CrossEntropyLoss, "cross_entropy",
-               ({}, {"reduction": "sum", "label_smoothing": 0.1}, {"reduction": "none", "ignore_index": 1})),
+               ({}, {"reduction": "sum", "label_smoothing": 0.1}, {"reduction": "none", "ignore_index": 1},
+                {"weight": torch.tensor([0.5, 1.5, 2.0])}, {"weight": torch.tensor([0.5, 1.5, 2.0]), "label_smoothing": 0.2})),
 ]
 
 
