@@ -157,3 +157,58 @@ def test_fused_class_weight_under_autocast(dtype):
         ref = F.cross_entropy(F.linear(h, head), t, weight=w, label_smoothing=0.1)
     assert ours.dtype == ref.dtype == torch.float32
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def _weighted_exact(x, target, w, smoothing, reduction):
+    """Loss and dx (grad_output 1) with class weights in x87 extended precision (numpy's longdouble), torch's
+    formula: (1 - ε) w_t (lse - x_t) + (ε/C) Σ_j w_j (lse - x_j), 'mean' over Σ w_t. Every target counts."""
+    import numpy as np
+    xl = x.double().cpu().numpy().astype(np.longdouble)
+    wl = w.double().cpu().numpy().astype(np.longdouble)
+    t = target.cpu().numpy()
+    rows, classes = xl.shape
+    m = xl.max(-1, keepdims=True)
+    log_p = xl - m - np.log(np.exp(xl - m).sum(-1, keepdims=True))
+    w_t = wl[t]
+    onehot = np.zeros_like(xl)
+    onehot[np.arange(rows), t] = 1
+    loss = -(1 - smoothing) * w_t * log_p[np.arange(rows), t] - smoothing / classes * (wl * log_p).sum(-1)
+    a = (1 - smoothing) * w_t + smoothing / classes * wl.sum()
+    dx = a[:, None] * np.exp(log_p) - smoothing / classes * wl - ((1 - smoothing) * w_t)[:, None] * onehot
+    if reduction == "mean":
+        loss, dx = loss.sum() / w_t.sum(), dx / w_t.sum()
+    elif reduction == "sum":
+        loss = loss.sum()
+    return loss, dx
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("kind", ["confident", "offset"])
+def test_weighted_as_accurate_as_torch(dtype, smoothing, kind, device):
+    """Against extended precision, the weighted loss and gradient are as accurate as torch's (the unweighted
+    criterion of test_exactness.py): at confident logits (spread 30) and under a shared offset of 1000, where a
+    loss formed as W·lse - Σ w_j x_j would cancel."""
+    import numpy as np
+    g = torch.Generator().manual_seed(11)
+    rows, classes = 64, 1000
+    x = torch.randn(rows, classes, generator=g, dtype=torch.float64) * (30 if kind == "confident" else 3)
+    if kind == "offset":
+        x = x + 1000
+    x = x.to(dtype=dtype, device=device)
+    t = torch.randint(0, classes, (rows,), generator=g).to(device)
+    w = (torch.rand(classes, generator=g, dtype=torch.float64) * 1.75 + 0.25).to(dtype=dtype, device=device)
+    eps = torch.finfo(dtype).eps
+    for reduction in REDUCTIONS:
+        loss_exact, dx_exact = _weighted_exact(x, t, w, smoothing, reduction)
+        errors = []
+        for fn in (torch_vjp.cross_entropy, F.cross_entropy):
+            xs = x.clone().requires_grad_()
+            loss = fn(xs, t, weight=w, reduction=reduction, label_smoothing=smoothing)
+            (dx,) = torch.autograd.grad(loss, xs, torch.ones_like(loss))
+            errors.append((float(np.abs(loss.detach().double().cpu().numpy().astype(np.longdouble) - loss_exact).max()),
+                           float(np.abs(dx.double().cpu().numpy().astype(np.longdouble) - dx_exact).max())))
+        (loss_err, dx_err), (loss_torch, dx_torch) = errors
+        scale = float(np.abs(loss_exact).max())
+        assert loss_err <= 2 * loss_torch + 16 * eps * scale, (reduction, loss_err, loss_torch)
+        assert dx_err <= 2 * dx_torch + eps / 2, (reduction, dx_err, dx_torch)
