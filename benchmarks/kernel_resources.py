@@ -126,6 +126,13 @@ SPILLS = [
      "the fused loss with class weights and label smoothing at V = 1 (vocabularies of at most 32 packs, no "
      "language-model head), as the unweighted smoothed instance above: 16 B on sm_80, 24 B (bf16, fp16) and 32 B "
      "(fp32) on sm_90, at 40 registers (6 blocks of 256 an SM; ptxas -v of cross_entropy.cu alone, CUDA 13.0)"),
+    (r"row_kernel<torch_vjp::cuda::WeightedCrossEntropyForwardGrad<float>, 8, \(torch_vjp::cuda::RowKind\)3>",
+     ("sm_90",), 8,
+     "the fused loss with class weights and label smoothing in fp32 (not the fused benchmark's dtype), Cluster "
+     "instance (long rows, sm_90): 8 B at 128 registers, 8 packs of logits held across the row's reduction "
+     "beside the weighted statistic, and the bounds test of the class weight read in map (padding slots must not "
+     "read past the (C,) weights). The engine's parameter vector in place of that read spilled 8-56 B across the "
+     "fp32/bf16/fp16 instances (ptxas -v of cross_entropy.cu alone, CUDA 13.0)"),
     (r"column_kernel<", ("sm_90",), 16,
      "column kernels (reductions over a dim other than the last) on sm_90: 4-8 B kept across the cluster "
      "primitives' calls at a 512 × 1 bound; no benchmark shape takes this path. At the bounds of issue 16 item 4 "

@@ -340,7 +340,10 @@ struct CrossEntropyForwardGrad : EpilogueDefaults {
 // Class weights with label smoothing (ε > 0; math/cross_entropy.h): the three kernels above, weighted. Class
 // weights without smoothing never reach a kernel (the frontend scales the unweighted rows by w_t), and the
 // unweighted instances above are unchanged. Column j of a run is at.first + e; w_j is read from the (C,)
-// weights (compute type, L1/L2-resident: every row reads the same C values).
+// weights (compute type, L1/L2-resident: every row reads the same C values): by the forward's partial for the
+// row's elements alone (kMasked), by the gradient's map only where the slot is in the row (map runs on padding
+// slots too; their stores are dropped). Not the engine's parameter vector (kParamIn, a norm's weight): its
+// packs held beside the logits' spilled 8-56 B in the fused kernel's fp32/bf16/fp16 instances (ptxas -v).
 //
 // Forward: loss_i = (1 - ε) w_t (log_s - (x_t - m)) + (ε/C) (W log_s - Σ_j w_j (x_j - m)), so the smoothed
 // partial holds Σ w_j (x_j - m_a) and Σ w_j over its elements (WeightedLossStat), merged as LossStat with the
@@ -448,7 +451,7 @@ struct WeightedCrossEntropyGrad : CrossEntropyGrad<T_> {
   struct Row {
     SoftmaxFromStatsFor<T> softmax;
     S scaled_coefficient, scaled_per_class, target_term;  // s a, s ε/C, s (1 - ε) w_t
-    int first;  // the run's first column (< C: the class weights' index base)
+    int first;  // the run's first column (int: C <= INT_MAX is checked); slots may lie outside the row
     int t;      // the target's run element, or -1
     bool ok;    // the target is in range
   };
@@ -462,8 +465,10 @@ struct WeightedCrossEntropyGrad : CrossEntropyGrad<T_> {
             target_in_run(t, this->ignore_index, at), target_ok(t, this->ignore_index, this->classes)};
   }
   __device__ __forceinline__ S map(const Row& r, const S (&v)[1], int e) const {
-    const S dx = math::weighted_cross_entropy_vjp_with(v[0], class_weight[r.first + e], r.softmax,
-                                                       r.scaled_coefficient, r.scaled_per_class);
+    // The column; padding slots lie outside [0, C) (one unsigned compare: C <= INT_MAX) and read no weight.
+    const int j = r.first + e;
+    const S w = static_cast<unsigned>(j) < static_cast<unsigned>(this->classes) ? class_weight[j] : S(0);
+    const S dx = math::weighted_cross_entropy_vjp_with(v[0], w, r.softmax, r.scaled_coefficient, r.scaled_per_class);
     return e == r.t ? dx - r.target_term : dx;
   }
   __device__ __forceinline__ bool row_ok(const Row& r) const { return r.ok; }
