@@ -43,6 +43,9 @@ ROW_OP_INPUTS = {
     "SoftmaxForward": 1, "SoftmaxBackward": 2, "LogSumExpBackward": 1,
     "NormForward": 1, "NormBackward": 2, "NormalizeForward": 1, "NormalizeBackward": 2,
     "CrossEntropyForward": 1, "CrossEntropyGrad": 1, "CrossEntropyForwardGrad": 1, "SlotSum": 1,
+    # class weights with label smoothing: the logits as above, plus w_j a class (scalar loads of a (C,) vector
+    # every row shares, from L1/L2)
+    "WeightedCrossEntropyForward": 1, "WeightedCrossEntropyGrad": 1, "WeightedCrossEntropyForwardGrad": 1,
 }
 
 
@@ -90,13 +93,26 @@ OCCUPANCY = [
          "elementwise map: 4, 3 or 2 blocks of 256 an SM for 1, 2 or 3 inputs (kMapMinBlocks), 48-64 KB in flight"),
 ]
 
-# Instances allowed a stack frame: (pattern, archs, most bytes, why); a spill anywhere else fails. Only fp64 now.
+# Instances allowed a stack frame: (pattern, archs, most bytes, why); a spill anywhere else fails. fp64, and two
+# instances of the class-weighted fused loss that no benchmark shape launches.
 # An entry added here must name only instances no benchmark shape launches: tests/test_cuda_static.py checks every
 # entry but fp64's against the plans of benchmarks/plans.py (the A100 for sm_80, the H100 and H200 for sm_90).
 SPILLS = [
     (r"[<, ]double[>,]", ("sm_80", "sm_90"), 256,
      "fp64 instances (2-4 packs of 2 doubles a thread): fp64 is no benchmark dtype; up to 256 B allowed until a "
      "GPU shows whether they cost anything against torch's own fp64 kernels"),
+    (r"row_kernel<torch_vjp::cuda::WeightedCrossEntropyForwardGrad<[\w:]+>, 1, \(torch_vjp::cuda::RowKind\)0>",
+     ("sm_80", "sm_90"), 32,
+     "the fused loss with class weights and label smoothing at V = 1 (vocabularies of at most 32 packs, no "
+     "language-model head): 16 B on sm_80, 24 B (bf16, fp16) and 32 B "
+     "(fp32) on sm_90, at 40 registers (6 blocks of 256 an SM; ptxas -v of cross_entropy.cu alone, CUDA 13.0)"),
+    (r"row_kernel<torch_vjp::cuda::WeightedCrossEntropyForwardGrad<float>, 8, \(torch_vjp::cuda::RowKind\)3>",
+     ("sm_90",), 8,
+     "the fused loss with class weights and label smoothing in fp32 (not the fused benchmark's dtype), Cluster "
+     "instance (long rows, sm_90): 8 B at 128 registers, 8 packs of logits held across the row's reduction "
+     "beside the weighted statistic, and the bounds test of the class weight read in map (padding slots must not "
+     "read past the (C,) weights). The engine's parameter vector in place of that read spilled 8-56 B across the "
+     "fp32/bf16/fp16 instances (ptxas -v of cross_entropy.cu alone, CUDA 13.0)"),
 ]
 
 

@@ -79,14 +79,18 @@ TORCH_LIBRARY(torch_vjp, m) {
   // function rounds it, but under autocast), and with compute_grad=True also the gradients for
   // grad_output = 1 (three matrix products in all); its _backward recomputes the logits chunk by chunk for any
   // grad_output.
-  m.def("cross_entropy(Tensor input, Tensor target, int ignore_index, str reduction, float label_smoothing) "
-        "-> (Tensor, Tensor, Tensor)");
-  m.def("cross_entropy_backward(Tensor grad_output, Tensor input, Tensor target, Tensor row_max, Tensor log_sum, "
-        "int ignore_index, str reduction, float label_smoothing) -> Tensor");
-  m.def("fused_linear_cross_entropy(Tensor input, Tensor weight, Tensor target, Tensor? bias, int ignore_index, "
-        "str reduction, float label_smoothing, bool compute_grad) -> (Tensor, Tensor?, Tensor?, Tensor?)");
+  // Class weights (cross_entropy's `weight`, the fused op's `class_weight`, (C,) like torch's weight=) are not
+  // differentiable, as torch's.
+  m.def("cross_entropy(Tensor input, Tensor target, Tensor? weight, int ignore_index, str reduction, "
+        "float label_smoothing) -> (Tensor, Tensor, Tensor)");
+  m.def("cross_entropy_backward(Tensor grad_output, Tensor input, Tensor target, Tensor? weight, Tensor row_max, "
+        "Tensor log_sum, int ignore_index, str reduction, float label_smoothing) -> Tensor");
+  m.def("fused_linear_cross_entropy(Tensor input, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
+        "int ignore_index, str reduction, float label_smoothing, bool compute_grad) -> (Tensor, Tensor?, Tensor?, "
+        "Tensor?)");
   m.def("fused_linear_cross_entropy_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor target, "
-        "Tensor? bias, int ignore_index, str reduction, float label_smoothing) -> (Tensor, Tensor, Tensor?)");
+        "Tensor? bias, Tensor? class_weight, int ignore_index, str reduction, float label_smoothing) "
+        "-> (Tensor, Tensor, Tensor?)");
 }
 
 namespace {

@@ -213,6 +213,8 @@ class VJPOp:
                    in its input's dtype, as torch does for counterparts on none of its lists.
     autocast_output: under autocast, the public output's dtype, where the counterpart's differs from the
                    kernel's ("fp32": the counterpart ends in an op of the "fp32" list).
+    autocast_keep: names of tensor arguments autocast leaves as they are (the fused loss's class weights, which
+                   torch's linear + cross_entropy apply in float32 after the lower-precision product).
     decomposition: the public op in torch ops (the registered op's arguments -> its public output(s)), with the
                    kernels' precision rules: what torch.compile traces where compile_policy.py says inductor's
                    fusion of it with its neighbours beats the opaque kernel. None: always the kernel.
@@ -245,6 +247,7 @@ class VJPOp:
     elementwise: bool = False
     autocast: dict = field(default_factory=dict)
     autocast_output: str | None = None
+    autocast_keep: tuple[str, ...] = ()
     public_outputs: int = 1
     integers: str = "error"
     integer_error: type | Callable = NotImplementedError
@@ -269,7 +272,7 @@ class VJPOp:
         for paths in (forward, backward):
             paths.register()
         for device_type, policy in self.autocast.items():
-            _register_autocast(self.name, device_type, policy, self.autocast_output)
+            _register_autocast(self.name, device_type, policy, self.autocast_output, self._autocast_kept())
 
     def __call__(self, *args):
         """The public op: the registered op's arguments, positionally (checked by the caller); its public output."""
@@ -388,6 +391,11 @@ class VJPOp:
             f"torch_vjp.{self.name}: not implemented for {input.dtype} input (as torch's counterpart, which only "
             f"computes it for floating types); cast the input to a floating dtype first")
 
+    def _autocast_kept(self) -> frozenset:
+        """Positions of the arguments autocast leaves as they are (autocast_keep)."""
+        names = [a.name for a in getattr(ops, self.name).default._schema.arguments]
+        return frozenset(names.index(n) for n in self.autocast_keep)
+
     def autocast_args(self, args: tuple) -> tuple:
         """The arguments as torch's autocast policy for this op would give them to the kernel."""
         input = args[0]
@@ -396,6 +404,9 @@ class VJPOp:
         if policy is None or not torch.is_autocast_enabled(device_type):
             return args
         cast = _autocast_cast(policy, device_type)
+        if self.autocast_keep:
+            kept = self._autocast_kept()
+            return tuple(a if i in kept else cast(a) for i, a in enumerate(args))
         return tuple(cast(a) for a in args)
 
     def cast_output(self, output, device_type: str):
@@ -778,9 +789,10 @@ def _autocast_cast(policy: str, device_type: str) -> Callable:
     return cast
 
 
-def _register_autocast(op_name: str, device_type: str, policy: str, output: str | None = None):
-    """The registered op's Autocast kernel for the device: its tensors cast by the policy, its first output
-    cast to float32 where `output` is "fp32" (VJPOp.autocast_output)."""
+def _register_autocast(op_name: str, device_type: str, policy: str, output: str | None = None,
+                       kept: frozenset = frozenset()):
+    """The registered op's Autocast kernel for the device: its tensors cast by the policy (but those at `kept`),
+    its first output cast to float32 where `output` is "fp32" (VJPOp.autocast_output)."""
     key = _AUTOCAST_KEYS[device_type]
     overload = getattr(ops, op_name).default
     exclude = torch._C.DispatchKeySet(key)
@@ -788,7 +800,7 @@ def _register_autocast(op_name: str, device_type: str, policy: str, output: str 
 
     def kernel(*args):
         with torch._C._ExcludeDispatchKeyGuard(exclude):
-            result = overload(*[cast(a) for a in args])
+            result = overload(*[a if i in kept else cast(a) for i, a in enumerate(args)])
         if output == "fp32":
             first = result[0] if isinstance(result, tuple) else result
             if first.dtype in (torch.float16, torch.bfloat16):

@@ -194,45 +194,49 @@ def _layer_norm_rule(input, normalized_shape, weight, bias, eps):
 # ---------------------------------------------------------------------------------------------------------
 # Losses.
 
-def _ce_rule(input, target, ignore_index, reduction, label_smoothing):
-    rules = [([R, R, R], [R, R, None, None, None])]
+# Class weights (cross_entropy's weight, the fused op's class_weight) are replicated: every rank weighs its rows.
+def _ce_rule(input, target, weight, ignore_index, reduction, label_smoothing):
+    w = _p(weight, R)
+    rules = [([R, R, R], [R, R, w, None, None, None])]
     if _ndim(input) == 2 and reduction != "mean":  # rows sharded: local, the loss Shard(0) or a partial sum
         loss = Shard(0) if reduction == "none" else Partial()
-        rules.append(([loss, Shard(0), Shard(0)], [Shard(0), Shard(0), None, None, None]))
+        rules.append(([loss, Shard(0), Shard(0)], [Shard(0), Shard(0), w, None, None, None]))
     return rules
 
 
-def _ce_backward_rule(grad_output, input, target, row_max, log_sum, ignore_index, reduction, label_smoothing):
+def _ce_backward_rule(grad_output, input, target, weight, row_max, log_sum, ignore_index, reduction, label_smoothing):
     n = [None, None, None]
-    rules = [([R], [R, R, R, R, R, *n])]
+    w = _p(weight, R)
+    rules = [([R], [R, R, R, w, R, R, *n])]
     if _ndim(input) == 2 and reduction != "mean":
         g = Shard(0) if reduction == "none" else R
-        rules.append(([Shard(0)], [g, Shard(0), Shard(0), Shard(0), Shard(0), *n]))
-    return rules + [([Partial()], [Partial(), R, R, R, R, *n])]
+        rules.append(([Shard(0)], [g, Shard(0), Shard(0), w, Shard(0), Shard(0), *n]))
+    return rules + [([Partial()], [Partial(), R, R, w, R, R, *n])]
 
 
-def _flce_rule(input, weight, target, bias, ignore_index, reduction, label_smoothing, compute_grad):
-    b = _p(bias, R)
+def _flce_rule(input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, compute_grad):
+    b, w = _p(bias, R), _p(class_weight, R)
     n = [None] * 4
     grads = bool(compute_grad)
     rules = [([R, R if grads else None, R if grads else None, R if grads and bias is not None else None],
-              [R, R, R, b, *n])]
+              [R, R, R, b, w, *n])]
     if reduction != "mean":
         loss = Shard(0) if reduction == "none" else Partial()
         out = [loss, Shard(0) if grads else None, Partial() if grads else None,
                Partial() if grads and bias is not None else None]
-        rules.append((out, [Shard(0), R, Shard(0), b, *n]))
+        rules.append((out, [Shard(0), R, Shard(0), b, w, *n]))
     return rules
 
 
-def _flce_backward_rule(grad_output, input, weight, target, bias, ignore_index, reduction, label_smoothing):
-    b = _p(bias, R)
+def _flce_backward_rule(grad_output, input, weight, target, bias, class_weight, ignore_index, reduction,
+                        label_smoothing):
+    b, w = _p(bias, R), _p(class_weight, R)
     n = [None] * 3
-    rules = [([R, R, b], [R, R, R, R, b, *n])]
+    rules = [([R, R, b], [R, R, R, R, b, w, *n])]
     if reduction != "mean":
         g = Shard(0) if reduction == "none" else R
-        rules.append(([Shard(0), Partial(), _p(bias, Partial())], [g, Shard(0), R, Shard(0), b, *n]))
-    return rules + [([Partial(), Partial(), _p(bias, Partial())], [Partial(), R, R, R, b, *n])]
+        rules.append(([Shard(0), Partial(), _p(bias, Partial())], [g, Shard(0), R, Shard(0), b, w, *n]))
+    return rules + [([Partial(), Partial(), _p(bias, Partial())], [Partial(), R, R, R, b, w, *n])]
 
 
 def _mesh_of(op: str, dtensors) -> "object":
@@ -418,7 +422,7 @@ class _VocabParallelCE(torch.autograd.Function):
         ct = compute_type(x.dtype)
         # The kernel's per-row statistics of the local shard (every row ignored: statistics only).
         _, m_local, log_sum_local = ops.cross_entropy(
-            x2, torch.full_like(t1, -1), -1, "none", 0.0)
+            x2, torch.full_like(t1, -1), None, -1, "none", 0.0)
         row_max = m_local.clone()
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
         counted = t1 != ignore_index
@@ -565,7 +569,7 @@ class _VocabParallelFLCE(torch.autograd.Function):
         for rows in _chunks(n, w.shape[0]):
             logits = _logits(x[rows], w, b, ct)
             _, m_local[rows], log_sum_local[rows] = ops.cross_entropy(
-                logits, torch.full((logits.shape[0],), -1, dtype=torch.long, device=x.device), -1, "none", 0.0)
+                logits, torch.full((logits.shape[0],), -1, dtype=torch.long, device=x.device), None, -1, "none", 0.0)
             index = torch.arange(logits.shape[0], device=x.device)
             o = owned[rows]
             picked[rows] = torch.where(o, logits[index, torch.where(o, local_t[rows], 0)], 0)

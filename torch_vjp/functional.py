@@ -740,6 +740,16 @@ def _reduction(size_average, reduce, reduction: str) -> str:
     return reduction
 
 
+def _class_weight(value, fn: str, arg: str):
+    """Class weights: a tensor or None; refused where it requires grad (torch's nll_loss refuses it: the loss is
+    not differentiable with respect to its weight)."""
+    value = _tensor(value, fn, arg, True)
+    if value is not None and value.requires_grad and _grad_enabled():
+        raise RuntimeError(f"torch_vjp.{fn} is not differentiable with respect to argument '{arg}' (as torch's "
+                           f"nll_loss_forward is not). This input cannot have requires_grad True.")
+    return value
+
+
 def _label_smoothing(value, fn: str) -> float:
     """ε as torch takes it: a Number; ≤ 0 or NaN is no smoothing; above 1 torch's RuntimeError (the kernels')."""
     value = _float(value, fn, "label_smoothing")
@@ -761,7 +771,10 @@ _LOSS_ARGS = """
     Args:
         input (Tensor): logits, ``(N, C)``, ``(C,)`` or ``(N, C, d1, ...)`` (the class dim second), floating.
         target (Tensor): class indices (int64 or uint8), ``(N,)``, ``()`` or ``(N, d1, ...)``.
-        weight (Tensor, optional): class weights: not supported (NotImplementedError unless None).
+        weight (Tensor, optional): class weights ``(C,)``, of the input's dtype and device, as torch's: row i's
+            loss is weighted by ``weight[target_i]`` and ``'mean'`` divides by the sum of those weights over the
+            rows not ignored; with label smoothing the smoothing term is weighted per class as torch's. Not
+            differentiable (a weight that requires grad is refused, as torch refuses it).
         size_average (bool, optional): torch's deprecated form of ``reduction`` (with its warning).
         reduce (bool, optional): likewise.""" + _LOSS_ARGS + """
     Shape: the loss is a scalar, or the target's shape for ``reduction='none'``. Under autocast (CUDA and CPU)
@@ -780,9 +793,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     fn = "cross_entropy"
     _tensor(input, fn, "input")
     _tensor(target, fn, "target")
-    if weight is not None:
-        raise NotImplementedError("torch_vjp.cross_entropy: class weights (weight=) are not implemented; "
-                                  "use torch.nn.functional.cross_entropy for them")
+    weight = _class_weight(weight, fn, "weight")
     reduction = _reduction(size_average, reduce, reduction)
     ignore_index, label_smoothing = _int(ignore_index, fn, "ignore_index"), _label_smoothing(label_smoothing, fn)
     if target.is_floating_point() and target.shape == input.shape and input.dim() > 0:
@@ -795,18 +806,21 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     if input.dim() <= 2:
         if type(input) is not Tensor and type(input).__name__ == "DTensor":  # logits sharded by class: vocab-parallel
             from . import distributed
+            if weight is not None and (distributed.is_class_sharded(input) or reduction == "mean"):
+                raise NotImplementedError("torch_vjp.cross_entropy: class weights with vocabulary-parallel or "
+                                          "row-sharded 'mean' DTensor logits are not implemented")
             if distributed.is_class_sharded(input):
                 return distributed.vocab_parallel_cross_entropy(input, target, ignore_index, reduction, label_smoothing)
             if reduction == "mean" and distributed.rows_sharded(input, target):  # rows sharded: the sum, the count
-                total = _CROSS_ENTROPY(input, target, ignore_index, "sum", label_smoothing)
+                total = _CROSS_ENTROPY(input, target, None, ignore_index, "sum", label_smoothing)
                 return distributed.mean_of_sharded_rows(total, target, ignore_index)
-        return _CROSS_ENTROPY(input, target, ignore_index, reduction, label_smoothing)
+        return _CROSS_ENTROPY(input, target, weight, ignore_index, reduction, label_smoothing)
     # (N, C, d1, ...): every position a row of C logits.
     expected = [input.shape[0], *input.shape[2:]]
     if list(target.shape) != expected:
         raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
     rows = input.movedim(1, -1).reshape(-1, input.shape[1])
-    loss = _CROSS_ENTROPY(rows, target.reshape(-1), ignore_index, reduction, label_smoothing)
+    loss = _CROSS_ENTROPY(rows, target.reshape(-1), weight, ignore_index, reduction, label_smoothing)
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 
@@ -816,13 +830,17 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         weight (Tensor): the head, ``(V, H)``, of the input's dtype and device.
         target (Tensor): class indices (int64 or uint8), ``(N,)``.
         bias (Tensor, optional): ``(V,)``.""" + _LOSS_ARGS + """
+        class_weight (Tensor, optional): class weights ``(V,)`` (keyword only), as ``weight=`` of
+            :func:`cross_entropy` (torch's ``F.cross_entropy(weight=)``): named apart from the head ``weight``.
+
     Shape: the loss is a scalar, or ``(N,)`` for ``reduction='none'``. Under autocast (CUDA and CPU) the matrix
     products run in the autocast dtype and the loss comes back in float32, as torch's linear + cross_entropy
     give it: the float32 loss of the low-precision logits, never rounded to the autocast dtype.
 """)
 def fused_linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
-                               ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
-    r"""fused_linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, reduction='mean', label_smoothing=0.0) -> Tensor
+                               ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
+                               class_weight: Optional[Tensor] = None) -> Tensor:
+    r"""fused_linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, reduction='mean', label_smoothing=0.0, *, class_weight=None) -> Tensor
 
     ``cross_entropy(input @ weight.T + bias, target, ...)`` without ever holding the ``(N, V)`` logits or their
     gradient: rows go in chunks, each chunk's logits reduced and turned into its gradient contribution at once.
@@ -834,6 +852,7 @@ def fused_linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bi
     weight, target, bias = _tensor(weight, fn, "weight"), _tensor(target, fn, "target"), _tensor(bias, fn, "bias", True)
     reduction = _reduction(None, None, reduction)
     ignore_index, label_smoothing = _int(ignore_index, fn, "ignore_index"), _label_smoothing(label_smoothing, fn)
+    class_weight = _class_weight(class_weight, fn, "class_weight")
     # The gradients in the forward pass (three products in all) where a plain backward will scale them: a
     # graph is recorded, the loss is reduced (a 'none' backward weighs every row differently), no transform.
     compute_grad = (reduction != "none" and _grad_enabled()
@@ -841,6 +860,9 @@ def fused_linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bi
                     and (_is_compiling() or not transforms_active()))
     if type(weight) is not Tensor and type(weight).__name__ == "DTensor":  # a head sharded by vocabulary rows
         from . import distributed
+        if class_weight is not None and (distributed.is_vocab_sharded(weight) or reduction == "mean"):
+            raise NotImplementedError("torch_vjp.fused_linear_cross_entropy: class weights with a vocabulary-parallel "
+                                      "head or row-sharded 'mean' DTensors are not implemented")
         if distributed.is_vocab_sharded(weight):
             loss = distributed.vocab_parallel_fused_linear_cross_entropy(input, weight, target, bias, ignore_index,
                                                                          reduction, label_smoothing)
@@ -848,8 +870,8 @@ def fused_linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bi
         if reduction == "mean" and distributed.rows_sharded(input, target):  # rows sharded: the sum, the count
             total = fused_linear_cross_entropy(input, weight, target, bias, ignore_index, "sum", label_smoothing)
             return distributed.mean_of_sharded_rows(total, target, ignore_index)
-    loss = _FUSED_LINEAR_CROSS_ENTROPY(input, weight, target, bias, ignore_index, reduction, label_smoothing,
-                                       compute_grad)
+    loss = _FUSED_LINEAR_CROSS_ENTROPY(input, weight, target, bias, class_weight, ignore_index, reduction,
+                                       label_smoothing, compute_grad)
     # The op's loss is in the compute type. Under autocast it is torch's value as it is (the float32 loss of
     # the low-precision logits); otherwise torch's is in the input's dtype, rounded once.
     if loss.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):

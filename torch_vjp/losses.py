@@ -6,6 +6,10 @@ cross_entropy, per row i with target t, C classes, label smoothing ε, p = softm
   loss_i = lse_i - (1 - ε) x_it - (ε/C) Σ_j x_ij       the Jacobian of a row's loss is one row:
   dx_i = s_i (p - ε/C - (1 - ε) onehot(t))             the VJP op, one pass from x and the saved statistics
   J·t  = Σ_j dx_ij t_ij at s = 1                        forward mode: the VJP kernel's row, dotted with t
+With class weights w (`weight=`, torch's semantics; not differentiable, as torch's), W = Σ_j w_j:
+  loss_i = (1 - ε) w_t (lse_i - x_it) + (ε/C) Σ_j w_j (lse_i - x_ij)
+  dx_i = s_i (a_i p - (ε/C) w - (1 - ε) w_t onehot(t)),   a_i = (1 - ε) w_t + (ε/C) W
+and 'mean' divides by Σ_i w_{t_i} over the rows not ignored (torch's), in the loss and in s_i.
 The forward also returns per row (compute type) m = max_j x_ij and log_sum = log Σ_j exp(x_ij - m), so that
 p = exp((x - m) - log_sum) as torch's exp(log_softmax(x)) (exp(x - lse) with a rounded lse loses |lse|·ε).
 Both are differentiable outputs: ∂m/∂x is torch's amax gradient (ties share it), ∂log_sum/∂x = p - ∂m/∂x.
@@ -53,7 +57,16 @@ def _moved(t, bdim, batch_size):
     return t.movedim(bdim, 0) if bdim is not None else t.expand(batch_size, *t.shape)
 
 
-def _reduce_per_sample(losses, target, ignore_index, reduction):
+def _row_weights(target, weight, ignore_index, dtype):
+    """Each row's weight in 'mean': w_{t_i} with class weights, else 1; 0 for an ignored row (compute type)."""
+    counted = target != ignore_index
+    if weight is None:
+        return counted.to(dtype)
+    picked = weight.to(dtype)[torch.where(counted, target, 0).long().clamp(0, max(weight.shape[0] - 1, 0))]
+    return torch.where(counted, picked, 0)
+
+
+def _reduce_per_sample(losses, target, ignore_index, reduction, weight=None):
     """Per-row losses (batch, *rows) reduced over each sample's rows, as the kernel reduces one sample's."""
     if reduction == "none":
         return losses
@@ -61,28 +74,33 @@ def _reduce_per_sample(losses, target, ignore_index, reduction):
     total = losses.to(torch.float64)  # as the kernels' reduce_loss: summed in double, rounded once
     total = total.sum(dims) if dims else total
     if reduction == "mean":
-        counted = target != ignore_index
-        total = total / (counted.sum(dims) if dims else counted)
+        counted = _row_weights(target, weight, ignore_index, torch.float64)
+        divisor = counted.sum(dims) if dims else counted
+        total = total / divisor
+        if weight is not None:  # reduce_loss's rule: NaN where Σ w_t = 0, as torch's
+            total = torch.where(divisor == 0, torch.nan, total)
     return total.to(losses.dtype)
 
 
-def _row_scale_per_sample(grad_output, target, ignore_index, reduction, dtype):
+def _row_scale_per_sample(grad_output, target, ignore_index, reduction, dtype, weight=None):
     """The VJP's per-row scale under vmap: grad_output (per sample, or per row for 'none') spread over each
-    sample's rows, divided by the sample's count for 'mean' (the kernel zeroes ignored rows)."""
+    sample's rows, divided by the sample's count (Σ w_{t_i} with class weights) for 'mean' (the kernel zeroes
+    ignored rows, and applies the class weights itself)."""
     g = grad_output.to(compute_type(dtype))
     if reduction == "none":
         return g
     g = g.reshape(g.shape[0], *([1] * (target.dim() - 1))).expand(target.shape)
     if reduction == "mean":
         dims = tuple(range(1, target.dim()))
-        counted = target != ignore_index
+        counted = _row_weights(target, weight, ignore_index, g.dtype)
         count = counted.sum(dims, keepdim=True) if dims else counted
         g = g / count
     return g
 
 
+
 # ---------------------------------------------------------------------------------------------------------
-# cross_entropy(input, target, ignore_index, reduction, label_smoothing) -> (loss, row_max, log_sum)
+# cross_entropy(input, target, weight?, ignore_index, reduction, label_smoothing) -> (loss, row_max, log_sum)
 
 def _softmax_from_stats(input, row_max, log_sum):
     """p = exp((x - m) - log_sum) in the statistics' dtype, as the kernels form it (math/cross_entropy.h)."""
@@ -96,41 +114,51 @@ def _max_weights(input, row_max):
     return at_max / at_max.sum(-1, keepdim=True)
 
 
-def _ce_backward_ref(grad_output, input, target, row_max, log_sum, ignore_index, reduction, label_smoothing):
-    """cross_entropy's VJP in torch ops, as the kernel computes it: s (p - ε/C - (1 - ε) onehot(t))."""
+def _ce_backward_ref(grad_output, input, target, weight, row_max, log_sum, ignore_index, reduction, label_smoothing):
+    """cross_entropy's VJP in torch ops, as the kernel computes it: s (p - ε/C - (1 - ε) onehot(t)); with class
+    weights s (a p - (ε/C) w - (1 - ε) w_t onehot(t)), a = (1 - ε) w_t + (ε/C) Σ w (math/cross_entropy.h)."""
     ct = log_sum.dtype
     classes = input.shape[-1]
     counted = target != ignore_index
     g = grad_output.to(ct)
     if reduction == "mean":
-        g = g / counted.sum().to(ct)
+        g = g / _row_weights(target, weight, ignore_index, ct).sum()
     scale = torch.where(counted, g, 0)
     onehot = F.one_hot(torch.where(counted, target, 0).long(), classes).to(ct)
     p = _softmax_from_stats(input, row_max, log_sum)
-    dx = scale.unsqueeze(-1) * (p - label_smoothing / classes - (1 - label_smoothing) * onehot)
+    if weight is None:
+        dx = scale.unsqueeze(-1) * (p - label_smoothing / classes - (1 - label_smoothing) * onehot)
+    else:
+        w = weight.to(ct)
+        w_t = _row_weights(target, weight, ignore_index, ct)
+        a = (1 - label_smoothing) * w_t + label_smoothing / classes * w.sum()
+        dx = scale.unsqueeze(-1) * (a.unsqueeze(-1) * p - label_smoothing / classes * w
+                                    - ((1 - label_smoothing) * w_t).unsqueeze(-1) * onehot)
     return dx.to(input.dtype)
 
 
-def _ce_tangent(G, t, target, ignore_index, reduction, ct):
+def _ce_tangent(G, t, target, ignore_index, reduction, ct, weight=None):
     """The loss tangent from G, the VJP kernel's rows at scale 1 ('none') or for the sum: per row for 'none',
-    else summed (and divided by the count for 'mean': NaN where every target is ignored, as torch's)."""
+    else summed (and divided by the count, Σ w_{t_i} with class weights, for 'mean': NaN where every target is
+    ignored, as torch's)."""
     dot = G.to(ct) * t.to(ct)
     if reduction == "none":
         return dot.sum(-1)
     total = dot.sum()
-    return total / (target != ignore_index).sum().to(ct) if reduction == "mean" else total
+    return total / _row_weights(target, weight, ignore_index, ct).sum() if reduction == "mean" else total
 
 
 def _ce_jvp(tangents, saved, params):
-    (t_x, _), (x, target, row_max, log_sum), (ignore_index, reduction, label_smoothing) = tangents, saved, params
+    (t_x, *_), (x, target, weight, row_max, log_sum) = tangents, saved
+    ignore_index, reduction, label_smoothing = params
     if t_x is None:
         return None, None, None
     ct = log_sum.dtype
     per_row = reduction == "none"
     ones = torch.ones(target.shape if per_row else (), dtype=x.dtype, device=x.device)
-    G = CROSS_ENTROPY.backward(ones, x, target, row_max, log_sum, ignore_index, "none" if per_row else "sum",
+    G = CROSS_ENTROPY.backward(ones, x, target, weight, row_max, log_sum, ignore_index, "none" if per_row else "sum",
                                label_smoothing)
-    t_loss = _ce_tangent(G, t_x, target, ignore_index, reduction, ct).to(x.dtype)
+    t_loss = _ce_tangent(G, t_x, target, ignore_index, reduction, ct, weight).to(x.dtype)
     t = t_x.to(ct)
     t_max = (_max_weights(x, row_max) * t).sum(-1)
     t_log_sum = (_softmax_from_stats(x, row_max, log_sum) * t).sum(-1) - t_max
@@ -139,49 +167,69 @@ def _ce_jvp(tangents, saved, params):
 
 def _ce_extras_vjp(grads, saved, params):
     """The statistics' gradients: g_m ∂m/∂x + g_log_sum (p - ∂m/∂x)."""
-    (g_max, g_log_sum), (x, target, row_max, log_sum) = grads, saved
+    (g_max, g_log_sum), (x, target, weight, row_max, log_sum) = grads, saved
     ct = log_sum.dtype
     dx = 0
     if g_log_sum is not None:
         dx = g_log_sum.to(ct).unsqueeze(-1) * _softmax_from_stats(x, row_max, log_sum)
     g_at_max = (0 if g_max is None else g_max.to(ct)) - (0 if g_log_sum is None else g_log_sum.to(ct))
     dx = dx + torch.as_tensor(g_at_max, dtype=ct, device=x.device).unsqueeze(-1) * _max_weights(x, row_max)
-    return dx.to(x.dtype), None
+    return dx.to(x.dtype), None, None
 
 
-def _ce_vmap(call, info, in_dims, input, target, ignore_index, reduction, label_smoothing):
+def _per_sample(call, info, in_dims, args):
+    """A vmap rule's fallback for class weights batched too (a weight vector per sample, which the kernels'
+    one (C,) vector cannot hold): one call per sample, the outputs stacked along 0."""
+    outs = []
+    for b in range(info.batch_size):
+        outs.append(call(*[a.select(d, b) if isinstance(a, torch.Tensor) and d is not None else a
+                           for a, d in zip(args, tuple(in_dims) + (None,) * (len(args) - len(in_dims)))]))
+    if isinstance(outs[0], tuple):
+        stacked = tuple(None if o is None else torch.stack([s[k] for s in outs]) for k, o in enumerate(outs[0]))
+        return stacked, tuple(None if o is None else 0 for o in stacked)
+    return torch.stack(outs), 0
+
+
+def _ce_vmap(call, info, in_dims, input, target, weight, ignore_index, reduction, label_smoothing):
     check_reduction(reduction)
+    if weight is not None and in_dims[2] is not None:
+        return _per_sample(call, info, in_dims, (input, target, weight, ignore_index, reduction, label_smoothing))
     input, target = _moved(input, in_dims[0], info.batch_size), _moved(target, in_dims[1], info.batch_size)
-    loss, row_max, log_sum = call(input.reshape(-1, input.shape[-1]), target.reshape(-1), ignore_index, "none",
-                                  label_smoothing)
+    loss, row_max, log_sum = call(input.reshape(-1, input.shape[-1]), target.reshape(-1), weight, ignore_index,
+                                  "none", label_smoothing)
     loss, row_max, log_sum = (t.reshape(target.shape) for t in (loss, row_max, log_sum))
-    return (_reduce_per_sample(loss, target, ignore_index, reduction), row_max, log_sum), (0, 0, 0)
+    return (_reduce_per_sample(loss, target, ignore_index, reduction, weight), row_max, log_sum), (0, 0, 0)
 
 
-def _ce_backward_vmap(call, info, in_dims, grad_output, input, target, row_max, log_sum, ignore_index, reduction,
-                      label_smoothing):
+def _ce_backward_vmap(call, info, in_dims, grad_output, input, target, weight, row_max, log_sum, ignore_index,
+                      reduction, label_smoothing):
     check_reduction(reduction)
     size = info.batch_size
+    if weight is not None and in_dims[3] is not None:
+        return _per_sample(call, info, in_dims, (grad_output, input, target, weight, row_max, log_sum, ignore_index,
+                                                 reduction, label_smoothing))
     grad_output, input, target, row_max, log_sum = (
-        _moved(t, d, size) for t, d in zip((grad_output, input, target, row_max, log_sum), in_dims))
-    g = _row_scale_per_sample(grad_output, target, ignore_index, reduction, input.dtype)
-    dx = call(g.reshape(-1), input.reshape(-1, input.shape[-1]), target.reshape(-1), row_max.reshape(-1),
+        _moved(t, d, size) for t, d in zip((grad_output, input, target, row_max, log_sum),
+                                           (*in_dims[:3], *in_dims[4:])))
+    g = _row_scale_per_sample(grad_output, target, ignore_index, reduction, input.dtype, weight)
+    dx = call(g.reshape(-1), input.reshape(-1, input.shape[-1]), target.reshape(-1), weight, row_max.reshape(-1),
               log_sum.reshape(-1), ignore_index, "none", label_smoothing)
     return dx.reshape(input.shape), 0
 
 
 CROSS_ENTROPY = VJPOp(
-    "cross_entropy", saves=lambda args, outputs: (args[0], args[1], outputs[1], outputs[2]), jvp=_ce_jvp,
-    vjp_ref=_ce_backward_ref, nondifferentiable=("target",), extras_vjp=_ce_extras_vjp, vmap=_ce_vmap,
+    "cross_entropy", saves=lambda args, outputs: (*args[:3], outputs[1], outputs[2]), jvp=_ce_jvp,
+    vjp_ref=_ce_backward_ref, nondifferentiable=("target", "weight"), extras_vjp=_ce_extras_vjp, vmap=_ce_vmap,
     backward_vmap=_ce_backward_vmap, autocast={"cuda": "fp32", "cpu": "fp32"},
-    decomposition=lambda input, target, ignore_index, reduction, label_smoothing: F.cross_entropy(
-        input, target.long(), ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing),
+    decomposition=lambda input, target, weight, ignore_index, reduction, label_smoothing: F.cross_entropy(
+        input, target.long(), weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing),
 )
 
 
 # ---------------------------------------------------------------------------------------------------------
-# fused_linear_cross_entropy(input, weight, target, bias?, ignore_index, reduction, label_smoothing, compute_grad)
-#   -> (loss, grad_input?, grad_weight?, grad_bias?)
+# fused_linear_cross_entropy(input, weight, target, bias?, class_weight?, ignore_index, reduction, label_smoothing,
+#                            compute_grad) -> (loss, grad_input?, grad_weight?, grad_bias?)
 
 def _cross_entropy_for(call):
     """cross_entropy's forward and VJP op for a vmap rule calling `call`: the registered ops under the
@@ -196,56 +244,62 @@ def _logits(input, weight, bias, batched_weight=False):
     return logits if bias is None else logits + (bias.unsqueeze(-2) if batched_weight else bias)
 
 
-def _fused_backward_ref(grad_output, input, weight, target, bias, ignore_index, reduction, label_smoothing):
+def _fused_backward_ref(grad_output, input, weight, target, bias, class_weight, ignore_index, reduction,
+                        label_smoothing):
     """The fused VJP in torch ops, the logits formed whole: dlogits by _ce_backward_ref, then the products."""
     ct = compute_type(input.dtype)
     logits = _logits(input.to(ct), weight.to(ct), None if bias is None else bias.to(ct))
     row_max = logits.amax(-1)
     log_sum = torch.logsumexp(logits - row_max.unsqueeze(-1), -1)
-    dlogits = _ce_backward_ref(grad_output, logits, target, row_max, log_sum, ignore_index, reduction,
-                               label_smoothing)
+    dlogits = _ce_backward_ref(grad_output, logits, target, None if class_weight is None else class_weight.to(ct),
+                               row_max, log_sum, ignore_index, reduction, label_smoothing)
     grad_bias = None if bias is None else dlogits.sum(0).to(bias.dtype)
     return (dlogits @ weight.to(ct)).to(input.dtype), (dlogits.t() @ input.to(ct)).to(weight.dtype), grad_bias
 
 
-def _fused_forward_ref(input, weight, target, bias, ignore_index, reduction, label_smoothing, compute_grad):
+def _fused_forward_ref(input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing,
+                       compute_grad):
     """The fused forward in torch ops and cross_entropy's kernels, the logits formed whole, the loss in the
     compute type as the op's; no cached gradients (the VJP op then computes them)."""
-    loss = CROSS_ENTROPY(_logits(input, weight, bias), target, ignore_index, reduction, label_smoothing)
+    logits = _logits(input, weight, bias)
+    if class_weight is not None and class_weight.dtype != logits.dtype:  # float32 beside half types: widen those
+        logits = logits.to(class_weight.dtype)
+    loss = CROSS_ENTROPY(logits, target, class_weight, ignore_index, reduction, label_smoothing)
     return loss.to(compute_type(input.dtype)), None, None, None
 
 
 def _fused_saves(args, outputs):
-    return (*args[:4], *outputs[1:])  # input, weight, target, bias; the cached gradients (None without compute_grad)
+    # input, weight, target, bias, class_weight; the cached gradients (None without compute_grad)
+    return (*args[:5], *outputs[1:])
 
 
 def _fused_vjp_args(grad_output, saved, params, needs):
-    return (grad_output, *saved[:4], *params[:3])
+    return (grad_output, *saved[:5], *params[:3])
 
 
 def _fused_cached_vjp(grad_output, saved, params):
     """The forward's gradients (for grad_output = 1) scaled by grad_output: only for a reduced loss. With
     reduction='none' they are the gradients of Σ loss_i, which a per-row grad_output cannot scale."""
-    grad_input, grad_weight, grad_bias = saved[4:]
+    grad_input, grad_weight, grad_bias = saved[5:]
     if grad_input is None or params[1] == "none":
         return None
     return (grad_output * grad_input, grad_output * grad_weight, None,
-            None if grad_bias is None else grad_output * grad_bias)
+            None if grad_bias is None else grad_output * grad_bias, None)
 
 
 def _fused_jvp(tangents, saved, params):
-    (t_input, t_weight, _, t_bias), (input, weight, target, bias) = tangents, saved[:4]
+    (t_input, t_weight, _, t_bias, _), (input, weight, target, bias, class_weight) = tangents, saved[:5]
     ignore_index, reduction, label_smoothing, _ = params
     if t_input is None and t_weight is None and t_bias is None:
         return None, None, None, None
     ct = compute_type(input.dtype)
     if reduction != "none":  # J·t = Σ ⟨∂(Σ loss)/∂θ, t_θ⟩, the gradients from the VJP op (chunked)
         ones = torch.ones((), dtype=input.dtype, device=input.device)
-        grads = FUSED_LINEAR_CROSS_ENTROPY.backward(ones, input, weight, target, bias, ignore_index, "sum",
-                                                    label_smoothing)
+        grads = FUSED_LINEAR_CROSS_ENTROPY.backward(ones, input, weight, target, bias, class_weight, ignore_index,
+                                                    "sum", label_smoothing)
         total = sum((g.to(ct) * t.to(ct)).sum() for g, t in zip(grads, (t_input, t_weight, t_bias)) if t is not None)
         if reduction == "mean":
-            total = total / (target != ignore_index).sum().to(ct)
+            total = total / _row_weights(target, class_weight, ignore_index, ct).sum()
         return total.to(input.dtype), None, None, None
     # A tangent per row: cross_entropy's forward mode on the logits, formed whole.
     logits = _logits(input, weight, bias)
@@ -256,36 +310,45 @@ def _fused_jvp(tangents, saved, params):
         t_logits = t_logits + _logits(input, t_weight, None)
     if t_bias is not None:
         t_logits = t_logits + t_bias
-    loss, row_max, log_sum = CROSS_ENTROPY.forward(logits, target, ignore_index, "none", label_smoothing)
-    G = CROSS_ENTROPY.backward(torch.ones_like(loss), logits, target, row_max, log_sum, ignore_index, "none",
-                               label_smoothing)
+    loss, row_max, log_sum = CROSS_ENTROPY.forward(logits, target, class_weight, ignore_index, "none",
+                                                   label_smoothing)
+    G = CROSS_ENTROPY.backward(torch.ones_like(loss), logits, target, class_weight, row_max, log_sum, ignore_index,
+                               "none", label_smoothing)
     return _ce_tangent(G, t_logits, target, ignore_index, "none", ct).to(input.dtype), None, None, None
 
 
-def _fused_vmap(call, info, in_dims, input, weight, target, bias, ignore_index, reduction, label_smoothing, compute_grad):
+def _fused_vmap(call, info, in_dims, input, weight, target, bias, class_weight, ignore_index, reduction,
+                label_smoothing, compute_grad):
     check_reduction(reduction)
     size = info.batch_size
+    if class_weight is not None and in_dims[4] is not None:
+        (loss, *_), _ = _per_sample(call, info, in_dims, (input, weight, target, bias, class_weight, ignore_index,
+                                                          reduction, label_smoothing, False))
+        return (loss, None, None, None), (0, None, None, None)
     input, target = _moved(input, in_dims[0], size), _moved(target, in_dims[2], size)
     rows = target.shape
     if in_dims[1] is None and in_dims[3] is None:  # one head for every sample: every row in one call
-        loss = call(input.reshape(-1, input.shape[-1]), weight, target.reshape(-1), bias, ignore_index, "none",
-                    label_smoothing, False)[0]
+        loss = call(input.reshape(-1, input.shape[-1]), weight, target.reshape(-1), bias, class_weight, ignore_index,
+                    "none", label_smoothing, False)[0]
     else:  # a head per sample: its logits, then cross_entropy's kernels
         weight = _moved(weight, in_dims[1], size)
         bias = None if bias is None else _moved(bias, in_dims[3], size)
         logits = _logits(input, weight, bias, batched_weight=True)
-        loss = _cross_entropy_for(call)[0](logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index,
-                                           "none", label_smoothing)[0]
-    return (_reduce_per_sample(loss.reshape(rows), target, ignore_index, reduction), None, None, None), \
+        loss = _cross_entropy_for(call)[0](logits.reshape(-1, logits.shape[-1]), target.reshape(-1), class_weight,
+                                           ignore_index, "none", label_smoothing)[0]
+    return (_reduce_per_sample(loss.reshape(rows), target, ignore_index, reduction, class_weight), None, None, None), \
         (0, None, None, None)
 
 
-def _fused_backward_vmap(call, info, in_dims, grad_output, input, weight, target, bias, ignore_index, reduction,
-                         label_smoothing):
+def _fused_backward_vmap(call, info, in_dims, grad_output, input, weight, target, bias, class_weight, ignore_index,
+                         reduction, label_smoothing):
     """Per-sample gradients of a shared head (each sample's own dlogitsᵀ x): each sample's logits, their
     dlogits by cross_entropy's kernels, then the products."""
     check_reduction(reduction)
     size = info.batch_size
+    if class_weight is not None and in_dims[5] is not None:
+        return _per_sample(call, info, in_dims, (grad_output, input, weight, target, bias, class_weight, ignore_index,
+                                                 reduction, label_smoothing))
     grad_output, input, target = (_moved(t, in_dims[i], size) for i, t in ((0, grad_output), (1, input), (3, target)))
     batched_weight = in_dims[2] is not None or (bias is not None and in_dims[4] is not None)
     if batched_weight:
@@ -295,9 +358,9 @@ def _fused_backward_vmap(call, info, in_dims, grad_output, input, weight, target
     classes = logits.shape[-1]
     flat_logits, flat_target = logits.reshape(-1, classes), target.reshape(-1)
     forward, backward = _cross_entropy_for(call)
-    _, row_max, log_sum = forward(flat_logits, flat_target, ignore_index, "none", label_smoothing)
-    g = _row_scale_per_sample(grad_output, target, ignore_index, reduction, input.dtype)
-    dlogits = backward(g.reshape(-1), flat_logits, flat_target, row_max, log_sum, ignore_index, "none",
+    _, row_max, log_sum = forward(flat_logits, flat_target, class_weight, ignore_index, "none", label_smoothing)
+    g = _row_scale_per_sample(grad_output, target, ignore_index, reduction, input.dtype, class_weight)
+    dlogits = backward(g.reshape(-1), flat_logits, flat_target, class_weight, row_max, log_sum, ignore_index, "none",
                        label_smoothing).reshape(logits.shape)
     grad_input = torch.matmul(dlogits, weight)
     grad_weight = torch.matmul(dlogits.transpose(-1, -2), input)
@@ -308,9 +371,10 @@ def _fused_backward_vmap(call, info, in_dims, grad_output, input, weight, target
 FUSED_LINEAR_CROSS_ENTROPY = VJPOp(
     "fused_linear_cross_entropy", saves=_fused_saves, jvp=_fused_jvp, vjp_ref=_fused_backward_ref,
     forward_ref=_fused_forward_ref,
-    vjp_args=_fused_vjp_args, nondifferentiable=("target",), cached_vjp=_fused_cached_vjp, vmap=_fused_vmap,
+    vjp_args=_fused_vjp_args, nondifferentiable=("target", "class_weight"), cached_vjp=_fused_cached_vjp,
+    vmap=_fused_vmap,
     backward_vmap=_fused_backward_vmap, autocast={"cuda": "lower_precision_fp", "cpu": "lower_precision_fp"},
-    autocast_output="fp32",
+    autocast_output="fp32", autocast_keep=("class_weight",),
     integer_error=RuntimeError,  # as torch's linear, whose product refuses an integer input beside a float head
 )
 OPS = {op.name: op for op in (CROSS_ENTROPY, FUSED_LINEAR_CROSS_ENTROPY)}
@@ -348,10 +412,30 @@ def _check_logits(input, target, name):
     _check_target(target, input.shape[0] if input.dim() == 2 else 1, input.dim() == 2, input.device, name)
 
 
+def _check_class_weight(weight, input, classes, compute_dtype_too=False):
+    """class_weights_of's checks (csrc/ops/cross_entropy.h), with torch's messages."""
+    if weight is None:
+        return
+    if weight.dim() != 1 or weight.numel() != classes:
+        raise RuntimeError(f"weight tensor should be defined either for all {classes} classes or no classes but got "
+                           f"weight tensor of shape: {list(weight.shape)}")
+    if weight.dtype != input.dtype and not (compute_dtype_too and weight.dtype == compute_type(input.dtype)):
+        raise RuntimeError(f"expected scalar type {_scalar_name(input.dtype)} but found {_scalar_name(weight.dtype)}")
+    if weight.device != input.device:
+        raise RuntimeError(f"Tensor on device {weight.device} is not on the expected device {input.device}!")
+
+
+def _scalar_name(dtype):
+    """c10's ScalarType name (as TORCH_CHECK prints it): Float, Double, Half, BFloat16."""
+    return {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+            torch.bfloat16: "BFloat16"}.get(dtype, str(dtype))
+
+
 @register_fake("cross_entropy")
-def _(input, target, ignore_index, reduction, label_smoothing):
+def _(input, target, weight, ignore_index, reduction, label_smoothing):
     check_reduction(reduction)
     _check_logits(input, target, "cross_entropy")
+    _check_class_weight(weight, input, input.shape[-1])
     _check_label_smoothing(label_smoothing)
     loss = input.new_empty(target.shape if reduction == "none" else ())
     stat = input.new_empty(target.shape, dtype=compute_type(input.dtype))
@@ -369,10 +453,11 @@ def _check_grad_output(grad_output, target, reduction, device, name):
 
 
 @register_fake("cross_entropy_backward")
-def _(grad_output, input, target, row_max, log_sum, ignore_index, reduction, label_smoothing):
+def _(grad_output, input, target, weight, row_max, log_sum, ignore_index, reduction, label_smoothing):
     name = "cross_entropy_backward"
     check_reduction(reduction)
     _check_logits(input, target, name)
+    _check_class_weight(weight, input, input.shape[-1])
     for stat, stat_name in ((row_max, "row_max"), (log_sum, "log_sum")):
         if stat.shape != target.shape or stat.dtype != compute_type(input.dtype) or stat.device != input.device:
             raise RuntimeError(f"torch_vjp.{name}: expected {stat_name} of shape {list(target.shape)} and dtype "
@@ -382,7 +467,7 @@ def _(grad_output, input, target, row_max, log_sum, ignore_index, reduction, lab
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
-def _check_fused(input, weight, target, bias, reduction, label_smoothing, name):
+def _check_fused(input, weight, target, bias, class_weight, reduction, label_smoothing, name):
     check_reduction(reduction)
     check_floating(input, name, "input")
     if input.dim() != 2:
@@ -399,6 +484,7 @@ def _check_fused(input, weight, target, bias, reduction, label_smoothing, name):
             raise RuntimeError(f"torch_vjp.{name}: expected bias of shape ({weight.shape[0]},), got {list(bias.shape)}")
     _check_label_smoothing(label_smoothing)
     _check_target(target, input.shape[0], True, input.device, name)
+    _check_class_weight(class_weight, input, weight.shape[0], compute_dtype_too=True)
 
 
 def _empty(t):
@@ -406,8 +492,8 @@ def _empty(t):
 
 
 @register_fake("fused_linear_cross_entropy")
-def _(input, weight, target, bias, ignore_index, reduction, label_smoothing, compute_grad):
-    _check_fused(input, weight, target, bias, reduction, label_smoothing, "fused_linear_cross_entropy")
+def _(input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, compute_grad):
+    _check_fused(input, weight, target, bias, class_weight, reduction, label_smoothing, "fused_linear_cross_entropy")
     loss = input.new_empty(target.shape if reduction == "none" else (), dtype=compute_type(input.dtype))
     if not compute_grad:
         return loss, None, None, None
@@ -415,8 +501,8 @@ def _(input, weight, target, bias, ignore_index, reduction, label_smoothing, com
 
 
 @register_fake("fused_linear_cross_entropy_backward")
-def _(grad_output, input, weight, target, bias, ignore_index, reduction, label_smoothing):
+def _(grad_output, input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing):
     name = "fused_linear_cross_entropy_backward"
-    _check_fused(input, weight, target, bias, reduction, label_smoothing, name)
+    _check_fused(input, weight, target, bias, class_weight, reduction, label_smoothing, name)
     _check_grad_output(grad_output, target, reduction, input.device, name)
     return _empty(input), _empty(weight), _empty(bias)

@@ -118,7 +118,7 @@ RMSNorm.__signature__ = _RMS_SIGNATURE.replace(parameters=[
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """torch.nn.CrossEntropyLoss(weight=None, size_average=None, ignore_index=-100, reduce=None, reduction='mean',
-    label_smoothing=0.0) computed by torch_vjp.cross_entropy (class-index targets; class weights are refused)."""
+    label_smoothing=0.0) computed by torch_vjp.cross_entropy (class-index targets; class weights as torch's)."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,

@@ -60,6 +60,9 @@ class OpInfo:
     # flattened and concatenated (`joined`): every value and every gradient is compared, and autograd splits
     # a gradient of the concatenation back exactly. tests/test_rope.py checks the outputs themselves.
     outputs: int = 1
+    # Drawn floating tensors that are not differentiated (class weights, which torch's losses refuse to
+    # differentiate): passed by keyword like a target, cast with the primals' dtype.
+    constants: tuple[str, ...] = ()
 
     def joined(self, out):
         """The op's output as the checks see it: itself, or several outputs flattened and concatenated."""
@@ -115,9 +118,10 @@ class OpInfo:
         if self.has_normalized_shape:
             kwargs["normalized_shape"] = tuple(x.shape[x.dim() - normalized_dims:])
         drawn = self.draw(x, kwargs, torch.Generator().manual_seed(1000 + seed)) if self.draw else {}
-        floating = lambda v: isinstance(v, torch.Tensor) and v.is_floating_point()  # noqa: E731
-        kwargs.update({k: v for k, v in drawn.items() if not floating(v)})  # targets; rope's unsqueeze_dim
-        names = tuple(k for k, v in drawn.items() if floating(v))
+        floating = lambda k, v: (isinstance(v, torch.Tensor) and v.is_floating_point()  # noqa: E731
+                                 and k not in self.constants)
+        kwargs.update({k: v for k, v in drawn.items() if not floating(k, v)})  # targets; rope's unsqueeze_dim
+        names = tuple(k for k, v in drawn.items() if floating(k, v))
         for k in [k for k, v in kwargs.items() if v is SAMPLED]:
             del kwargs[k]
         return Call(self, (x, *(drawn[k] for k in names)), names, kwargs)
@@ -175,6 +179,9 @@ class Call:
             t = t.detach().to(dtype) if dtype is not None else t.detach()
             return t.requires_grad_() if requires_grad else t
         kwargs = self.info.pin(self.kwargs, self.x.dtype) if self.info.pin and dtype is not None else self.kwargs
+        if dtype is not None and self.info.constants:  # class weights follow the input's dtype
+            kwargs = {k: v.to(dtype) if k in self.info.constants and isinstance(v, torch.Tensor) else v
+                      for k, v in kwargs.items()}
         return Call(self.info, tuple(convert(t) for t in self.primals), self.names, kwargs)
 
     def __repr__(self):
@@ -217,12 +224,25 @@ def _targets(rows_shape, classes, kwargs, gen, device):
     return t.to(device)
 
 
+def _class_weights(x, classes, gen):
+    """Class weights for a loss: uniform in [0.25, 2), in x's dtype. None is 0 here: a sample of few rows whose
+    counted targets all weigh 0 has a 'mean' of 0/0 (NaN, as torch's); tests/test_loss_options.py holds a class
+    of weight 0 and that case."""
+    w = torch.rand((classes,), generator=gen, dtype=torch.float64) * 1.75 + 0.25
+    dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+    return w.to(dtype=dtype, device=x.device)
+
+
 def _draw_target(x, kwargs, gen):
+    classes = x.shape[1] if x.dim() > 2 else x.shape[-1] if x.dim() else 0
     if x.dim() > 2:  # (N, C, d1, ...): a target per position
         rows = (x.shape[0], *x.shape[2:])
     else:
         rows = x.shape[:-1]
-    return {"target": _targets(rows, x.shape[1] if x.dim() > 2 else x.shape[-1], kwargs, gen, x.device)}
+    out = {"target": _targets(rows, classes, kwargs, gen, x.device)}
+    if kwargs.get("weight") is SAMPLED:
+        out["weight"] = _class_weights(x, classes, gen)
+    return out
 
 
 def _draw_head(x, kwargs, gen):
@@ -231,6 +251,8 @@ def _draw_head(x, kwargs, gen):
     if kwargs.get("bias") is SAMPLED:
         out["bias"] = _draw_like(x, gen, 0.5, (VOCAB,))
     out["target"] = _targets(x.shape[:-1], VOCAB, kwargs, gen, x.device)
+    if kwargs.get("class_weight") is SAMPLED:
+        out["class_weight"] = _class_weights(x, VOCAB, gen)
     return out
 
 
@@ -312,13 +334,46 @@ def _geglu_ref(gate, up, approximate="tanh"):
     return F.gelu(gate, approximate=approximate) * up
 
 
-def _fused_ref(input, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
-    return F.cross_entropy(F.linear(input, weight, bias), target, ignore_index=ignore_index, reduction=reduction,
-                           label_smoothing=label_smoothing)
+def _cross_entropy_ref(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                       reduction="mean", label_smoothing=0.0):
+    """F.cross_entropy; with class weights and label smoothing, torch's own formula for that case
+    (cross_entropy_loss_label_smoothing in ATen's LossNLL.cpp) in the same torch ops, but for the masked_select
+    of its 'mean' divisor, which vmap refuses: (1 - ε) nll_loss(log_softmax(x), w) + (ε/C) Σ_j -w_j log p_j,
+    the latter reduced like the former ('mean': divided by Σ w_t over the rows not ignored).
+    tests/test_loss_options.py holds torch_vjp to F.cross_entropy itself outside vmap."""
+    if weight is None or not label_smoothing > 0 or size_average is not None or reduce is not None:
+        return F.cross_entropy(input, target, weight=weight, size_average=size_average, ignore_index=ignore_index,
+                               reduce=reduce, reduction=reduction, label_smoothing=label_smoothing)
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):  # torch's cross_entropy is on autocast's float32 lists
+        widen = lambda t: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t  # noqa: E731
+        with torch.autocast(device_type, enabled=False):
+            return _cross_entropy_ref(widen(input), target, widen(weight), ignore_index=ignore_index,
+                                      reduction=reduction, label_smoothing=label_smoothing)
+    class_dim = 0 if input.dim() == 1 else 1
+    log_p = F.log_softmax(input, class_dim)
+    nll = F.nll_loss(log_p, target, weight, ignore_index=ignore_index, reduction=reduction)
+    shape = [1] * input.dim()
+    shape[class_dim] = weight.shape[0]
+    ignored = target == ignore_index
+    smooth = (-(log_p * weight.view(shape)).sum(class_dim)).masked_fill(ignored, 0.0)
+    if reduction == "mean":
+        picked = weight.gather(0, target.masked_fill(ignored, 0).flatten()).view(target.shape)
+        smooth = smooth.sum() / picked.masked_fill(ignored, 0).sum()
+    elif reduction == "sum":
+        smooth = smooth.sum()
+    return (1 - label_smoothing) * nll + smooth * (label_smoothing / input.shape[class_dim])
 
 
-def _fused_unfused(input, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
-    return torch_vjp.cross_entropy(F.linear(input, weight, bias), target, ignore_index=ignore_index,
+def _fused_ref(input, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
+               class_weight=None):
+    return _cross_entropy_ref(F.linear(input, weight, bias), target, weight=class_weight, ignore_index=ignore_index,
+                              reduction=reduction, label_smoothing=label_smoothing)
+
+
+def _fused_unfused(input, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
+                   class_weight=None):
+    return torch_vjp.cross_entropy(F.linear(input, weight, bias), target, weight=class_weight, ignore_index=ignore_index,
                                    reduction=reduction, label_smoothing=label_smoothing)
 
 
@@ -397,16 +452,24 @@ OPS = [
     _row("geglu", torch_vjp.geglu, _geglu_ref, "gated", scale=3.0, variants=({}, {"approximate": "none"}),
          draw=_draw_up, unfused=lambda gate, up, approximate="tanh": torch_vjp.gelu(gate, approximate) * up),
     # Losses: every reduction, label smoothing with each, and a class that is ignored (drawn targets carry
-    # ignore_index in a quarter of the rows, so the defaults ignore rows too).
-    _row("cross_entropy", torch_vjp.cross_entropy, F.cross_entropy, "loss", scale=3.0,
+    # ignore_index in a quarter of the rows, so the defaults ignore rows too). Class weights (one class of
+    # weight 0) with each reduction, with and without smoothing: without it the kernels run unweighted and the
+    # frontend scales rows by w_t; with it the kernels' weighted variants run.
+    _row("cross_entropy", torch_vjp.cross_entropy, _cross_entropy_ref, "loss", scale=3.0,
          variants=({}, {"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.1},
-                   {"reduction": "none", "label_smoothing": 0.3}, {"ignore_index": 1, "reduction": "sum"}),
-         draw=_draw_target),
+                   {"reduction": "none", "label_smoothing": 0.3}, {"ignore_index": 1, "reduction": "sum"},
+                   {"weight": SAMPLED}, {"weight": SAMPLED, "reduction": "none"},
+                   {"weight": SAMPLED, "label_smoothing": 0.2},
+                   {"weight": SAMPLED, "reduction": "sum", "label_smoothing": 0.1}),
+         draw=_draw_target, shared=("weight",), constants=("weight",)),
     _row("fused_linear_cross_entropy", torch_vjp.fused_linear_cross_entropy, _fused_ref, "loss", scale=3.0,
          variants=({}, {"bias": SAMPLED}, {"reduction": "sum", "label_smoothing": 0.1},
                    {"reduction": "none", "bias": SAMPLED}, {"reduction": "none", "label_smoothing": 0.2},
-                   {"ignore_index": 1}),
-         draw=_draw_head, shared=("weight", "bias"), scaled_grads=True, unfused=_fused_unfused),
+                   {"ignore_index": 1}, {"class_weight": SAMPLED},
+                   {"class_weight": SAMPLED, "reduction": "none", "label_smoothing": 0.2},
+                   {"class_weight": SAMPLED, "bias": SAMPLED, "label_smoothing": 0.1}),
+         draw=_draw_head, shared=("weight", "bias", "class_weight"), scaled_grads=True, unfused=_fused_unfused,
+         constants=("class_weight",)),
     # Rotary embedding of q and k: transformers' layouts (B, H, S, D) with unsqueeze_dim 1 and (B, S, H, D) with 2,
     # and a broadcast over the dim before last; partial rotary on odd head dims; cos and sin shared by samples.
     _row("rope", torch_vjp.rope, _rope_reference, "rope", draw=_draw_rope, shared=("cos", "sin"),
@@ -508,7 +571,8 @@ MODULES = [
                ({"normalized_shape": 5}, {"normalized_shape": (4, 5), "eps": 1e-3},
                 {"normalized_shape": 5, "elementwise_affine": False})),
     ModuleInfo(torch_vjp.nn.CrossEntropyLoss, torch.nn.CrossEntropyLoss, "cross_entropy",
-               ({}, {"reduction": "sum", "label_smoothing": 0.1}, {"reduction": "none", "ignore_index": 1})),
+               ({}, {"reduction": "sum", "label_smoothing": 0.1}, {"reduction": "none", "ignore_index": 1},
+                {"weight": torch.tensor([0.5, 1.5, 2.0])}, {"weight": torch.tensor([0.5, 1.5, 2.0]), "label_smoothing": 0.2})),
 ]
 
 

@@ -5,8 +5,10 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <climits>
 #include <cstdint>
 #include <string_view>
+#include <type_traits>
 
 #include "cuda/cross_entropy_epilogues.cuh"
 #include "ops/cross_entropy.h"
@@ -14,10 +16,26 @@
 namespace torch_vjp::cuda {
 namespace {
 
+// The weighted gradient's own fields (the common ones are set by the caller).
+template <class T>
+WeightedCrossEntropyGrad<T> weighted_grad(double smoothing, const SmoothingWeights& weights) {
+  using S = Opmath<T>;
+  TORCH_CHECK(weights.weight.numel() <= INT_MAX, "torch_vjp.cross_entropy: class weights with label smoothing take at "
+              "most 2^31 - 1 classes on CUDA, got ", weights.weight.numel());
+  WeightedCrossEntropyGrad<T> op{};
+  op.smoothing = static_cast<S>(smoothing);
+  op.class_weight = weights.weight.const_data_ptr<S>();
+  op.row_weight = weights.row_weight.const_data_ptr<S>();
+  op.weight_total = weights.total.const_data_ptr<S>();
+  return op;
+}
+
 struct CudaCrossEntropy {
   // x (rows, C) contiguous, target (rows,) int64; loss, row_max and log_sum (rows,) in the compute type.
+  // weights: class weights with smoothing (ops/cross_entropy.h's SmoothingWeights), or undefined.
   static void cross_entropy_rows(const at::Tensor& x, const at::Tensor& target, int64_t ignore_index, double smoothing,
-                                 const at::Tensor& loss, const at::Tensor& row_max, const at::Tensor& log_sum) {
+                                 const SmoothingWeights& weights, const at::Tensor& loss, const at::Tensor& row_max,
+                                 const at::Tensor& log_sum) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_vjp_cross_entropy_cuda", [&] {
       const auto run = [&](auto op) {
         using Op = decltype(op);
@@ -35,40 +53,57 @@ struct CudaCrossEntropy {
         ops.row_out[2] = log_sum.mutable_data_ptr<S>();
         run_rows(op, RowLayout{x.size(0), x.size(1), 1}, ops);
       };
-      if (smoothing > 0) run(CrossEntropyForward<scalar_t, true>{});
-      else run(CrossEntropyForward<scalar_t, false>{});
+      if (weights.defined()) {
+        using S = Opmath<scalar_t>;
+        WeightedCrossEntropyForward<scalar_t> op{};
+        op.class_weight = weights.weight.const_data_ptr<S>();
+        op.row_weight = weights.row_weight.const_data_ptr<S>();
+        op.weight_total = weights.total.const_data_ptr<S>();
+        run(op);
+      } else if (smoothing > 0) {
+        run(CrossEntropyForward<scalar_t, true>{});
+      } else {
+        run(CrossEntropyForward<scalar_t, false>{});
+      }
     });
   }
 
   // dx = x allowed (written in place).
   static void cross_entropy_grad_rows(const at::Tensor& x, const at::Tensor& target, const at::Tensor& row_max,
                                       const at::Tensor& log_sum, const at::Tensor& scale, int64_t ignore_index,
-                                      double smoothing, const at::Tensor& dx) {
+                                      double smoothing, const SmoothingWeights& weights, const at::Tensor& dx) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_vjp_cross_entropy_grad_cuda", [&] {
-      using Op = CrossEntropyGrad<scalar_t>;
-      using S = typename Op::S;
       const int64_t classes = x.size(1);
-      Op op;
-      op.target = target.const_data_ptr<int64_t>();
-      op.ignore_index = ignore_index;
-      op.classes = classes;
-      op.per_class = static_cast<S>(smoothing / static_cast<double>(classes));
-      op.per_class_target = static_cast<S>(smoothing / static_cast<double>(classes) + (1.0 - smoothing));
-      Operands<Op> ops;
-      ops.in[0] = x.const_data_ptr<scalar_t>();
-      ops.out = dx.mutable_data_ptr<scalar_t>();
-      ops.row_in[0] = row_max.const_data_ptr<S>();
-      ops.row_in[1] = log_sum.const_data_ptr<S>();
-      ops.row_in[2] = scale.const_data_ptr<S>();
-      run_rows(op, RowLayout{x.size(0), classes, 1}, ops);
+      const auto run = [&](auto op) {
+        using Op = decltype(op);
+        using S = typename Op::S;
+        op.target = target.const_data_ptr<int64_t>();
+        op.ignore_index = ignore_index;
+        op.classes = classes;
+        op.per_class = static_cast<S>(smoothing / static_cast<double>(classes));
+        op.per_class_target = static_cast<S>(smoothing / static_cast<double>(classes) + (1.0 - smoothing));
+        Operands<Op> ops;
+        ops.in[0] = x.const_data_ptr<scalar_t>();
+        ops.out = dx.mutable_data_ptr<scalar_t>();
+        ops.row_in[0] = row_max.const_data_ptr<S>();
+        ops.row_in[1] = log_sum.const_data_ptr<S>();
+        ops.row_in[2] = scale.const_data_ptr<S>();
+        run_rows(op, RowLayout{x.size(0), classes, 1}, ops);
+      };
+      if (weights.defined()) {
+        run(weighted_grad<scalar_t>(smoothing, weights));
+      } else {
+        run(CrossEntropyGrad<scalar_t>{});
+      }
     });
   }
 
   // Both in one kernel (CrossEntropyForwardGrad): loss, row_max, log_sum and dx from one read of x, with the
   // bits of cross_entropy_rows followed by cross_entropy_grad_rows. dx = x allowed (written in place).
   static void cross_entropy_with_grad_rows(const at::Tensor& x, const at::Tensor& target, int64_t ignore_index,
-                                           double smoothing, const at::Tensor& scale, const at::Tensor& loss,
-                                           const at::Tensor& row_max, const at::Tensor& log_sum, const at::Tensor& dx) {
+                                           double smoothing, const SmoothingWeights& weights, const at::Tensor& scale,
+                                           const at::Tensor& loss, const at::Tensor& row_max, const at::Tensor& log_sum,
+                                           const at::Tensor& dx) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_vjp_cross_entropy_with_grad_cuda", [&] {
       const auto run = [&](auto op) {
         using Op = decltype(op);
@@ -79,7 +114,18 @@ struct CudaCrossEntropy {
         op.forward.classes = classes;
         op.forward.smoothing = static_cast<S>(smoothing);
         op.forward.per_class = static_cast<S>(smoothing / static_cast<double>(classes));
-        op.per_class_target = static_cast<S>(smoothing / static_cast<double>(classes) + (1.0 - smoothing));
+        if constexpr (std::is_same_v<Op, WeightedCrossEntropyForwardGrad<scalar_t>>) {
+          op.forward.class_weight = weights.weight.const_data_ptr<S>();
+          op.forward.row_weight = weights.row_weight.const_data_ptr<S>();
+          op.forward.weight_total = weights.total.const_data_ptr<S>();
+          op.grad = weighted_grad<scalar_t>(smoothing, weights);
+          op.grad.target = op.forward.target;
+          op.grad.ignore_index = ignore_index;
+          op.grad.classes = classes;
+          op.grad.per_class = op.forward.per_class;
+        } else {
+          op.per_class_target = static_cast<S>(smoothing / static_cast<double>(classes) + (1.0 - smoothing));
+        }
         Operands<Op> ops;
         ops.in[0] = x.const_data_ptr<scalar_t>();
         ops.out = dx.mutable_data_ptr<scalar_t>();
@@ -89,7 +135,8 @@ struct CudaCrossEntropy {
         ops.row_out[2] = log_sum.mutable_data_ptr<S>();
         run_rows(op, RowLayout{x.size(0), classes, 1}, ops);
       };
-      if (smoothing > 0) run(CrossEntropyForwardGrad<scalar_t, true>{});
+      if (weights.defined()) run(WeightedCrossEntropyForwardGrad<scalar_t>{});
+      else if (smoothing > 0) run(CrossEntropyForwardGrad<scalar_t, true>{});
       else run(CrossEntropyForwardGrad<scalar_t, false>{});
     });
   }

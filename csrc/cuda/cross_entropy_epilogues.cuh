@@ -340,4 +340,200 @@ struct CrossEntropyForwardGrad : EpilogueDefaults {
   __device__ __forceinline__ bool row_ok(const Row& r) const { return r.ok; }
 };
 
+// ---------------------------------------------------------------------------------------------------------
+// Class weights with label smoothing (ε > 0; math/cross_entropy.h): the three kernels above, weighted. Class
+// weights without smoothing never reach a kernel (the frontend scales the unweighted rows by w_t), and the
+// unweighted instances above are unchanged. Column j of a run is at.first + e; w_j is read from the (C,)
+// weights (compute type, L1/L2-resident: every row reads the same C values): by the forward's partial for the
+// row's elements alone (kMasked), by the gradient's map only where the slot is in the row (map runs on padding
+// slots too; their stores are dropped). Not the engine's parameter vector (kParamIn, a norm's weight): its
+// packs held beside the logits' spilled 8-56 B in the fused kernel's fp32/bf16/fp16 instances (ptxas -v).
+//
+// Forward: loss_i = (1 - ε) w_t (log_s - (x_t - m)) + (ε/C) (W log_s - Σ_j w_j (x_j - m)), so the smoothed
+// partial holds Σ w_j (x_j - m_a) and Σ w_j over its elements (WeightedLossStat), merged as LossStat with the
+// weight sum in place of the count: Σ_a + W_a (m_a - M). A -inf logit of weight w > 0 makes Σ -inf (the loss
+// +inf), of weight 0 NaN (0 · -inf), as torch's -(log_softmax(x) · w).sum().
+template <class S>
+struct WeightedLossStat {
+  MaxSum<S> ms;  // max and Σ exp(x - max)
+  S sum;         // Σ w_j (x_j - ms.m) over the partial's elements
+  S weight;      // Σ w_j over them
+  S count;       // its elements (0: empty, the identity)
+};
+
+template <class T_>
+struct WeightedCrossEntropyForward : CrossEntropyForward<T_, true> {
+  using Base = CrossEntropyForward<T_, true>;
+  using typename Base::S;
+  using typename Base::T;
+  using typename Base::Row;
+  using LogSoftmaxForward = typename Base::LogSoftmaxForward;
+  using Stat = WeightedLossStat<S>;
+  // 512 threads a block at most (128 registers), all dtypes: at 1024 (64 registers) ptxas spilled 80 B of the
+  // float WideBlock instance (the weight sum rides the merge beside LossStat's). Longer rows take a cluster on
+  // sm_90 or are split on sm_80, as the smoothed CrossEntropyForwardGrad's.
+  static constexpr int kMaxThreads = 512;
+  const S* class_weight;  // (C,)
+  const S* row_weight;    // (rows,) w_t (0 where ignored)
+  const S* weight_total;  // W (one value)
+
+  __device__ __forceinline__ Stat identity() const { return {LogSoftmaxForward{}.identity(), S(0), S(0), S(0)}; }
+
+  __device__ __forceinline__ Stat combine(Stat a, Stat b) const {
+    if (b.count == S(0)) return a;
+    if (a.count == S(0)) return b;
+    const S d = a.ms.m - b.ms.m;
+    const S shift = d > S(0) ? -b.weight * d : d < S(0) ? a.weight * d : S(0);
+    return {LogSoftmaxForward{}.combine(a.ms, b.ms), a.sum + b.sum + shift, a.weight + b.weight, a.count + b.count};
+  }
+
+  template <class Each>
+  __device__ __forceinline__ Stat partial(const Each& each, const S (&)[1], const RowAt& at) const {
+    return partial_seeing(each, [](const S (&)[1], int) {}, at);
+  }
+
+  template <class Each, class See>
+  __device__ __forceinline__ Stat partial_seeing(const Each& each, const See& see, const RowAt& at) const {
+    S m = neg_inf<S>();
+    int count = 0;
+    each([&](const S (&v)[1], int e) {
+      m = max_nan(m, v[0]);
+      ++count;
+      see(v, e);
+    });
+    if (count == 0) return identity();
+    const S* w = class_weight + at.first;
+    S sum = 0, weight = 0;
+    if (m == neg_inf<S>()) {  // -inf only: each term w · -inf
+      each([&](const S (&)[1], int e) {
+        sum += w[e] * neg_inf<S>();
+        weight += w[e];
+      });
+      return {LogSoftmaxForward{}.identity(), sum, weight, S(count)};
+    }
+    const typename LogSoftmaxForward::Exp exp_minus_m(m);
+    S s = 0;
+    each([&](const S (&v)[1], int e) {
+      s += exp_minus_m(v[0]);
+      sum += w[e] * (v[0] - m);
+      weight += w[e];
+    });
+    return {{m, s}, sum, weight, S(count)};
+  }
+
+  // The loss from the merged statistics and the target logit x_t (read by the caller).
+  __device__ __forceinline__ Row row(Stat st, S x_t, bool counted, bool ok, int64_t row_index) const {
+    const S log_s = math::log_(st.ms.s);
+    const S loss = counted ? math::weighted_cross_entropy_loss(log_s, x_t - st.ms.m, st.sum, row_weight[row_index],
+                                                               this->smoothing, this->per_class, *weight_total)
+                           : S(0);
+    return {loss, st.ms.m, log_s, ok};
+  }
+
+  __device__ __forceinline__ Row finish(Stat st, const S (&)[1], const RowAt& at) const {
+    const int64_t t = this->target[at.row];
+    const bool counted = t != this->ignore_index && t >= 0 && t < this->classes;
+    const S x_t = counted ? static_cast<S>(this->logits[at.row * this->classes + t]) : S(0);
+    return row(st, x_t, counted, target_ok(t, this->ignore_index, this->classes), at.row);
+  }
+};
+
+// Gradient (CrossEntropyGrad's derivation, weighted; math/cross_entropy.h):
+//   dx_ij = (s_i a_i) p_ij - (s_i ε/C) w_j - s_i (1 - ε) w_t [j = t_i],   a_i = (1 - ε) w_t + (ε/C) W
+// Row inputs m, log_s, s as CrossEntropyGrad's; w_t and W read once a row, w_j once an element. The Row holds
+// three products of s (the fewest registers: the fused kernel's cluster instance holds the row's logits too).
+template <class T_>
+struct WeightedCrossEntropyGrad : CrossEntropyGrad<T_> {
+  using Base = CrossEntropyGrad<T_>;
+  using typename Base::S;
+  using typename Base::T;
+  S smoothing;            // ε (per_class = ε/C is the base's)
+  const S* class_weight;  // (C,)
+  const S* row_weight;    // (rows,) w_t (0 where ignored)
+  const S* weight_total;  // W
+
+  struct Row {
+    SoftmaxFromStatsFor<T> softmax;
+    S scaled_coefficient, scaled_per_class, target_term;  // s a, s ε/C, s (1 - ε) w_t
+    int first;  // the run's first column (int: C <= INT_MAX is checked); slots may lie outside the row
+    int t;      // the target's run element, or -1
+    bool ok;    // the target is in range
+  };
+
+  __device__ __forceinline__ Row finish(S, const S (&row_in)[3], const RowAt& at) const {
+    const int64_t t = this->target[at.row];
+    const S w_t = row_weight[at.row], scale = row_in[2];
+    return {softmax_from_stats<T>(row_in[0], row_in[1]),
+            scale * math::weighted_softmax_coefficient(w_t, smoothing, this->per_class, *weight_total),
+            scale * this->per_class, scale * (S(1) - smoothing) * w_t, static_cast<int>(at.first),
+            target_in_run(t, this->ignore_index, at), target_ok(t, this->ignore_index, this->classes)};
+  }
+  __device__ __forceinline__ S map(const Row& r, const S (&v)[1], int e) const {
+    // The column; padding slots lie outside [0, C) (one unsigned compare: C <= INT_MAX) and read no weight.
+    const int j = r.first + e;
+    const S w = static_cast<unsigned>(j) < static_cast<unsigned>(this->classes) ? class_weight[j] : S(0);
+    const S dx = math::weighted_cross_entropy_vjp_with(v[0], w, r.softmax, r.scaled_coefficient, r.scaled_per_class);
+    return e == r.t ? dx - r.target_term : dx;
+  }
+  __device__ __forceinline__ bool row_ok(const Row& r) const { return r.ok; }
+};
+
+// Forward and gradient in one kernel (CrossEntropyForwardGrad's contract and plan), weighted.
+template <class T_>
+struct WeightedCrossEntropyForwardGrad : EpilogueDefaults {
+  using T = T_;
+  using S = Opmath<T>;
+  using R = S;
+  using Forward = WeightedCrossEntropyForward<T>;
+  struct Stat {
+    typename Forward::Stat loss;
+    S target_logit;  // NaN where not among the elements seen (CrossEntropyForwardGrad's rule)
+  };
+  static constexpr int kIn = 1;
+  static constexpr int kRowIn = 1;  // scale
+  static constexpr bool kElementOut = true;
+  static constexpr int kRowOut = 3;  // loss, row_max, log_sum
+  static constexpr bool kReduces = true;
+  static constexpr bool kMasked = true;
+  static constexpr bool kRowsOnly = true;
+  static constexpr bool kAsserts = true;  // the target
+  static constexpr int kMaxThreads = 512;  // as CrossEntropyForwardGrad<T, true>'s (its smoothed variant)
+  static constexpr int kClusterThreads = Forward::kClusterThreads;
+  Forward forward;  // logits unused (the target logit comes from the Stat)
+  WeightedCrossEntropyGrad<T> grad;  // its per_class, smoothing and weights (target unused: forward's)
+
+  struct Row {
+    S loss, m, log_s;
+    typename WeightedCrossEntropyGrad<T>::Row g;
+  };
+
+  __device__ __forceinline__ S pad(int i) const { return forward.pad(i); }
+  __device__ __forceinline__ Stat identity() const { return {forward.identity(), S(NAN)}; }
+  __device__ __forceinline__ Stat combine(Stat a, Stat b) const {
+    return {forward.combine(a.loss, b.loss), b.target_logit == b.target_logit ? b.target_logit : a.target_logit};
+  }
+
+  template <class Each>
+  __device__ __forceinline__ Stat partial(const Each& each, const S (&)[1], const RowAt& at) const {
+    const int t = target_in_run(forward.target[at.row], forward.ignore_index, at);
+    S x_t = S(NAN);
+    const auto loss = forward.partial_seeing(each, [&](const S (&v)[1], int e) {
+      if (e == t) x_t = v[0];
+    }, at);
+    return {loss, x_t};
+  }
+
+  __device__ __forceinline__ Row finish(Stat st, const S (&row_in)[1], const RowAt& at) const {
+    const int64_t t = forward.target[at.row];
+    const bool counted = t != forward.ignore_index && t >= 0 && t < forward.classes;
+    const auto f = forward.row(st.loss, st.target_logit, counted, target_ok(t, forward.ignore_index, forward.classes),
+                               at.row);
+    const S grad_in[3] = {f.m, f.log_s, row_in[0]};
+    return {f.loss, f.m, f.log_s, grad.finish(S(0), grad_in, at)};
+  }
+  __device__ __forceinline__ S map(const Row& r, const S (&v)[1], int e) const { return grad.map(r.g, v, e); }
+  __device__ __forceinline__ S row_out(const Row& r, int i) const { return i == 0 ? r.loss : i == 1 ? r.m : r.log_s; }
+  __device__ __forceinline__ bool row_ok(const Row& r) const { return r.g.ok; }
+};
+
 }  // namespace torch_vjp::cuda

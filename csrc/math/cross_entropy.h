@@ -12,6 +12,18 @@
 //   dx_ij = s_i (exp((x_ij - m_i) - log_s_i) - ε/C - (1 - ε)[j = t_i])
 // one pass from the logits and the saved (m, log_s). p is torch's exp(log_softmax(x)): exp(x - lse) with lse
 // rounded would carry |lse|·ε of relative error into every p near 1.
+//
+// Class weights w (C,), W = Σ_j w_j (torch's F.cross_entropy(weight=w); its label smoothing with weights
+// smooths over the weighted log-probabilities):
+//   loss_i = (1 - ε) w_t (log_s - (x_t - m)) + (ε/C) Σ_j w_j (log_s - (x_j - m))
+//   'mean' divides Σ_i loss_i by Σ_i w_{t_i} over the rows not ignored (the weights of their targets).
+// ε = 0: loss_i = w_t · (the unweighted loss_i) and its gradient w_t · (the unweighted one), so the frontend
+// multiplies the row's loss and its scale s_i by w_t and the kernels run unweighted (ops/cross_entropy.h).
+// ε > 0: the row reduction adds Σ_j w_j (x_j - m) (every term ≤ 0 for w ≥ 0: no cancellation), and
+//   loss_i = (1 - ε) w_t (log_s - (x_t - m)) + (ε/C) (W log_s - Σ_j w_j (x_j - m))
+//   ∂loss_i/∂x_ik = a_i p_ik - (ε/C) w_k - (1 - ε) w_t [k = t],     a_i = (1 - ε) w_t + (ε/C) W
+//   dx_ik = (s_i a_i) p_ik - (s_i ε/C) w_k - s_i (1 - ε) w_t [k = t]
+// (w = 1: a_i = 1, and these are the unweighted formulas).
 // T is float, double, or (CPU only) at::vec::Vectorized<float|double>.
 #pragma once
 
@@ -55,6 +67,28 @@ TVJP_HD T cross_entropy_vjp(T x, S m, S log_s, S scale, S smoothing_per_class) {
 template <class T, class S>
 TVJP_HD T cross_entropy_vjp_unsmoothed(T x, S m, S log_s, S scale) {
   return T(scale) * SoftmaxFromStats<S>{m, log_s}(x);
+}
+
+// The weighted, smoothed loss (ε > 0; see the top): from log_s, x_t - m, Σ_j w_j (x_j - m), w_t, ε, ε/C and W.
+template <class S>
+TVJP_HD S weighted_cross_entropy_loss(S log_s, S target_shifted, S weighted_sum_shifted, S target_weight, S smoothing,
+                                      S smoothing_per_class, S weight_total) {
+  return (S(1) - smoothing) * target_weight * (log_s - target_shifted) +
+         smoothing_per_class * (weight_total * log_s - weighted_sum_shifted);
+}
+
+// a_i = (1 - ε) w_t + (ε/C) W: the weight of p in the weighted, smoothed gradient row.
+template <class S>
+TVJP_HD S weighted_softmax_coefficient(S target_weight, S smoothing, S smoothing_per_class, S weight_total) {
+  return (S(1) - smoothing) * target_weight + smoothing_per_class * weight_total;
+}
+
+// dx_ik without the target's term, from two per-row constants: (s a) p_k - (s ε/C) w_k; the caller subtracts
+// s (1 - ε) w_t at k = t.
+template <class T, class S, class Softmax>
+TVJP_HD T weighted_cross_entropy_vjp_with(T x, T class_weight, const Softmax& softmax, S scaled_coefficient,
+                                          S scaled_per_class) {
+  return T(scaled_coefficient) * softmax(x) - T(scaled_per_class) * class_weight;
 }
 
 }  // namespace torch_vjp::math

@@ -3,15 +3,19 @@
 //
 // A backend supplies two row kernels over logits x of shape (rows, C), contiguous, rows > 0, with int64
 // targets (rows,) and per-row values in the compute type T (opmath of x):
-//   Backend::cross_entropy_rows(x, target, ignore_index, smoothing, loss, row_max, log_sum)
+//   Backend::cross_entropy_rows(x, target, ignore_index, smoothing, weights, loss, row_max, log_sum)
 //       loss_i, and the statistics m_i = max_j x_ij, log_sum_i = log Σ_j exp(x_ij - m_i); loss_i = 0 where
 //       target_i == ignore_index
-//   Backend::cross_entropy_grad_rows(x, target, row_max, log_sum, scale, ignore_index, smoothing, dx)
+//   Backend::cross_entropy_grad_rows(x, target, row_max, log_sum, scale, ignore_index, smoothing, weights, dx)
 //       dx_i = scale_i (softmax(x_i) - smoothed one-hot(t_i)); dx may be x itself (written in place)
 //   Backend::kChunkBytes   the bytes of logits one chunk of fused_linear_cross_entropy may hold
-// and may supply both in one pass (one read of x; used by fused_linear_cross_entropy's chunks when the
+// `weights` (SmoothingWeights) is defined only for class weights with label smoothing (ε > 0): the kernels
+// then compute the weighted, smoothed loss and gradient of math/cross_entropy.h. Class weights without
+// smoothing never reach a kernel: the frontend scales the unweighted rows by w_t (ClassWeights).
+// A backend may supply both in one pass (one read of x; used by fused_linear_cross_entropy's chunks when the
 // gradient is wanted), with the bits of cross_entropy_rows followed by cross_entropy_grad_rows:
-//   Backend::cross_entropy_with_grad_rows(x, target, ignore_index, smoothing, scale, loss, row_max, log_sum, dx)
+//   Backend::cross_entropy_with_grad_rows(x, target, ignore_index, smoothing, weights, scale, loss, row_max,
+//                                         log_sum, dx)
 // and calls register_cross_entropy<Backend>(m) in its TORCH_LIBRARY_IMPL. Checks, shapes, the reductions and
 // the fused op's chunk loop (matrix products through at::mm / at::addmm: cuBLAS or the CPU BLAS) are here.
 #pragma once
@@ -80,6 +84,55 @@ inline void check_target(const at::Tensor& target, int64_t rows, int64_t classes
   }
 }
 
+// Class weights with label smoothing, as the kernels take them (math/cross_entropy.h): w (C,), w_{t_i} per
+// row (0 where ignored) and W = Σ_j w_j (0-d), all in the compute type, contiguous. Undefined: none.
+struct SmoothingWeights {
+  at::Tensor weight, row_weight, total;
+  bool defined() const { return weight.defined(); }
+  SmoothingWeights rows(int64_t begin, int64_t n) const {
+    return defined() ? SmoothingWeights{weight, row_weight.narrow(0, begin, n), total} : SmoothingWeights{};
+  }
+};
+
+// torch's F.cross_entropy(weight=w): w (C,) of the input's dtype and device, with torch's messages. Held in the
+// compute type; row_weight = w_{t_i} (0 for an ignored row) is the weight of row i in the loss and in the
+// 'mean' divisor (Σ_i w_{t_i}, not the count).
+struct ClassWeights {
+  at::Tensor weight;      // (C,) compute type, or undefined: no class weights
+  at::Tensor row_weight;  // (rows,) compute type
+  bool defined() const { return weight.defined(); }
+  // The kernels' view: defined for ε > 0 only (ε = 0 scales the unweighted rows instead).
+  SmoothingWeights smoothing(double label_smoothing) const {
+    if (!defined() || !(label_smoothing > 0.0)) return {};
+    return {weight, row_weight, weight.sum()};
+  }
+  // ε = 0: the factor w_t of row i's loss and gradient; undefined otherwise.
+  at::Tensor row_factor(double label_smoothing) const {
+    return defined() && !(label_smoothing > 0.0) ? row_weight : at::Tensor();
+  }
+};
+
+// compute_dtype_too: the fused op also takes them in the compute type (float32 beside a half-type input), as
+// autocast leaves them (torch's linear + cross_entropy apply them in float32 after the low-precision product).
+inline ClassWeights class_weights_of(const std::optional<at::Tensor>& weight, const at::Tensor& input,
+                                     const at::Tensor& target_long /* (rows,) int64 */, int64_t classes,
+                                     int64_t ignore_index, bool compute_dtype_too = false) {
+  if (!weight.has_value()) return {};
+  const auto& w = *weight;
+  TORCH_CHECK(w.dim() == 1 && w.numel() == classes, "weight tensor should be defined either for all ", classes,
+              " classes or no classes but got weight tensor of shape: ", w.sizes());  // torch's
+  TORCH_CHECK(w.scalar_type() == input.scalar_type() ||
+                  (compute_dtype_too && w.scalar_type() == at::toOpMathType(input.scalar_type())),
+              "expected scalar type ", input.scalar_type(), " but found ", w.scalar_type());
+  TORCH_CHECK(w.device() == input.device(), "Tensor on device ", w.device(), " is not on the expected device ",
+              input.device(), "!");
+  const auto cw = w.to(at::toOpMathType(input.scalar_type())).contiguous();
+  const auto counted = target_long != ignore_index;
+  const auto picked = classes > 0 ? cw.index_select(0, at::where(counted, target_long, 0).clamp(0, classes - 1))
+                                  : at::zeros(target_long.sizes(), cw.options());
+  return {cw, at::where(counted, picked, at::zeros({}, cw.options())).contiguous()};
+}
+
 // Logits (N, C) with targets (N,), or (C,) with a 0-d target; returns (rows, classes).
 inline std::pair<int64_t, int64_t> check_logits_and_target(const at::Tensor& input, const at::Tensor& target,
                                                            int64_t ignore_index, const char* op) {
@@ -92,18 +145,30 @@ inline std::pair<int64_t, int64_t> check_logits_and_target(const at::Tensor& inp
 }
 
 // The loss of `rows` per-row losses (compute type) under a reduction, in the input's dtype: summed in double
-// (as torch's CPU nll_loss accumulates), divided, rounded once.
+// (as torch's CPU nll_loss accumulates), divided, rounded once. With class weights 'mean' divides by
+// Σ_i w_{t_i} (row_weight) in place of the count.
 inline at::Tensor reduce_loss(const at::Tensor& row_losses, const at::Tensor& target, int64_t ignore_index,
-                              Reduction reduction, at::ScalarType dtype) {
+                              Reduction reduction, at::ScalarType dtype, const at::Tensor& row_weight = {}) {
   if (reduction == Reduction::None) return row_losses.to(dtype).view(target.sizes());
   auto total = row_losses.sum(at::kDouble);
-  if (reduction == Reduction::Mean) total = total / (target != ignore_index).sum().to(at::kDouble);
+  if (reduction == Reduction::Mean && row_weight.defined()) {
+    // torch's weighted mean is (1 - ε) Σ nll / Σ w_t + (ε/C) Σ smooth / Σ w_t: NaN where Σ w_t = 0 (0/0 in its
+    // first term) even when the smoothing term alone would be +inf.
+    const auto divisor = row_weight.sum(at::kDouble);
+    total = at::where(divisor == 0, at::full({}, std::numeric_limits<double>::quiet_NaN(), divisor.options()),
+                      total / divisor);
+  } else if (reduction == Reduction::Mean) {
+    total = total / (target != ignore_index).sum().to(at::kDouble);
+  }
   return total.to(dtype);
 }
 
-// Per-row scale of the VJP: dy_i ('none'), dy ('sum') or dy / count ('mean'), and 0 for ignored rows.
+// Per-row scale of the VJP: dy_i ('none'), dy ('sum') or dy / count ('mean'), and 0 for ignored rows. With
+// class weights (w: ClassWeights) 'mean' divides by Σ_i w_{t_i}, and without smoothing the row's scale is
+// also multiplied by w_{t_i} (ClassWeights::row_factor).
 inline at::Tensor row_scale(const at::Tensor& grad_output, const at::Tensor& target, int64_t ignore_index,
-                            Reduction reduction, at::ScalarType compute, const char* op) {
+                            Reduction reduction, at::ScalarType compute, const char* op,
+                            const ClassWeights& w = {}, double label_smoothing = 0.0) {
   const int64_t rows = target.numel();
   auto counted = (target != ignore_index).reshape({rows});
   auto g = grad_output.to(compute);
@@ -114,14 +179,16 @@ inline at::Tensor row_scale(const at::Tensor& grad_output, const at::Tensor& tar
   } else {
     TORCH_CHECK(grad_output.dim() == 0, "torch_vjp.", op, ": expected a 0-d grad_output, got ",
                 grad_output.sizes());
-    if (reduction == Reduction::Mean) g = g / counted.sum().to(compute);
+    if (reduction == Reduction::Mean) g = g / (w.defined() ? w.row_weight.sum() : counted.sum().to(compute));
     g = g.expand({rows});
   }
+  if (const auto factor = w.row_factor(label_smoothing); factor.defined()) g = g * factor;
   return at::where(counted, g, at::zeros({}, g.options())).contiguous();
 }
 
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& input, const at::Tensor& target,
+                                                         const std::optional<at::Tensor>& weight,
                                                          int64_t ignore_index, c10::string_view reduction,
                                                          double label_smoothing) {
   const char* op = "cross_entropy";
@@ -132,17 +199,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(const at::T
   const auto compute = input.options().dtype(at::toOpMathType(input.scalar_type()));
   auto x = input.contiguous().view({rows, classes});
   auto t = target.to(at::kLong).contiguous().view({rows});
+  const auto w = class_weights_of(weight, input, t, classes, ignore_index);
   auto losses = at::zeros({rows}, compute);
   auto row_max = at::empty({rows}, compute);
   auto log_sum = at::empty({rows}, compute);
   if (rows > 0 && classes > 0) {
-    Backend::cross_entropy_rows(x, t, ignore_index, label_smoothing, losses, row_max, log_sum);
+    Backend::cross_entropy_rows(x, t, ignore_index, label_smoothing, w.smoothing(label_smoothing), losses, row_max,
+                                log_sum);
+    if (const auto factor = w.row_factor(label_smoothing); factor.defined()) losses.mul_(factor);
   } else {  // rows of no classes: the max of nothing, and log 0
     row_max.fill_(-std::numeric_limits<double>::infinity());
     log_sum.fill_(-std::numeric_limits<double>::infinity());
   }
-  return {reduce_loss(losses, target, ignore_index, r, input.scalar_type()), row_max.view(target.sizes()),
-          log_sum.view(target.sizes())};
+  return {reduce_loss(losses, target, ignore_index, r, input.scalar_type(), w.row_weight),
+          row_max.view(target.sizes()), log_sum.view(target.sizes())};
 }
 
 // The saved statistics (row_max, log_sum): shaped like the target, in the compute type, on the input's device.
@@ -158,8 +228,9 @@ inline void check_statistics(const at::Tensor& row_max, const at::Tensor& log_su
 
 template <class Backend>
 at::Tensor cross_entropy_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
-                                  const at::Tensor& row_max, const at::Tensor& log_sum, int64_t ignore_index,
-                                  c10::string_view reduction, double label_smoothing) {
+                                  const std::optional<at::Tensor>& weight, const at::Tensor& row_max,
+                                  const at::Tensor& log_sum, int64_t ignore_index, c10::string_view reduction,
+                                  double label_smoothing) {
   const char* op = "cross_entropy_backward";
   const Reduction r = parse_reduction(reduction);
   label_smoothing = label_smoothing_of(label_smoothing);
@@ -170,11 +241,12 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_output, const at::Tenso
   const c10::OptionalDeviceGuard guard(input.device());
   auto x = input.contiguous().view({rows, classes});
   auto dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto t = target.to(at::kLong).contiguous().view({rows});
+  const auto w = class_weights_of(weight, input, t, classes, ignore_index);
   if (rows > 0 && classes > 0) {
-    auto t = target.to(at::kLong).contiguous().view({rows});
     Backend::cross_entropy_grad_rows(x, t, row_max.contiguous().view({rows}), log_sum.contiguous().view({rows}),
-                                     row_scale(grad_output, target, ignore_index, r, compute, op), ignore_index,
-                                     label_smoothing, dx);
+                                     row_scale(grad_output, target, ignore_index, r, compute, op, w, label_smoothing),
+                                     ignore_index, label_smoothing, w.smoothing(label_smoothing), dx);
   }
   return dx.view(input.sizes());
 }
@@ -193,6 +265,7 @@ struct LinearCrossEntropy {
   std::optional<at::Tensor> bias;    // (V,)
   int64_t ignore_index;
   double label_smoothing;
+  ClassWeights class_weights;        // class_weight=: undefined when absent
 };
 
 // Rows a chunk of logits holds: `bytes` of them, a multiple of 8 rows, at least 8.
@@ -226,6 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> linear
   at::Tensor grad_weight = grads ? at::zeros(a.weight.sizes(), compute) : at::Tensor();
   std::optional<at::Tensor> grad_bias;
   if (grads && a.bias.has_value()) grad_bias = at::zeros({vocab}, compute);
+  const auto weights = a.class_weights.smoothing(a.label_smoothing);
   for (int64_t begin = 0; begin < rows; begin += chunk) {
     const int64_t n = std::min(chunk, rows - begin);
     const auto x = a.input.narrow(0, begin, n);
@@ -233,18 +307,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> linear
     auto logits = a.bias.has_value() ? at::addmm(*a.bias, x, a.weight.t()) : at::mm(x, a.weight.t());
     const auto chunk_max = row_max.narrow(0, begin, n), chunk_log_sum = log_sum.narrow(0, begin, n);
     const auto chunk_losses = losses.narrow(0, begin, n);
+    const auto chunk_weights = weights.rows(begin, n);
     if (!grads) {
-      Backend::cross_entropy_rows(logits, t, a.ignore_index, a.label_smoothing, chunk_losses, chunk_max, chunk_log_sum);
+      Backend::cross_entropy_rows(logits, t, a.ignore_index, a.label_smoothing, chunk_weights, chunk_losses, chunk_max,
+                                  chunk_log_sum);
       continue;
     }
     // dlogits over the chunk's own logits
     if constexpr (HasCrossEntropyWithGrad<Backend>::value) {
-      Backend::cross_entropy_with_grad_rows(logits, t, a.ignore_index, a.label_smoothing, scale.narrow(0, begin, n),
-                                            chunk_losses, chunk_max, chunk_log_sum, logits);
+      Backend::cross_entropy_with_grad_rows(logits, t, a.ignore_index, a.label_smoothing, chunk_weights,
+                                            scale.narrow(0, begin, n), chunk_losses, chunk_max, chunk_log_sum, logits);
     } else {
-      Backend::cross_entropy_rows(logits, t, a.ignore_index, a.label_smoothing, chunk_losses, chunk_max, chunk_log_sum);
+      Backend::cross_entropy_rows(logits, t, a.ignore_index, a.label_smoothing, chunk_weights, chunk_losses, chunk_max,
+                                  chunk_log_sum);
       Backend::cross_entropy_grad_rows(logits, t, chunk_max, chunk_log_sum, scale.narrow(0, begin, n), a.ignore_index,
-                                       a.label_smoothing, logits);
+                                       a.label_smoothing, chunk_weights, logits);
     }
     auto grad_input_rows = grad_input.narrow(0, begin, n);
     at::mm_out(grad_input_rows, logits, a.weight);
@@ -253,11 +330,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> linear
   }
   if (grads) grad_weight = grad_weight.to(a.weight.scalar_type());
   if (grad_bias.has_value()) grad_bias = grad_bias->to(a.bias->scalar_type());
+  if (const auto factor = a.class_weights.row_factor(a.label_smoothing); factor.defined()) losses.mul_(factor);
   return {losses, grad_input, grad_weight, grad_bias};
 }
 
 inline LinearCrossEntropy check_linear_cross_entropy(const at::Tensor& input, const at::Tensor& weight,
                                                      const at::Tensor& target, const std::optional<at::Tensor>& bias,
+                                                     const std::optional<at::Tensor>& class_weight,
                                                      int64_t ignore_index, double label_smoothing, const char* op) {
   check_floating(input, op, "input");  // first: an integer input is told so, not that the head's dtype differs
   TORCH_CHECK(input.dim() == 2, "torch_vjp.", op, ": expected input of shape (N, H), got ", input.sizes());
@@ -271,9 +350,11 @@ inline LinearCrossEntropy check_linear_cross_entropy(const at::Tensor& input, co
                 weight.size(0), ",), got ", bias->sizes());
   }
   check_target(target, input.size(0), weight.size(0), true, input.device(), ignore_index, op);
-  return {input.contiguous(), weight.contiguous(), target.to(at::kLong).contiguous(),
+  auto t = target.to(at::kLong).contiguous();
+  auto w = class_weights_of(class_weight, input, t, weight.size(0), ignore_index, /*compute_dtype_too=*/true);
+  return {input.contiguous(), weight.contiguous(), std::move(t),
           bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt, ignore_index,
-          label_smoothing_of(label_smoothing)};
+          label_smoothing_of(label_smoothing), std::move(w)};
 }
 
 // compute_grad: also the gradients of the reduced loss for grad_output = 1 (of Σ loss_i for 'none'), which
@@ -281,21 +362,24 @@ inline LinearCrossEntropy check_linear_cross_entropy(const at::Tensor& input, co
 template <class Backend>
 std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
 fused_linear_cross_entropy(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target,
-                           const std::optional<at::Tensor>& bias, int64_t ignore_index, c10::string_view reduction,
-                           double label_smoothing, bool compute_grad) {
+                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& class_weight,
+                           int64_t ignore_index, c10::string_view reduction, double label_smoothing,
+                           bool compute_grad) {
   const char* op = "fused_linear_cross_entropy";
   const Reduction r = parse_reduction(reduction);
   const c10::OptionalDeviceGuard guard(input.device());
-  const auto a = check_linear_cross_entropy(input, weight, target, bias, ignore_index, label_smoothing, op);
+  const auto a = check_linear_cross_entropy(input, weight, target, bias, class_weight, ignore_index, label_smoothing,
+                                            op);
   const auto compute = at::toOpMathType(input.scalar_type());
   const auto ones = at::ones({}, input.options().dtype(compute));
   at::Tensor scale;
   if (compute_grad && a.input.size(0) > 0)
-    scale = row_scale(r == Reduction::None ? ones.expand(a.target.sizes()) : ones, a.target, ignore_index, r, compute, op);
+    scale = row_scale(r == Reduction::None ? ones.expand(a.target.sizes()) : ones, a.target, ignore_index, r, compute, op,
+                      a.class_weights, a.label_smoothing);
   auto [losses, grad_input, grad_weight, grad_bias] = linear_cross_entropy_chunks<Backend>(a, scale);
   // In the compute type: the public function rounds it to the input's dtype, except under autocast, where
   // torch's cross_entropy gives the float32 loss of the low-precision logits unrounded.
-  auto loss = reduce_loss(losses, a.target, ignore_index, r, compute);
+  auto loss = reduce_loss(losses, a.target, ignore_index, r, compute, a.class_weights.row_weight);
   if (!compute_grad) return {loss, std::nullopt, std::nullopt, std::nullopt};
   if (!grad_input.defined()) {  // no rows
     grad_input = at::zeros_like(a.input);
@@ -309,16 +393,19 @@ fused_linear_cross_entropy(const at::Tensor& input, const at::Tensor& weight, co
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> fused_linear_cross_entropy_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target,
-    const std::optional<at::Tensor>& bias, int64_t ignore_index, c10::string_view reduction, double label_smoothing) {
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& class_weight, int64_t ignore_index,
+    c10::string_view reduction, double label_smoothing) {
   const char* op = "fused_linear_cross_entropy_backward";
   const Reduction r = parse_reduction(reduction);
   const c10::OptionalDeviceGuard guard(input.device());
-  const auto a = check_linear_cross_entropy(input, weight, target, bias, ignore_index, label_smoothing, op);
+  const auto a = check_linear_cross_entropy(input, weight, target, bias, class_weight, ignore_index, label_smoothing,
+                                            op);
   TORCH_CHECK(grad_output.device() == input.device(), "torch_vjp.", op, ": expected grad_output on ", input.device());
   if (a.input.size(0) == 0)
     return {at::zeros_like(a.input), at::zeros_like(a.weight),
             bias.has_value() ? std::optional<at::Tensor>(at::zeros_like(*bias)) : std::nullopt};
-  const auto scale = row_scale(grad_output, a.target, ignore_index, r, at::toOpMathType(input.scalar_type()), op);
+  const auto scale = row_scale(grad_output, a.target, ignore_index, r, at::toOpMathType(input.scalar_type()), op,
+                               a.class_weights, a.label_smoothing);
   auto [losses, grad_input, grad_weight, grad_bias] = linear_cross_entropy_chunks<Backend>(a, scale);
   return {grad_input, grad_weight, grad_bias};
 }
