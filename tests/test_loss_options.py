@@ -85,6 +85,31 @@ def test_weight_errors_like_torch():
                                              class_weight=torch.rand(5, dtype=torch.float64))
 
 
+def test_class_weights_get_no_silent_gradient_or_tangent():
+    """The registered ops and forward mode refuse class weights that require grad or carry a tangent: torch's
+    own ops leave the weight's gradient None and its tangent 0 silently (or fail an internal assert)."""
+    import torch.autograd.forward_ad as fwAD
+    x, t, w = _case(rows=4, classes=5)
+    head = torch.rand(5, 5, dtype=torch.float64)
+    calls = {
+        "weight": lambda x_, w_: torch.ops.torch_vjp.cross_entropy(x_, t, w_, -100, "mean", 0.1)[0],
+        "class_weight": lambda x_, w_: torch.ops.torch_vjp.fused_linear_cross_entropy(
+            x_, head, t, None, w_, -100, "mean", 0.1, True)[0],
+    }
+    for name, call in calls.items():
+        message = f"not differentiable with respect to argument '{name}'"
+        with pytest.raises(RuntimeError, match=message):
+            call(x.clone().requires_grad_(), w.clone().requires_grad_())
+        with pytest.raises(RuntimeError, match=message):
+            with fwAD.dual_level():
+                call(x, fwAD.make_dual(w, torch.ones_like(w)))
+    with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'weight'"):
+        torch.func.jvp(lambda w_: torch_vjp.cross_entropy(x, t, weight=w_), (w,), (torch.ones_like(w),))
+    # the input's tangent with constant class weights is still computed
+    _, tangent = torch.func.jvp(lambda x_: torch_vjp.cross_entropy(x_, t, weight=w), (x,), (torch.ones_like(x),))
+    assert tangent.isfinite()
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.3])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_gradcheck_both_modes(smoothing, reduction, device):

@@ -347,10 +347,14 @@ class VJPOp:
                 return cast_output(output, input.device.type)
             return public(_dispatch(args))
 
+        refuse = forward.refuse_constant_gradients
+
         def _dispatch(args):
             if _functorch_active() or _forward_ad._current_level >= 0:
+                refuse(args)
                 return func_apply(*args)
             if _grad_enabled() and any(args[i] is not None and args[i].requires_grad for i in tensors):
+                refuse(args)
                 return lean_apply(*args)
             return below(*args)
 
@@ -477,6 +481,7 @@ class _Paths:
         self.tensors = tuple(i for i, arg in enumerate(schema.arguments) if _is_tensor(arg))
         self.params_at = tuple(i for i in range(len(schema.arguments)) if i not in self.tensors)
         self.nondiff = frozenset(i for i in self.tensors if self.arg_names[i] in spec.nondifferentiable)
+        self.constants = tuple(sorted(self.nondiff))
         self.n_tensors = len(self.tensors)
         self.n_outputs = len(schema.returns)
         self.is_vjp = op_name.endswith("_backward")
@@ -741,6 +746,19 @@ class _Paths:
         if backends()["cuda"] is None:  # a CPU-only build: a CUDA tensor gets the fix, not "could not run"
             LIB.impl(self.op_name, _no_cuda_kernel(self.spec.name), "CUDA")
 
+    def refuse_constant_gradients(self, args) -> None:
+        """A floating argument the op is not differentiable in (class weights) that requires grad or carries a
+        forward-mode tangent: torch's error, never a silently missing gradient or zero tangent."""
+        for i in self.constants:
+            t = args[i]
+            if t is None or not t.is_floating_point():
+                continue
+            if (t.requires_grad and _grad_enabled()) or (
+                    _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(t).tangent is not None):
+                raise RuntimeError(
+                    f"torch_vjp.{self.spec.name} is not differentiable with respect to argument "
+                    f"'{self.arg_names[i]}'. This input cannot have requires_grad True or a forward-mode tangent.")
+
     def autograd_kernel(self):
         """The registered op's Autograd kernel. torch.func cannot run a Function from inside the
         dispatcher, so under a torch.func transform it says which call to use instead."""
@@ -753,8 +771,10 @@ class _Paths:
                     f"call torch_vjp.{self.spec.name}, which supports torch.func.vjp/jvp/vmap/jacrev/jacfwd/hessian"
                 )
             if _forward_ad._current_level >= 0:
+                self.refuse_constant_gradients(args)
                 return self.func.apply(*args)
             if _grad_enabled() and any(args[i] is not None and args[i].requires_grad for i in tensors):
+                self.refuse_constant_gradients(args)
                 return self.lean.apply(*args)
             with _below_autograd():
                 return overload(*args)
