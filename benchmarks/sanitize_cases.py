@@ -135,9 +135,9 @@ def _new_family_cases(family, device, dtype, gen):
                 t = torch.randint(0, classes, (rows,), generator=gen)
                 t[0] = -100
                 t = t.to(device)
-                loss, row_max, log_sum = VJP.cross_entropy(x, t, -100, "none", 0.1)
+                loss, row_max, log_sum = VJP.cross_entropy(x, t, None, -100, "none", 0.1)
                 dy = randn(rows)
-                dx = VJP.cross_entropy_backward(dy, x, t, row_max, log_sum, -100, "none", 0.1)
+                dx = VJP.cross_entropy_backward(dy, x, t, None, row_max, log_sum, -100, "none", 0.1)
                 tc = t.cpu()
                 loss64, (dx64,) = grads(lambda x: F.cross_entropy(x, tc, reduction="none", label_smoothing=0.1), (x,), dy)
                 return [("out", loss, loss64), ("grad", dx, dx64)]
@@ -147,7 +147,7 @@ def _new_family_cases(family, device, dtype, gen):
         def run_fused():
             x, w = randn(300, 64), randn(5003, 64, scale=0.1)
             t = torch.randint(0, 5003, (300,), generator=gen).to(device)
-            loss, gx, gw, _ = VJP.fused_linear_cross_entropy(x, w, t, None, -100, "mean", 0.0, True)
+            loss, gx, gw, _ = VJP.fused_linear_cross_entropy(x, w, t, None, None, -100, "mean", 0.0, True)
             tc = t.cpu()
             loss64, (gx64, gw64) = grads(lambda x, w: F.cross_entropy(x @ w.T, tc), (x, w), torch.ones((), dtype=torch.float64))
             return [("out", loss, loss64), ("grad input", gx, gx64), ("grad weight", gw, gw64)]

@@ -306,7 +306,7 @@ def test_label_smoothing_as_torch_takes_it(device):
                                    F.cross_entropy(x, t, label_smoothing=eps))
         torch.testing.assert_close(torch_vjp.fused_linear_cross_entropy(x, w, t, label_smoothing=eps),
                                    F.cross_entropy(x @ w.t(), t, label_smoothing=eps))
-        loss, *_ = torch.ops.torch_vjp.cross_entropy(x, t, -100, "mean", eps)
+        loss, *_ = torch.ops.torch_vjp.cross_entropy(x, t, None, -100, "mean", eps)
         torch.testing.assert_close(loss, F.cross_entropy(x, t, label_smoothing=eps))
     for fn in (lambda: torch_vjp.cross_entropy(x, t, label_smoothing=1.5),
                lambda: torch_vjp.fused_linear_cross_entropy(x, w, t, label_smoothing=1.5),
