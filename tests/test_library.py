@@ -30,15 +30,18 @@ def opcheck_calls(info, variant, device):
 def test_opcheck(info, variant, device):
     """Schema, autograd registration, fake kernel and AOT dispatch with dynamic shapes, forward and VJP op, with
     every floating tensor argument requiring grad (a norm's saved statistics too: the VJP op is differentiable
-    in each of its arguments)."""
+    in each of its arguments) but those the op is not differentiable in (class weights: refused, as torch's)."""
     spec = REGISTRY[info.name]
 
-    def grad_leaf(t):
-        return t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+    def grad_leaves(op, args):
+        names = [a.name for a in op._schema.arguments]
+        return tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                     and names[i] not in spec.nondifferentiable else a for i, a in enumerate(args))
 
     for c, overrides in opcheck_calls(info, variant, device):
-        args = tuple(grad_leaf(a) for a in c.raw_args(**overrides))
-        torch.library.opcheck(getattr(torch.ops.torch_vjp, info.name).default, args)
+        forward = getattr(torch.ops.torch_vjp, info.name).default
+        args = grad_leaves(forward, c.raw_args(**overrides))
+        torch.library.opcheck(forward, args)
         outputs = getattr(torch.ops.torch_vjp, info.name)(*args)
         y = outputs[0] if isinstance(outputs, tuple) else outputs
         dy = sample(info, y.shape, y.dtype, device, generator_seed=1)
@@ -46,19 +49,22 @@ def test_opcheck(info, variant, device):
             dy = tuple(sample(info, o.shape, o.dtype, device, generator_seed=1 + i)
                        for i, o in enumerate(outputs[:spec.public_outputs]))
         vjp_args = spec.vjp_call_args(args, outputs, dy)
-        torch.library.opcheck(getattr(torch.ops.torch_vjp, info.name + "_backward").default,
-                              tuple(grad_leaf(a) for a in vjp_args))
+        backward = getattr(torch.ops.torch_vjp, info.name + "_backward").default
+        torch.library.opcheck(backward, grad_leaves(backward, vjp_args))
 
 
 def composite(ops):
     """f(x, *tensors): every (row, variant) of ops applied to x, each with its own drawn tensors (weight, bias,
-    up, targets, a head; `draw(x)` gives them for an x, in f's order), summed with position weights. A norm
-    normalizes x's last dim, read from x's shape (a new shape recompiles)."""
-    def tensors_of(c):
-        return [*c.primals[1:], *(v for v in c.kwargs.values() if isinstance(v, torch.Tensor))]
+    up, targets, a head; `draw(x)` gives them for an x, in f's order, the floating ones the op is differentiable
+    in requiring grad: not class weights), summed with position weights. A norm normalizes x's last dim, read from
+    x's shape (a new shape recompiles)."""
+    def tensors_of(info, c):
+        constants = REGISTRY[info.name].nondifferentiable
+        named = [*zip(c.names, c.primals[1:]), *((k, v) for k, v in c.kwargs.items() if isinstance(v, torch.Tensor))]
+        return [t.requires_grad_() if t.is_floating_point() and name not in constants else t for name, t in named]
 
     def draw(x):
-        return [t for info, variant in ops for t in tensors_of(info.call(x.detach(), **variant))]
+        return [t for info, variant in ops for t in tensors_of(info, info.call(x.detach(), **variant))]
 
     def f(x, *tensors):
         out = x.new_zeros(())
@@ -99,7 +105,7 @@ def test_compile_fullgraph_matches_eager(device, policy, monkeypatch):
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
     for shape in [(4, 33), (6, 17)]:  # a second shape exercises recompilation
         x = torch.randn(shape, device=device, requires_grad=True)
-        tensors = [t.requires_grad_() if t.is_floating_point() else t for t in draw(x)]
+        tensors = draw(x)
         leaves = [x, *(t for t in tensors if t.requires_grad)]
         y, y_c = f(x, *tensors), compiled(x, *tensors)
         grads_c, grads = torch.autograd.grad(y_c, leaves), torch.autograd.grad(y, leaves)
@@ -123,7 +129,7 @@ def test_compile_inductor_on_cpu():
                                             ("cross_entropy", {}), ("swiglu", {}))]
     f, draw = composite(ops)
     x = torch.randn(5, 9, requires_grad=True)
-    tensors = [t.requires_grad_() if t.is_floating_point() else t for t in draw(x)]
+    tensors = draw(x)
     y_c = torch.compile(f, fullgraph=True)(x, *tensors)
     torch.testing.assert_close(y_c, f(x, *tensors))
     torch.testing.assert_close(torch.autograd.grad(y_c, x)[0], torch.autograd.grad(f(x, *tensors), x)[0])
