@@ -39,6 +39,9 @@ using math::Vec;  // at::vec::Vectorized
 // On the row loops: inline the op's lambda and its math into the loop, whatever the compiler's size
 // heuristics say (an out-of-line call per vector costs more than the math).
 #define TVJP_ROW_LOOP __attribute__((flatten))
+// A row loop copies the op's lambda into a local first. Reached through a reference, its captures
+// (a row's 1/ρ, shift or scale) may alias the loop's stores, so the compiler reloads and re-broadcasts them every
+// vector where the loop is not inlined into its caller (normalize's forward: twice the instructions a vector).
 
 // A store of a whole new cache line first reads the line (read-for-ownership): writing an output costs
 // two passes over memory, a streaming store one. Worth it when the output would not stay in cache for
@@ -137,13 +140,16 @@ TVJP_HD std::array<typename L::Parts, K> apply_outputs(const Fn& fn, const Group
   return r;
 }
 
-// outs[k][j] = fn(in[j]...)[k] for j < n, fn taking opmath vectors (one output: fn returns a vector).
+// outs[k][j] = fn(in[j]...)[k] for j < n, fn taking opmath vectors (one output: fn returns a vector). Inlined
+// into its caller too: out of line (normalize's forward, once its row lambda grew) the loop took 3 instructions
+// a vector where inlined it took 2.
 // `stream`: full groups are written with streaming stores (a first, partial group aligns them; outputs
 // aligned differently from each other are stored normally).
 template <class S, size_t K, class Fn, class... In>
-TVJP_ROW_LOOP void map_row(const std::array<S*, K>& outs, int64_t n, bool stream, const Fn& fn, const In*... in) {
+TVJP_HD TVJP_ROW_LOOP void map_row(const std::array<S*, K>& outs, int64_t n, bool stream, const Fn& fn_ref, const In*... in) {
   static_assert(kRowInputs<S, In...>, "row inputs in S or opmath<S> (loadu would reinterpret)");
   using L = Lanes<S>;
+  const Fn fn = fn_ref;  // a local copy: see TVJP_ROW_LOOP
   const auto offset = [](const S* p) {
     return int64_t(reinterpret_cast<std::uintptr_t>(p) % sizeof(Vec<S>)) / int64_t(sizeof(S));
   };
@@ -171,27 +177,36 @@ TVJP_HD void map_row(S* out, int64_t n, bool stream, const Fn& fn, const In*... 
   map_row(std::array<S*, 1>{out}, n, stream, fn, in...);
 }
 
-// The sum of a row's vectors: lanes accumulate in opmath for kChunk groups, then the chunk's total is added
-// in double with a compensation (Knuth's TwoSum: the exact low part of each addition, branch-free, so the
-// flush stays off the loop's critical path), and rounding grows with the chunk length alone, not with n (a
+// The sum of a row's vectors: lanes accumulate in opmath for a chunk of kChunk groups, then the chunk's total
+// is added in double with a compensation (Knuth's TwoSum: the exact low part of each addition, branch-free, so
+// the flush stays off the loop's critical path), and rounding grows with the chunk length alone, not with n (a
 // double row of 128256 terms summed chunk after chunk lost ~30 ulps; torch's own sums are cascaded).
+// for_each_chunk runs the groups: whole chunks in a loop of their own, flushed after each, so the loop carries
+// no per-group counter (a count and a test a vector cost as much as the sum's own add); the last partial chunk
+// and the row's tail share result()'s flush.
 template <class T>
 struct RowSum {
-  static constexpr int kChunk = 16;
+  static constexpr int64_t kChunk = 16;
   Vec<T> acc = Vec<T>(T(0));
-  int groups = 0;
   double total = 0, compensation = 0;
   TVJP_HD void add(const Vec<T>& v) { acc = acc + v; }
-  TVJP_HD void end_group() {
-    if (++groups == kChunk) flush();
-  }
   TVJP_HD void flush() {
     const double term = double(at::vec::vec_reduce_all<T>([](Vec<T> a, Vec<T> b) { return a + b; }, acc));
     const double sum = total + term, term_part = sum - total;
     compensation += (total - (sum - term_part)) + (term - term_part);
     total = sum;
     acc = Vec<T>(T(0));
-    groups = 0;
+  }
+  // group(j) for j = 0, width, ... below `end`, the sums in `sums` flushed after each whole chunk.
+  template <size_t K, class Group>
+  static TVJP_HD int64_t for_each_chunk(std::array<RowSum, K>& sums, int64_t end, int64_t width, const Group& group) {
+    int64_t j = 0;
+    for (; j + kChunk * width <= end;) {
+      for (const int64_t stop = j + kChunk * width; j < stop; j += width) group(j);
+      for (auto& sum : sums) sum.flush();
+    }
+    for (; j < end; j += width) group(j);
+    return j;
   }
   TVJP_HD T result() {
     flush();
@@ -203,28 +218,29 @@ struct RowSum {
 // out[j] = fn(in[j]) into an opmath array, from storage type S (a half type: widened, never narrowed);
 // returns Σ_j out[j].
 template <class S, class Fn>
-TVJP_ROW_LOOP opmath<S> widen_map_sum_row(opmath<S>* out, int64_t n, const Fn& fn, const S* in) {
+TVJP_ROW_LOOP opmath<S> widen_map_sum_row(opmath<S>* out, int64_t n, const Fn& fn_ref, const S* in) {
   using L = Lanes<S>;
+  const Fn fn = fn_ref;  // a local copy: see TVJP_ROW_LOOP
   using T = opmath<S>;
   constexpr int64_t kPart = Vec<T>::size();
-  RowSum<T> sum;
-  for (int64_t j = 0; j < n; j += L::kWidth) {
+  std::array<RowSum<T>, 1> sum;
+  RowSum<T>::for_each_chunk(sum, n, L::kWidth, [&](int64_t j) {
     const int64_t count = std::min(L::kWidth, n - j);
     auto mapped = apply_outputs<L, 1>(fn, L::load(in + j, count))[0];
     if (count < L::kWidth) mapped = L::pad(mapped, count, T(0));
     for (int k = 0; k < L::kParts && k * kPart < count; ++k) {
       mapped[k].store(out + j + k * kPart, std::min(kPart, count - k * kPart));
-      sum.add(mapped[k]);
+      sum[0].add(mapped[k]);
     }
-    sum.end_group();
-  }
-  return sum.result();
+  });
+  return sum[0].result();
 }
 
 // K row sums at once: Σ_j terms(in[j]...)[k], with terms returning std::array<Vec<T>, K> (RowSum's cascade).
 template <int K, class Terms, class S, class... Rest>
-TVJP_ROW_LOOP std::array<opmath<S>, K> sums_row(int64_t n, const Terms& terms, const S* first, const Rest*... rest) {
+TVJP_ROW_LOOP std::array<opmath<S>, K> sums_row(int64_t n, const Terms& terms_ref, const S* first, const Rest*... rest) {
   static_assert(kRowInputs<S, Rest...>, "row inputs in S or opmath<S> (loadu would reinterpret)");
+  const Terms terms = terms_ref;  // a local copy: see TVJP_ROW_LOOP
   using L = Lanes<S>;
   using T = opmath<S>;
   std::array<RowSum<T>, K> sums;
@@ -241,10 +257,9 @@ TVJP_ROW_LOOP std::array<opmath<S>, K> sums_row(int64_t n, const Terms& terms, c
         sums[k].add(values[k]);
       }
     }
-    for (auto& sum : sums) sum.end_group();
   };
   const int64_t full = n - n % L::kWidth;
-  for (int64_t j = 0; j < full; j += L::kWidth) group(j, L::kWidth, std::false_type{});
+  RowSum<T>::for_each_chunk(sums, full, L::kWidth, [&](int64_t j) { group(j, L::kWidth, std::false_type{}); });
   if (full < n) group(full, n - full, std::true_type{});
   std::array<T, K> out;
   for (int k = 0; k < K; ++k) out[k] = sums[k].result();
@@ -260,8 +275,9 @@ TVJP_HD opmath<S> sum_row(int64_t n, const Term& term, const S* first, const Res
 // accs[k][j] += fn(in[j]...)[k] for j < n, into K opmath arrays (per-block column sums); fn returns one
 // opmath vector (K = 1) or std::array of K.
 template <class S, size_t K, class Fn, class... In>
-TVJP_ROW_LOOP void add_map_row(const std::array<opmath<S>*, K>& accs, int64_t n, const Fn& fn, const In*... in) {
+TVJP_ROW_LOOP void add_map_row(const std::array<opmath<S>*, K>& accs, int64_t n, const Fn& fn_ref, const In*... in) {
   static_assert(kRowInputs<S, In...>, "row inputs in S or opmath<S> (loadu would reinterpret)");
+  const Fn fn = fn_ref;  // a local copy: see TVJP_ROW_LOOP
   using L = Lanes<S>;
   using T = opmath<S>;
   constexpr int64_t kPart = Vec<T>::size();

@@ -74,13 +74,18 @@ inline void check_target(const at::Tensor& target, int64_t rows, int64_t classes
     TORCH_CHECK(target.dim() == 0, "torch_vjp.", op, ": expected a 0-d target for input of shape (C,), got target of "
                 "shape ", target.sizes());
   }
-  // Checking on the device would cost a sync on CUDA; the CUDA kernels assert instead (documented).
+  // Checking on the device would cost a sync on CUDA; the CUDA kernels assert instead (documented). On the CPU
+  // one plain loop: the same test as tensor ops took five ops and ~20 µs a call, more than a small loss itself.
   if (target.is_cpu() && rows > 0) {
-    const auto t = target.to(at::kLong);
-    const auto bad = ((t < 0) | (t >= classes)) & (t != ignore_index);
-    if (bad.any().item<bool>()) {
-      TORCH_CHECK_INDEX(false, "Target ", t.masked_select(bad)[0].item<int64_t>(), " is out of bounds.");
-    }
+    const auto t = target.contiguous();
+    const auto check_in_range = [&](const auto* index) {
+      for (int64_t i = 0; i < t.numel(); ++i) {
+        const auto v = static_cast<int64_t>(index[i]);
+        TORCH_CHECK_INDEX((v >= 0 && v < classes) || v == ignore_index, "Target ", v, " is out of bounds.");
+      }
+    };
+    if (t.scalar_type() == at::kLong) check_in_range(t.const_data_ptr<int64_t>());
+    else check_in_range(t.const_data_ptr<uint8_t>());
   }
 }
 
