@@ -494,3 +494,125 @@ def test_nn_modules_take_the_options():
     torch.testing.assert_close(fused(x, head, t), torch_vjp.fused_linear_cross_entropy(x, head, t, softcap=2.0,
                                                                                       lse_square_scale=0.1))
     assert "softcap=2.0" in repr(fused)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-token weights (token_weight=, both losses): the 'none' loss times a weight per row, 'sum' summed,
+# 'mean' divided by Σ v_i w_{t_i} over the rows not ignored (torch's class-weighted mean, v the token weights).
+# A composite over the registered ops' 'none' form, so autograd, forward AD, vmap and compile are torch's.
+
+def _token_ref(per_row, t, v, reduction, w=None, ignore_index=-100):
+    weighted = per_row * v
+    if reduction == "none":
+        return weighted
+    if reduction == "sum":
+        return weighted.sum()
+    counted = t != ignore_index
+    row_w = counted.to(per_row.dtype) if w is None else torch.where(counted, w[torch.where(counted, t, 0)], 0)
+    return weighted.sum() / (row_w * v).sum()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("options", [{}, dict(label_smoothing=0.1, weighted=True), dict(softcap=2.0),
+                                     dict(lse_square_scale=0.1, softcap=3.0)],
+                         ids=["plain", "smoothing-class-weights", "softcap", "z-softcap"])
+def test_token_weights_float64(reduction, options, device):
+    options = dict(options)
+    weighted = options.pop("weighted", False)
+    x, t, w = _case(device=device)
+    w = w if weighted else None
+    g = torch.Generator().manual_seed(4)
+    v = (torch.rand(t.shape, generator=g, dtype=torch.float64) * 2).to(device)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    va, vb = v.clone().requires_grad_(), v.clone().requires_grad_()
+    ours = torch_vjp.cross_entropy(xa, t, weight=w, reduction=reduction, token_weight=va, **options)
+    c, lam = options.get("softcap"), options.get("lse_square_scale", 0.0)
+    zb = xb if c is None else _softcapped(xb, c)
+    per_row = F.cross_entropy(zb, t, weight=w, reduction="none", label_smoothing=options.get("label_smoothing", 0.0))
+    per_row = per_row + _z_ref(xb, t, "none", lam, c) if lam else per_row
+    ref = _token_ref(per_row, t, vb, reduction, w)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    dy = torch.rand_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, (xa, va), dy), torch.autograd.grad(ref, (xb, vb), dy)):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+    if lam:
+        _, z = torch_vjp.cross_entropy(x, t, reduction=reduction, token_weight=v, return_z_loss=True, **options)
+        torch.testing.assert_close(z, _token_ref(_z_ref(x, t, "none", lam, c), t, v, reduction))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_token_weights_fused_and_class_dim_second(reduction, device):
+    g = torch.Generator().manual_seed(8)
+    h = torch.randn(300, 8, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    head = torch.randn(13, 8, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    t = torch.randint(0, 13, (300,), generator=g)
+    t[::7] = -100
+    t = t.to(device)
+    v = torch.rand(300, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    cw = torch.rand(13, generator=g, dtype=torch.float64).to(device)
+    ours = torch_vjp.fused_linear_cross_entropy(h, head, t, reduction=reduction, class_weight=cw, softcap=3.0,
+                                                label_smoothing=0.1, token_weight=v)
+    per_row = F.cross_entropy(_softcapped(h @ head.t(), 3.0), t, weight=cw, reduction="none", label_smoothing=0.1)
+    ref = _token_ref(per_row, t, v, reduction, cw)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    dy = torch.rand_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, (h, head, v), dy), torch.autograd.grad(ref, (h, head, v), dy)):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+    # (N, C, d): the token weight is shaped like the target
+    x = torch.randn(3, 5, 4, generator=g, dtype=torch.float64).to(device)
+    t2 = torch.randint(0, 5, (3, 4), generator=g).to(device)
+    v2 = torch.rand(3, 4, generator=g, dtype=torch.float64).to(device)
+    ours = torch_vjp.cross_entropy(x, t2, reduction=reduction, token_weight=v2)
+    ref = _token_ref(F.cross_entropy(x, t2, reduction="none"), t2, v2, reduction)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_token_weights_low_precision_within_torchs_own_error(dtype, device):
+    g = torch.Generator().manual_seed(12)
+    x64 = torch.randn(64, 301, generator=g, dtype=torch.float64) * 3
+    t = torch.randint(0, 301, (64,), generator=g)
+    t[::5] = -100
+    t = t.to(device)
+    v64 = torch.rand(64, generator=g, dtype=torch.float64) * 2
+
+    def run(fn, x, v):
+        x, v = x.clone().to(device).requires_grad_(), v.clone().to(device).requires_grad_()
+        loss = fn(x, v)
+        return loss, torch.autograd.grad(loss, (x, v))
+
+    ours_fn = lambda x, v: torch_vjp.cross_entropy(x, t, token_weight=v)  # noqa: E731
+    ref_fn = lambda x, v: _token_ref(F.cross_entropy(x, t, reduction="none"), t, v, "mean")  # noqa: E731
+    exact, exact_grads = run(ref_fn, x64, v64)
+    ours, ours_grads = run(ours_fn, x64.to(dtype), v64.to(dtype))
+    theirs, their_grads = run(ref_fn, x64.to(dtype), v64.to(dtype))
+    floor = 4 * torch.finfo(dtype).eps
+    assert ours.dtype == dtype
+    assert (ours.double() - exact).abs() <= (theirs.double() - exact).abs() + floor * exact.abs()
+    for a, b, e in zip(ours_grads, their_grads, exact_grads):
+        assert (a.double() - e).abs().max() <= (b.double() - e).abs().max() + floor * e.abs().max()
+
+
+def test_token_weights_transforms_and_errors():
+    x, t, _ = _case(rows=6, classes=5)
+    v = torch.rand(6, dtype=torch.float64)
+    fn = lambda a, b: torch_vjp.cross_entropy(a, t, token_weight=b, softcap=2.0)  # noqa: E731
+    torch.autograd.gradcheck(fn, (x.clone().requires_grad_(), v.clone().requires_grad_()), check_forward_ad=True,
+                             check_batched_grad=True)
+    torch.autograd.gradgradcheck(fn, (x.clone().requires_grad_(), v.clone().requires_grad_()))
+    batch_x, batch_v = torch.randn(3, 6, 5, dtype=torch.float64), torch.rand(3, 6, dtype=torch.float64)
+    torch.testing.assert_close(torch.vmap(fn)(batch_x, batch_v), torch.stack([fn(a, b) for a, b in zip(batch_x, batch_v)]))
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, v), fn(x, v))
+    with pytest.raises(ValueError, match="expected token_weight of the target's shape"):
+        torch_vjp.cross_entropy(x, t, token_weight=torch.rand(5, dtype=torch.float64))
+    with pytest.raises(TypeError, match="token_weight must be a floating tensor"):
+        torch_vjp.cross_entropy(x, t, token_weight=torch.ones(6, dtype=torch.long))
+    with pytest.raises(TypeError, match="argument 'token_weight' must be Tensor"):
+        torch_vjp.fused_linear_cross_entropy(x, torch.rand(5, 5, dtype=torch.float64), t, token_weight=[1.0] * 6)
+    # all ignored: 'mean' is NaN (0/0), as torch's
+    assert torch_vjp.cross_entropy(x, torch.full_like(t, -100), token_weight=v).isnan()
+    # one row of logits (C,) with a one-element target and weight, as torch takes the target
+    one = torch.tensor([2])
+    torch.testing.assert_close(torch_vjp.cross_entropy(x[0], one, token_weight=v[:1], reduction="sum"),
+                               F.cross_entropy(x[0], one[0], reduction="sum") * v[0])

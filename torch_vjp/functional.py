@@ -774,16 +774,59 @@ def _lse_square_scale(value, fn: str) -> float:
     return value
 
 
-def _z_loss(lse_of_rows, target, ignore_index, reduction, lse_square_scale, dtype):
+def _z_loss(lse_of_rows, target, ignore_index, reduction, lse_square_scale, dtype, token_weight=None):
     """return_z_loss's value: λ lse² per counted row from `lse_of_rows()` (computed only when λ > 0), reduced as
-    the loss, detached (for logging: the loss already holds it)."""
+    the loss (with the token weights), detached (for logging: the loss already holds it)."""
     from .losses import z_loss_of
     with torch.no_grad():
         if lse_square_scale > 0:
-            z = z_loss_of(lse_of_rows(), target.reshape(-1), ignore_index, reduction, lse_square_scale)
+            per_row = reduction if token_weight is None else "none"
+            z = z_loss_of(lse_of_rows(), target.reshape(-1), ignore_index, per_row, lse_square_scale)
+            if token_weight is not None:
+                return _token_reduce(z.reshape(target.shape), target, token_weight, None, ignore_index,
+                                     reduction).to(dtype)
         else:
             z = torch.zeros(target.numel() if reduction == "none" else (), device=target.device)
         return (z.reshape(target.shape) if reduction == "none" else z).to(dtype)
+
+
+def _token_weight(value, target, fn: str):
+    """Per-token weights: a floating tensor shaped like the target, on its device (None: none)."""
+    value = _tensor(value, fn, "token_weight", True)
+    if value is None:
+        return None
+    if not value.is_floating_point():
+        raise TypeError(f"{fn}(): token_weight must be a floating tensor, got {value.dtype}")
+    if value.shape != target.shape:
+        raise ValueError(f"{fn}(): expected token_weight of the target's shape {list(target.shape)}, got "
+                         f"{list(value.shape)}")
+    if value.device != target.device:
+        raise RuntimeError(f"{fn}(): expected token_weight on the target's device {target.device}, got {value.device}")
+    if type(value) is not Tensor or type(target) is not Tensor:
+        raise NotImplementedError(f"torch_vjp.{fn}: token_weight with DTensor arguments is not implemented")
+    return value
+
+
+def _token_reduce(per_row, target, token_weight, class_weight, ignore_index, reduction):
+    """Row losses (reduction='none': target-shaped, class weights applied, 0 where ignored) times the token
+    weights, reduced in the compute type and rounded once: 'sum' Σ_i v_i l_i; 'mean' divides that by
+    Σ_i v_i w_{t_i} over the rows not ignored (w_t = 1 without class weights), as torch's class-weighted mean."""
+    dtype = per_row.dtype
+    ct = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    v = token_weight.to(ct)
+    weighted = per_row.to(ct) * v
+    if reduction == "none":
+        return weighted.to(dtype)
+    total = weighted.sum()
+    if reduction == "mean":
+        counted = target != ignore_index
+        if class_weight is None:
+            row_w = counted.to(ct)
+        else:
+            picked = class_weight.to(ct)[torch.where(counted, target, 0).long()]
+            row_w = torch.where(counted, picked, 0)
+        total = total / (row_w * v).sum()
+    return total.to(dtype)
 
 
 _LOSS_OPTIONS = """
@@ -794,7 +837,13 @@ _LOSS_OPTIONS = """
             loss (0 for an ignored row) and reduced with it; with a softcap, of the capped logits. Not with class
             weights (NotImplementedError). Default: 0.
         return_z_loss (bool): keyword only. Return ``(loss, z_loss)``, the z-loss term reduced as the loss,
-            detached (for logging; the loss already holds it; zeros for λ = 0). Default: False."""
+            detached (for logging; the loss already holds it; zeros for λ = 0). Default: False.
+        token_weight (Tensor, optional): keyword only. A floating weight per row (per token), shaped like the
+            target: row i's loss (and its z-loss) is multiplied by ``token_weight[i]``; ``'sum'`` sums the weighted
+            losses and ``'mean'`` divides that by the sum of the weights of the rows not ignored (times their class
+            weights), as torch's class-weighted mean. Differentiable (the gradient of the loss with respect to a
+            token's weight is its row's loss). Computed from the ``'none'`` loss (for the fused loss the backward
+            then recomputes the logits chunk by chunk). Default: None."""
 
 _LOSS_ARGS = """
         ignore_index (int): a target value that is ignored: its loss is 0 and it does not count in the mean
@@ -823,8 +872,8 @@ _LOSS_ARGS = """
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average: Optional[bool] = None,
                   ignore_index: int = -100, reduce: Optional[bool] = None, reduction: str = "mean",
                   label_smoothing: float = 0.0, *, softcap: Optional[float] = None, lse_square_scale: float = 0.0,
-                  return_z_loss: bool = False) -> Tensor:
-    r"""cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction='mean', label_smoothing=0.0, *, softcap=None, lse_square_scale=0.0, return_z_loss=False) -> Tensor
+                  return_z_loss: bool = False, token_weight: Optional[Tensor] = None) -> Tensor:
+    r"""cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction='mean', label_smoothing=0.0, *, softcap=None, lse_square_scale=0.0, return_z_loss=False, token_weight=None) -> Tensor
 
     :math:`\ell_i = \operatorname{lse}(x_i) - (1 - \varepsilon) x_{i,t_i} - \tfrac{\varepsilon}{C} \sum_j x_{ij}`,
     reduced, like :func:`torch.nn.functional.cross_entropy` with class-index targets. Backward (saves x and the
@@ -848,13 +897,20 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         if target.numel() != 1:
             raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.numel()}")
         target = target.reshape(())
+        if token_weight is not None and isinstance(token_weight, Tensor) and token_weight.dim() == 1:
+            token_weight = token_weight.reshape(())
+    token_weight = _token_weight(token_weight, target, fn)
     options = (softcap, lse_square_scale)
-    loss = _cross_entropy_rows(input, target, weight, ignore_index, reduction, label_smoothing, options)
+    if token_weight is None:
+        loss = _cross_entropy_rows(input, target, weight, ignore_index, reduction, label_smoothing, options)
+    else:
+        loss = _token_reduce(_cross_entropy_rows(input, target, weight, ignore_index, "none", label_smoothing, options),
+                             target, token_weight, weight, ignore_index, reduction)
     if not return_z_loss:
         return loss
     rows = input.movedim(1, -1).reshape(-1, input.shape[1]) if input.dim() > 2 else input
     lse = lambda: torch.logsumexp(_option_logits(rows, softcap), -1)  # noqa: E731
-    return loss, _z_loss(lse, target, ignore_index, reduction, lse_square_scale, loss.dtype)
+    return loss, _z_loss(lse, target, ignore_index, reduction, lse_square_scale, loss.dtype, token_weight)
 
 
 def _cross_entropy_rows(input, target, weight, ignore_index, reduction, label_smoothing, options):
@@ -900,8 +956,9 @@ def _cross_entropy_rows(input, target, weight, ignore_index, reduction, label_sm
 def fused_linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
                                ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
                                class_weight: Optional[Tensor] = None, softcap: Optional[float] = None,
-                               lse_square_scale: float = 0.0, return_z_loss: bool = False) -> Tensor:
-    r"""fused_linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, reduction='mean', label_smoothing=0.0, *, class_weight=None, softcap=None, lse_square_scale=0.0, return_z_loss=False) -> Tensor
+                               lse_square_scale: float = 0.0, return_z_loss: bool = False,
+                               token_weight: Optional[Tensor] = None) -> Tensor:
+    r"""fused_linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, reduction='mean', label_smoothing=0.0, *, class_weight=None, softcap=None, lse_square_scale=0.0, return_z_loss=False, token_weight=None) -> Tensor
 
     ``cross_entropy(input @ weight.T + bias, target, ...)`` without ever holding the ``(N, V)`` logits or their
     gradient: rows go in chunks, each chunk's logits reduced and turned into its gradient contribution at once.
@@ -919,7 +976,17 @@ def fused_linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bi
         raise NotImplementedError("torch_vjp.fused_linear_cross_entropy: class weights with the z-loss "
                                   "(lse_square_scale > 0) are not implemented")
     options = (softcap, lse_square_scale)
-    loss = _fused_rows(input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, options)
+    token_weight = _token_weight(token_weight, target, fn)
+    if token_weight is None:
+        loss = _fused_rows(input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, options)
+    else:
+        if type(weight) is not Tensor or type(input) is not Tensor:
+            raise NotImplementedError(f"torch_vjp.{fn}: token_weight with DTensor arguments is not implemented")
+        per_row = _fused_rows(input, weight, target, bias, class_weight, ignore_index, "none", label_smoothing, options,
+                              rounded=False)
+        loss = _token_reduce(per_row, target, token_weight, class_weight, ignore_index, reduction)
+        if loss.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
+            loss = loss.to(input.dtype)
     if not return_z_loss:
         return loss
 
@@ -929,10 +996,11 @@ def fused_linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bi
         parts = [torch.logsumexp(_option_logits(F.linear(x, weight, bias).to(ct), softcap), -1)
                  for x in input.split(step)]
         return torch.cat(parts) if parts else input.new_empty((0,), dtype=ct)
-    return loss, _z_loss(lse, target, ignore_index, reduction, lse_square_scale, loss.dtype)
+    return loss, _z_loss(lse, target, ignore_index, reduction, lse_square_scale, loss.dtype, token_weight)
 
 
-def _fused_rows(input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, options):
+def _fused_rows(input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, options,
+                rounded=True):
     # The gradients in the forward pass (three products in all) where a plain backward will scale them: a
     # graph is recorded, the loss is reduced (a 'none' backward weighs every row differently), no transform.
     compute_grad = (reduction != "none" and _grad_enabled()
@@ -957,7 +1025,7 @@ def _fused_rows(input, weight, target, bias, class_weight, ignore_index, reducti
                                        label_smoothing, compute_grad, *options)
     # The op's loss is in the compute type. Under autocast it is torch's value as it is (the float32 loss of
     # the low-precision logits); otherwise torch's is in the input's dtype, rounded once.
-    if loss.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
+    if rounded and loss.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
         loss = loss.to(input.dtype)
     return loss
 

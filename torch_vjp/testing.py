@@ -338,9 +338,28 @@ def _geglu_ref(gate, up, approximate="tanh"):
 
 def _cross_entropy_ref(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
                        reduction="mean", label_smoothing=0.0, *, softcap=None, lse_square_scale=0.0,
-                       return_z_loss=False):
+                       return_z_loss=False, token_weight=None):
     """The loss options in torch ops over torch's own F.cross_entropy: the loss of softcap·tanh(x/softcap) (in
-    the input's dtype, as a user writes it), plus λ·logsumexp² per counted row reduced as the loss."""
+    the input's dtype, as a user writes it), plus λ·logsumexp² per counted row reduced as the loss; token weights
+    multiply the 'none' losses, and 'mean' divides by Σ token_weight·w_t over the rows not ignored."""
+    if token_weight is not None and input.is_floating_point():
+        per_row = _cross_entropy_ref(input, target, weight, size_average, ignore_index, reduce, "none",
+                                     label_smoothing, softcap=softcap, lse_square_scale=lse_square_scale,
+                                     return_z_loss=return_z_loss)
+        per_row, z = per_row if return_z_loss else (per_row, None)
+
+        def reduced(values):
+            v = token_weight.reshape(values.shape)
+            weighted = values * v
+            if reduction == "none":
+                return weighted
+            if reduction == "sum":
+                return weighted.sum()
+            counted = (target != ignore_index).reshape(values.shape)
+            row_w = counted.to(values.dtype) if weight is None else torch.where(
+                counted, weight.to(values.dtype)[torch.where(counted, target.reshape(values.shape), 0)], 0)
+            return weighted.sum() / (row_w * v).sum()
+        return (reduced(per_row), reduced(z).detach()) if return_z_loss else reduced(per_row)
     if (softcap or lse_square_scale or return_z_loss) and input.is_floating_point():  # else F.cross_entropy's error
         device_type = input.device.type
         if torch.is_autocast_enabled(device_type):  # the options are part of the loss, which autocast runs in float32
@@ -398,17 +417,19 @@ def _cross_entropy_torch(input, target, weight=None, size_average=None, ignore_i
 
 
 def _fused_ref(input, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
-               class_weight=None, softcap=None, lse_square_scale=0.0, return_z_loss=False):
+               class_weight=None, softcap=None, lse_square_scale=0.0, return_z_loss=False, token_weight=None):
     return _cross_entropy_ref(F.linear(input, weight, bias), target, weight=class_weight, ignore_index=ignore_index,
                               reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
-                              lse_square_scale=lse_square_scale, return_z_loss=return_z_loss)
+                              lse_square_scale=lse_square_scale, return_z_loss=return_z_loss,
+                              token_weight=token_weight)
 
 
 def _fused_unfused(input, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
-                   class_weight=None, softcap=None, lse_square_scale=0.0, return_z_loss=False):
+                   class_weight=None, softcap=None, lse_square_scale=0.0, return_z_loss=False, token_weight=None):
     return torch_vjp.cross_entropy(F.linear(input, weight, bias), target, weight=class_weight, ignore_index=ignore_index,
                                    reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
-                                   lse_square_scale=lse_square_scale, return_z_loss=return_z_loss)
+                                   lse_square_scale=lse_square_scale, return_z_loss=return_z_loss,
+                                   token_weight=token_weight)
 
 
 def _draw_rope(x, kwargs, gen):
