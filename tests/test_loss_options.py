@@ -616,3 +616,45 @@ def test_token_weights_transforms_and_errors():
     one = torch.tensor([2])
     torch.testing.assert_close(torch_vjp.cross_entropy(x[0], one, token_weight=v[:1], reduction="sum"),
                                F.cross_entropy(x[0], one[0], reduction="sum") * v[0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Token accuracy (return_token_accuracy=True, both losses): argmax of the logits at the target, over the rows
+# not ignored; detached, unweighted.
+
+def _accuracy_ref(logits, t, reduction, ignore_index=-100):
+    counted = t != ignore_index
+    hit = ((logits.argmax(-1) == t) & counted).to(logits.dtype)
+    if reduction == "none":
+        return hit
+    return hit.sum() / counted.sum() if reduction == "mean" else hit.sum()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_token_accuracy(reduction, dtype, device):
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(300, 8, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    head = torch.randn(13, 8, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    t = torch.randint(0, 13, (300,), generator=g)
+    t[::7] = -100
+    logits = h @ head.t()
+    t[:100] = torch.where(t[:100] == -100, -100, logits[:100].argmax(-1).cpu())  # a third of the rows right
+    t = t.to(device)
+    expected = _accuracy_ref(logits, t, reduction)
+    loss, accuracy = torch_vjp.cross_entropy(logits.clone().requires_grad_(), t, reduction=reduction, softcap=2.0,
+                                             return_token_accuracy=True)
+    assert not accuracy.requires_grad and accuracy.dtype == loss.dtype and accuracy.shape == loss.shape
+    torch.testing.assert_close(accuracy, expected, rtol=0, atol=0)
+    loss, z, accuracy = torch_vjp.fused_linear_cross_entropy(h.clone().requires_grad_(), head, t, reduction=reduction,
+                                                             lse_square_scale=0.1, return_z_loss=True,
+                                                             return_token_accuracy=True)
+    torch.testing.assert_close(accuracy, expected, rtol=0, atol=0)
+    assert z.shape == loss.shape == accuracy.shape and not z.requires_grad and loss.requires_grad
+    # the loss itself is unchanged by asking for the extras
+    torch.testing.assert_close(loss, torch_vjp.fused_linear_cross_entropy(h, head, t, reduction=reduction,
+                                                                          lse_square_scale=0.1), rtol=0, atol=0)
+    if reduction == "mean":  # every row ignored: NaN, as the loss
+        assert torch_vjp.cross_entropy(logits, torch.full_like(t, -100), return_token_accuracy=True)[1].isnan()
+    module = torch_vjp.nn.CrossEntropyLoss(reduction=reduction, return_token_accuracy=True)
+    torch.testing.assert_close(module(logits, t)[1], expected, rtol=0, atol=0)

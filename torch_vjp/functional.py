@@ -829,6 +829,25 @@ def _token_reduce(per_row, target, token_weight, class_weight, ignore_index, red
     return total.to(dtype)
 
 
+def _token_accuracy(argmax_of_rows, target, ignore_index, reduction, dtype):
+    """return_token_accuracy's value, detached: whether each counted row's largest logit is at its target
+    (torch.argmax's: the first of tied maxima), 0 for an ignored row; 'sum' counts them and 'mean' divides by the
+    rows not ignored (NaN where every row is), unweighted by class or token weights."""
+    with torch.no_grad():
+        flat = target.reshape(-1)
+        counted = flat != ignore_index
+        hit = ((argmax_of_rows() == flat) & counted).to(torch.float64 if dtype == torch.float64 else torch.float32)
+        if reduction == "none":
+            return hit.reshape(target.shape).to(dtype)
+        total = hit.sum()
+        return (total / counted.sum() if reduction == "mean" else total).to(dtype)
+
+
+def _with_extras(loss, z_loss, accuracy):
+    extras = tuple(e for e in (z_loss, accuracy) if e is not None)
+    return (loss, *extras) if extras else loss
+
+
 _LOSS_OPTIONS = """
         softcap (float, optional): keyword only. Gemma 2's final-logit softcapping inside the loss: the loss
             (and its gradient, through tanh) of ``softcap * tanh(input / softcap)``, formed in float32 for half
@@ -843,7 +862,13 @@ _LOSS_OPTIONS = """
             losses and ``'mean'`` divides that by the sum of the weights of the rows not ignored (times their class
             weights), as torch's class-weighted mean. Differentiable (the gradient of the loss with respect to a
             token's weight is its row's loss). Computed from the ``'none'`` loss (for the fused loss the backward
-            then recomputes the logits chunk by chunk). Default: None."""
+            then recomputes the logits chunk by chunk). Default: None.
+        return_token_accuracy (bool): keyword only. Also return the token accuracy (after the z-loss where both
+            are asked for): whether each row's largest logit is at its target (``torch.argmax``'s first maximum,
+            of the logits before any softcap, which keeps their order), per row for ``'none'`` (0 for an ignored
+            row), counted for ``'sum'``, the fraction of the rows not ignored for ``'mean'``; unweighted, detached,
+            in the loss's dtype. One more pass over the logits (for the fused loss, one more matrix product chunk by
+            chunk, without gradients). Default: False."""
 
 _LOSS_ARGS = """
         ignore_index (int): a target value that is ignored: its loss is 0 and it does not count in the mean
@@ -872,8 +897,9 @@ _LOSS_ARGS = """
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average: Optional[bool] = None,
                   ignore_index: int = -100, reduce: Optional[bool] = None, reduction: str = "mean",
                   label_smoothing: float = 0.0, *, softcap: Optional[float] = None, lse_square_scale: float = 0.0,
-                  return_z_loss: bool = False, token_weight: Optional[Tensor] = None) -> Tensor:
-    r"""cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction='mean', label_smoothing=0.0, *, softcap=None, lse_square_scale=0.0, return_z_loss=False, token_weight=None) -> Tensor
+                  return_z_loss: bool = False, token_weight: Optional[Tensor] = None,
+                  return_token_accuracy: bool = False) -> Tensor:
+    r"""cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction='mean', label_smoothing=0.0, *, softcap=None, lse_square_scale=0.0, return_z_loss=False, token_weight=None, return_token_accuracy=False) -> Tensor
 
     :math:`\ell_i = \operatorname{lse}(x_i) - (1 - \varepsilon) x_{i,t_i} - \tfrac{\varepsilon}{C} \sum_j x_{ij}`,
     reduced, like :func:`torch.nn.functional.cross_entropy` with class-index targets. Backward (saves x and the
@@ -906,11 +932,15 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     else:
         loss = _token_reduce(_cross_entropy_rows(input, target, weight, ignore_index, "none", label_smoothing, options),
                              target, token_weight, weight, ignore_index, reduction)
-    if not return_z_loss:
+    if not (return_z_loss or return_token_accuracy):
         return loss
     rows = input.movedim(1, -1).reshape(-1, input.shape[1]) if input.dim() > 2 else input
     lse = lambda: torch.logsumexp(_option_logits(rows, softcap), -1)  # noqa: E731
-    return loss, _z_loss(lse, target, ignore_index, reduction, lse_square_scale, loss.dtype, token_weight)
+    z_loss = _z_loss(lse, target, ignore_index, reduction, lse_square_scale, loss.dtype, token_weight) \
+        if return_z_loss else None
+    accuracy = _token_accuracy(lambda: rows.argmax(-1).reshape(-1), target, ignore_index, reduction, loss.dtype) \
+        if return_token_accuracy else None
+    return _with_extras(loss, z_loss, accuracy)
 
 
 def _cross_entropy_rows(input, target, weight, ignore_index, reduction, label_smoothing, options):
@@ -957,8 +987,8 @@ def fused_linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bi
                                ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
                                class_weight: Optional[Tensor] = None, softcap: Optional[float] = None,
                                lse_square_scale: float = 0.0, return_z_loss: bool = False,
-                               token_weight: Optional[Tensor] = None) -> Tensor:
-    r"""fused_linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, reduction='mean', label_smoothing=0.0, *, class_weight=None, softcap=None, lse_square_scale=0.0, return_z_loss=False, token_weight=None) -> Tensor
+                               token_weight: Optional[Tensor] = None, return_token_accuracy: bool = False) -> Tensor:
+    r"""fused_linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, reduction='mean', label_smoothing=0.0, *, class_weight=None, softcap=None, lse_square_scale=0.0, return_z_loss=False, token_weight=None, return_token_accuracy=False) -> Tensor
 
     ``cross_entropy(input @ weight.T + bias, target, ...)`` without ever holding the ``(N, V)`` logits or their
     gradient: rows go in chunks, each chunk's logits reduced and turned into its gradient contribution at once.
@@ -987,16 +1017,21 @@ def fused_linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bi
         loss = _token_reduce(per_row, target, token_weight, class_weight, ignore_index, reduction)
         if loss.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
             loss = loss.to(input.dtype)
-    if not return_z_loss:
+    if not (return_z_loss or return_token_accuracy):
         return loss
 
-    def lse():  # chunk by chunk, as the op's rows: never the (N, V) logits at once
-        ct = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+    def per_chunk(f, dtype):  # chunk by chunk, as the op's rows: never the (N, V) logits at once
         step = max(8, (64 << 20) // max(1, weight.shape[0] * input.element_size()) // 8 * 8)
-        parts = [torch.logsumexp(_option_logits(F.linear(x, weight, bias).to(ct), softcap), -1)
-                 for x in input.split(step)]
-        return torch.cat(parts) if parts else input.new_empty((0,), dtype=ct)
-    return loss, _z_loss(lse, target, ignore_index, reduction, lse_square_scale, loss.dtype, token_weight)
+        parts = [f(F.linear(x, weight, bias)) for x in input.split(step)]
+        return torch.cat(parts) if parts else input.new_empty((0,), dtype=dtype)
+
+    ct = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+    lse = lambda: per_chunk(lambda y: torch.logsumexp(_option_logits(y.to(ct), softcap), -1), ct)  # noqa: E731
+    z_loss = _z_loss(lse, target, ignore_index, reduction, lse_square_scale, loss.dtype, token_weight) \
+        if return_z_loss else None
+    accuracy = _token_accuracy(lambda: per_chunk(lambda y: y.argmax(-1), torch.long), target, ignore_index,
+                               reduction, loss.dtype) if return_token_accuracy else None
+    return _with_extras(loss, z_loss, accuracy)
 
 
 def _fused_rows(input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, options,

@@ -338,10 +338,20 @@ def _geglu_ref(gate, up, approximate="tanh"):
 
 def _cross_entropy_ref(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
                        reduction="mean", label_smoothing=0.0, *, softcap=None, lse_square_scale=0.0,
-                       return_z_loss=False, token_weight=None):
+                       return_z_loss=False, token_weight=None, return_token_accuracy=False):
     """The loss options in torch ops over torch's own F.cross_entropy: the loss of softcap·tanh(x/softcap) (in
     the input's dtype, as a user writes it), plus λ·logsumexp² per counted row reduced as the loss; token weights
-    multiply the 'none' losses, and 'mean' divides by Σ token_weight·w_t over the rows not ignored."""
+    multiply the 'none' losses, and 'mean' divides by Σ token_weight·w_t over the rows not ignored; the token
+    accuracy is whether argmax(x) is the target, reduced over the rows not ignored, unweighted and detached."""
+    if return_token_accuracy and input.is_floating_point():
+        out = _cross_entropy_ref(input, target, weight, size_average, ignore_index, reduce, reduction,
+                                 label_smoothing, softcap=softcap, lse_square_scale=lse_square_scale,
+                                 return_z_loss=return_z_loss, token_weight=token_weight)
+        loss = out[0] if return_z_loss else out
+        counted = target != ignore_index
+        hit = ((input.argmax(0 if input.dim() == 1 else 1) == target) & counted).to(loss.dtype)
+        accuracy = hit if reduction == "none" else hit.sum() / counted.sum() if reduction == "mean" else hit.sum()
+        return (*out, accuracy) if return_z_loss else (out, accuracy)
     if token_weight is not None and input.is_floating_point():
         per_row = _cross_entropy_ref(input, target, weight, size_average, ignore_index, reduce, "none",
                                      label_smoothing, softcap=softcap, lse_square_scale=lse_square_scale,
@@ -417,19 +427,21 @@ def _cross_entropy_torch(input, target, weight=None, size_average=None, ignore_i
 
 
 def _fused_ref(input, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
-               class_weight=None, softcap=None, lse_square_scale=0.0, return_z_loss=False, token_weight=None):
+               class_weight=None, softcap=None, lse_square_scale=0.0, return_z_loss=False, token_weight=None,
+               return_token_accuracy=False):
     return _cross_entropy_ref(F.linear(input, weight, bias), target, weight=class_weight, ignore_index=ignore_index,
                               reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
                               lse_square_scale=lse_square_scale, return_z_loss=return_z_loss,
-                              token_weight=token_weight)
+                              token_weight=token_weight, return_token_accuracy=return_token_accuracy)
 
 
 def _fused_unfused(input, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
-                   class_weight=None, softcap=None, lse_square_scale=0.0, return_z_loss=False, token_weight=None):
+                   class_weight=None, softcap=None, lse_square_scale=0.0, return_z_loss=False, token_weight=None,
+                   return_token_accuracy=False):
     return torch_vjp.cross_entropy(F.linear(input, weight, bias), target, weight=class_weight, ignore_index=ignore_index,
                                    reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
                                    lse_square_scale=lse_square_scale, return_z_loss=return_z_loss,
-                                   token_weight=token_weight)
+                                   token_weight=token_weight, return_token_accuracy=return_token_accuracy)
 
 
 def _draw_rope(x, kwargs, gen):
