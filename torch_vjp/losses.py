@@ -319,6 +319,7 @@ def _fused_forward_ref(input, weight, target, bias, class_weight, ignore_index, 
         logits = logits.to(class_weight.dtype)
     if softcap > 0 or lse_square_scale > 0:  # the fused op forms z in the compute type, so its loss is z's unrounded
         logits = logits.to(compute_type(logits.dtype))
+        class_weight = None if class_weight is None else class_weight.to(logits.dtype)
     loss = CROSS_ENTROPY(logits, target, class_weight, ignore_index, reduction, label_smoothing, softcap,
                          lse_square_scale)
     return loss.to(compute_type(input.dtype)), None, None, None
@@ -394,6 +395,7 @@ def _fused_vmap(call, info, in_dims, input, weight, target, bias, class_weight, 
         logits = _logits(input, weight, bias, batched_weight=True)
         if softcap > 0 or lse_square_scale > 0:  # as the fused op: z in the compute type, its loss unrounded
             logits = logits.to(compute_type(logits.dtype))
+            class_weight = None if class_weight is None else class_weight.to(logits.dtype)
         loss = _cross_entropy_for(call)[0](logits.reshape(-1, logits.shape[-1]), target.reshape(-1), class_weight,
                                            ignore_index, "none", label_smoothing, *options)[0]
     return (_reduce_per_sample(loss.reshape(rows), target, ignore_index, reduction, class_weight), None, None, None), \
