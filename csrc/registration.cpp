@@ -81,16 +81,20 @@ TORCH_LIBRARY(torch_vjp, m) {
   // grad_output.
   // Class weights (cross_entropy's `weight`, the fused op's `class_weight`, (C,) like torch's weight=) are not
   // differentiable, as torch's.
+  // softcap c > 0: the loss of z = c·tanh(x / c) (Gemma 2's final-logit softcapping; 0: off), and then the
+  // statistics are z's. lse_square_scale λ > 0: PaLM's z-loss, λ·lse² added to each counted row's loss (0: off).
+  // Both default to off, so callers written before them keep working.
   m.def("cross_entropy(Tensor input, Tensor target, Tensor? weight, int ignore_index, str reduction, "
-        "float label_smoothing) -> (Tensor, Tensor, Tensor)");
+        "float label_smoothing, float softcap=0., float lse_square_scale=0.) -> (Tensor, Tensor, Tensor)");
   m.def("cross_entropy_backward(Tensor grad_output, Tensor input, Tensor target, Tensor? weight, Tensor row_max, "
-        "Tensor log_sum, int ignore_index, str reduction, float label_smoothing) -> Tensor");
+        "Tensor log_sum, int ignore_index, str reduction, float label_smoothing, float softcap=0., "
+        "float lse_square_scale=0.) -> Tensor");
   m.def("fused_linear_cross_entropy(Tensor input, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
-        "int ignore_index, str reduction, float label_smoothing, bool compute_grad) -> (Tensor, Tensor?, Tensor?, "
-        "Tensor?)");
+        "int ignore_index, str reduction, float label_smoothing, bool compute_grad, float softcap=0., "
+        "float lse_square_scale=0.) -> (Tensor, Tensor?, Tensor?, Tensor?)");
   m.def("fused_linear_cross_entropy_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor target, "
-        "Tensor? bias, Tensor? class_weight, int ignore_index, str reduction, float label_smoothing) "
-        "-> (Tensor, Tensor, Tensor?)");
+        "Tensor? bias, Tensor? class_weight, int ignore_index, str reduction, float label_smoothing, "
+        "float softcap=0., float lse_square_scale=0.) -> (Tensor, Tensor, Tensor?)");
 }
 
 namespace {

@@ -235,6 +235,13 @@ def case_losses(rank, world):
         fnb = lambda x, wt, t, b: torch_vjp.fused_linear_cross_entropy(  # noqa: E731
             x, wt, t, b, reduction=reduction, label_smoothing=0.05)
         _check(fnb, [h, w, target, bias], [S0, R, S0, R], mesh)
+        # softcap and the z-loss are per element and per row: row-sharded and replicated DTensors take them
+        fo = lambda x, wt, t: torch_vjp.fused_linear_cross_entropy(  # noqa: E731
+            x, wt, t, reduction=reduction, softcap=2.0, lse_square_scale=0.1)
+        _check(fo, [h, w, target], [S0, R, S0], mesh)
+        fc = lambda x, t: torch_vjp.cross_entropy(x, t, reduction=reduction, softcap=2.0, lse_square_scale=0.1)  # noqa
+        _check(fc, [logits, target], [S0, S0], mesh, expect=S0 if reduction == "none" else None)
+        _check(fc, [logits, target], [R, R], mesh)
 
 
 def _compiled(fn, compile):
@@ -385,6 +392,15 @@ def case_errors(rank, world):
     target = distribute_tensor(torch.randint(0, 6, (4,)), other, [Replicate()])
     with pytest.raises(ValueError, match="different meshes"):
         torch_vjp.cross_entropy(logits, target)
+    # the loss options with vocabulary-parallel logits or head: refused, never a wrong answer
+    local_target = torch.randint(0, 6, (4,))
+    for options in ({"softcap": 2.0}, {"lse_square_scale": 0.1}):
+        with pytest.raises(NotImplementedError, match="vocabulary-parallel"):
+            torch_vjp.cross_entropy(logits, local_target, **options)
+        with pytest.raises(NotImplementedError, match="vocabulary-parallel"):
+            torch_vjp.fused_linear_cross_entropy(distribute_tensor(torch.randn(4, 5), mesh, [Replicate()]),
+                                                 distribute_tensor(torch.randn(6, 5), mesh, [Shard(0)]),
+                                                 distribute_tensor(local_target, mesh, [Replicate()]), **options)
     norm_w = distribute_tensor(torch.randn(6), other, [Replicate()])
     with pytest.raises(Exception, match="(?i)mesh"):
         torch_vjp.rms_norm(a, [6], norm_w)

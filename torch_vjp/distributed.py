@@ -195,17 +195,20 @@ def _layer_norm_rule(input, normalized_shape, weight, bias, eps):
 # Losses.
 
 # Class weights (cross_entropy's weight, the fused op's class_weight) are replicated: every rank weighs its rows.
-def _ce_rule(input, target, weight, ignore_index, reduction, label_smoothing):
+# softcap and the z-loss (the last two arguments) act per element and per row: the same placements hold.
+def _ce_rule(input, target, weight, ignore_index, reduction, label_smoothing, softcap=0.0, lse_square_scale=0.0):
     w = _p(weight, R)
-    rules = [([R, R, R], [R, R, w, None, None, None])]
+    n = [None] * 5
+    rules = [([R, R, R], [R, R, w, *n])]
     if _ndim(input) == 2 and reduction != "mean":  # rows sharded: local, the loss Shard(0) or a partial sum
         loss = Shard(0) if reduction == "none" else Partial()
-        rules.append(([loss, Shard(0), Shard(0)], [Shard(0), Shard(0), w, None, None, None]))
+        rules.append(([loss, Shard(0), Shard(0)], [Shard(0), Shard(0), w, *n]))
     return rules
 
 
-def _ce_backward_rule(grad_output, input, target, weight, row_max, log_sum, ignore_index, reduction, label_smoothing):
-    n = [None, None, None]
+def _ce_backward_rule(grad_output, input, target, weight, row_max, log_sum, ignore_index, reduction, label_smoothing,
+                      softcap=0.0, lse_square_scale=0.0):
+    n = [None] * 5
     w = _p(weight, R)
     rules = [([R], [R, R, R, w, R, R, *n])]
     if _ndim(input) == 2 and reduction != "mean":
@@ -214,9 +217,10 @@ def _ce_backward_rule(grad_output, input, target, weight, row_max, log_sum, igno
     return rules + [([Partial()], [Partial(), R, R, w, R, R, *n])]
 
 
-def _flce_rule(input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, compute_grad):
+def _flce_rule(input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, compute_grad,
+               softcap=0.0, lse_square_scale=0.0):
     b, w = _p(bias, R), _p(class_weight, R)
-    n = [None] * 4
+    n = [None] * 6
     grads = bool(compute_grad)
     rules = [([R, R if grads else None, R if grads else None, R if grads and bias is not None else None],
               [R, R, R, b, w, *n])]
@@ -229,9 +233,9 @@ def _flce_rule(input, weight, target, bias, class_weight, ignore_index, reductio
 
 
 def _flce_backward_rule(grad_output, input, weight, target, bias, class_weight, ignore_index, reduction,
-                        label_smoothing):
+                        label_smoothing, softcap=0.0, lse_square_scale=0.0):
     b, w = _p(bias, R), _p(class_weight, R)
-    n = [None] * 3
+    n = [None] * 5
     rules = [([R, R, b], [R, R, R, R, b, w, *n])]
     if reduction != "mean":
         g = Shard(0) if reduction == "none" else R

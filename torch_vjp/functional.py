@@ -18,6 +18,7 @@ from ._ops import NO_AUTOCAST, _any_autocast, _grad_enabled, _is_compiling, tran
 from .elementwise import OPS as _ELEMENTWISE
 from .gated import OPS as _GATED
 from .losses import OPS as _LOSSES
+from .losses import _option_logits
 from .norm import OPS as _NORM
 from .rotary import OPS as _ROPE_OPS
 from .rotary import reference as _rope_reference
@@ -756,6 +757,119 @@ def _label_smoothing(value, fn: str) -> float:
     return value if value > 0.0 else 0.0
 
 
+def _softcap(value, fn: str) -> float:
+    """softcap: None or 0 (off), else a positive finite Number; a negative, NaN or infinite one is a ValueError."""
+    if value is None:
+        return 0.0
+    value = _float(value, fn, "softcap")
+    if not (value >= 0.0 and value != float("inf")):
+        raise ValueError(f"{fn}(): softcap must be a positive finite number (or None or 0 for none), got {value}")
+    return value
+
+
+def _lse_square_scale(value, fn: str) -> float:
+    value = _float(value, fn, "lse_square_scale")
+    if not (value >= 0.0 and value != float("inf")):
+        raise ValueError(f"{fn}(): lse_square_scale must be a non-negative finite number, got {value}")
+    return value
+
+
+def _z_loss(lse_of_rows, target, ignore_index, reduction, lse_square_scale, dtype, token_weight=None):
+    """return_z_loss's value: λ lse² per counted row from `lse_of_rows()` (computed only when λ > 0), reduced as
+    the loss (with the token weights), detached (for logging: the loss already holds it)."""
+    from .losses import z_loss_of
+    with torch.no_grad():
+        if lse_square_scale > 0:
+            per_row = reduction if token_weight is None else "none"
+            z = z_loss_of(lse_of_rows(), target.reshape(-1), ignore_index, per_row, lse_square_scale)
+            if token_weight is not None:
+                return _token_reduce(z.reshape(target.shape), target, token_weight, None, ignore_index,
+                                     reduction).to(dtype)
+        else:
+            z = torch.zeros(target.numel() if reduction == "none" else (), device=target.device)
+        return (z.reshape(target.shape) if reduction == "none" else z).to(dtype)
+
+
+def _token_weight(value, target, fn: str):
+    """Per-token weights: a floating tensor shaped like the target, on its device (None: none)."""
+    value = _tensor(value, fn, "token_weight", True)
+    if value is None:
+        return None
+    if not value.is_floating_point():
+        raise TypeError(f"{fn}(): token_weight must be a floating tensor, got {value.dtype}")
+    if value.shape != target.shape:
+        raise ValueError(f"{fn}(): expected token_weight of the target's shape {list(target.shape)}, got "
+                         f"{list(value.shape)}")
+    if value.device != target.device:
+        raise RuntimeError(f"{fn}(): expected token_weight on the target's device {target.device}, got {value.device}")
+    if type(value) is not Tensor or type(target) is not Tensor:
+        raise NotImplementedError(f"torch_vjp.{fn}: token_weight with DTensor arguments is not implemented")
+    return value
+
+
+def _token_reduce(per_row, target, token_weight, class_weight, ignore_index, reduction):
+    """Row losses (reduction='none': target-shaped, class weights applied, 0 where ignored) times the token
+    weights, reduced in the compute type and rounded once: 'sum' Σ_i v_i l_i; 'mean' divides that by
+    Σ_i v_i w_{t_i} over the rows not ignored (w_t = 1 without class weights), as torch's class-weighted mean."""
+    dtype = per_row.dtype
+    ct = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    v = token_weight.to(ct)
+    weighted = per_row.to(ct) * v
+    if reduction == "none":
+        return weighted.to(dtype)
+    total = weighted.sum()
+    if reduction == "mean":
+        counted = target != ignore_index
+        if class_weight is None:
+            row_w = counted.to(ct)
+        else:
+            picked = class_weight.to(ct)[torch.where(counted, target, 0).long()]
+            row_w = torch.where(counted, picked, 0)
+        total = total / (row_w * v).sum()
+    return total.to(dtype)
+
+
+def _token_accuracy(argmax_of_rows, target, ignore_index, reduction, dtype):
+    """return_token_accuracy's value, detached: whether each counted row's largest logit is at its target
+    (torch.argmax's: the first of tied maxima), 0 for an ignored row; 'sum' counts them and 'mean' divides by the
+    rows not ignored (NaN where every row is), unweighted by class or token weights."""
+    with torch.no_grad():
+        flat = target.reshape(-1)
+        counted = flat != ignore_index
+        hit = ((argmax_of_rows() == flat) & counted).to(torch.float64 if dtype == torch.float64 else torch.float32)
+        if reduction == "none":
+            return hit.reshape(target.shape).to(dtype)
+        total = hit.sum()
+        return (total / counted.sum() if reduction == "mean" else total).to(dtype)
+
+
+def _with_extras(loss, z_loss, accuracy):
+    extras = tuple(e for e in (z_loss, accuracy) if e is not None)
+    return (loss, *extras) if extras else loss
+
+
+_LOSS_OPTIONS = """
+        softcap (float, optional): keyword only. Gemma 2's final-logit softcapping inside the loss: the loss
+            (and its gradient, through tanh) of ``softcap * tanh(input / softcap)``, formed in float32 for half
+            types. None or 0: off. Default: None.
+        lse_square_scale (float): keyword only. PaLM's z-loss λ: ``λ·logsumexp(logits)²`` is added to each row's
+            loss (0 for an ignored row) and reduced with it; with a softcap, of the capped logits. Not with class
+            weights (NotImplementedError). Default: 0.
+        return_z_loss (bool): keyword only. Return ``(loss, z_loss)``, the z-loss term reduced as the loss,
+            detached (for logging; the loss already holds it; zeros for λ = 0). Default: False.
+        token_weight (Tensor, optional): keyword only. A floating weight per row (per token), shaped like the
+            target: row i's loss (and its z-loss) is multiplied by ``token_weight[i]``; ``'sum'`` sums the weighted
+            losses and ``'mean'`` divides that by the sum of the weights of the rows not ignored (times their class
+            weights), as torch's class-weighted mean. Differentiable (the gradient of the loss with respect to a
+            token's weight is its row's loss). Computed from the ``'none'`` loss (for the fused loss the backward
+            then recomputes the logits chunk by chunk). Default: None.
+        return_token_accuracy (bool): keyword only. Also return the token accuracy (after the z-loss where both
+            are asked for): whether each row's largest logit is at its target (``torch.argmax``'s first maximum,
+            of the logits before any softcap, which keeps their order), per row for ``'none'`` (0 for an ignored
+            row), counted for ``'sum'``, the fraction of the rows not ignored for ``'mean'``; unweighted, detached,
+            in the loss's dtype. One more pass over the logits (for the fused loss, one more matrix product chunk by
+            chunk, without gradients). Default: False."""
+
 _LOSS_ARGS = """
         ignore_index (int): a target value that is ignored: its loss is 0 and it does not count in the mean
             (a 'mean' over only ignored targets is NaN, as torch's). Default: -100.
@@ -776,14 +890,16 @@ _LOSS_ARGS = """
             rows not ignored; with label smoothing the smoothing term is weighted per class as torch's. Not
             differentiable (a weight that requires grad is refused, as torch refuses it).
         size_average (bool, optional): torch's deprecated form of ``reduction`` (with its warning).
-        reduce (bool, optional): likewise.""" + _LOSS_ARGS + """
+        reduce (bool, optional): likewise.""" + _LOSS_OPTIONS + _LOSS_ARGS + """
     Shape: the loss is a scalar, or the target's shape for ``reduction='none'``. Under autocast (CUDA and CPU)
     it runs in float32, as torch's does.
 """)
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average: Optional[bool] = None,
                   ignore_index: int = -100, reduce: Optional[bool] = None, reduction: str = "mean",
-                  label_smoothing: float = 0.0) -> Tensor:
-    r"""cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction='mean', label_smoothing=0.0) -> Tensor
+                  label_smoothing: float = 0.0, *, softcap: Optional[float] = None, lse_square_scale: float = 0.0,
+                  return_z_loss: bool = False, token_weight: Optional[Tensor] = None,
+                  return_token_accuracy: bool = False) -> Tensor:
+    r"""cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction='mean', label_smoothing=0.0, *, softcap=None, lse_square_scale=0.0, return_z_loss=False, token_weight=None, return_token_accuracy=False) -> Tensor
 
     :math:`\ell_i = \operatorname{lse}(x_i) - (1 - \varepsilon) x_{i,t_i} - \tfrac{\varepsilon}{C} \sum_j x_{ij}`,
     reduced, like :func:`torch.nn.functional.cross_entropy` with class-index targets. Backward (saves x and the
@@ -796,6 +912,10 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     weight = _class_weight(weight, fn, "weight")
     reduction = _reduction(size_average, reduce, reduction)
     ignore_index, label_smoothing = _int(ignore_index, fn, "ignore_index"), _label_smoothing(label_smoothing, fn)
+    softcap, lse_square_scale = _softcap(softcap, fn), _lse_square_scale(lse_square_scale, fn)
+    if weight is not None and lse_square_scale > 0:
+        raise NotImplementedError("torch_vjp.cross_entropy: class weights with the z-loss (lse_square_scale > 0) are "
+                                  "not implemented")
     if target.is_floating_point() and target.shape == input.shape and input.dim() > 0:
         raise NotImplementedError("torch_vjp.cross_entropy: class-probability targets (a floating target shaped like "
                                   "the input) are not implemented; give class indices")
@@ -803,6 +923,27 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         if target.numel() != 1:
             raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.numel()}")
         target = target.reshape(())
+        if token_weight is not None and isinstance(token_weight, Tensor) and token_weight.dim() == 1:
+            token_weight = token_weight.reshape(())
+    token_weight = _token_weight(token_weight, target, fn)
+    options = (softcap, lse_square_scale)
+    if token_weight is None:
+        loss = _cross_entropy_rows(input, target, weight, ignore_index, reduction, label_smoothing, options)
+    else:
+        loss = _token_reduce(_cross_entropy_rows(input, target, weight, ignore_index, "none", label_smoothing, options),
+                             target, token_weight, weight, ignore_index, reduction)
+    if not (return_z_loss or return_token_accuracy):
+        return loss
+    rows = input.movedim(1, -1).reshape(-1, input.shape[1]) if input.dim() > 2 else input
+    lse = lambda: torch.logsumexp(_option_logits(rows, softcap), -1)  # noqa: E731
+    z_loss = _z_loss(lse, target, ignore_index, reduction, lse_square_scale, loss.dtype, token_weight) \
+        if return_z_loss else None
+    accuracy = _token_accuracy(lambda: rows.argmax(-1).reshape(-1), target, ignore_index, reduction, loss.dtype) \
+        if return_token_accuracy else None
+    return _with_extras(loss, z_loss, accuracy)
+
+
+def _cross_entropy_rows(input, target, weight, ignore_index, reduction, label_smoothing, options):
     if input.dim() <= 2:
         if type(input) is not Tensor and type(input).__name__ == "DTensor":  # logits sharded by class: vocab-parallel
             from . import distributed
@@ -810,17 +951,20 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                 raise NotImplementedError("torch_vjp.cross_entropy: class weights with vocabulary-parallel or "
                                           "row-sharded 'mean' DTensor logits are not implemented")
             if distributed.is_class_sharded(input):
+                if any(options):
+                    raise NotImplementedError("torch_vjp.cross_entropy: softcap and lse_square_scale with "
+                                              "vocabulary-parallel DTensor logits are not implemented")
                 return distributed.vocab_parallel_cross_entropy(input, target, ignore_index, reduction, label_smoothing)
             if reduction == "mean" and distributed.rows_sharded(input, target):  # rows sharded: the sum, the count
-                total = _CROSS_ENTROPY(input, target, None, ignore_index, "sum", label_smoothing)
+                total = _CROSS_ENTROPY(input, target, None, ignore_index, "sum", label_smoothing, *options)
                 return distributed.mean_of_sharded_rows(total, target, ignore_index)
-        return _CROSS_ENTROPY(input, target, weight, ignore_index, reduction, label_smoothing)
+        return _CROSS_ENTROPY(input, target, weight, ignore_index, reduction, label_smoothing, *options)
     # (N, C, d1, ...): every position a row of C logits.
     expected = [input.shape[0], *input.shape[2:]]
     if list(target.shape) != expected:
         raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
     rows = input.movedim(1, -1).reshape(-1, input.shape[1])
-    loss = _CROSS_ENTROPY(rows, target.reshape(-1), weight, ignore_index, reduction, label_smoothing)
+    loss = _CROSS_ENTROPY(rows, target.reshape(-1), weight, ignore_index, reduction, label_smoothing, *options)
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 
@@ -831,7 +975,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         target (Tensor): class indices (int64 or uint8), ``(N,)``.
         bias (Tensor, optional): ``(V,)``.""" + _LOSS_ARGS + """
         class_weight (Tensor, optional): class weights ``(V,)`` (keyword only), as ``weight=`` of
-            :func:`cross_entropy` (torch's ``F.cross_entropy(weight=)``): named apart from the head ``weight``.
+            :func:`cross_entropy` (torch's ``F.cross_entropy(weight=)``): named apart from the head ``weight``.""" +
+    _LOSS_OPTIONS + """ Here the z-loss's value is recomputed chunk by chunk (the matrix product
+            once more, without gradients) when asked for.
 
     Shape: the loss is a scalar, or ``(N,)`` for ``reduction='none'``. Under autocast (CUDA and CPU) the matrix
     products run in the autocast dtype and the loss comes back in float32, as torch's linear + cross_entropy
@@ -839,8 +985,10 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
 """)
 def fused_linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
                                ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
-                               class_weight: Optional[Tensor] = None) -> Tensor:
-    r"""fused_linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, reduction='mean', label_smoothing=0.0, *, class_weight=None) -> Tensor
+                               class_weight: Optional[Tensor] = None, softcap: Optional[float] = None,
+                               lse_square_scale: float = 0.0, return_z_loss: bool = False,
+                               token_weight: Optional[Tensor] = None, return_token_accuracy: bool = False) -> Tensor:
+    r"""fused_linear_cross_entropy(input, weight, target, bias=None, ignore_index=-100, reduction='mean', label_smoothing=0.0, *, class_weight=None, softcap=None, lse_square_scale=0.0, return_z_loss=False, token_weight=None, return_token_accuracy=False) -> Tensor
 
     ``cross_entropy(input @ weight.T + bias, target, ...)`` without ever holding the ``(N, V)`` logits or their
     gradient: rows go in chunks, each chunk's logits reduced and turned into its gradient contribution at once.
@@ -853,6 +1001,41 @@ def fused_linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bi
     reduction = _reduction(None, None, reduction)
     ignore_index, label_smoothing = _int(ignore_index, fn, "ignore_index"), _label_smoothing(label_smoothing, fn)
     class_weight = _class_weight(class_weight, fn, "class_weight")
+    softcap, lse_square_scale = _softcap(softcap, fn), _lse_square_scale(lse_square_scale, fn)
+    if class_weight is not None and lse_square_scale > 0:
+        raise NotImplementedError("torch_vjp.fused_linear_cross_entropy: class weights with the z-loss "
+                                  "(lse_square_scale > 0) are not implemented")
+    options = (softcap, lse_square_scale)
+    token_weight = _token_weight(token_weight, target, fn)
+    if token_weight is None:
+        loss = _fused_rows(input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, options)
+    else:
+        if type(weight) is not Tensor or type(input) is not Tensor:
+            raise NotImplementedError(f"torch_vjp.{fn}: token_weight with DTensor arguments is not implemented")
+        per_row = _fused_rows(input, weight, target, bias, class_weight, ignore_index, "none", label_smoothing, options,
+                              rounded=False)
+        loss = _token_reduce(per_row, target, token_weight, class_weight, ignore_index, reduction)
+        if loss.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
+            loss = loss.to(input.dtype)
+    if not (return_z_loss or return_token_accuracy):
+        return loss
+
+    def per_chunk(f, dtype):  # chunk by chunk, as the op's rows: never the (N, V) logits at once
+        step = max(8, (64 << 20) // max(1, weight.shape[0] * input.element_size()) // 8 * 8)
+        parts = [f(F.linear(x, weight, bias)) for x in input.split(step)]
+        return torch.cat(parts) if parts else input.new_empty((0,), dtype=dtype)
+
+    ct = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+    lse = lambda: per_chunk(lambda y: torch.logsumexp(_option_logits(y.to(ct), softcap), -1), ct)  # noqa: E731
+    z_loss = _z_loss(lse, target, ignore_index, reduction, lse_square_scale, loss.dtype, token_weight) \
+        if return_z_loss else None
+    accuracy = _token_accuracy(lambda: per_chunk(lambda y: y.argmax(-1), torch.long), target, ignore_index,
+                               reduction, loss.dtype) if return_token_accuracy else None
+    return _with_extras(loss, z_loss, accuracy)
+
+
+def _fused_rows(input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, options,
+                rounded=True):
     # The gradients in the forward pass (three products in all) where a plain backward will scale them: a
     # graph is recorded, the loss is reduced (a 'none' backward weighs every row differently), no transform.
     compute_grad = (reduction != "none" and _grad_enabled()
@@ -863,18 +1046,21 @@ def fused_linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bi
         if class_weight is not None and (distributed.is_vocab_sharded(weight) or reduction == "mean"):
             raise NotImplementedError("torch_vjp.fused_linear_cross_entropy: class weights with a vocabulary-parallel "
                                       "head or row-sharded 'mean' DTensors are not implemented")
+        if distributed.is_vocab_sharded(weight) and any(options):
+            raise NotImplementedError("torch_vjp.fused_linear_cross_entropy: softcap and lse_square_scale with a "
+                                      "vocabulary-parallel head are not implemented")
         if distributed.is_vocab_sharded(weight):
             loss = distributed.vocab_parallel_fused_linear_cross_entropy(input, weight, target, bias, ignore_index,
                                                                          reduction, label_smoothing)
             return loss.to(input.dtype) if not torch.is_autocast_enabled(input.device.type) else loss
         if reduction == "mean" and distributed.rows_sharded(input, target):  # rows sharded: the sum, the count
-            total = fused_linear_cross_entropy(input, weight, target, bias, ignore_index, "sum", label_smoothing)
+            total = _fused_rows(input, weight, target, bias, None, ignore_index, "sum", label_smoothing, options)
             return distributed.mean_of_sharded_rows(total, target, ignore_index)
     loss = _FUSED_LINEAR_CROSS_ENTROPY(input, weight, target, bias, class_weight, ignore_index, reduction,
-                                       label_smoothing, compute_grad)
+                                       label_smoothing, compute_grad, *options)
     # The op's loss is in the compute type. Under autocast it is torch's value as it is (the float32 loss of
     # the low-precision logits); otherwise torch's is in the input's dtype, rounded once.
-    if loss.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
+    if rounded and loss.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
         loss = loss.to(input.dtype)
     return loss
 

@@ -23,6 +23,10 @@ VJP op recomputes the logits chunk by chunk. Forward mode: for 'mean' and 'sum',
 ⟨∂loss/∂W, t_W⟩ + ⟨∂loss/∂b, t_b⟩ from the VJP op; for 'none' (a tangent per row) the logits and their tangent
 are formed whole, and cross_entropy's forward mode is applied to them.
 
+Options (both ops; math/cross_entropy.h): softcap c > 0, the loss of z = c·tanh(x/c) (Gemma 2), with m and
+log_sum then z's and dx = dz (1 - (z/c)²); lse_square_scale λ > 0, PaLM's z-loss λ·lse² added to every counted
+row's loss, dz += 2 λ lse s p. The frontend applies them around the row kernels, on logits in the compute type.
+
 The VJP ops' own derivatives (second order, both modes) are those of the VJP written in torch ops below,
 taken by torch.func: exact, off the first-order path (the fused one forms the logits whole).
 
@@ -37,6 +41,8 @@ registered op returns the loss in the compute type, which the public function ro
 only outside autocast (torch's value both ways: the float32 loss of the low-precision logits, unrounded).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -108,16 +114,35 @@ def _softmax_from_stats(input, row_max, log_sum):
     return torch.exp((input.to(ct) - row_max.unsqueeze(-1)) - log_sum.unsqueeze(-1))
 
 
+def _option_logits(input, softcap):
+    """z = c·tanh(x/c) in the compute type (c = 0: x), as the frontend's option_logits forms it."""
+    z = input.to(compute_type(input.dtype))
+    return torch.tanh(z / softcap) * softcap if softcap > 0 else z
+
+
+def _softcap_chain(dz, z, softcap):
+    """dx from dz through z = c·tanh(x/c): dz (1 - (z/c)²)."""
+    if not softcap > 0:
+        return dz
+    u = z / softcap
+    return dz * (1 - u * u)
+
+
 def _max_weights(input, row_max):
     """∂m/∂x for m = max_j x_j: torch's amax gradient, shared evenly between the elements equal to the max."""
     at_max = (input.to(row_max.dtype) == row_max.unsqueeze(-1)).to(row_max.dtype)
     return at_max / at_max.sum(-1, keepdim=True)
 
 
-def _ce_backward_ref(grad_output, input, target, weight, row_max, log_sum, ignore_index, reduction, label_smoothing):
+def _ce_backward_ref(grad_output, input, target, weight, row_max, log_sum, ignore_index, reduction, label_smoothing,
+                     softcap=0.0, lse_square_scale=0.0):
     """cross_entropy's VJP in torch ops, as the kernel computes it: s (p - ε/C - (1 - ε) onehot(t)); with class
-    weights s (a p - (ε/C) w - (1 - ε) w_t onehot(t)), a = (1 - ε) w_t + (ε/C) Σ w (math/cross_entropy.h)."""
+    weights s (a p - (ε/C) w - (1 - ε) w_t onehot(t)), a = (1 - ε) w_t + (ε/C) Σ w (math/cross_entropy.h); the
+    options over z: + 2 λ lse s p, then the softcap's chain rule."""
     ct = log_sum.dtype
+    x_dtype = input.dtype
+    if softcap > 0 or lse_square_scale > 0:
+        input = _option_logits(input, softcap)
     classes = input.shape[-1]
     counted = target != ignore_index
     g = grad_output.to(ct)
@@ -134,7 +159,9 @@ def _ce_backward_ref(grad_output, input, target, weight, row_max, log_sum, ignor
         a = (1 - label_smoothing) * w_t + label_smoothing / classes * w.sum()
         dx = scale.unsqueeze(-1) * (a.unsqueeze(-1) * p - label_smoothing / classes * w
                                     - ((1 - label_smoothing) * w_t).unsqueeze(-1) * onehot)
-    return dx.to(input.dtype)
+    if lse_square_scale > 0:
+        dx = dx + (2 * lse_square_scale * (row_max + log_sum) * scale).unsqueeze(-1) * p
+    return _softcap_chain(dx, input, softcap).to(x_dtype)
 
 
 def _ce_tangent(G, t, target, ignore_index, reduction, ct, weight=None):
@@ -150,31 +177,34 @@ def _ce_tangent(G, t, target, ignore_index, reduction, ct, weight=None):
 
 def _ce_jvp(tangents, saved, params):
     (t_x, *_), (x, target, weight, row_max, log_sum) = tangents, saved
-    ignore_index, reduction, label_smoothing = params
+    ignore_index, reduction, label_smoothing, softcap, lse_square_scale = params
     if t_x is None:
         return None, None, None
     ct = log_sum.dtype
     per_row = reduction == "none"
     ones = torch.ones(target.shape if per_row else (), dtype=x.dtype, device=x.device)
     G = CROSS_ENTROPY.backward(ones, x, target, weight, row_max, log_sum, ignore_index, "none" if per_row else "sum",
-                               label_smoothing)
+                               label_smoothing, softcap, lse_square_scale)
     t_loss = _ce_tangent(G, t_x, target, ignore_index, reduction, ct, weight).to(x.dtype)
-    t = t_x.to(ct)
-    t_max = (_max_weights(x, row_max) * t).sum(-1)
-    t_log_sum = (_softmax_from_stats(x, row_max, log_sum) * t).sum(-1) - t_max
+    z = _option_logits(x, softcap)  # the statistics are z's: their tangents from t_z = t (1 - (z/c)²)
+    t = _softcap_chain(t_x.to(ct), z, softcap)
+    t_max = (_max_weights(z, row_max) * t).sum(-1)
+    t_log_sum = (_softmax_from_stats(z, row_max, log_sum) * t).sum(-1) - t_max
     return t_loss, t_max, t_log_sum
 
 
 def _ce_extras_vjp(grads, saved, params):
-    """The statistics' gradients: g_m ∂m/∂x + g_log_sum (p - ∂m/∂x)."""
+    """The statistics' gradients: g_m ∂m/∂z + g_log_sum (p - ∂m/∂z), through z's softcap."""
     (g_max, g_log_sum), (x, target, weight, row_max, log_sum) = grads, saved
+    softcap = params[3]
     ct = log_sum.dtype
+    z = _option_logits(x, softcap)
     dx = 0
     if g_log_sum is not None:
-        dx = g_log_sum.to(ct).unsqueeze(-1) * _softmax_from_stats(x, row_max, log_sum)
+        dx = g_log_sum.to(ct).unsqueeze(-1) * _softmax_from_stats(z, row_max, log_sum)
     g_at_max = (0 if g_max is None else g_max.to(ct)) - (0 if g_log_sum is None else g_log_sum.to(ct))
-    dx = dx + torch.as_tensor(g_at_max, dtype=ct, device=x.device).unsqueeze(-1) * _max_weights(x, row_max)
-    return dx.to(x.dtype), None, None
+    dx = dx + torch.as_tensor(g_at_max, dtype=ct, device=x.device).unsqueeze(-1) * _max_weights(z, row_max)
+    return _softcap_chain(dx, z, softcap).to(x.dtype), None, None
 
 
 def _per_sample(call, info, in_dims, args):
@@ -190,40 +220,62 @@ def _per_sample(call, info, in_dims, args):
     return torch.stack(outs), 0
 
 
-def _ce_vmap(call, info, in_dims, input, target, weight, ignore_index, reduction, label_smoothing):
+def _ce_vmap(call, info, in_dims, input, target, weight, ignore_index, reduction, label_smoothing, softcap=0.0,
+             lse_square_scale=0.0):
     check_reduction(reduction)
     if weight is not None and in_dims[2] is not None:
-        return _per_sample(call, info, in_dims, (input, target, weight, ignore_index, reduction, label_smoothing))
+        return _per_sample(call, info, in_dims, (input, target, weight, ignore_index, reduction, label_smoothing,
+                                                 softcap, lse_square_scale))
     input, target = _moved(input, in_dims[0], info.batch_size), _moved(target, in_dims[1], info.batch_size)
     loss, row_max, log_sum = call(input.reshape(-1, input.shape[-1]), target.reshape(-1), weight, ignore_index,
-                                  "none", label_smoothing)
+                                  "none", label_smoothing, softcap, lse_square_scale)
     loss, row_max, log_sum = (t.reshape(target.shape) for t in (loss, row_max, log_sum))
     return (_reduce_per_sample(loss, target, ignore_index, reduction, weight), row_max, log_sum), (0, 0, 0)
 
 
 def _ce_backward_vmap(call, info, in_dims, grad_output, input, target, weight, row_max, log_sum, ignore_index,
-                      reduction, label_smoothing):
+                      reduction, label_smoothing, softcap=0.0, lse_square_scale=0.0):
     check_reduction(reduction)
     size = info.batch_size
     if weight is not None and in_dims[3] is not None:
         return _per_sample(call, info, in_dims, (grad_output, input, target, weight, row_max, log_sum, ignore_index,
-                                                 reduction, label_smoothing))
+                                                 reduction, label_smoothing, softcap, lse_square_scale))
     grad_output, input, target, row_max, log_sum = (
         _moved(t, d, size) for t, d in zip((grad_output, input, target, row_max, log_sum),
                                            (*in_dims[:3], *in_dims[4:])))
     g = _row_scale_per_sample(grad_output, target, ignore_index, reduction, input.dtype, weight)
     dx = call(g.reshape(-1), input.reshape(-1, input.shape[-1]), target.reshape(-1), weight, row_max.reshape(-1),
-              log_sum.reshape(-1), ignore_index, "none", label_smoothing)
+              log_sum.reshape(-1), ignore_index, "none", label_smoothing, softcap, lse_square_scale)
     return dx.reshape(input.shape), 0
+
+
+def _ce_decomposition(input, target, weight, ignore_index, reduction, label_smoothing, softcap=0.0,
+                      lse_square_scale=0.0):
+    """The public op in torch ops; with an option, over z in the compute type, rounded once, as the kernels."""
+    if not (softcap > 0 or lse_square_scale > 0):
+        return F.cross_entropy(input, target.long(), weight=weight, ignore_index=ignore_index, reduction=reduction,
+                               label_smoothing=label_smoothing)
+    z = _option_logits(input, softcap)
+    loss = F.cross_entropy(z, target.long(), weight=None if weight is None else weight.to(z.dtype),
+                           ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+    if lse_square_scale > 0:
+        loss = loss + z_loss_of(torch.logsumexp(z, -1), target, ignore_index, reduction, lse_square_scale)
+    return loss.to(input.dtype)
+
+
+def z_loss_of(lse, target, ignore_index, reduction, lse_square_scale):
+    """λ lse² per counted row (0 where ignored), reduced as the loss ('mean': over the counted rows)."""
+    counted = target != ignore_index
+    z = torch.where(counted, lse_square_scale * lse * lse, 0)
+    if reduction == "none":
+        return z
+    return z.sum() / counted.sum() if reduction == "mean" else z.sum()
 
 
 CROSS_ENTROPY = VJPOp(
     "cross_entropy", saves=lambda args, outputs: (*args[:3], outputs[1], outputs[2]), jvp=_ce_jvp,
     vjp_ref=_ce_backward_ref, nondifferentiable=("target", "weight"), extras_vjp=_ce_extras_vjp, vmap=_ce_vmap,
-    backward_vmap=_ce_backward_vmap, autocast={"cuda": "fp32", "cpu": "fp32"},
-    decomposition=lambda input, target, weight, ignore_index, reduction, label_smoothing: F.cross_entropy(
-        input, target.long(), weight=weight, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing),
+    backward_vmap=_ce_backward_vmap, autocast={"cuda": "fp32", "cpu": "fp32"}, decomposition=_ce_decomposition,
 )
 
 
@@ -245,26 +297,31 @@ def _logits(input, weight, bias, batched_weight=False):
 
 
 def _fused_backward_ref(grad_output, input, weight, target, bias, class_weight, ignore_index, reduction,
-                        label_smoothing):
+                        label_smoothing, softcap=0.0, lse_square_scale=0.0):
     """The fused VJP in torch ops, the logits formed whole: dlogits by _ce_backward_ref, then the products."""
     ct = compute_type(input.dtype)
     logits = _logits(input.to(ct), weight.to(ct), None if bias is None else bias.to(ct))
-    row_max = logits.amax(-1)
-    log_sum = torch.logsumexp(logits - row_max.unsqueeze(-1), -1)
+    z = _option_logits(logits, softcap)
+    row_max = z.amax(-1)
+    log_sum = torch.logsumexp(z - row_max.unsqueeze(-1), -1)
     dlogits = _ce_backward_ref(grad_output, logits, target, None if class_weight is None else class_weight.to(ct),
-                               row_max, log_sum, ignore_index, reduction, label_smoothing)
+                               row_max, log_sum, ignore_index, reduction, label_smoothing, softcap, lse_square_scale)
     grad_bias = None if bias is None else dlogits.sum(0).to(bias.dtype)
     return (dlogits @ weight.to(ct)).to(input.dtype), (dlogits.t() @ input.to(ct)).to(weight.dtype), grad_bias
 
 
 def _fused_forward_ref(input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing,
-                       compute_grad):
+                       compute_grad, softcap=0.0, lse_square_scale=0.0):
     """The fused forward in torch ops and cross_entropy's kernels, the logits formed whole, the loss in the
     compute type as the op's; no cached gradients (the VJP op then computes them)."""
     logits = _logits(input, weight, bias)
     if class_weight is not None and class_weight.dtype != logits.dtype:  # float32 beside half types: widen those
         logits = logits.to(class_weight.dtype)
-    loss = CROSS_ENTROPY(logits, target, class_weight, ignore_index, reduction, label_smoothing)
+    if softcap > 0 or lse_square_scale > 0:  # the fused op forms z in the compute type, so its loss is z's unrounded
+        logits = logits.to(compute_type(logits.dtype))
+        class_weight = None if class_weight is None else class_weight.to(logits.dtype)
+    loss = CROSS_ENTROPY(logits, target, class_weight, ignore_index, reduction, label_smoothing, softcap,
+                         lse_square_scale)
     return loss.to(compute_type(input.dtype)), None, None, None
 
 
@@ -274,7 +331,7 @@ def _fused_saves(args, outputs):
 
 
 def _fused_vjp_args(grad_output, saved, params, needs):
-    return (grad_output, *saved[:5], *params[:3])
+    return (grad_output, *saved[:5], *params[:3], *params[4:6])
 
 
 def _fused_cached_vjp(grad_output, saved, params):
@@ -289,14 +346,15 @@ def _fused_cached_vjp(grad_output, saved, params):
 
 def _fused_jvp(tangents, saved, params):
     (t_input, t_weight, _, t_bias, _), (input, weight, target, bias, class_weight) = tangents, saved[:5]
-    ignore_index, reduction, label_smoothing, _ = params
+    ignore_index, reduction, label_smoothing, _, softcap, lse_square_scale = params
+    options = (softcap, lse_square_scale)
     if t_input is None and t_weight is None and t_bias is None:
         return None, None, None, None
     ct = compute_type(input.dtype)
     if reduction != "none":  # J·t = Σ ⟨∂(Σ loss)/∂θ, t_θ⟩, the gradients from the VJP op (chunked)
         ones = torch.ones((), dtype=input.dtype, device=input.device)
         grads = FUSED_LINEAR_CROSS_ENTROPY.backward(ones, input, weight, target, bias, class_weight, ignore_index,
-                                                    "sum", label_smoothing)
+                                                    "sum", label_smoothing, *options)
         total = sum((g.to(ct) * t.to(ct)).sum() for g, t in zip(grads, (t_input, t_weight, t_bias)) if t is not None)
         if reduction == "mean":
             total = total / _row_weights(target, class_weight, ignore_index, ct).sum()
@@ -311,44 +369,48 @@ def _fused_jvp(tangents, saved, params):
     if t_bias is not None:
         t_logits = t_logits + t_bias
     loss, row_max, log_sum = CROSS_ENTROPY.forward(logits, target, class_weight, ignore_index, "none",
-                                                   label_smoothing)
+                                                   label_smoothing, *options)
     G = CROSS_ENTROPY.backward(torch.ones_like(loss), logits, target, class_weight, row_max, log_sum, ignore_index,
-                               "none", label_smoothing)
+                               "none", label_smoothing, *options)
     return _ce_tangent(G, t_logits, target, ignore_index, "none", ct).to(input.dtype), None, None, None
 
 
 def _fused_vmap(call, info, in_dims, input, weight, target, bias, class_weight, ignore_index, reduction,
-                label_smoothing, compute_grad):
+                label_smoothing, compute_grad, softcap=0.0, lse_square_scale=0.0):
     check_reduction(reduction)
     size = info.batch_size
+    options = (softcap, lse_square_scale)
     if class_weight is not None and in_dims[4] is not None:
         (loss, *_), _ = _per_sample(call, info, in_dims, (input, weight, target, bias, class_weight, ignore_index,
-                                                          reduction, label_smoothing, False))
+                                                          reduction, label_smoothing, False, *options))
         return (loss, None, None, None), (0, None, None, None)
     input, target = _moved(input, in_dims[0], size), _moved(target, in_dims[2], size)
     rows = target.shape
     if in_dims[1] is None and in_dims[3] is None:  # one head for every sample: every row in one call
         loss = call(input.reshape(-1, input.shape[-1]), weight, target.reshape(-1), bias, class_weight, ignore_index,
-                    "none", label_smoothing, False)[0]
+                    "none", label_smoothing, False, *options)[0]
     else:  # a head per sample: its logits, then cross_entropy's kernels
         weight = _moved(weight, in_dims[1], size)
         bias = None if bias is None else _moved(bias, in_dims[3], size)
         logits = _logits(input, weight, bias, batched_weight=True)
+        if softcap > 0 or lse_square_scale > 0:  # as the fused op: z in the compute type, its loss unrounded
+            logits = logits.to(compute_type(logits.dtype))
+            class_weight = None if class_weight is None else class_weight.to(logits.dtype)
         loss = _cross_entropy_for(call)[0](logits.reshape(-1, logits.shape[-1]), target.reshape(-1), class_weight,
-                                           ignore_index, "none", label_smoothing)[0]
+                                           ignore_index, "none", label_smoothing, *options)[0]
     return (_reduce_per_sample(loss.reshape(rows), target, ignore_index, reduction, class_weight), None, None, None), \
         (0, None, None, None)
 
 
 def _fused_backward_vmap(call, info, in_dims, grad_output, input, weight, target, bias, class_weight, ignore_index,
-                         reduction, label_smoothing):
+                         reduction, label_smoothing, softcap=0.0, lse_square_scale=0.0):
     """Per-sample gradients of a shared head (each sample's own dlogitsᵀ x): each sample's logits, their
     dlogits by cross_entropy's kernels, then the products."""
     check_reduction(reduction)
     size = info.batch_size
     if class_weight is not None and in_dims[5] is not None:
         return _per_sample(call, info, in_dims, (grad_output, input, weight, target, bias, class_weight, ignore_index,
-                                                 reduction, label_smoothing))
+                                                 reduction, label_smoothing, softcap, lse_square_scale))
     grad_output, input, target = (_moved(t, in_dims[i], size) for i, t in ((0, grad_output), (1, input), (3, target)))
     batched_weight = in_dims[2] is not None or (bias is not None and in_dims[4] is not None)
     if batched_weight:
@@ -358,10 +420,12 @@ def _fused_backward_vmap(call, info, in_dims, grad_output, input, weight, target
     classes = logits.shape[-1]
     flat_logits, flat_target = logits.reshape(-1, classes), target.reshape(-1)
     forward, backward = _cross_entropy_for(call)
-    _, row_max, log_sum = forward(flat_logits, flat_target, class_weight, ignore_index, "none", label_smoothing)
+    options = (softcap, lse_square_scale)
+    _, row_max, log_sum = forward(flat_logits, flat_target, class_weight, ignore_index, "none", label_smoothing,
+                                  *options)
     g = _row_scale_per_sample(grad_output, target, ignore_index, reduction, input.dtype, class_weight)
     dlogits = backward(g.reshape(-1), flat_logits, flat_target, class_weight, row_max, log_sum, ignore_index, "none",
-                       label_smoothing).reshape(logits.shape)
+                       label_smoothing, *options).reshape(logits.shape)
     grad_input = torch.matmul(dlogits, weight)
     grad_weight = torch.matmul(dlogits.transpose(-1, -2), input)
     grad_bias = None if bias is None else dlogits.sum(-2)
@@ -388,6 +452,18 @@ def _check_label_smoothing(label_smoothing):
     """label_smoothing_of's check (csrc/ops/cross_entropy.h): torch's, which takes ε ≤ 0 and NaN as no smoothing."""
     if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+
+
+def _check_options(softcap, lse_square_scale, class_weights, name):
+    """loss_options_of's checks (csrc/ops/cross_entropy.h)."""
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"torch_vjp.{name}: softcap must be a positive finite number (or 0 for none), got {softcap}")
+    if not (math.isfinite(lse_square_scale) and lse_square_scale >= 0):
+        raise ValueError(f"torch_vjp.{name}: lse_square_scale must be a non-negative finite number, got "
+                         f"{lse_square_scale}")
+    if class_weights and lse_square_scale > 0:
+        raise NotImplementedError(f"torch_vjp.{name}: class weights with the z-loss (lse_square_scale > 0) are not "
+                                  "implemented")
 
 
 def _check_target(target, rows, batched, device, name):
@@ -432,8 +508,9 @@ def _scalar_name(dtype):
 
 
 @register_fake("cross_entropy")
-def _(input, target, weight, ignore_index, reduction, label_smoothing):
+def _(input, target, weight, ignore_index, reduction, label_smoothing, softcap=0.0, lse_square_scale=0.0):
     check_reduction(reduction)
+    _check_options(softcap, lse_square_scale, weight is not None, "cross_entropy")
     _check_logits(input, target, "cross_entropy")
     _check_class_weight(weight, input, input.shape[-1])
     _check_label_smoothing(label_smoothing)
@@ -453,9 +530,11 @@ def _check_grad_output(grad_output, target, reduction, device, name):
 
 
 @register_fake("cross_entropy_backward")
-def _(grad_output, input, target, weight, row_max, log_sum, ignore_index, reduction, label_smoothing):
+def _(grad_output, input, target, weight, row_max, log_sum, ignore_index, reduction, label_smoothing, softcap=0.0,
+      lse_square_scale=0.0):
     name = "cross_entropy_backward"
     check_reduction(reduction)
+    _check_options(softcap, lse_square_scale, weight is not None, name)
     _check_logits(input, target, name)
     _check_class_weight(weight, input, input.shape[-1])
     for stat, stat_name in ((row_max, "row_max"), (log_sum, "log_sum")):
@@ -492,8 +571,10 @@ def _empty(t):
 
 
 @register_fake("fused_linear_cross_entropy")
-def _(input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, compute_grad):
+def _(input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, compute_grad, softcap=0.0,
+      lse_square_scale=0.0):
     _check_fused(input, weight, target, bias, class_weight, reduction, label_smoothing, "fused_linear_cross_entropy")
+    _check_options(softcap, lse_square_scale, class_weight is not None, "fused_linear_cross_entropy")
     loss = input.new_empty(target.shape if reduction == "none" else (), dtype=compute_type(input.dtype))
     if not compute_grad:
         return loss, None, None, None
@@ -501,8 +582,10 @@ def _(input, weight, target, bias, class_weight, ignore_index, reduction, label_
 
 
 @register_fake("fused_linear_cross_entropy_backward")
-def _(grad_output, input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing):
+def _(grad_output, input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, softcap=0.0,
+      lse_square_scale=0.0):
     name = "fused_linear_cross_entropy_backward"
     _check_fused(input, weight, target, bias, class_weight, reduction, label_smoothing, name)
+    _check_options(softcap, lse_square_scale, class_weight is not None, name)
     _check_grad_output(grad_output, target, reduction, input.device, name)
     return _empty(input), _empty(weight), _empty(bias)

@@ -118,11 +118,27 @@ RMSNorm.__signature__ = _RMS_SIGNATURE.replace(parameters=[
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """torch.nn.CrossEntropyLoss(weight=None, size_average=None, ignore_index=-100, reduce=None, reduction='mean',
-    label_smoothing=0.0) computed by torch_vjp.cross_entropy (class-index targets; class weights as torch's)."""
+    label_smoothing=0.0, *, softcap=None, lse_square_scale=0.0, return_z_loss=False, return_token_accuracy=False)
+    computed by torch_vjp.cross_entropy (class-index targets; class weights as torch's; the keyword-only loss options
+    as torch_vjp.cross_entropy's: with return_z_loss and/or return_token_accuracy, forward returns (loss, z_loss,
+    token_accuracy), those asked for)."""
+
+    def __init__(self, weight: Tensor | None = None, size_average=None, ignore_index: int = -100, reduce=None,
+                 reduction: str = "mean", label_smoothing: float = 0.0, *, softcap: float | None = None,
+                 lse_square_scale: float = 0.0, return_z_loss: bool = False, return_token_accuracy: bool = False) -> None:
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        self.softcap, self.lse_square_scale, self.return_z_loss = softcap, lse_square_scale, return_z_loss
+        self.return_token_accuracy = return_token_accuracy
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                               reduction=self.reduction, label_smoothing=self.label_smoothing)
+                               reduction=self.reduction, label_smoothing=self.label_smoothing, softcap=self.softcap,
+                               lse_square_scale=self.lse_square_scale, return_z_loss=self.return_z_loss,
+                               return_token_accuracy=self.return_token_accuracy)
+
+
+# torch's own annotations for its parameters (this module's are strings): the constructor reads as torch's.
+CrossEntropyLoss.__init__.__annotations__.update(torch.nn.CrossEntropyLoss.__init__.__annotations__)
 
 
 class FusedLinearCrossEntropyLoss(torch.nn.Module):
@@ -131,14 +147,26 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
     parameters passed in (``loss_fn(hidden, lm_head.weight, target)``), as torch.nn's losses take their inputs.
     No state of its own (an empty state_dict)."""
 
-    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0) -> None:
+    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
+                 softcap: float | None = None, lse_square_scale: float = 0.0, return_z_loss: bool = False,
+                 return_token_accuracy: bool = False) -> None:
         super().__init__()
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+        self.softcap, self.lse_square_scale, self.return_z_loss = softcap, lse_square_scale, return_z_loss
+        self.return_token_accuracy = return_token_accuracy
 
     def forward(self, input: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.fused_linear_cross_entropy(input, weight, target, bias, ignore_index=self.ignore_index,
-                                            reduction=self.reduction, label_smoothing=self.label_smoothing)
+                                            reduction=self.reduction, label_smoothing=self.label_smoothing,
+                                            softcap=self.softcap, lse_square_scale=self.lse_square_scale,
+                                            return_z_loss=self.return_z_loss,
+                                            return_token_accuracy=self.return_token_accuracy)
 
     def extra_repr(self) -> str:
-        return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}"
+        text = f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}"
+        if self.softcap:
+            text += f", softcap={self.softcap}"
+        if self.lse_square_scale:
+            text += f", lse_square_scale={self.lse_square_scale}"
+        return text
 

@@ -91,6 +91,8 @@ class OpInfo:
                 params.append(False)
             elif arg.name == "eps" and bound.arguments["eps"] is None:  # rms_norm's default, as the public op
                 params.append(torch.finfo(input.dtype).eps if input.is_floating_point() else 0.0)
+            elif arg.name == "softcap" and bound.arguments["softcap"] is None:  # the losses': None is off (0)
+                params.append(0.0)
             else:
                 params.append(bound.arguments[arg.name])
         return tuple(params)
@@ -335,7 +337,66 @@ def _geglu_ref(gate, up, approximate="tanh"):
 
 
 def _cross_entropy_ref(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
-                       reduction="mean", label_smoothing=0.0):
+                       reduction="mean", label_smoothing=0.0, *, softcap=None, lse_square_scale=0.0,
+                       return_z_loss=False, token_weight=None, return_token_accuracy=False):
+    """The loss options in torch ops over torch's own F.cross_entropy: the loss of softcap·tanh(x/softcap) (in
+    the input's dtype, as a user writes it), plus λ·logsumexp² per counted row reduced as the loss; token weights
+    multiply the 'none' losses, and 'mean' divides by Σ token_weight·w_t over the rows not ignored; the token
+    accuracy is whether argmax(x) is the target, reduced over the rows not ignored, unweighted and detached."""
+    if return_token_accuracy and input.is_floating_point():
+        out = _cross_entropy_ref(input, target, weight, size_average, ignore_index, reduce, reduction,
+                                 label_smoothing, softcap=softcap, lse_square_scale=lse_square_scale,
+                                 return_z_loss=return_z_loss, token_weight=token_weight)
+        loss = out[0] if return_z_loss else out
+        counted = target != ignore_index
+        hit = ((input.argmax(0 if input.dim() == 1 else 1) == target) & counted).to(loss.dtype)
+        accuracy = hit if reduction == "none" else hit.sum() / counted.sum() if reduction == "mean" else hit.sum()
+        return (*out, accuracy) if return_z_loss else (out, accuracy)
+    if token_weight is not None and input.is_floating_point():
+        per_row = _cross_entropy_ref(input, target, weight, size_average, ignore_index, reduce, "none",
+                                     label_smoothing, softcap=softcap, lse_square_scale=lse_square_scale,
+                                     return_z_loss=return_z_loss)
+        per_row, z = per_row if return_z_loss else (per_row, None)
+
+        def reduced(values):
+            v = token_weight.reshape(values.shape)
+            weighted = values * v
+            if reduction == "none":
+                return weighted
+            if reduction == "sum":
+                return weighted.sum()
+            counted = (target != ignore_index).reshape(values.shape)
+            row_w = counted.to(values.dtype) if weight is None else torch.where(
+                counted, weight.to(values.dtype)[torch.where(counted, target.reshape(values.shape), 0)], 0)
+            return weighted.sum() / (row_w * v).sum()
+        return (reduced(per_row), reduced(z).detach()) if return_z_loss else reduced(per_row)
+    if (softcap or lse_square_scale or return_z_loss) and input.is_floating_point():  # else F.cross_entropy's error
+        device_type = input.device.type
+        if torch.is_autocast_enabled(device_type):  # the options are part of the loss, which autocast runs in float32
+            widen = lambda t: t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t  # noqa
+            with torch.autocast(device_type, enabled=False):
+                return _cross_entropy_ref(widen(input), target, widen(weight), size_average, ignore_index, reduce,
+                                          reduction, label_smoothing, softcap=softcap,
+                                          lse_square_scale=lse_square_scale, return_z_loss=return_z_loss)
+        class_dim = 0 if input.dim() == 1 else 1
+        if softcap:
+            input = softcap * torch.tanh(input / softcap)
+        loss = _cross_entropy_ref(input, target, weight, size_average, ignore_index, reduce, reduction,
+                                  label_smoothing)
+        counted = target != ignore_index
+        lse = torch.logsumexp(input, class_dim)
+        z = torch.where(counted, lse_square_scale * lse * lse, 0).to(loss.dtype)
+        if reduction == "mean":
+            z = z.sum() / counted.sum()
+        elif reduction == "sum":
+            z = z.sum()
+        loss = loss + z if lse_square_scale else loss
+        return (loss, z.detach()) if return_z_loss else loss
+    return _cross_entropy_torch(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+
+
+def _cross_entropy_torch(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                         reduction="mean", label_smoothing=0.0):
     """F.cross_entropy; with class weights and label smoothing, torch's own formula for that case
     (cross_entropy_loss_label_smoothing in ATen's LossNLL.cpp) in the same torch ops, but for the masked_select
     of its 'mean' divisor, which vmap refuses: (1 - ε) nll_loss(log_softmax(x), w) + (ε/C) Σ_j -w_j log p_j,
@@ -348,8 +409,8 @@ def _cross_entropy_ref(input, target, weight=None, size_average=None, ignore_ind
     if torch.is_autocast_enabled(device_type):  # torch's cross_entropy is on autocast's float32 lists
         widen = lambda t: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t  # noqa: E731
         with torch.autocast(device_type, enabled=False):
-            return _cross_entropy_ref(widen(input), target, widen(weight), ignore_index=ignore_index,
-                                      reduction=reduction, label_smoothing=label_smoothing)
+            return _cross_entropy_torch(widen(input), target, widen(weight), ignore_index=ignore_index,
+                                        reduction=reduction, label_smoothing=label_smoothing)
     class_dim = 0 if input.dim() == 1 else 1
     log_p = F.log_softmax(input, class_dim)
     nll = F.nll_loss(log_p, target, weight, ignore_index=ignore_index, reduction=reduction)
@@ -366,15 +427,21 @@ def _cross_entropy_ref(input, target, weight=None, size_average=None, ignore_ind
 
 
 def _fused_ref(input, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
-               class_weight=None):
+               class_weight=None, softcap=None, lse_square_scale=0.0, return_z_loss=False, token_weight=None,
+               return_token_accuracy=False):
     return _cross_entropy_ref(F.linear(input, weight, bias), target, weight=class_weight, ignore_index=ignore_index,
-                              reduction=reduction, label_smoothing=label_smoothing)
+                              reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
+                              lse_square_scale=lse_square_scale, return_z_loss=return_z_loss,
+                              token_weight=token_weight, return_token_accuracy=return_token_accuracy)
 
 
 def _fused_unfused(input, weight, target, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
-                   class_weight=None):
+                   class_weight=None, softcap=None, lse_square_scale=0.0, return_z_loss=False, token_weight=None,
+                   return_token_accuracy=False):
     return torch_vjp.cross_entropy(F.linear(input, weight, bias), target, weight=class_weight, ignore_index=ignore_index,
-                                   reduction=reduction, label_smoothing=label_smoothing)
+                                   reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
+                                   lse_square_scale=lse_square_scale, return_z_loss=return_z_loss,
+                                   token_weight=token_weight, return_token_accuracy=return_token_accuracy)
 
 
 def _draw_rope(x, kwargs, gen):
@@ -460,14 +527,21 @@ OPS = [
                    {"reduction": "none", "label_smoothing": 0.3}, {"ignore_index": 1, "reduction": "sum"},
                    {"weight": SAMPLED}, {"weight": SAMPLED, "reduction": "none"},
                    {"weight": SAMPLED, "label_smoothing": 0.2},
-                   {"weight": SAMPLED, "reduction": "sum", "label_smoothing": 0.1}),
+                   {"weight": SAMPLED, "reduction": "sum", "label_smoothing": 0.1},
+                   {"softcap": 4.0}, {"softcap": 2.5, "reduction": "none", "label_smoothing": 0.1},
+                   {"weight": SAMPLED, "softcap": 3.0, "label_smoothing": 0.2}, {"lse_square_scale": 0.01},
+                   {"lse_square_scale": 0.1, "softcap": 3.0, "reduction": "none"}),
          draw=_draw_target, shared=("weight",), constants=("weight",)),
     _row("fused_linear_cross_entropy", torch_vjp.fused_linear_cross_entropy, _fused_ref, "loss", scale=3.0,
          variants=({}, {"bias": SAMPLED}, {"reduction": "sum", "label_smoothing": 0.1},
                    {"reduction": "none", "bias": SAMPLED}, {"reduction": "none", "label_smoothing": 0.2},
                    {"ignore_index": 1}, {"class_weight": SAMPLED},
                    {"class_weight": SAMPLED, "reduction": "none", "label_smoothing": 0.2},
-                   {"class_weight": SAMPLED, "bias": SAMPLED, "label_smoothing": 0.1}),
+                   {"class_weight": SAMPLED, "bias": SAMPLED, "label_smoothing": 0.1},
+                   {"softcap": 4.0, "bias": SAMPLED}, {"softcap": 2.5, "reduction": "none"},
+                   {"lse_square_scale": 0.01, "label_smoothing": 0.1},
+                   {"lse_square_scale": 0.1, "softcap": 3.0, "reduction": "sum"},
+                   {"class_weight": SAMPLED, "softcap": 3.0, "label_smoothing": 0.1}),
          draw=_draw_head, shared=("weight", "bias", "class_weight"), scaled_grads=True, unfused=_fused_unfused,
          constants=("class_weight",)),
     # Rotary embedding of q and k: transformers' layouts (B, H, S, D) with unsqueeze_dim 1 and (B, S, H, D) with 2,

@@ -24,6 +24,12 @@
 //   ∂loss_i/∂x_ik = a_i p_ik - (ε/C) w_k - (1 - ε) w_t [k = t],     a_i = (1 - ε) w_t + (ε/C) W
 //   dx_ik = (s_i a_i) p_ik - (s_i ε/C) w_k - s_i (1 - ε) w_t [k = t]
 // (w = 1: a_i = 1, and these are the unweighted formulas).
+//
+// Options (ops/cross_entropy.h applies them around the row kernels, on logits in the compute type):
+// softcap c > 0 (Gemma 2): every formula above on z = c·tanh(x / c); m, log_s are z's. Chain rule, from z:
+//   dx_ij = dz_ij (1 - (z_ij / c)²)                                      (tanh' = 1 - tanh², as torch's)
+// z-loss λ > 0 (PaLM): loss_i += λ lse_i², lse_i = m + log_s (0 for an ignored row), so ∂/∂z_ij adds
+//   2 λ lse_i p_ij:   dz_ij += (2 λ lse_i s_i) p_ij
 // T is float, double, or (CPU only) at::vec::Vectorized<float|double>.
 #pragma once
 

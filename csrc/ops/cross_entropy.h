@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -56,6 +57,55 @@ inline double label_smoothing_of(double label_smoothing) {
   if (!(label_smoothing > 0.0)) return 0.0;
   TORCH_CHECK(label_smoothing <= 1.0, "label_smoothing must be between 0.0 and 1.0. Got: ", label_smoothing);
   return label_smoothing;
+}
+
+// The loss options of math/cross_entropy.h ("Options"): softcap c and the z-loss scale λ, 0 meaning off. They
+// act on the logits in the compute type, around the backend's row kernels (one extra pass over the logits
+// each way; the fused op's chunks stay chunks). Class weights with the z-loss are refused (which weight the
+// z-loss term would take is a choice torch does not make).
+struct LossOptions {
+  double softcap = 0.0, lse_square_scale = 0.0;
+  bool active() const { return softcap > 0.0 || lse_square_scale > 0.0; }
+};
+
+inline LossOptions loss_options_of(double softcap, double lse_square_scale, bool class_weights, const char* op) {
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, "torch_vjp.", op,
+                    ": softcap must be a positive finite number (or 0 for none), got ", softcap);
+  TORCH_CHECK_VALUE(std::isfinite(lse_square_scale) && lse_square_scale >= 0.0, "torch_vjp.", op,
+                    ": lse_square_scale must be a non-negative finite number, got ", lse_square_scale);
+  TORCH_CHECK_NOT_IMPLEMENTED(!(class_weights && lse_square_scale > 0.0), "torch_vjp.", op,
+                              ": class weights with the z-loss (lse_square_scale > 0) are not implemented");
+  return {softcap, lse_square_scale};
+}
+
+// The logits the row kernels see under active options: z = c·tanh(x / c) with a softcap, else x, in the
+// compute type (so that z and the gradient's two extra terms are rounded once, at the end).
+inline at::Tensor option_logits(const at::Tensor& x, const LossOptions& o) {
+  auto z = x.to(at::toOpMathType(x.scalar_type()));
+  if (o.softcap > 0.0) z = at::tanh(z / o.softcap).mul_(o.softcap);
+  return z.contiguous();
+}
+
+// λ lse_i² for the counted rows (0 where ignored), added to the per-row losses.
+inline void add_z_loss(at::Tensor& losses, const at::Tensor& row_max, const at::Tensor& log_sum,
+                       const at::Tensor& target, int64_t ignore_index, const LossOptions& o) {
+  if (!(o.lse_square_scale > 0.0)) return;
+  const auto lse = row_max + log_sum;
+  losses.add_(at::where(target != ignore_index, lse * lse * o.lse_square_scale, at::zeros({}, lse.options())));
+}
+
+// dz (the kernels' gradient over z, in place) → dx: the z-loss's term, then the softcap's chain rule
+// (math/cross_entropy.h "Options"). scale: the rows' s_i (0 where ignored).
+inline void finish_option_grad(at::Tensor& dz, const at::Tensor& z, const at::Tensor& row_max,
+                               const at::Tensor& log_sum, const at::Tensor& scale, const LossOptions& o) {
+  if (o.lse_square_scale > 0.0) {
+    const auto coefficient = (row_max + log_sum).mul_(scale).mul_(2.0 * o.lse_square_scale).unsqueeze(1);
+    dz.add_(at::exp((z - row_max.unsqueeze(1)) - log_sum.unsqueeze(1)).mul_(coefficient));
+  }
+  if (o.softcap > 0.0) {
+    const auto u = z / o.softcap;
+    dz.mul_(1.0 - u * u);
+  }
 }
 
 // Class-index targets: (rows,) (or 0-d for one unbatched row), Long or Byte as torch's, each in [0, classes)
@@ -195,10 +245,12 @@ template <class Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& input, const at::Tensor& target,
                                                          const std::optional<at::Tensor>& weight,
                                                          int64_t ignore_index, c10::string_view reduction,
-                                                         double label_smoothing) {
+                                                         double label_smoothing, double softcap,
+                                                         double lse_square_scale) {
   const char* op = "cross_entropy";
   const Reduction r = parse_reduction(reduction);
   label_smoothing = label_smoothing_of(label_smoothing);
+  const auto o = loss_options_of(softcap, lse_square_scale, weight.has_value(), op);
   const auto [rows, classes] = check_logits_and_target(input, target, ignore_index, op);
   const c10::OptionalDeviceGuard guard(input.device());
   const auto compute = input.options().dtype(at::toOpMathType(input.scalar_type()));
@@ -209,9 +261,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(const at::T
   auto row_max = at::empty({rows}, compute);
   auto log_sum = at::empty({rows}, compute);
   if (rows > 0 && classes > 0) {
-    Backend::cross_entropy_rows(x, t, ignore_index, label_smoothing, w.smoothing(label_smoothing), losses, row_max,
-                                log_sum);
+    Backend::cross_entropy_rows(o.active() ? option_logits(x, o) : x, t, ignore_index, label_smoothing,
+                                w.smoothing(label_smoothing), losses, row_max, log_sum);
     if (const auto factor = w.row_factor(label_smoothing); factor.defined()) losses.mul_(factor);
+    add_z_loss(losses, row_max, log_sum, t, ignore_index, o);
   } else {  // rows of no classes: the max of nothing, and log 0
     row_max.fill_(-std::numeric_limits<double>::infinity());
     log_sum.fill_(-std::numeric_limits<double>::infinity());
@@ -235,10 +288,11 @@ template <class Backend>
 at::Tensor cross_entropy_backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& target,
                                   const std::optional<at::Tensor>& weight, const at::Tensor& row_max,
                                   const at::Tensor& log_sum, int64_t ignore_index, c10::string_view reduction,
-                                  double label_smoothing) {
+                                  double label_smoothing, double softcap, double lse_square_scale) {
   const char* op = "cross_entropy_backward";
   const Reduction r = parse_reduction(reduction);
   label_smoothing = label_smoothing_of(label_smoothing);
+  const auto o = loss_options_of(softcap, lse_square_scale, weight.has_value(), op);
   const auto [rows, classes] = check_logits_and_target(input, target, ignore_index, op);
   const auto compute = at::toOpMathType(input.scalar_type());
   check_statistics(row_max, log_sum, target, input, op);
@@ -249,9 +303,19 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_output, const at::Tenso
   auto t = target.to(at::kLong).contiguous().view({rows});
   const auto w = class_weights_of(weight, input, t, classes, ignore_index);
   if (rows > 0 && classes > 0) {
-    Backend::cross_entropy_grad_rows(x, t, row_max.contiguous().view({rows}), log_sum.contiguous().view({rows}),
-                                     row_scale(grad_output, target, ignore_index, r, compute, op, w, label_smoothing),
-                                     ignore_index, label_smoothing, w.smoothing(label_smoothing), dx);
+    const auto m = row_max.contiguous().view({rows}), log_s = log_sum.contiguous().view({rows});
+    const auto s = row_scale(grad_output, target, ignore_index, r, compute, op, w, label_smoothing);
+    if (o.active()) {  // the kernel's gradient over z, then the options' terms, rounded once
+      const auto z = option_logits(x, o);
+      auto dz = at::empty_like(z);
+      Backend::cross_entropy_grad_rows(z, t, m, log_s, s, ignore_index, label_smoothing, w.smoothing(label_smoothing),
+                                       dz);
+      finish_option_grad(dz, z, m, log_s, s, o);
+      dx.copy_(dz);
+    } else {
+      Backend::cross_entropy_grad_rows(x, t, m, log_s, s, ignore_index, label_smoothing, w.smoothing(label_smoothing),
+                                       dx);
+    }
   }
   return dx.view(input.sizes());
 }
@@ -271,6 +335,7 @@ struct LinearCrossEntropy {
   int64_t ignore_index;
   double label_smoothing;
   ClassWeights class_weights;        // class_weight=: undefined when absent
+  LossOptions options;
 };
 
 // Rows a chunk of logits holds: `bytes` of them, a multiple of 8 rows, at least 8.
@@ -313,13 +378,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> linear
     const auto chunk_max = row_max.narrow(0, begin, n), chunk_log_sum = log_sum.narrow(0, begin, n);
     const auto chunk_losses = losses.narrow(0, begin, n);
     const auto chunk_weights = weights.rows(begin, n);
-    if (!grads) {
+    if (a.options.active()) {  // the kernels over z in the compute type; dlogits rounded once, into `logits`
+      const auto z = option_logits(logits, a.options);
+      Backend::cross_entropy_rows(z, t, a.ignore_index, a.label_smoothing, chunk_weights, chunk_losses, chunk_max,
+                                  chunk_log_sum);
+      if (!grads) continue;
+      const auto chunk_scale = scale.narrow(0, begin, n);
+      auto dz = at::empty_like(z);
+      Backend::cross_entropy_grad_rows(z, t, chunk_max, chunk_log_sum, chunk_scale, a.ignore_index, a.label_smoothing,
+                                       chunk_weights, dz);
+      finish_option_grad(dz, z, chunk_max, chunk_log_sum, chunk_scale, a.options);
+      logits.copy_(dz);
+    } else if (!grads) {
       Backend::cross_entropy_rows(logits, t, a.ignore_index, a.label_smoothing, chunk_weights, chunk_losses, chunk_max,
                                   chunk_log_sum);
       continue;
-    }
-    // dlogits over the chunk's own logits
-    if constexpr (HasCrossEntropyWithGrad<Backend>::value) {
+    } else if constexpr (HasCrossEntropyWithGrad<Backend>::value) {  // dlogits over the chunk's own logits
       Backend::cross_entropy_with_grad_rows(logits, t, a.ignore_index, a.label_smoothing, chunk_weights,
                                             scale.narrow(0, begin, n), chunk_losses, chunk_max, chunk_log_sum, logits);
     } else {
@@ -336,13 +410,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> linear
   if (grads) grad_weight = grad_weight.to(a.weight.scalar_type());
   if (grad_bias.has_value()) grad_bias = grad_bias->to(a.bias->scalar_type());
   if (const auto factor = a.class_weights.row_factor(a.label_smoothing); factor.defined()) losses.mul_(factor);
+  if (rows > 0) add_z_loss(losses, row_max, log_sum, a.target, a.ignore_index, a.options);
   return {losses, grad_input, grad_weight, grad_bias};
 }
 
 inline LinearCrossEntropy check_linear_cross_entropy(const at::Tensor& input, const at::Tensor& weight,
                                                      const at::Tensor& target, const std::optional<at::Tensor>& bias,
                                                      const std::optional<at::Tensor>& class_weight,
-                                                     int64_t ignore_index, double label_smoothing, const char* op) {
+                                                     int64_t ignore_index, double label_smoothing, double softcap,
+                                                     double lse_square_scale, const char* op) {
   check_floating(input, op, "input");  // first: an integer input is told so, not that the head's dtype differs
   TORCH_CHECK(input.dim() == 2, "torch_vjp.", op, ": expected input of shape (N, H), got ", input.sizes());
   TORCH_CHECK(weight.dim() == 2, "torch_vjp.", op, ": expected weight of shape (V, H), got ", weight.sizes());
@@ -357,9 +433,10 @@ inline LinearCrossEntropy check_linear_cross_entropy(const at::Tensor& input, co
   check_target(target, input.size(0), weight.size(0), true, input.device(), ignore_index, op);
   auto t = target.to(at::kLong).contiguous();
   auto w = class_weights_of(class_weight, input, t, weight.size(0), ignore_index, /*compute_dtype_too=*/true);
+  const auto o = loss_options_of(softcap, lse_square_scale, class_weight.has_value(), op);
   return {input.contiguous(), weight.contiguous(), std::move(t),
           bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt, ignore_index,
-          label_smoothing_of(label_smoothing), std::move(w)};
+          label_smoothing_of(label_smoothing), std::move(w), o};
 }
 
 // compute_grad: also the gradients of the reduced loss for grad_output = 1 (of Σ loss_i for 'none'), which
@@ -369,12 +446,12 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>, std
 fused_linear_cross_entropy(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target,
                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& class_weight,
                            int64_t ignore_index, c10::string_view reduction, double label_smoothing,
-                           bool compute_grad) {
+                           bool compute_grad, double softcap, double lse_square_scale) {
   const char* op = "fused_linear_cross_entropy";
   const Reduction r = parse_reduction(reduction);
   const c10::OptionalDeviceGuard guard(input.device());
   const auto a = check_linear_cross_entropy(input, weight, target, bias, class_weight, ignore_index, label_smoothing,
-                                            op);
+                                            softcap, lse_square_scale, op);
   const auto compute = at::toOpMathType(input.scalar_type());
   const auto ones = at::ones({}, input.options().dtype(compute));
   at::Tensor scale;
@@ -399,12 +476,12 @@ template <class Backend>
 std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> fused_linear_cross_entropy_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& target,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& class_weight, int64_t ignore_index,
-    c10::string_view reduction, double label_smoothing) {
+    c10::string_view reduction, double label_smoothing, double softcap, double lse_square_scale) {
   const char* op = "fused_linear_cross_entropy_backward";
   const Reduction r = parse_reduction(reduction);
   const c10::OptionalDeviceGuard guard(input.device());
   const auto a = check_linear_cross_entropy(input, weight, target, bias, class_weight, ignore_index, label_smoothing,
-                                            op);
+                                            softcap, lse_square_scale, op);
   TORCH_CHECK(grad_output.device() == input.device(), "torch_vjp.", op, ": expected grad_output on ", input.device());
   if (a.input.size(0) == 0)
     return {at::zeros_like(a.input), at::zeros_like(a.weight),
