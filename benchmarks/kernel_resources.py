@@ -42,6 +42,9 @@ SHUFFLE_MAX_MIN_BLOCKS = 6  # row_engine.cuh's kShuffleMaxMinBlocks (40 register
 ROW_OP_INPUTS = {
     "SoftmaxForward": 1, "SoftmaxBackward": 2, "LogSumExpBackward": 1,
     "NormForward": 1, "NormBackward": 2, "NormalizeForward": 1, "NormalizeBackward": 2,
+    # add_*_norm: input and residual in flight together (kAddsInput); the backward's grad_sum is read only as dx
+    # is written (kOutAddend), so dy and s
+    "AddNormForward": 2, "AddNormBackward": 2,
     "CrossEntropyForward": 1, "CrossEntropyGrad": 1, "CrossEntropyForwardGrad": 1, "SlotSum": 1,
     # class weights with label smoothing: the logits as above, plus w_j a class (scalar loads of a (C,) vector
     # every row shares, from L1/L2)

@@ -63,6 +63,13 @@ ENGINE_OPS = {
     "layer_norm_backward": EngineOp(2, 768, 512, param_sums=True),
     "rms_norm": EngineOp(1, 1024, 512, cluster_bound=768),
     "rms_norm_backward": EngineOp(2, 768, 512, param_sums=True),
+    # add_layer_norm, add_rms_norm: the norm of s = input + residual, both loaded and added in the kernel that
+    # writes s and y (AddNormForward: 2 loads in flight, so 4 packs a thread; Block instance bound at 512, the
+    # half types' at 256 with blocks of at most 640 threads: block_threads, max_threads); the backward with
+    # grad_sum (AddNormBackward: dy and s held, grad_sum read as dx is written; the half types' at most 640)
+    "add_layer_norm": EngineOp(2, 768, 512), "add_layer_norm_backward": EngineOp(2, 768, 512, param_sums=True),
+    "add_rms_norm": EngineOp(2, 1024, 512, cluster_bound=768),
+    "add_rms_norm_backward": EngineOp(2, 768, 512, param_sums=True),
     "normalize": EngineOp(1, 1024, 512), "normalize_backward": EngineOp(2, 1024, 512),
     "cross_entropy": EngineOp(1, 1024, 512), "cross_entropy_backward": EngineOp(1, 512, 512, reduces=False),
     # fused_linear_cross_entropy's chunk of logits with the gradient: loss, statistics and dlogits in place from
@@ -83,18 +90,22 @@ def row_packs(op: EngineOp, dtype: str) -> int:
 
 def block_threads(name: str, dtype: str) -> int:
     """kBlockThreads: float softmax and log_softmax forward bind their one Block instance at 1024 threads, the
-    float fused loss at 768, the half types' dx-only norm backward at 640."""
+    float fused loss at 768, the half types' dx-only norm backward at 640, their add-norm forward at 256."""
     if name in ("softmax", "log_softmax") and ITEMSIZE[dtype] == 4:
         return 1024
     if name == "fused_linear_cross_entropy" and ITEMSIZE[dtype] == 4:  # CrossEntropyForwardGrad<float, false>
         return 768
     if name == "layer_norm_backward_dx" and ITEMSIZE[dtype] == 2:  # NormBackward<true, half type, false>
         return 640
+    if name in ("add_layer_norm", "add_rms_norm") and ITEMSIZE[dtype] == 2:  # AddNormForward<*, half type>
+        return 256
     return ENGINE_OPS[name].block_threads
 
 
 def max_threads(name: str, dtype: str) -> int:
     op = ENGINE_OPS[name]
+    if name.startswith("add_") and ITEMSIZE[dtype] == 2:  # AddNormForward, AddNormBackward<*, half type, true>
+        return 640
     return 512 if name in ("cross_entropy", "fused_linear_cross_entropy") and dtype == "float64" else op.max_threads
 
 
@@ -154,6 +165,8 @@ KERNEL_OPS = {
     "layer_norm": "NormForward<true, {T}>", "rms_norm": "NormForward<false, {T}>",
     "layer_norm_backward": "NormBackward<true, {T}, true>", "rms_norm_backward": "NormBackward<false, {T}, true>",
     "layer_norm_backward_dx": "NormBackward<true, {T}, false>",
+    "add_layer_norm": "AddNormForward<true, {T}>", "add_rms_norm": "AddNormForward<false, {T}>",
+    "add_layer_norm_backward": "AddNormBackward<true, {T}, true>", "add_rms_norm_backward": "AddNormBackward<false, {T}, true>",
     "normalize": "NormalizeForward<{T}>", "normalize_backward": "NormalizeBackward<{T}>",
     "cross_entropy": "CrossEntropyForward<{T}, false>", "cross_entropy_backward": "CrossEntropyGrad<{T}>",
     "fused_linear_cross_entropy": "CrossEntropyForwardGrad<{T}, false>",

@@ -17,7 +17,8 @@ The normalization, gated and loss families run through their registered ops (tor
 Python layer need not have them) against float64 torch: layer_norm and rms_norm with weight and bias over
 rows of 1 to 40000 (several rows a warp with their parameter sums added across the block's groups, a warp, a
 block, an sm_90 cluster, split rows; odd lengths take the unfused parameter sums, as does a backward with no
-dx), normalize along the last and other dims, swiglu and geglu at several element counts and offsets, and
+dx), add_layer_norm and add_rms_norm (s = input + residual in the norm's kernel, grad_sum in its dx pass;
+input, residual, dy and grad_sum each at its own alignment), normalize along the last and other dims, swiglu and geglu at several element counts and offsets, and
 cross_entropy over vocabularies of 1 to 128256 with ignore_index and label smoothing, plus the fused linear
 loss (logits chunked, dlogits written over them in place).
 """
@@ -29,7 +30,7 @@ import sys
 import torch
 
 import torch_vjp
-from torch_vjp.testing import OPS
+from torch_vjp.testing import OPS, Call
 
 ROW_SHAPES = ((3, 1), (3, 7), (5, 33), (3, 128), (3, 1000), (3, 1025), (3, 4096), (2, 12289), (40, 40000), (2, 300007))
 COLUMN_CASES = (((6, 37, 5), 1), ((37, 6), 0), ((1025, 3), 0), ((8, 300, 64), 1), ((2, 4096, 512), 1), ((1, 20000, 8), 1))
@@ -62,6 +63,8 @@ def _inputs(info, device, dtype, gen):
 FAMILIES = ("elementwise", "softmax", "norm", "gated", "loss")
 VJP = torch.ops.torch_vjp
 NORM_SHAPES = ((3, 1), (5, 33), (70, 8), (300, 64), (3, 1000), (3, 1024), (2, 4096), (40, 8192), (2, 40000))
+# add_*_norm: NORM_SHAPES' paths and 12289 (odd and long: misaligned operands across a block, split on sm_80)
+ADD_NORM_SHAPES = ((3, 1), (5, 33), (70, 8), (3, 1000), (3, 1024), (2, 4096), (2, 12289), (40, 8192), (2, 40000))
 NORMALIZE_CASES = (((3, 1000), -1), ((5, 33), -1), ((8, 300, 64), 1), ((64, 7), 0), ((2, 40000), -1))
 GATED_COUNTS = (1, 7, 1000, 4099, 65537)
 CE_SHAPES = ((3, 1), (37, 33), (5, 1024), (3, 50257), (2, 128256))
@@ -105,6 +108,41 @@ def _new_family_cases(family, device, dtype, gen):
                         return checks
 
                     yield f"{kind} {rows}x{n}{'' if mask[0] else ' no dx'}", run
+        # add_layer_norm / add_rms_norm: input and residual added in the norm's kernel, s and y written by it,
+        # grad_sum added as dx is written. Every operand at its own offset (input 1, residual 3, dy 0, grad_sum
+        # 1 elements off a 16-byte boundary) on the odd and long shapes, aligned on the others; without grad_sum
+        # and without dx once each.
+        for kind in ("add_layer_norm", "add_rms_norm"):
+            for rows, n in ADD_NORM_SHAPES:
+                for with_sum, mask in ((True, (True, True, True)), (False, (True, True, True)), (True, (False, True, True))):
+                    if (not with_sum or not mask[0]) and n not in (1024, 33):
+                        continue
+
+                    def run(kind=kind, rows=rows, n=n, with_sum=with_sum, mask=mask):
+                        offsets = (1, 3, 0, 1) if n % 2 else (0, 0, 0, 0)
+                        inp, res, dy, gs = (randn(rows * n + o)[o:].view(rows, n) for o in offsets)
+                        gs = gs if with_sum else None
+                        w, b = randn(n, scale=0.5, shift=1.0), randn(n, scale=0.5)
+                        if kind == "add_layer_norm":
+                            y, s, mean, rstd = VJP.add_layer_norm(inp, res, [n], w, b, 1e-5)
+                            dx, dw, db = VJP.add_layer_norm_backward(dy, gs, s, mean, rstd, w, b, [n], list(mask))
+                            ref = lambda s, w, b: F.layer_norm(s, (n,), w, b, 1e-5)  # noqa: E731
+                            y64, (ds64, dw64, db64) = grads(ref, (s, w, b), dy)
+                        else:
+                            y, s, rstd = VJP.add_rms_norm(inp, res, [n], w, 1e-5, 0.0, "torch")
+                            dx, dw = VJP.add_rms_norm_backward(dy, gs, s, rstd, w, [n], list(mask[:2]), 0.0)
+                            db = db64 = None
+                            y64, (ds64, dw64) = grads(lambda s, w: F.rms_norm(s, (n,), w, 1e-5), (s, w), dy)
+                        # s: torch's add in the dtype, exactly (a mismatch reads as an error of 1)
+                        checks = [("out", y, y64), ("sum", (s != inp + res).to(s.dtype), torch.zeros(rows, n, dtype=torch.float64)),
+                                  ("dweight", dw, dw64)]
+                        if dx is not None:
+                            checks.append(("grad", dx, ds64 + (gs.cpu().double() if gs is not None else 0.0)))
+                        if db is not None:
+                            checks.append(("dbias", db, db64))
+                        return checks
+
+                    yield f"{kind} {rows}x{n}{'' if with_sum else ' no grad_sum'}{'' if mask[0] else ' no dx'}", run
         for shape, dim in NORMALIZE_CASES:
             def run(shape=shape, dim=dim):
                 x, dy = randn(*shape), randn(*shape)
@@ -195,21 +233,29 @@ def run(families, dtypes, device) -> int:
         for variant in info.variants:
             for dtype in dtypes:
                 for label, x, dim in _inputs(info, device, dtype, gen):
+                    if info.name == "fused_linear_cross_entropy" and x.dim() != 2:
+                        continue  # hidden states (N, H) only: the column cases are no input of it
                     for keepdim in ((False, True) if info.keepdim else (False,)):
-                        kwargs = info.call_kwargs(dim=dim, keepdim=keepdim, **variant) if dim is not None else info.call_kwargs(**variant)
                         name = f"{info.name}{variant or ''} {str(dtype)[6:]} {label}{' keepdim' if keepdim else ''}"
                         count += 1
                         try:
-                            xg = x.detach().requires_grad_()
-                            y = info.op(xg, **kwargs)
+                            # The op with every tensor it takes (a norm's weight, an add-norm's residual, a loss's
+                            # target: the table's Call draws them on x's device), and every primal's gradient.
+                            where = dict(dim=dim, keepdim=keepdim) if dim is not None else {}
+                            call = info.call(x.detach(), **where, **variant).cast(requires_grad=True)
+                            y = call.op(*call.primals)
                             dy = torch.randn(y.shape, generator=gen).to(device=device, dtype=dtype)
-                            (dx,) = torch.autograd.grad(y, xg, dy)
+                            grads = torch.autograd.grad(y, call.primals, dy)
                             if device == "cuda":
                                 torch.cuda.synchronize()
-                            x64 = x.detach().cpu().double().requires_grad_()
-                            y64 = info.ref(x64, **kwargs)
-                            (dx64,) = torch.autograd.grad(y64, x64, dy.cpu().double())
-                            _check(name, (("out", y, y64), ("grad", dx, dx64)), dtype, failures)
+                            on_cpu = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in call.kwargs.items()}
+                            call64 = Call(info, tuple(t.detach().cpu() for t in call.primals), call.names, on_cpu)
+                            call64 = call64.cast(torch.float64, requires_grad=True)
+                            y64 = call64.ref(*call64.primals)
+                            grads64 = torch.autograd.grad(y64, call64.primals, dy.cpu().double())
+                            checks = [("out", y, y64)]
+                            checks += [(f"grad {n}", g, g64) for n, g, g64 in zip(("x", *call.names), grads, grads64)]
+                            _check(name, checks, dtype, failures)
                         except Exception as error:  # noqa: BLE001
                             failures.append(f"{name}: {type(error).__name__}: {error}")
     for line in failures:

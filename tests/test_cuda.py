@@ -478,6 +478,161 @@ def test_paths_norm_large_mean_fp32():
         torch.testing.assert_close(y.cpu().double(), (x64 - mean64[:, None]) * rstd64[:, None], rtol=0, atol=5e-3)
 
 
+# add_layer_norm / add_rms_norm (issue 15): one kernel reads input and residual, writes s = input + residual
+# (rounded to the dtype, as torch's add) and y = norm(s) (AddNormForward); the backward adds grad_sum to dx as it
+# writes it (AddNormBackward). Against float64 torch from the same rounded s: y and the statistics within the
+# dtype's tolerance, s bitwise equal to torch's add on the GPU, d_input = d_residual (one tensor) with and
+# without grad_sum, dweight and dbias within the fp32 summation bound (_check_param_grads).
+ADD_NORM_KINDS = ["add_layer_norm", "add_rms_norm"]
+
+
+def _add_norm_forward(kind, inp, res, weight, bias, eps=1e-5):
+    shape = [inp.shape[-1]]
+    if kind == "add_layer_norm":
+        return tuple(VJP.add_layer_norm(inp, res, shape, weight, bias, eps))
+    y, s, rstd = VJP.add_rms_norm(inp, res, shape, weight, eps, 0.0, "torch")
+    return y, s, None, rstd
+
+
+def _add_norm_backward(kind, dy, grad_sum, s, mean, rstd, weight, bias, mask):
+    shape = [s.shape[-1]]
+    if kind == "add_layer_norm":
+        return tuple(VJP.add_layer_norm_backward(dy, grad_sum, s, mean, rstd, weight, bias, shape, list(mask)))
+    dx, dw = VJP.add_rms_norm_backward(dy, grad_sum, s, rstd, weight, shape, list(mask[:2]), 0.0)
+    return dx, dw, None
+
+
+def _add_norm_reference(kind, s, weight, bias, dy, grad_sum, eps=1e-5):
+    """float64 torch from the rounded s: y, mean, rstd, d_input (= d_residual), dweight, dbias."""
+    n = s.shape[-1]
+    s64 = _cpu(s).double().requires_grad_()
+    w64 = None if weight is None else _cpu(weight).double().requires_grad_()
+    b64 = None if bias is None else _cpu(bias).double().requires_grad_()
+    F = torch.nn.functional
+    if kind == "add_layer_norm":
+        y64 = F.layer_norm(s64, (n,), w64, b64, eps)
+        mean64 = s64.detach().mean(-1)
+        var64 = s64.detach().var(-1, unbiased=False)
+    else:
+        y64 = F.rms_norm(s64, (n,), w64, eps)
+        mean64, var64 = None, s64.detach().pow(2).mean(-1)
+    inputs = [t for t in (s64, w64, b64) if t is not None]
+    grads = list(torch.autograd.grad(y64, inputs, _cpu(dy).double()))
+    d_s = grads.pop(0)
+    if grad_sum is not None:
+        d_s = d_s + _cpu(grad_sum).double()
+    d_w = grads.pop(0) if w64 is not None else None
+    d_b = grads.pop(0) if b64 is not None else None
+    return y64.detach(), mean64, (var64 + eps).rsqrt(), d_s, d_w, d_b
+
+
+def _view(rows, n, dtype, seed, offset, scale=1.0, shift=0.0):
+    """A (rows, n) CUDA view `offset` elements into its storage (offset 0: 16-byte aligned)."""
+    return _randn(rows * n + offset, dtype, seed, scale, shift).to(GPU)[offset:].view(rows, n)
+
+
+def assert_add_norm_matches_reference(kind, rows, n, dtype, offsets=(0, 0, 0, 0), params="both",
+                                      mask=(True, True, True), grad_sum=True, seed=0):
+    """offsets: input's, residual's, dy's and grad_sum's (elements off a 16-byte boundary)."""
+    inp = _view(rows, n, dtype, seed, offsets[0])
+    res = _view(rows, n, dtype, seed + 10, offsets[1], 2.0, 0.5)  # s ≠ either, and carries an offset
+    dy = _view(rows, n, dtype, seed + 3, offsets[2])
+    gs = _view(rows, n, dtype, seed + 4, offsets[3]) if grad_sum else None
+    norm = kind[len("add_"):]
+    _, weight, bias, _ = _norm_inputs(norm, 1, n, dtype, params, seed=seed)
+    weight, bias = _gpu(weight), _gpu(bias)
+    y, s, mean, rstd = _add_norm_forward(kind, inp, res, weight, bias)
+    assert y.shape == s.shape == inp.shape and y.dtype == s.dtype == dtype
+    assert torch.equal(s, inp + res), "s is not torch's add rounded to the dtype"
+    y64, mean64, rstd64, ds64, dw64, db64 = _add_norm_reference(kind, s, weight, bias, dy, gs)
+    stat_tol = TOL[torch.float64 if dtype == torch.float64 else torch.float32]
+    torch.testing.assert_close(_cpu(y).double(), y64, **TOL[dtype])
+    torch.testing.assert_close(_cpu(rstd).double(), rstd64, **stat_tol)
+    if mean is not None:
+        torch.testing.assert_close(_cpu(mean).double(), mean64, **stat_tol)
+    got = _add_norm_backward(kind, dy, gs, s, mean, rstd, weight, bias, mask)
+    if mask[0]:
+        assert got[0].dtype == dtype
+        torch.testing.assert_close(_cpu(got[0]).double(), ds64, **TOL[dtype])
+        # Against the norm's own backward plus grad_sum: the fused sum is rounded once, the unfused one twice, and
+        # the two kernels' plans (their block bounds differ) may add the row sums in another order: within two
+        # ulps of the terms' magnitudes, plus the dtype's atol.
+        plain = _norm_backward(norm, dy, s, mean, rstd, weight, bias, mask)[0].double()
+        addend = gs.double() if gs is not None else torch.zeros_like(plain)
+        err = (got[0].double() - (plain + addend)).abs()
+        bound = 2 * torch.finfo(dtype).eps * (plain.abs() + addend.abs()) + TOL[dtype]["atol"]
+        assert (err <= bound).all(), f"max excess {float((err - bound).max())}"
+    else:
+        assert got[0] is None
+    _check_param_grads(norm, got[1] if mask[1] else None, got[2] if mask[2] else None, _cpu(dy), _cpu(s),
+                       _cpu(mean), _cpu(rstd), _cpu(weight), _cpu(bias))
+    return got
+
+
+# Every row length that changes the path (NORM_LENGTHS), three rows each, every dtype; and at each row path the
+# plan reports for the add ops' own kernels (their block bounds differ from the norms': AddNormForward holds two
+# loads, 4 packs a thread), found and asserted by shape_for.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ADD_NORM_KINDS)
+def test_paths_add_norm_row_lengths(kind, dtype):
+    for n in NORM_LENGTHS:
+        assert_add_norm_matches_reference(kind, 3, n, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", ["rows_per_warp", "warp", "block", "cluster", "split"])  # ROW_PATHS, below
+@pytest.mark.parametrize("op", [f"{k}{d}" for k in ADD_NORM_KINDS for d in ("", "_backward")])
+def test_paths_add_norm_every_row_path(op, path, dtype):
+    shape = shape_for(op, path, dtype)
+    assert_add_norm_matches_reference(op.replace("_backward", ""), *shape, dtype)
+
+
+@pytest.mark.parametrize("shape", NORM_ROW_COUNTS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ADD_NORM_KINDS)
+def test_paths_add_norm_row_counts(kind, dtype, shape):
+    assert_add_norm_matches_reference(kind, *shape, dtype)
+
+
+# Every operand off the grid's alignment by itself (the grid is y's, a fresh tensor): input, residual, dy and
+# grad_sum at offsets 1 and 3 in turn and together; odd n (rows at every offset, the unfused sums); no grad_sum
+# (the norm's own backward); parameters none, weight, both; every output mask.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ADD_NORM_KINDS)
+def test_paths_add_norm_misaligned_and_masks(kind, dtype):
+    for offsets in ((1, 0, 0, 0), (0, 3, 0, 0), (0, 0, 1, 0), (0, 0, 0, 3), (1, 3, 3, 1), (3, 1, 0, 3)):
+        for rows, n in ((6, 1024), (9, 33), (4, 8192), (2, 1031), (5, 7)):
+            assert_add_norm_matches_reference(kind, rows, n, dtype, offsets)
+    for params in ("none", "weight", "both"):
+        for grad_sum in (True, False):
+            for mask in ((True, True, True), (True, False, False), (False, True, True), (True, True, False)):
+                for n in (64, 1031, 8192):
+                    assert_add_norm_matches_reference(kind, 33, n, dtype, (0, 1, 0, 0), params, mask, grad_sum)
+
+
+def test_add_norm_autograd_matches_cpu():
+    """The public functions through autograd (both outputs used, so grad_sum reaches the backward): values and the
+    gradients of input, residual, weight and bias on the GPU against the CPU kernels."""
+    import torch_vjp
+
+    for kind, dtype, rows, n in (("add_rms_norm", torch.bfloat16, 64, 4096), ("add_layer_norm", torch.float32, 33, 1031),
+                                 ("add_rms_norm", torch.float16, 8, 65536), ("add_layer_norm", torch.bfloat16, 70000, 8)):
+        tensors = [_randn((rows, n), dtype, 20), _randn((rows, n), dtype, 21), _randn(n, dtype, 22, 0.5, 1.0),
+                   _randn(n, dtype, 23, 0.5)]
+        if kind == "add_rms_norm":
+            tensors.pop()
+        dy, ds = _randn((rows, n), dtype, 24), _randn((rows, n), dtype, 25)
+        results = []
+        for device in ("cpu", GPU):
+            leaves = [t.to(device).requires_grad_() for t in tensors]
+            y, s = getattr(torch_vjp, kind)(leaves[0], leaves[1], [n], *leaves[2:])
+            grads = torch.autograd.grad((y, s), leaves, (dy.to(device), ds.to(device)))
+            results.append([_cpu(t) for t in (y, s, *grads)])
+        for got, want in zip(results[1], results[0]):
+            torch.testing.assert_close(got, want, **TOL[dtype])
+        assert torch.equal(results[1][2], results[1][3]), "d_input and d_residual differ"
+
+
 # normalize (p = 2): the row kernel along the last dim, the column kernel along the others; rows of zeros
 # (the norm below eps: dx = dy / eps).
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

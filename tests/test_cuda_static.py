@@ -226,3 +226,26 @@ def test_fused_loss_reads_each_chunk_once_where_a_kernel_holds_its_rows():
             assert p["now"] == sol.FUSED_LOSS_ROW_PASSES["loss+grad"], where
     readme = open(os.path.join(plans.ROOT, "benchmarks", "README.md")).read()
     assert plans.fused_markdown(passes) in readme, "regenerate it: python -m benchmarks.plans"
+
+
+def test_add_norm_plans_reach_every_row_path():
+    """Issue 15: add_layer_norm and add_rms_norm run the row engine's row kernel with two extra operands (the
+    residual added on load and s stored beside y; grad_sum added as dx is written), handled by row_kernel itself,
+    so on every path it plans: several rows a warp, a warp, a block, an sm_90 cluster and split rows. Norms are
+    rows-only, so the column paths never serve them. Here: the host planner, with the add ops' own constants
+    (two loads in flight: 4 packs a thread), reaches each row path in every dtype, within its instance's bound."""
+    plans, _ = _plan_table()
+    shapes = ((64, 7), (64, 100), (64, 200), (64, 400), (64, 1000), (64, 4000), (256, 16384), (256, 65536), (4, 300007))
+    ops = ("add_layer_norm", "add_layer_norm_backward", "add_rms_norm", "add_rms_norm_backward")
+    table = plans.row_table(shapes, ("bfloat16", "float32", "float64"), names=ops,
+                            gpus={"A100": plans.GPUS["A100"], "H100": plans.GPUS["H100"]})
+    for op in ops:
+        for dtype in ("bfloat16", "float32", "float64"):
+            for card in ("A100", "H100"):
+                rows = [r for r in table if (r["op"], r["dtype"], r["gpu"]) == (op, dtype, card)]
+                paths = {r["path"] for r in rows}
+                want = {"rows_per_warp", "warp", "block", "split"} | ({"cluster"} if card == "H100" else set())
+                assert paths == want, (op, dtype, card, sorted(paths))
+                for r in rows:
+                    assert r["threads"] <= r["bound"], r
+                    assert plans.kernel_name(r).startswith("void torch_vjp::cuda::row_kernel<torch_vjp::cuda::AddNorm"), r

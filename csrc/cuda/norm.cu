@@ -17,25 +17,21 @@ S* optional_ptr(const at::Tensor& t) {
 }
 
 struct CudaNorm {
-  // add_*: s = input + residual by torch's add (rounded to the input dtype, as the eager module's), then the
-  // norm of s: two launches and a second read of s, not the CPU's one pass (the row engine has one element
-  // output).
+  // add_*: one kernel reads input and residual once, forms s = input + residual rounded to the input dtype (as
+  // torch's add: the statistics are those of the s it writes) and writes s and y (the row engine's added input,
+  // cuda/norm_epilogues.cuh's AddNormForward).
   template <bool kCentered>
   static void norm_forward(const NormRows& r, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
                            double eps, const at::Tensor& y, const at::Tensor& mean, const at::Tensor& rstd,
                            const NormOptions& options) {
-    at::Tensor x = input;
-    if (options.sum.defined()) {
-      at::Tensor sum = options.sum;
-      at::add_out(sum, input, options.residual);
-      x = sum;
-    }
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_vjp_norm_cuda", [&] {
+    const bool add = options.sum.defined();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torch_vjp_norm_cuda", [&] {
       using S = at::opmath_type<scalar_t>;
-      norm_forward_cuda<kCentered, scalar_t>(r.rows, r.n, x.const_data_ptr<scalar_t>(), weight.const_data_ptr<S>(),
-                                             kCentered ? bias.const_data_ptr<S>() : nullptr, eps,
-                                             y.mutable_data_ptr<scalar_t>(), kCentered ? mean.mutable_data_ptr<S>() : nullptr,
-                                             rstd.mutable_data_ptr<S>(), options.round_xhat);
+      norm_forward_cuda<kCentered, scalar_t>(
+          r.rows, r.n, input.const_data_ptr<scalar_t>(), weight.const_data_ptr<S>(),
+          kCentered ? bias.const_data_ptr<S>() : nullptr, eps, y.mutable_data_ptr<scalar_t>(),
+          kCentered ? mean.mutable_data_ptr<S>() : nullptr, rstd.mutable_data_ptr<S>(), options.round_xhat,
+          add ? options.residual.const_data_ptr<scalar_t>() : nullptr, add ? options.sum.mutable_data_ptr<scalar_t>() : nullptr);
     });
   }
 
@@ -49,11 +45,10 @@ struct CudaNorm {
       norm_backward_cuda<kCentered, scalar_t>(
           r.rows, r.n, grad_output.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
           kCentered ? mean.const_data_ptr<S>() : nullptr, rstd.const_data_ptr<S>(), weight.const_data_ptr<S>(),
-          optional_ptr<scalar_t>(grad_input), optional_ptr<S>(grad_weight), optional_ptr<S>(grad_bias));
+          optional_ptr<scalar_t>(grad_input), optional_ptr<S>(grad_weight), optional_ptr<S>(grad_bias),
+          // add_*: d_input = d_residual = grad_sum + the norm's dx (math::add_norm_vjp), added in the dx pass
+          grad_sum.defined() ? grad_sum.const_data_ptr<scalar_t>() : nullptr);
     });
-    // add_*: d_input = d_residual = grad_sum + the norm's dx (math::add_norm_vjp), a second pass on CUDA
-    // (the CPU adds it in the dx pass).
-    if (grad_sum.defined()) grad_input.add_(grad_sum);
   }
 
   static void normalize_forward(const RowLayout& l, const at::Tensor& x, double eps, const at::Tensor& y,

@@ -18,6 +18,10 @@
 //             and dy and x are read twice. When n % P != 0 rows start at different pack offsets, a thread maps
 //             different row positions in different rows, and the sums take a second pass over dy and x
 //             instead (the engine's param_sums_kernel), as does a backward that wants no dx.
+//   add_*     add_layer_norm, add_rms_norm: AddNormForward, the forward with the residual added to x as both
+//             are loaded (4 packs of each; s = x + residual rounded to T, written beside y in the same pass),
+//             and AddNormBackward, the backward with grad_sum read and added as dx is written; every row path
+//             (the engine's kAddsInput, kOutAddend), with block bounds of their own (below).
 //
 // Special values: a row holding NaN gives NaN (as torch); rows of one value give x̂ = 0 (σ² = 0, rstd =
 // 1/√eps). Instruction budget (bf16, ~35 an element at 90% of an H200's bandwidth, 5 tensor-passes forward
@@ -108,9 +112,14 @@ struct NormForward : EpilogueDefaults {
 
   template <class Each>
   __device__ __forceinline__ Stat partial(const Each& each, const S (&)[1], const RowAt& at) const {
+    // c: the row's first element, the same for every thread (one load a row, from L1 after the first).
+    return partial_shifted(each, kCentered ? static_cast<S>(x[at.row * at.n]) : S(0));
+  }
+
+  // The partial with the layer_norm shift c (any element of the row; rms_norm ignores it).
+  template <class Each>
+  __device__ __forceinline__ Stat partial_shifted(const Each& each, S c) const {
     if constexpr (kCentered) {
-      // c: the row's first element, the same for every thread (one load a row, from L1 after the first).
-      const S c = static_cast<S>(x[at.row * at.n]);
       S sum = 0;
       int count = 0;  // an int: a whole pack's adds fold into one
       each([&](const S (&v)[kParamIn + 1], int) {
@@ -152,6 +161,40 @@ struct NormForward : EpilogueDefaults {
   __device__ __forceinline__ S row_out(const Row& r, int i) const { return kCentered && i == 0 ? r.mean : r.rstd; }
 };
 
+// add_layer_norm and add_rms_norm forward: the norm above, of s = input + residual rounded to T (torch's add,
+// so the statistics are those of the s written). The engine adds the residual to the input as it loads them
+// (kAddsInput) and writes s beside y in the same pass: two reads, two writes. The only change to the
+// epilogue is layer_norm's shift c, s's first element, formed as the engine forms s.
+template <bool kCentered, class T_>
+struct AddNormForward : NormForward<kCentered, T_> {
+  using Base = NormForward<kCentered, T_>;
+  using typename Base::S;
+  using typename Base::Stat;
+  using typename Base::T;
+  static constexpr bool kAddsInput = true;
+  // Two loads in flight (4 packs each) change the register budgets that fit (ptxas -v, CUDA 13.0, sm_90).
+  // float: layer_norm's 768-thread Block instance spilled 24 B at 80 registers; a Block instance up to 512
+  // threads (128) and WideBlock above it (80; rms_norm's 1024: 64) do not. The half types: Block at 512
+  // spilled bf16 layer_norm 176 B, WideBlock at 768 or 1024 (80, 64 registers) 36-188 B in every half
+  // instance; WideBlock up to 640 (96) none, Block up to 384 threads (168 registers) none on sm_90 but 16 B
+  // in bf16 layer_norm on sm_80, up to 256 (255: 126-216) none. So a block holds rows of 640 · 4 packs (20480
+  // elements); longer ones take a cluster (sm_90) or are split (sm_80).
+  static constexpr bool kHalf = sizeof(T) == 2;
+  static constexpr int kMaxThreads = kHalf ? 640 : Base::kMaxThreads;
+  static constexpr int kBlockThreads = kHalf ? 256 : 512;
+  const T* residual;  // layer_norm: c = x[0] + residual[0] of the row
+
+  template <class Each>
+  __device__ __forceinline__ Stat partial(const Each& each, const S (&)[1], const RowAt& at) const {
+    S c = S(0);
+    if constexpr (kCentered) {
+      const int64_t first = at.row * at.n;
+      c = math::as_stored<T>(static_cast<S>(this->x[first]) + static_cast<S>(residual[first]));
+    }
+    return this->partial_shifted(each, c);
+  }
+};
+
 // ---------------------------------------------------------------------------------------------------------
 // Backward of layer_norm and rms_norm: the VJP, derived once here for every kernel shape.
 //   forward  μ = mean(x) (0 for rms_norm), r = 1/√(mean((x - μ)²) + eps), x̂ = (x - μ) r, y = x̂ ⊙ w + b
@@ -164,6 +207,11 @@ struct NormForward : EpilogueDefaults {
 //   dw, db   Σ_rows dy ⊙ x̂ and Σ_rows dy: the gradient of a parameter that every row shares is the sum of
 //            the rows' gradients. They are the engine's parameter sums (param_terms), added in fp32 per row
 //            slot in the pass that writes dx, then summed over the slots in a fixed order.
+// add_layer_norm / add_rms_norm (AddNormBackward below): x is s = input + residual; ∂s/∂input = ∂s/∂residual
+//   = I, and s also reaches the loss directly (grad_sum: the gradient of the s output), so
+//            d_input = d_residual = grad_sum + dx                                  (math::add_norm_vjp)
+//            added to dx as it is written (the engine's kOutAddend: grad_sum read in that pass alone, not held
+//            through the reductions), rounded once; dw, db are the norm's at s.
 // kSums: with the parameter sums (dweight and, for layer_norm, dbias), else dx alone.
 template <bool kCentered, class T_, bool kSums>
 struct NormBackward : EpilogueDefaults {
@@ -233,6 +281,28 @@ struct NormBackward : EpilogueDefaults {
     t[0] = v[0] * math::norm_xhat(v[1], r.mean, r.rstd);
     if constexpr (kCentered) t[1] = v[0];
   }
+};
+
+// add_*_norm's backward (the derivation is NormBackward's, its last lines): dx + grad_sum, grad_sum the
+// engine's output addend.
+template <bool kCentered, class T_, bool kSums>
+struct AddNormBackward : NormBackward<kCentered, T_, kSums> {
+  using Base = NormBackward<kCentered, T_, kSums>;
+  using typename Base::S;
+  static constexpr bool kOutAddend = true;
+  // grad_sum's pack beside dx's in the output pass changes the register budgets that fit (ptxas -v, CUDA 13.0,
+  // sm_90). float, dx alone: Block spilled 48-56 B bound at 768 threads (80 registers) and 208 B at 512 (128:
+  // the packs of dy and x kept unpacked, as NormBackward's), none at 640 (96), nor WideBlock (80) above it.
+  // The half types, dx alone: Block spilled 8 B at 640 and 150-320 B at 384-512, none at 256 (up to 255
+  // registers: 221-226), WideBlock (768, 80) none; Cluster 56 B at 768 and 40-56 B at 512, none at 384
+  // (168). With the sums: layer_norm's WideBlock spilled 8 B at 768 (80), none at 640 (95); Block and
+  // Cluster at NormBackward's 512 none.
+  static constexpr bool kHalf = sizeof(T_) == 2;
+  static constexpr int kMaxThreads = kSums && kHalf ? 640 : Base::kMaxThreads;
+  static constexpr int kBlockThreads = kSums ? 512 : kHalf ? 256 : 640;
+  static constexpr int kClusterThreads = !kSums && kHalf ? 384 : Base::kClusterThreads;
+  static constexpr int kClusterBound = !kSums && kHalf ? 0 : Base::kClusterBound;
+  __device__ __forceinline__ S add_out(S dx, S grad_sum) const { return math::add_norm_vjp(dx, grad_sum); }
 };
 
 // ---------------------------------------------------------------------------------------------------------
@@ -322,54 +392,79 @@ struct NormalizeBackward : SumEpilogue<Opmath<T_>> {
 
 template <bool kCentered, class T>
 void norm_forward_cuda(int64_t rows, int64_t n, const T* x, const Opmath<T>* weight, const Opmath<T>* bias, double eps,
-                       T* y, Opmath<T>* mean, Opmath<T>* rstd, bool round_xhat) {
-  using Op = NormForward<kCentered, T>;
+                       T* y, Opmath<T>* mean, Opmath<T>* rstd, bool round_xhat, const T* residual, T* sum) {
   using S = Opmath<T>;
-  Op op;
-  op.round_xhat = round_xhat;
-  op.eps = static_cast<S>(eps);
-  op.inv_n = static_cast<S>(1.0 / static_cast<double>(n));
-  op.x = x;
-  Operands<Op> ops;
-  ops.in[0] = x;
-  ops.param[0] = weight;
-  if constexpr (kCentered) ops.param[1] = bias;
-  ops.out = y;
-  if constexpr (kCentered) ops.row_out[0] = mean;
-  ops.row_out[kCentered ? 1 : 0] = rstd;
-  run_rows(op, RowLayout{rows, n, 1}, ops);
+  const auto go = [&](auto op) {
+    using Op = decltype(op);
+    op.round_xhat = round_xhat;
+    op.eps = static_cast<S>(eps);
+    op.inv_n = static_cast<S>(1.0 / static_cast<double>(n));
+    op.x = x;
+    Operands<Op> ops;
+    ops.in[0] = x;
+    ops.param[0] = weight;
+    if constexpr (kCentered) ops.param[1] = bias;
+    ops.out = y;
+    if constexpr (kCentered) ops.row_out[0] = mean;
+    ops.row_out[kCentered ? 1 : 0] = rstd;
+    if constexpr (Op::kAddsInput) {
+      op.residual = residual;
+      ops.addend = residual;
+      ops.out_sum = sum;
+    }
+    run_rows(op, RowLayout{rows, n, 1}, ops);
+  };
+  TORCH_INTERNAL_ASSERT((residual == nullptr) == (sum == nullptr), "torch_vjp: add_*_norm needs residual and sum");
+  if (residual != nullptr) go(AddNormForward<kCentered, T>{});
+  else go(NormForward<kCentered, T>{});
 }
 
 template <bool kCentered, class T>
 void norm_backward_cuda(int64_t rows, int64_t n, const T* dy, const T* x, const Opmath<T>* mean,
                         const Opmath<T>* rstd, const Opmath<T>* weight, T* dx, Opmath<T>* dweight,
-                        Opmath<T>* dbias) {
+                        Opmath<T>* dbias, const T* grad_sum) {
   using S = Opmath<T>;
   const RowLayout layout{rows, n, 1};
   const auto operands = [&](auto op) {
-    Operands<decltype(op)> ops;
+    using Op = decltype(op);
+    Operands<Op> ops;
     ops.in[0] = dy;
     ops.in[1] = x;
     ops.param[0] = weight;
     if constexpr (kCentered) ops.row_in[0] = mean;
     ops.row_in[kCentered ? 1 : 0] = rstd;
     ops.out = dx;
-    if constexpr (decltype(op)::kParamSums > 0) {
+    if constexpr (Op::kOutAddend) ops.addend = grad_sum;
+    if constexpr (Op::kParamSums > 0) {
       ops.param_sums[0] = dweight;
       if constexpr (kCentered) ops.param_sums[1] = dbias;
     }
     return ops;
   };
-  NormBackward<kCentered, T, true> with_sums;
-  NormBackward<kCentered, T, false> dx_only;
-  with_sums.inv_n = dx_only.inv_n = static_cast<S>(1.0 / static_cast<double>(n));
+  const S inv_n = static_cast<S>(1.0 / static_cast<double>(n));
+  // The kernel that writes dx: with the sums fused where it can (rows at one grid offset), and with grad_sum
+  // added as dx is written (add_*_norm: the AddNormBackward instances) when there is one.
+  const auto run_dx = [&](auto with_sums, auto dx_only, bool sums) {
+    with_sums.inv_n = dx_only.inv_n = inv_n;
+    if (sums && fuses_param_sums<decltype(with_sums)>(layout)) {
+      run_rows(with_sums, layout, operands(with_sums));  // dx and the sums in one pass
+      return true;
+    }
+    run_rows(dx_only, layout, operands(dx_only));
+    return false;
+  };
   const bool sums = dweight != nullptr || dbias != nullptr;
-  if (dx != nullptr && sums && fuses_param_sums<decltype(with_sums)>(layout)) {
-    run_rows(with_sums, layout, operands(with_sums));  // dx and the sums in one pass
-    return;
+  bool summed = false;
+  if (dx != nullptr && grad_sum != nullptr)
+    summed = run_dx(AddNormBackward<kCentered, T, true>{}, AddNormBackward<kCentered, T, false>{}, sums);
+  else if (dx != nullptr)
+    summed = run_dx(NormBackward<kCentered, T, true>{}, NormBackward<kCentered, T, false>{}, sums);
+  if (sums && !summed) {
+    // The sums alone (rows at different grid offsets, or no dx): they do not involve grad_sum.
+    NormBackward<kCentered, T, true> with_sums;
+    with_sums.inv_n = inv_n;
+    run_param_sums(with_sums, layout, operands(with_sums));
   }
-  if (dx != nullptr) run_rows(dx_only, layout, operands(dx_only));
-  if (sums) run_param_sums(with_sums, layout, operands(with_sums));
 }
 
 // eps in the compute type, at least the smallest normal float: reciprocal() flushes a denormal eps to 0
@@ -416,8 +511,13 @@ bool norm_plan(std::string_view op, const RowLayout& l, Plan& plan) {
   };
   if (op == "layer_norm") plan = engine_plan<NormForward<true, T>>(l);
   else if (op == "rms_norm") plan = engine_plan<NormForward<false, T>>(l);
+  else if (op == "add_layer_norm") plan = engine_plan<AddNormForward<true, T>>(l);
+  else if (op == "add_rms_norm") plan = engine_plan<AddNormForward<false, T>>(l);
   else if (op == "layer_norm_backward") plan = backward(NormBackward<true, T, true>{}, NormBackward<true, T, false>{});
   else if (op == "rms_norm_backward") plan = backward(NormBackward<false, T, true>{}, NormBackward<false, T, false>{});
+  // add_*_norm_backward with grad_sum defined (without it, the norm's backward runs)
+  else if (op == "add_layer_norm_backward") plan = backward(AddNormBackward<true, T, true>{}, AddNormBackward<true, T, false>{});
+  else if (op == "add_rms_norm_backward") plan = backward(AddNormBackward<false, T, true>{}, AddNormBackward<false, T, false>{});
   else if (op == "normalize") plan = engine_plan<NormalizeForward<T>>(l);
   else if (op == "normalize_backward") plan = engine_plan<NormalizeBackward<T>>(l);
   else return false;
@@ -431,13 +531,15 @@ bool norm_plan(std::string_view op, const RowLayout& l, Plan& plan) {
 #define TORCH_VJP_NORM_INSTANTIATE(T)                                                                          \
   namespace torch_vjp::cuda {                                                                                \
   template void norm_forward_cuda<true, T>(int64_t, int64_t, const T*, const Opmath<T>*, const Opmath<T>*,     \
-                                           double, T*, Opmath<T>*, Opmath<T>*, bool);                          \
+                                           double, T*, Opmath<T>*, Opmath<T>*, bool, const T*, T*);            \
   template void norm_forward_cuda<false, T>(int64_t, int64_t, const T*, const Opmath<T>*, const Opmath<T>*,    \
-                                            double, T*, Opmath<T>*, Opmath<T>*, bool);                         \
+                                            double, T*, Opmath<T>*, Opmath<T>*, bool, const T*, T*);           \
   template void norm_backward_cuda<true, T>(int64_t, int64_t, const T*, const T*, const Opmath<T>*,           \
-                                            const Opmath<T>*, const Opmath<T>*, T*, Opmath<T>*, Opmath<T>*);   \
+                                            const Opmath<T>*, const Opmath<T>*, T*, Opmath<T>*, Opmath<T>*,    \
+                                            const T*);                                                         \
   template void norm_backward_cuda<false, T>(int64_t, int64_t, const T*, const T*, const Opmath<T>*,          \
-                                             const Opmath<T>*, const Opmath<T>*, T*, Opmath<T>*, Opmath<T>*);  \
+                                             const Opmath<T>*, const Opmath<T>*, T*, Opmath<T>*, Opmath<T>*,   \
+                                             const T*);                                                        \
   template void normalize_forward_cuda<T>(const RowLayout&, const T*, double, T*, Opmath<T>*);               \
   template void normalize_backward_cuda<T>(const RowLayout&, const T*, const T*, const Opmath<T>*, double, T*); \
   template bool norm_plan<T>(std::string_view, const RowLayout&, Plan&);                                     \

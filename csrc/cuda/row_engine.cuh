@@ -72,6 +72,16 @@
 //   static constexpr bool kReduces;      has a row reduction (else only finish + map)
 //   static constexpr bool kMasked;       partial sees only the row's elements, not the padding (default false)
 //   static constexpr bool kRowsOnly;     inner == 1 only: uses e, parameters or parameter sums (default false)
+//   static constexpr bool kAddsInput;    element input 0 is the sum in[0] + addend of two tensors, rounded to T
+//                                        (default false; rows only; kIn == 1): the engine loads both, adds them
+//                                        pack by pack as soon as they arrive (so the op sees one input, and only
+//                                        the sum is held through the reduction), and stores the sum to out_sum in
+//                                        the pass that writes the element output (add_*_norm's s = input +
+//                                        residual: two reads, two writes, one pass)
+//   static constexpr bool kOutAddend;    an element tensor `addend` added to the element output, read only in the
+//                                        pass that writes it (not held through the reduction): out =
+//                                        add_out(map(...), addend) (default false; rows only; add_*_norm's
+//                                        backward: d_input = grad_sum + the norm's dx)
 //   static constexpr bool kAsserts;      rows may break a precondition (an out-of-range target; default false):
 //                                        bool row_ok(const Row&) const says, and a kernel that finished a row
 //                                        that does not fails with a device-side assert (CUDA_KERNEL_ASSERT)
@@ -162,6 +172,8 @@ struct EpilogueDefaults {
   static constexpr int kParamSums = 0;
   static constexpr bool kMasked = false;
   static constexpr bool kRowsOnly = false;
+  static constexpr bool kAddsInput = false;
+  static constexpr bool kOutAddend = false;
   static constexpr bool kAsserts = false;
   static constexpr int kMaxThreads = 1024;
   static constexpr int kBlockThreads = 512;
@@ -185,14 +197,20 @@ inline constexpr int kRowInSlots = kSlotsFor<Op::kRowIn>;
 template <class Op>
 inline constexpr int kVals = Op::kIn + Op::kParamIn;  // values an element slot hands partial and map
 
+// Tensors a thread loads per element and holds until they are reduced: the element inputs, and the addend of
+// an op that adds it to input 0 on load (kAddsInput: both are in flight together). An output addend
+// (kOutAddend) is read after the reduction, one pack at a time, and is not counted.
+template <class Op>
+inline constexpr int kLoads = Op::kIn + (Op::kAddsInput ? 1 : 0);
+
 // Packs per thread per input in the engine's largest kernels: one float input, 8 (32 elements); otherwise 4
-// (the half types' 32 elements unpack to 32 floats; double computes in pairs of registers; two inputs, 4
-// each). At most 32 registers of data, so 1024-thread blocks fit 64 registers a thread. Ops with parameter
+// (the half types' 32 elements unpack to 32 floats; double computes in pairs of registers; two inputs, or an
+// input and its addend, 4 each). At most 32 registers of data, so 1024-thread blocks fit 64 registers a thread. Ops with parameter
 // sums hold their sums too: 2 packs (a bf16 layer_norm backward: 16 registers of data, 32 of sums; 80
 // registers in all, so 3 blocks of 256 threads an SM).
 template <class Op>
 inline constexpr int kRowPacks =
-    Op::kParamSums > 0 ? 2 : (Op::kIn == 1 && sizeof(typename Op::T) == 4 ? 8 : 4);
+    Op::kParamSums > 0 ? 2 : (kLoads<Op> == 1 && sizeof(typename Op::T) == 4 ? 8 : 4);
 
 template <class Op>
 struct EngineArgs {
@@ -203,12 +221,16 @@ struct EngineArgs {
   const T* in[Op::kIn];
   const S* param[kSlotsFor<Op::kParamIn>];  // parameter vectors (n values each)
   T* out;                                  // element output, or nullptr
+  const T* addend;         // kAddsInput: added to input 0 on load; kOutAddend: added to the element output
+  T* out_sum;              // kAddsInput: where input 0 + addend is written (the grid pack as loaded and added)
   const R* row_in[kRowInSlots<Op>];        // per-row inputs
   R* row_out[kSlotsFor<Op::kRowOut>];      // per-row outputs
   S* param_ws;             // row path: partial parameter sums [c][slot][n], or nullptr: none this launch
   int64_t outer, n, inner;
   int grid_mis;            // row path: misalignment (elements) of the grid operand's element 0
   int shift[Op::kIn];      // row path: each input's misalignment relative to the grid, mod P
+  int addend_shift;        // row path: the addend's, likewise
+  bool sum_aligned;        // row path: out_sum has the grid's alignment (else it is stored element by element)
   int lanes;               // row path: threads per row in a block (G); column path: column slots (W)
   int64_t chunks;          // blocks per row (column) along n, blockIdx.y; 1 unless split
   int64_t chunk_len;       // split: packs (row path) or rows (column path) per chunk
@@ -341,13 +363,15 @@ template <class Op, int V, RowKind K>
 inline constexpr int kRowMinBlocks =
     K != RowKind::Shuffle
         ? 1
-        : std::clamp(kRowBytesInFlight / (kSubWarpThreads * V * Op::kIn * 16), 1, kShuffleMaxMinBlocks);
+        : std::clamp(kRowBytesInFlight / (kSubWarpThreads * V * kLoads<Op> * 16), 1, kShuffleMaxMinBlocks);
 
 template <class Op, int V, RowKind K>
 __global__ void __launch_bounds__(kRowThreads<Op, K>, (kRowMinBlocks<Op, V, K>)) row_kernel(const EngineArgs<Op> a) {
   static_assert(Op::kMaxThreads % kWarpSize == 0 && Op::kClusterThreads % kWarpSize == 0 &&
                 Op::kClusterThreads <= Op::kMaxThreads && Op::kMaxThreads >= kSubWarpThreads, "block sizes");
   static_assert((K == RowKind::Shuffle) == (V < kRowPacks<Op>), "Shuffle instances are those with V < kRowPacks");
+  static_assert(!Op::kAddsInput || (Op::kIn == 1 && Op::kElementOut), "an added input: one input, and an output pass");
+  static_assert(!Op::kOutAddend || Op::kElementOut, "an output addend needs an element output");
   constexpr bool kShuffleOnly = K == RowKind::Shuffle;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   // Code for an architecture without clusters never runs a Cluster instance (launch.cuh's cluster_code): an empty
@@ -415,6 +439,16 @@ __global__ void __launch_bounds__(kRowThreads<Op, K>, (kRowMinBlocks<Op, V, K>))
           const T* in = a.in[i] + (row_start + run0);
 #pragma unroll
           for (int j = 0; j < V; ++j) tile[i][j] = load_grid_pack(in, e0_of(j), lo, hi, a.shift[i], last_in_run, a.op.pad(i));
+        }
+        if constexpr (Op::kAddsInput) {
+          // Input 0 becomes in[0] + addend, rounded to T (as torch's add of two T tensors): every load is issued
+          // first, then the sums replace input 0's packs and the addend's are dead. Padding: pad(0) + 0.
+          const T* add = a.addend + (row_start + run0);
+          Pack<T> addend[V];
+#pragma unroll
+          for (int j = 0; j < V; ++j) addend[j] = load_grid_pack(add, e0_of(j), lo, hi, a.addend_shift, last_in_run, S(0));
+#pragma unroll
+          for (int j = 0; j < V; ++j) tile[0][j] = add_packs(tile[0][j], addend[j]);
         }
       }
       S row_in[kRowInSlots<Op>] = {};
@@ -494,11 +528,17 @@ __global__ void __launch_bounds__(kRowThreads<Op, K>, (kRowMinBlocks<Op, V, K>))
           S p[kSlotsFor<kParamIn>][P];
           params_of(j, p);
           S o[P];
+          // kOutAddend: its grid pack, loaded here (every lane of the warp reaches this load: the j loop is
+          // uniform; rows past the end have lo == hi and load nothing).
+          Pack<T> addend;
+          if constexpr (Op::kOutAddend)
+            addend = load_grid_pack(a.addend + (row_start + run0), e0_of(j), lo, hi, a.addend_shift, last_in_run, S(0));
 #pragma unroll
           for (int k = 0; k < P; ++k) {
             S v[kVals<Op>];
             values_of(j, k, p, v);
             if constexpr (Op::kElementOut) o[k] = a.op.map(rc, v, e0_of(j) + k);
+            if constexpr (Op::kOutAddend) o[k] = a.op.add_out(o[k], pack_elem(addend, k));
             if constexpr (kSums > 0) {
               if (add) {
                 S t[kSlotsFor<kSums>];
@@ -509,6 +549,8 @@ __global__ void __launch_bounds__(kRowThreads<Op, K>, (kRowMinBlocks<Op, V, K>))
             }
           }
           if constexpr (Op::kElementOut) store_grid_pack(a.out + (row_start + run0), e0_of(j), lo, hi, o);
+          // The sum, exactly as the op saw it (a whole pack where out_sum shares the grid's alignment).
+          if constexpr (Op::kAddsInput) store_grid_pack(a.out_sum + (row_start + run0), e0_of(j), lo, hi, tile[0][j], a.sum_aligned);
         }
       }
     }
@@ -546,6 +588,7 @@ __global__ void __launch_bounds__(kRowThreads<Op, K>, (kRowMinBlocks<Op, V, K>))
 template <class Op, int V, bool kVec>
 __global__ void __launch_bounds__(column_max_threads(kVec), kColumnMinBlocks) column_kernel(const EngineArgs<Op> a) {
   static_assert(!Op::kRowsOnly, "an op that uses row positions or parameters runs on rows only");
+  static_assert(!Op::kAddsInput && !Op::kOutAddend, "addends are row-path operands (such ops are kRowsOnly)");
   using T = typename Op::T;
   using S = typename Op::S;
   using R = typename Op::R;
@@ -726,6 +769,8 @@ struct Operands {
   const T* in[Op::kIn];
   const S* param[kSlotsFor<Op::kParamIn>] = {};
   T* out = nullptr;
+  const T* addend = nullptr;  // kAddsInput, kOutAddend: required
+  T* out_sum = nullptr;       // kAddsInput: required
   const R* row_in[kRowInSlots<Op>] = {};
   R* row_out[kSlotsFor<Op::kRowOut>] = {};
   S* param_sums[kSlotsFor<Op::kParamSums>] = {};  // outputs, n values each; nullptr: not wanted
@@ -784,6 +829,8 @@ EngineArgs<Op> engine_args(const Op& op, const RowLayout& l, const Operands<Op>&
   for (int i = 0; i < Op::kIn; ++i) args.in[i] = ops.in[i];
   for (int c = 0; c < kSlotsFor<Op::kParamIn>; ++c) args.param[c] = ops.param[c];
   args.out = ops.out;
+  args.addend = ops.addend;
+  args.out_sum = ops.out_sum;
   for (int r = 0; r < kRowInSlots<Op>; ++r) args.row_in[r] = ops.row_in[r];
   for (int r = 0; r < kSlotsFor<Op::kRowOut>; ++r) args.row_out[r] = ops.row_out[r];
   args.outer = l.outer;
@@ -969,6 +1016,14 @@ void run_rows(const Op& op, const RowLayout& l, const Operands<Op>& ops) {
     // The grid is aligned for the element output where there is one, else for input 0.
     args.grid_mis = Op::kElementOut ? misalignment(ops.out) : misalignment(ops.in[0]);
     for (int i = 0; i < Op::kIn; ++i) args.shift[i] = (misalignment(ops.in[i]) - args.grid_mis + P) % P;
+    if constexpr (Op::kAddsInput || Op::kOutAddend) {
+      TORCH_INTERNAL_ASSERT(ops.addend != nullptr && ops.out != nullptr, "torch_vjp: an addend op without its operands");
+      args.addend_shift = (misalignment(ops.addend) - args.grid_mis + P) % P;
+    }
+    if constexpr (Op::kAddsInput) {
+      TORCH_INTERNAL_ASSERT(ops.out_sum != nullptr, "torch_vjp: an added input without out_sum");
+      args.sum_aligned = misalignment(ops.out_sum) == args.grid_mis;
+    }
     bool want_sums = false;
     for (int c = 0; c < Op::kParamSums; ++c) want_sums = want_sums || ops.param_sums[c] != nullptr;
     const bool fused_sums = want_sums && fuses_param_sums<Op>(l);

@@ -124,6 +124,41 @@ __device__ __forceinline__ void set_pack_elem(Pack<T>& p, int k, S value) {
   }
 }
 
+// Element-wise a + b of two packs rounded to T: torch's add of two T tensors. Float and double: their own add.
+// The half types: torch adds in float and rounds the sum to nearest even; float's 24 bits are at least 2p + 2
+// for fp16 (p = 11) and bf16 (p = 8), so that double rounding equals the correctly rounded sum, which the packed
+// instructions (add.rn.f16x2; bf16x2 on sm_80+) give directly, two elements an instruction and without
+// unpacking to floats that would stay live beside the packs (that raised an fp16 norm's registers by 50).
+template <class T>
+__device__ __forceinline__ Pack<T> add_packs(const Pack<T>& a, const Pack<T>& b) {
+  if constexpr (sizeof(T) == 2) {
+    Pack<T> r;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        __nv_bfloat162 x, y;
+        std::memcpy(&x, &a.w[k], 4);
+        std::memcpy(&y, &b.w[k], 4);
+        const __nv_bfloat162 z = __hadd2(x, y);
+        std::memcpy(&r.w[k], &z, 4);
+      } else {
+        __half2 x, y;
+        std::memcpy(&x, &a.w[k], 4);
+        std::memcpy(&y, &b.w[k], 4);
+        const __half2 z = __hadd2(x, y);
+        std::memcpy(&r.w[k], &z, 4);
+      }
+    }
+    return r;
+  } else {
+    using S = decltype(pack_elem(a, 0));
+    S v[kPackElems<T>];
+#pragma unroll
+    for (int k = 0; k < kPackElems<T>; ++k) v[k] = pack_elem(a, k) + pack_elem(b, k);
+    return make_pack<T>(v);
+  }
+}
+
 template <class T, class S>
 __device__ __forceinline__ Pack<T> filled_pack(S value) {
   S v[kPackElems<T>];
@@ -227,6 +262,21 @@ __device__ __forceinline__ void store_grid_pack(T* base, int e0, int lo, int hi,
     for (int k = 0; k < P; ++k) {
       const int e = e0 + k;
       if (e >= lo && e < hi) base[e] = static_cast<T>(v[k]);
+    }
+  }
+}
+
+// The same for a pack of raw elements (a value already in T, stored as it is).
+template <class T>
+__device__ __forceinline__ void store_grid_pack(T* base, int e0, int lo, int hi, const Pack<T>& p, bool aligned = true) {
+  constexpr int P = kPackElems<T>;
+  if (aligned && e0 >= lo && e0 + P <= hi) {
+    store_pack(base + e0, p);
+  } else {
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+      const int e = e0 + k;
+      if (e >= lo && e < hi) base[e] = static_cast<T>(pack_elem(p, k));  // exact: p holds values of T
     }
   }
 }
