@@ -199,14 +199,13 @@ struct RowSum {
   }
   // group(j) for j = 0, width, ... below `end`, the sums in `sums` flushed after each whole chunk.
   template <size_t K, class Group>
-  static TVJP_HD int64_t for_each_chunk(std::array<RowSum, K>& sums, int64_t end, int64_t width, const Group& group) {
+  static TVJP_HD void for_each_chunk(std::array<RowSum, K>& sums, int64_t end, int64_t width, const Group& group) {
     int64_t j = 0;
     for (; j + kChunk * width <= end;) {
       for (const int64_t stop = j + kChunk * width; j < stop; j += width) group(j);
       for (auto& sum : sums) sum.flush();
     }
     for (; j < end; j += width) group(j);
-    return j;
   }
   TVJP_HD T result() {
     flush();
