@@ -182,8 +182,8 @@ TVJP_HD void map_row(S* out, int64_t n, bool stream, const Fn& fn, const In*... 
 // the flush stays off the loop's critical path), and rounding grows with the chunk length alone, not with n (a
 // double row of 128256 terms summed chunk after chunk lost ~30 ulps; torch's own sums are cascaded).
 // for_each_chunk runs the groups: whole chunks in a loop of their own, flushed after each, so the loop carries
-// no per-group counter (a count and a test a vector cost as much as the sum's own add); the last partial chunk
-// and the row's tail share result()'s flush.
+// no per-group counter (a count and a test a vector cost as much as the sum's own add); the last chunk, whole
+// or not, and the row's tail share result()'s flush (a row of exactly one chunk flushes once, not twice).
 template <class T>
 struct RowSum {
   static constexpr int64_t kChunk = 16;
@@ -197,17 +197,21 @@ struct RowSum {
     total = sum;
     acc = Vec<T>(T(0));
   }
-  // group(j) for j = 0, width, ... below `end`, the sums in `sums` flushed after each whole chunk.
+  // group(j) for j = 0, width, ... below `end`, the sums in `sums` flushed after each whole chunk but the last.
   template <size_t K, class Group>
   static TVJP_HD void for_each_chunk(std::array<RowSum, K>& sums, int64_t end, int64_t width, const Group& group) {
     int64_t j = 0;
     for (; j + kChunk * width <= end;) {
       for (const int64_t stop = j + kChunk * width; j < stop; j += width) group(j);
+      if (j == end) return;
       for (auto& sum : sums) sum.flush();
     }
     for (; j < end; j += width) group(j);
   }
   TVJP_HD T result() {
+    // Nothing flushed yet (a row of one chunk), or flushes that summed to exactly 0: the double sum below would
+    // give the lanes' total back bit for bit (never -0: the lanes start at +0), so skip it.
+    if (total == 0 && compensation == 0) return at::vec::vec_reduce_all<T>([](Vec<T> a, Vec<T> b) { return a + b; }, acc);
     flush();
     // A total that became ±inf or NaN stays non-finite, and its compensation (inf - inf) means nothing.
     return static_cast<T>(std::isfinite(total) ? total + compensation : total);

@@ -74,10 +74,18 @@ TVJP_HD T norm_vjp(T g, T xhat, S mean_g, S mean_g_xhat, S rstd) {
 // there. NaN is kept (a NaN ρ never clamps). No change for float and double input.
 template <class Storage, class S>
 TVJP_HD S as_stored(S v) { return static_cast<S>(static_cast<Storage>(v)); }
+// NormalizeClamp rounds eps once, for a loop over rows; the two functions below are its one-row forms.
 template <class Storage, class S>
-TVJP_HD bool normalize_clamped(S rho, S eps) { return as_stored<Storage>(rho) <= as_stored<Storage>(eps); }
+struct NormalizeClamp {
+  S eps, eps_stored;
+  TVJP_HD explicit NormalizeClamp(S eps_) : eps(eps_), eps_stored(as_stored<Storage>(eps_)) {}
+  TVJP_HD bool clamped(S rho) const { return as_stored<Storage>(rho) <= eps_stored; }
+  TVJP_HD S denominator(S rho) const { return clamped(rho) ? eps : rho; }
+};
 template <class Storage, class S>
-TVJP_HD S normalize_denominator(S rho, S eps) { return normalize_clamped<Storage>(rho, eps) ? eps : rho; }
+TVJP_HD bool normalize_clamped(S rho, S eps) { return NormalizeClamp<Storage, S>(eps).clamped(rho); }
+template <class Storage, class S>
+TVJP_HD S normalize_denominator(S rho, S eps) { return NormalizeClamp<Storage, S>(eps).denominator(rho); }
 
 // normalize: dx = (dy - y ⟨y, dy⟩) / ρ, or dy / eps where clamped (scale = 1/ρ or 1/eps, dot = ⟨y, dy⟩ or 0).
 template <class T, class S>
