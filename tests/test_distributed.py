@@ -83,6 +83,11 @@ def two_compiled():
     return _run("two_compiled", 2, COMPILED_TIMEOUT_S)
 
 
+@pytest.fixture(scope="module")
+def four_compiled():
+    return _run("four_compiled", 4, COMPILED_TIMEOUT_S)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The cases (run in the spawned processes).
 
@@ -519,6 +524,12 @@ def case_example_fsdp_tp(rank, world):
     _example_case(2, world // 2)
 
 
+def case_example_fsdp_tp_compiled(rank, world):
+    """The 2-D (FSDP x TP) mesh with the example's --compile: FSDP over the dp dim, the blocks' parts compiled
+    under tensor parallelism."""
+    _example_case(2, world // 2, compile=True)
+
+
 def case_vocab_parallel_compiled(rank, world):
     """The vocabulary-parallel cross_entropy and fused loss under torch.compile(fullgraph=True), backward too."""
     from torch.distributed.tensor import Shard
@@ -599,6 +610,7 @@ SUITES = {
     "two_compiled": [("fsdp_compiled", case_fsdp_compiled), ("example_fsdp_compiled", case_example_fsdp_compiled),
                      ("example_tp_compiled", case_example_tp_compiled),
                      ("vocab_parallel_compiled", case_vocab_parallel_compiled)],
+    "four_compiled": [("example_fsdp_tp_compiled", case_example_fsdp_tp_compiled)],
 }
 
 
@@ -631,3 +643,8 @@ def test_four_processes(four, family):
 @pytest.mark.parametrize("family", [name for name, _ in SUITES["two_compiled"]])
 def test_two_processes_compiled(two_compiled, family):
     assert two_compiled.get(family) == "ok", two_compiled.get(family, "did not run")
+
+
+@pytest.mark.parametrize("family", [name for name, _ in SUITES["four_compiled"]])
+def test_four_processes_compiled(four_compiled, family):
+    assert four_compiled.get(family) == "ok", four_compiled.get(family, "did not run")
