@@ -310,6 +310,15 @@ def _fused_backward_ref(grad_output, input, weight, target, bias, class_weight, 
     return (dlogits @ weight.to(ct)).to(input.dtype), (dlogits.t() @ input.to(ct)).to(weight.dtype), grad_bias
 
 
+def _fused_option_logits(logits, class_weight, softcap, lse_square_scale):
+    """Logits (and class weights) as the fused op's options see them: with an option the op forms z in the compute
+    type, so its loss is z's unrounded; without, unchanged."""
+    if softcap > 0 or lse_square_scale > 0:
+        logits = logits.to(compute_type(logits.dtype))
+        class_weight = None if class_weight is None else class_weight.to(logits.dtype)
+    return logits, class_weight
+
+
 def _fused_forward_ref(input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing,
                        compute_grad, softcap=0.0, lse_square_scale=0.0):
     """The fused forward in torch ops and cross_entropy's kernels, the logits formed whole, the loss in the
@@ -317,9 +326,7 @@ def _fused_forward_ref(input, weight, target, bias, class_weight, ignore_index, 
     logits = _logits(input, weight, bias)
     if class_weight is not None and class_weight.dtype != logits.dtype:  # float32 beside half types: widen those
         logits = logits.to(class_weight.dtype)
-    if softcap > 0 or lse_square_scale > 0:  # the fused op forms z in the compute type, so its loss is z's unrounded
-        logits = logits.to(compute_type(logits.dtype))
-        class_weight = None if class_weight is None else class_weight.to(logits.dtype)
+    logits, class_weight = _fused_option_logits(logits, class_weight, softcap, lse_square_scale)
     loss = CROSS_ENTROPY(logits, target, class_weight, ignore_index, reduction, label_smoothing, softcap,
                          lse_square_scale)
     return loss.to(compute_type(input.dtype)), None, None, None
@@ -393,9 +400,7 @@ def _fused_vmap(call, info, in_dims, input, weight, target, bias, class_weight, 
         weight = _moved(weight, in_dims[1], size)
         bias = None if bias is None else _moved(bias, in_dims[3], size)
         logits = _logits(input, weight, bias, batched_weight=True)
-        if softcap > 0 or lse_square_scale > 0:  # as the fused op: z in the compute type, its loss unrounded
-            logits = logits.to(compute_type(logits.dtype))
-            class_weight = None if class_weight is None else class_weight.to(logits.dtype)
+        logits, class_weight = _fused_option_logits(logits, class_weight, *options)
         loss = _cross_entropy_for(call)[0](logits.reshape(-1, logits.shape[-1]), target.reshape(-1), class_weight,
                                            ignore_index, "none", label_smoothing, *options)[0]
     return (_reduce_per_sample(loss.reshape(rows), target, ignore_index, reduction, class_weight), None, None, None), \
