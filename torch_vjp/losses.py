@@ -128,9 +128,12 @@ def _softcap_chain(dz, z, softcap):
     return dz * (1 - u * u)
 
 
-def _max_weights(input, row_max):
-    """∂m/∂x for m = max_j x_j: torch's amax gradient, shared evenly between the elements equal to the max."""
-    at_max = (input.to(row_max.dtype) == row_max.unsqueeze(-1)).to(row_max.dtype)
+def _max_weights(z):
+    """∂m/∂z for m = max_j z_j: torch's amax gradient, shared evenly between the elements equal to the max. The
+    max is z's own, not the kernels' m: with a softcap the kernels' tanh may round z an ulp apart from torch's."""
+    if z.shape[-1] == 0:
+        return z
+    at_max = (z == z.amax(-1, keepdim=True)).to(z.dtype)
     return at_max / at_max.sum(-1, keepdim=True)
 
 
@@ -188,7 +191,7 @@ def _ce_jvp(tangents, saved, params):
     t_loss = _ce_tangent(G, t_x, target, ignore_index, reduction, ct, weight).to(x.dtype)
     z = _option_logits(x, softcap)  # the statistics are z's: their tangents from t_z = t (1 - (z/c)²)
     t = _softcap_chain(t_x.to(ct), z, softcap)
-    t_max = (_max_weights(z, row_max) * t).sum(-1)
+    t_max = (_max_weights(z) * t).sum(-1)
     t_log_sum = (_softmax_from_stats(z, row_max, log_sum) * t).sum(-1) - t_max
     return t_loss, t_max, t_log_sum
 
@@ -203,7 +206,7 @@ def _ce_extras_vjp(grads, saved, params):
     if g_log_sum is not None:
         dx = g_log_sum.to(ct).unsqueeze(-1) * _softmax_from_stats(z, row_max, log_sum)
     g_at_max = (0 if g_max is None else g_max.to(ct)) - (0 if g_log_sum is None else g_log_sum.to(ct))
-    dx = dx + torch.as_tensor(g_at_max, dtype=ct, device=x.device).unsqueeze(-1) * _max_weights(z, row_max)
+    dx = dx + torch.as_tensor(g_at_max, dtype=ct, device=x.device).unsqueeze(-1) * _max_weights(z)
     return _softcap_chain(dx, z, softcap).to(x.dtype), None, None
 
 

@@ -149,6 +149,8 @@ struct CudaCrossEntropy {
   // dtype, 1,002 MiB); and 456 rows still keep the three matrix products compute-bound (each reads the whole
   // weight once per chunk: about 2·rows flops a byte of weight, against an H200's ~200 flops a byte of
   // bandwidth).
+  // softcap and the z-loss run around these kernels (ops/cross_entropy.h), not in them yet.
+  static constexpr bool kFusesOptions = false;
   static constexpr int64_t kChunkBytes = int64_t(112) << 20;
 };
 

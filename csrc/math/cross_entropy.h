@@ -25,11 +25,12 @@
 //   dx_ik = (s_i a_i) p_ik - (s_i ε/C) w_k - s_i (1 - ε) w_t [k = t]
 // (w = 1: a_i = 1, and these are the unweighted formulas).
 //
-// Options (ops/cross_entropy.h applies them around the row kernels, on logits in the compute type):
-// softcap c > 0 (Gemma 2): every formula above on z = c·tanh(x / c); m, log_s are z's. Chain rule, from z:
-//   dx_ij = dz_ij (1 - (z_ij / c)²)                                      (tanh' = 1 - tanh², as torch's)
+// Options (a backend's kernels apply them in the row passes, or ops/cross_entropy.h around the kernels):
+// softcap c > 0 (Gemma 2): every formula above on z = c·tanh(x / c); m, log_s are z's. Chain rule, from
+// u = tanh(x / c):
+//   dx_ij = dz_ij (1 - u_ij²)                                             (tanh' = 1 - tanh², as torch's)
 // z-loss λ > 0 (PaLM): loss_i += λ lse_i², lse_i = m + log_s (0 for an ignored row), so ∂/∂z_ij adds
-//   2 λ lse_i p_ij:   dz_ij += (2 λ lse_i s_i) p_ij
+//   2 λ lse_i p_ij:   dz_ij = s_i (1 + 2 λ lse_i) p_ij - (the rest, unchanged)
 // T is float, double, or (CPU only) at::vec::Vectorized<float|double>.
 #pragma once
 
@@ -95,6 +96,32 @@ template <class T, class S, class Softmax>
 TVJP_HD T weighted_cross_entropy_vjp_with(T x, T class_weight, const Softmax& softmax, S scaled_coefficient,
                                           S scaled_per_class) {
   return T(scaled_coefficient) * softmax(x) - T(scaled_per_class) * class_weight;
+}
+
+// The softcap as the kernels evaluate it: u = tanh(x / c) once an element, then z = u c and the chain rule's
+// 1 - u² from it (torch's composite rounds tanh(x / c) · c the same way).
+template <class S>
+struct Softcap {
+  S c;  // > 0
+  template <class T>
+  TVJP_HD T tanh_of(T x) const { return tanh_(x / T(c)); }
+  template <class T>
+  TVJP_HD T logit(T u) const { return u * T(c); }
+  template <class T>
+  TVJP_HD static T slope(T u) { return T(1) - u * u; }
+};
+
+// a_i = 1 + 2 λ lse_i: the z-loss's factor on p in the gradient row (see Options), lse_i = m + log_s.
+template <class S>
+TVJP_HD S z_loss_softmax_factor(S m, S log_s, S lse_square_scale) {
+  return S(1) + S(2) * lse_square_scale * (m + log_s);
+}
+
+// dz_ij with the z-loss, without the target's term: s (a p - ε/C), s outermost as in cross_entropy_vjp (so a
+// gradient for s = 1 scaled after by dy rounds as one formed for s = dy); the caller subtracts s (1 - ε) at t.
+template <class T, class S, class Softmax>
+TVJP_HD T z_loss_cross_entropy_vjp_with(T x, const Softmax& softmax, S factor, S scale, S smoothing_per_class) {
+  return T(scale) * (T(factor) * softmax(x) - T(smoothing_per_class));
 }
 
 }  // namespace torch_vjp::math

@@ -12,6 +12,10 @@
 // `weights` (SmoothingWeights) is defined only for class weights with label smoothing (ε > 0): the kernels
 // then compute the weighted, smoothed loss and gradient of math/cross_entropy.h. Class weights without
 // smoothing never reach a kernel: the frontend scales the unweighted rows by w_t (ClassWeights).
+// A backend with `kFusesOptions` true takes the loss options (LossOptions, after `weights`) in both kernels
+// and applies them in its row passes: the loss over z = c·tanh(x / c) and, in the gradient, the softcap's
+// chain rule and the z-loss's term. Otherwise they run around its kernels here (option_logits: one more pass
+// over the logits each way, in float32 temporaries). Either way the z-loss's λ lse² is added to the losses here.
 // A backend may supply both in one pass (one read of x; used by fused_linear_cross_entropy's chunks when the
 // gradient is wanted), with the bits of cross_entropy_rows followed by cross_entropy_grad_rows:
 //   Backend::cross_entropy_with_grad_rows(x, target, ignore_index, smoothing, weights, scale, loss, row_max,
@@ -59,10 +63,9 @@ inline double label_smoothing_of(double label_smoothing) {
   return label_smoothing;
 }
 
-// The loss options of math/cross_entropy.h ("Options"): softcap c and the z-loss scale λ, 0 meaning off. They
-// act on the logits in the compute type, around the backend's row kernels (one extra pass over the logits
-// each way; the fused op's chunks stay chunks). Class weights with the z-loss are refused (which weight the
-// z-loss term would take is a choice torch does not make).
+// The loss options of math/cross_entropy.h ("Options"): softcap c and the z-loss scale λ, 0 meaning off.
+// Class weights with the z-loss are refused (which weight the z-loss term would take is a choice torch does
+// not make).
 struct LossOptions {
   double softcap = 0.0, lse_square_scale = 0.0;
   bool active() const { return softcap > 0.0 || lse_square_scale > 0.0; }
@@ -78,8 +81,8 @@ inline LossOptions loss_options_of(double softcap, double lse_square_scale, bool
   return {softcap, lse_square_scale};
 }
 
-// The logits the row kernels see under active options: z = c·tanh(x / c) with a softcap, else x, in the
-// compute type (so that z and the gradient's two extra terms are rounded once, at the end).
+// For a backend whose kernels do not apply the options: the logits they see, z = c·tanh(x / c) with a
+// softcap, else x, in the compute type (so that z and the gradient's two extra terms are rounded once).
 inline at::Tensor option_logits(const at::Tensor& x, const LossOptions& o) {
   auto z = x.to(at::toOpMathType(x.scalar_type()));
   if (o.softcap > 0.0) z = at::tanh(z / o.softcap).mul_(o.softcap);
@@ -94,8 +97,8 @@ inline void add_z_loss(at::Tensor& losses, const at::Tensor& row_max, const at::
   losses.add_(at::where(target != ignore_index, lse * lse * o.lse_square_scale, at::zeros({}, lse.options())));
 }
 
-// dz (the kernels' gradient over z, in place) → dx: the z-loss's term, then the softcap's chain rule
-// (math/cross_entropy.h "Options"). scale: the rows' s_i (0 where ignored).
+// For a backend whose kernels do not apply the options: dz (their gradient over z, in place) → dx, the
+// z-loss's term, then the softcap's chain rule (math/cross_entropy.h "Options"). scale: the rows' s_i.
 inline void finish_option_grad(at::Tensor& dz, const at::Tensor& z, const at::Tensor& row_max,
                                const at::Tensor& log_sum, const at::Tensor& scale, const LossOptions& o) {
   if (o.lse_square_scale > 0.0) {
@@ -148,6 +151,36 @@ struct SmoothingWeights {
     return defined() ? SmoothingWeights{weight, row_weight.narrow(0, begin, n), total} : SmoothingWeights{};
   }
 };
+
+// The backend's two row kernels with the options applied, in its kernels (kFusesOptions) or around them.
+template <class Backend>
+void loss_rows(const at::Tensor& x, const at::Tensor& target, int64_t ignore_index, double smoothing,
+               const SmoothingWeights& weights, const LossOptions& o, const at::Tensor& loss, const at::Tensor& row_max,
+               const at::Tensor& log_sum) {
+  if constexpr (Backend::kFusesOptions)
+    Backend::cross_entropy_rows(x, target, ignore_index, smoothing, weights, o, loss, row_max, log_sum);
+  else
+    Backend::cross_entropy_rows(o.active() ? option_logits(x, o) : x, target, ignore_index, smoothing, weights, loss,
+                                row_max, log_sum);
+}
+
+// dx may be x itself.
+template <class Backend>
+void grad_rows(const at::Tensor& x, const at::Tensor& target, const at::Tensor& row_max, const at::Tensor& log_sum,
+               const at::Tensor& scale, int64_t ignore_index, double smoothing, const SmoothingWeights& weights,
+               const LossOptions& o, const at::Tensor& dx) {
+  if constexpr (Backend::kFusesOptions) {
+    Backend::cross_entropy_grad_rows(x, target, row_max, log_sum, scale, ignore_index, smoothing, weights, o, dx);
+  } else if (!o.active()) {
+    Backend::cross_entropy_grad_rows(x, target, row_max, log_sum, scale, ignore_index, smoothing, weights, dx);
+  } else {  // the kernel's gradient over z, then the options' terms, rounded once
+    const auto z = option_logits(x, o);
+    auto dz = at::empty_like(z);
+    Backend::cross_entropy_grad_rows(z, target, row_max, log_sum, scale, ignore_index, smoothing, weights, dz);
+    finish_option_grad(dz, z, row_max, log_sum, scale, o);
+    dx.copy_(dz);
+  }
+}
 
 // torch's F.cross_entropy(weight=w): w (C,) of the input's dtype and device, with torch's messages. Held in the
 // compute type; row_weight = w_{t_i} (0 for an ignored row) is the weight of row i in the loss and in the
@@ -261,8 +294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward(const at::T
   auto row_max = at::empty({rows}, compute);
   auto log_sum = at::empty({rows}, compute);
   if (rows > 0 && classes > 0) {
-    Backend::cross_entropy_rows(o.active() ? option_logits(x, o) : x, t, ignore_index, label_smoothing,
-                                w.smoothing(label_smoothing), losses, row_max, log_sum);
+    loss_rows<Backend>(x, t, ignore_index, label_smoothing, w.smoothing(label_smoothing), o, losses, row_max, log_sum);
     if (const auto factor = w.row_factor(label_smoothing); factor.defined()) losses.mul_(factor);
     add_z_loss(losses, row_max, log_sum, t, ignore_index, o);
   } else {  // rows of no classes: the max of nothing, and log 0
@@ -305,17 +337,7 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_output, const at::Tenso
   if (rows > 0 && classes > 0) {
     const auto m = row_max.contiguous().view({rows}), log_s = log_sum.contiguous().view({rows});
     const auto s = row_scale(grad_output, target, ignore_index, r, compute, op, w, label_smoothing);
-    if (o.active()) {  // the kernel's gradient over z, then the options' terms, rounded once
-      const auto z = option_logits(x, o);
-      auto dz = at::empty_like(z);
-      Backend::cross_entropy_grad_rows(z, t, m, log_s, s, ignore_index, label_smoothing, w.smoothing(label_smoothing),
-                                       dz);
-      finish_option_grad(dz, z, m, log_s, s, o);
-      dx.copy_(dz);
-    } else {
-      Backend::cross_entropy_grad_rows(x, t, m, log_s, s, ignore_index, label_smoothing, w.smoothing(label_smoothing),
-                                       dx);
-    }
+    grad_rows<Backend>(x, t, m, log_s, s, ignore_index, label_smoothing, w.smoothing(label_smoothing), o, dx);
   }
   return dx.view(input.sizes());
 }
@@ -378,29 +400,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> linear
     const auto chunk_max = row_max.narrow(0, begin, n), chunk_log_sum = log_sum.narrow(0, begin, n);
     const auto chunk_losses = losses.narrow(0, begin, n);
     const auto chunk_weights = weights.rows(begin, n);
-    if (a.options.active()) {  // the kernels over z in the compute type; dlogits rounded once, into `logits`
-      const auto z = option_logits(logits, a.options);
-      Backend::cross_entropy_rows(z, t, a.ignore_index, a.label_smoothing, chunk_weights, chunk_losses, chunk_max,
-                                  chunk_log_sum);
-      if (!grads) continue;
-      const auto chunk_scale = scale.narrow(0, begin, n);
-      auto dz = at::empty_like(z);
-      Backend::cross_entropy_grad_rows(z, t, chunk_max, chunk_log_sum, chunk_scale, a.ignore_index, a.label_smoothing,
-                                       chunk_weights, dz);
-      finish_option_grad(dz, z, chunk_max, chunk_log_sum, chunk_scale, a.options);
-      logits.copy_(dz);
-    } else if (!grads) {
-      Backend::cross_entropy_rows(logits, t, a.ignore_index, a.label_smoothing, chunk_weights, chunk_losses, chunk_max,
-                                  chunk_log_sum);
+    if (!grads) {
+      loss_rows<Backend>(logits, t, a.ignore_index, a.label_smoothing, chunk_weights, a.options, chunk_losses,
+                         chunk_max, chunk_log_sum);
       continue;
-    } else if constexpr (HasCrossEntropyWithGrad<Backend>::value) {  // dlogits over the chunk's own logits
-      Backend::cross_entropy_with_grad_rows(logits, t, a.ignore_index, a.label_smoothing, chunk_weights,
-                                            scale.narrow(0, begin, n), chunk_losses, chunk_max, chunk_log_sum, logits);
+    }
+    const auto chunk_scale = scale.narrow(0, begin, n);
+    const auto two_passes = [&] {
+      loss_rows<Backend>(logits, t, a.ignore_index, a.label_smoothing, chunk_weights, a.options, chunk_losses,
+                         chunk_max, chunk_log_sum);
+      grad_rows<Backend>(logits, t, chunk_max, chunk_log_sum, chunk_scale, a.ignore_index, a.label_smoothing,
+                         chunk_weights, a.options, logits);
+    };
+    if constexpr (HasCrossEntropyWithGrad<Backend>::value) {
+      if (a.options.active()) two_passes();
+      else  // dlogits over the chunk's own logits, from one read
+        Backend::cross_entropy_with_grad_rows(logits, t, a.ignore_index, a.label_smoothing, chunk_weights, chunk_scale,
+                                              chunk_losses, chunk_max, chunk_log_sum, logits);
     } else {
-      Backend::cross_entropy_rows(logits, t, a.ignore_index, a.label_smoothing, chunk_weights, chunk_losses, chunk_max,
-                                  chunk_log_sum);
-      Backend::cross_entropy_grad_rows(logits, t, chunk_max, chunk_log_sum, scale.narrow(0, begin, n), a.ignore_index,
-                                       a.label_smoothing, chunk_weights, logits);
+      two_passes();
     }
     auto grad_input_rows = grad_input.narrow(0, begin, n);
     at::mm_out(grad_input_rows, logits, a.weight);
