@@ -461,14 +461,154 @@ def cls_copy(model):
     return twin
 
 
-def test_gemma2_softcapping_falls_back_to_cross_entropy_and_says_so():
+def test_gemma2_softcapping_is_fused_into_the_loss():
+    """Gemma2's final-logit softcapping (logits = c·tanh(logits / c)) goes into the fused loss as its softcap=c: the
+    report says "fused" and skips no loss, the training forward runs fused_linear_cross_entropy and forms no logits,
+    and the loss and every parameter gradient are stock's to float32 round-off (the training test's standards),
+    with the head scaled so that the logits reach the curve of the tanh (without softcapping the loss is far off).
+    The model's own softcapping is off for that call only: the config holds c again after it, also after a forward
+    that raises, and the logits path (eval mode, return_logits=True, no labels, generate, unpatch) softcaps as
+    stock's and takes its loss from those logits."""
     stock, model = build("gemma2")
+    c = stock.config.final_logit_softcapping
+    assert c == 30.0
+    with torch.no_grad():  # logits up to about c (from under 1): the softcap changes the loss
+        for m in (stock, model):
+            m.lm_head.weight.mul_(30)
     report = tvt.patch(model)
-    assert report.loss == "ce"
-    assert any(kind == "loss" and "final_logit_softcapping" in reason for kind, _, reason in report.not_patched)
-    # Without softcapping the same family takes the fused loss.
+    assert report.loss == "fused" and not [r for r in report.not_patched if r[0] == "loss"], str(report)
+    inputs = batch("gemma2")
+    stock.train(), model.train()
+    head_outputs = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, output: head_outputs.append(output.shape))
+    out = model(**inputs)
+    hook.remove()
+    assert out.logits is None and head_outputs == [(2, 12, 64)]  # the hidden states went on, not logits
+    expected = stock(**inputs)
+    assert expected.logits.abs().max() > c / 2
+    torch.testing.assert_close(out.loss, expected.loss, rtol=2e-6, atol=2e-6)
+    stock.zero_grad()
+    expected.loss.backward()
+    out.loss.backward()
+    reference = [p.grad.double() for p in stock.parameters()]
+    assert gradient_error([p.grad.double() for p in model.parameters()], reference) < 1e-5
+    assert ops_run(model, inputs, "fused_linear_cross_entropy")
+    assert model.config.final_logit_softcapping == c and stock.config.final_logit_softcapping == c
+    assert model.lm_head._torch_vjp_softcap is None and not model.lm_head._torch_vjp_pass_hidden
+    # the softcap matters here: the loss of the logits without it is far from stock's
+    stock.config.final_logit_softcapping = None
+    assert (stock(**inputs).loss - expected.loss).abs() > 1e-2
+    stock.config.final_logit_softcapping = c
+
+    # A forward that raises inside the model (here, from a hook on the decoder) leaves the config and head as
+    # they were; the softcap was off only while the fused forward ran.
+    seen = []
+
+    def fail(module, args, kwargs):
+        seen.append(model.config.final_logit_softcapping)
+        raise RuntimeError("stop")
+
+    hook = model.model.register_forward_pre_hook(fail, with_kwargs=True)
+    with pytest.raises(RuntimeError, match="stop"):
+        model(**inputs)
+    hook.remove()
+    assert seen == [None] and model.config.final_logit_softcapping == c
+    assert model.lm_head._torch_vjp_softcap is None and not model.lm_head._torch_vjp_pass_hidden
+
+    # The logits path keeps the model's own softcapping and takes the loss from the softcapped logits.
+    out = model(**inputs, return_logits=True)
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, expected.loss, rtol=2e-6, atol=2e-6)
+    model.zero_grad()
+    out.loss.backward()
+    assert gradient_error([p.grad.double() for p in model.parameters()], reference) < 1e-5
+    model.eval(), stock.eval()
+    with torch.no_grad():
+        out, expected = model(**inputs), stock(**inputs)
+        assert out.logits.abs().max() < c
+        torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.loss, expected.loss, rtol=2e-6, atol=2e-6)
+        unlabelled = {k: v for k, v in inputs.items() if k != "labels"}
+        torch.testing.assert_close(model(**unlabelled).logits, expected.logits, rtol=1e-5, atol=1e-5)
+        prompt = inputs["input_ids"][:, :5]
+        kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(prompt, **kwargs), stock.generate(prompt, **kwargs))
+    assert model.config.final_logit_softcapping == c
+    tvt.unpatch(model)
+    assert untouched(model) and model.config.final_logit_softcapping == c
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, expected.logits, rtol=1e-5, atol=1e-5)
+
+    # Without softcapping the same family takes the fused loss with no softcap; the config's value is read per
+    # call, so one set after patch() is fused too.
     config = Gemma2Config(**GEMMA, final_logit_softcapping=None)
-    assert tvt.patch(Gemma2ForCausalLM(config)).loss == "fused"
+    torch.manual_seed(0)
+    stock = Gemma2ForCausalLM(config)
+    model = cls_copy(stock)
+    assert tvt.patch(model).loss == "fused"
+    stock.train(), model.train()
+    torch.testing.assert_close(model(**inputs).loss, stock(**inputs).loss, rtol=2e-6, atol=2e-6)
+    model.config.final_logit_softcapping = stock.config.final_logit_softcapping = 0.5
+    out, expected = model(**inputs), stock(**inputs)
+    assert out.logits is None and model.config.final_logit_softcapping == 0.5
+    torch.testing.assert_close(out.loss, expected.loss, rtol=2e-6, atol=2e-6)
+
+
+def test_gemma3_softcapping_is_fused_into_the_loss():
+    """Gemma3 (text) runs the same softcapping code as Gemma2 when its config sets final_logit_softcapping: the
+    fused loss takes it, and the loss and gradients are stock's to round-off."""
+    torch.manual_seed(0)
+    stock = Gemma3ForCausalLM(Gemma3TextConfig(**GEMMA, sliding_window=6, final_logit_softcapping=5.0,
+                                               layer_types=["sliding_attention", "full_attention"]))
+    model = cls_copy(stock)
+    with torch.no_grad():
+        for m in (stock, model):
+            m.lm_head.weight.mul_(10)
+    report = tvt.patch(model)
+    assert report.loss == "fused" and not [r for r in report.not_patched if r[0] == "loss"], str(report)
+    inputs = batch("gemma3")
+    assert gradient_error(gradients(model, inputs), gradients(stock, inputs)) < 1e-5
+    stock.train(), model.train()
+    torch.testing.assert_close(model(**inputs).loss, stock(**inputs).loss, rtol=2e-6, atol=2e-6)
+    assert model(**inputs).logits is None and model.config.final_logit_softcapping == 5.0
+
+
+def test_a_softcap_the_fused_loss_does_not_take_falls_back_and_says_why():
+    """Another form of final-logit softcapping between the head and the loss (here the block with a line added)
+    sends a model with it set to logits + cross_entropy, with the reason; with it off the fused loss is used."""
+    source = """
+class Capped(Gemma2ForCausalLM):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits = self.lm_head(outputs.last_hidden_state)
+        if self.config.final_logit_softcapping is not None:
+            logits = logits.float() / self.config.final_logit_softcapping
+            logits = torch.tanh(logits)
+            logits = logits * self.config.final_logit_softcapping
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+"""
+    import linecache
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    filename = "<test_transformers: Capped>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace = dict(Gemma2ForCausalLM=Gemma2ForCausalLM, torch=torch, CausalLMOutputWithPast=CausalLMOutputWithPast)
+    exec(compile(source, filename, "exec"), namespace)
+    capped = namespace["Capped"]
+    report = tvt.patch(capped(Gemma2Config(**GEMMA, final_logit_softcapping=30.0)))
+    assert report.loss == "ce" and any(kind == "loss" and "final_logit_softcapping is set" in reason
+                                       for kind, _, reason in report.not_patched), str(report)
+    torch.manual_seed(0)
+    model = capped(Gemma2Config(**GEMMA, final_logit_softcapping=None))
+    assert tvt.patch(model).loss == "fused"
+    model.train()
+    inputs = batch("gemma2")
+    assert model(**inputs).logits is None
+    model.config.final_logit_softcapping = 30.0  # set after patch(): that form is the model's own, on the logits
+    out = model(**inputs)
+    assert out.logits is not None and out.logits.dtype == torch.float32 and torch.isfinite(out.loss)
 
 
 def test_mixtral_router_aux_loss_and_eager_experts():
@@ -508,7 +648,8 @@ def test_a_family_it_does_not_know_is_patched_where_it_shares_modules():
 def test_torch_compile(family):
     """A patched Llama compiles as one graph (fullgraph=True: no break at the patched modules, the attention
     function or the fused loss's head hand-off) and trains like the eager patched model; so do the other decoder
-    layer forms whose residual add and norm run as add_rms_norm (Mixtral's, Phi3's, Gemma2's). The aot_eager
+    layer forms whose residual add and norm run as add_rms_norm (Mixtral's, Phi3's, Gemma2's; Gemma2's final-logit
+    softcap, turned off in its config for the call, goes to the fused loss). The aot_eager
     backend (dynamo and AOT autograd without code generation) keeps the test fast; inductor was checked by hand
     (for Llama).
 
@@ -527,6 +668,9 @@ def test_torch_compile(family):
         assert gradient_error(gradients(compiled, inputs), gradients(eager, inputs)) < 1e-5
     torch.testing.assert_close(train(compiled, inputs, 2), train(eager, inputs, 2), rtol=1e-6, atol=1e-6)
     assert max_difference(model, eager) < (1e-6 if family == "llama" else 5e-5)
+    # Gemma2's softcap went into the compiled fused loss; its config holds the value again
+    assert getattr(model.config, "final_logit_softcapping", None) == getattr(stock.config, "final_logit_softcapping",
+                                                                             None)
 
 
 def test_patch_is_idempotent_and_refuses_mixed_options():

@@ -19,8 +19,8 @@ same process runs stock. What is swapped:
 - rope: the attention modules' ``apply_rotary_pos_emb`` (transformers' rotate-half form, Llama's, or Phi3's with
   partial rotary dims) through ``torch_vjp.rope``, q and k in one call;
 - loss: the causal-LM loss through ``fused_linear_cross_entropy`` on the model's own forward when it trains
-  with labels (no full logits), or ``cross_entropy`` on the logits; the masked-LM loss through
-  ``cross_entropy``.
+  with labels (no full logits; Gemma2's final-logit softcapping, and Gemma3's where set, as its ``softcap``), or
+  ``cross_entropy`` on the logits; the masked-LM loss through ``cross_entropy``.
 
 Every swap is an instance attribute (a bound ``forward``, ``_apply_gate`` or ``loss_function``; for rope, the
 attention class's own forward code bound with globals in which ``apply_rotary_pos_emb`` is torch_vjp's), so the
@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import math
 import types
 from dataclasses import dataclass, field
 from typing import Optional
@@ -536,7 +537,8 @@ def _causal_lm_loss(self, logits, labels, vocab_size, num_items_in_batch=None, i
                     **kwargs):
     """transformers' ForCausalLMLoss through torch_vjp: labels shifted left (or `shift_labels`), `ignore_index`,
     and with `num_items_in_batch` the sum divided by it (gradient accumulation). Under a fused forward `logits`
-    are the hidden states and the head's weight is applied inside the fused loss."""
+    are the hidden states and the head's weight is applied inside the fused loss, with the model's final-logit
+    softcap (the head's `_torch_vjp_softcap`, set for that call by the fused forward) as its `softcap`."""
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     shift_labels = shift_labels.reshape(-1).to(logits.device)
@@ -544,22 +546,24 @@ def _causal_lm_loss(self, logits, labels, vocab_size, num_items_in_batch=None, i
     head = self.get_output_embeddings()
     if getattr(head, "_torch_vjp_pass_hidden", False):
         hidden = logits.reshape(-1, logits.shape[-1])
+        softcap = getattr(head, "_torch_vjp_softcap", None)
         if hidden.dtype in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled(hidden.device.type):
             # The stock loss is the float32 loss of the half-precision logits, unrounded: the fused loss gives
-            # that value under autocast of the model's own dtype (which casts nothing here).
+            # that value under autocast of the model's own dtype (which casts nothing here). A softcap is applied
+            # in float32 there, where stock's rounds each of its three steps to the half type.
             with torch.autocast(hidden.device.type, dtype=hidden.dtype):
-                loss = _fused_loss(hidden, head, shift_labels, ignore_index, reduction)
+                loss = _fused_loss(hidden, head, shift_labels, ignore_index, reduction, softcap)
         else:
-            loss = _fused_loss(hidden, head, shift_labels, ignore_index, reduction).float()
+            loss = _fused_loss(hidden, head, shift_labels, ignore_index, reduction, softcap).float()
     else:
         loss = torch_vjp.cross_entropy(logits.float().reshape(-1, vocab_size), shift_labels, ignore_index=ignore_index,
                                        reduction=reduction)
     return _per_item(loss, num_items_in_batch)
 
 
-def _fused_loss(hidden, head, labels, ignore_index, reduction):
+def _fused_loss(hidden, head, labels, ignore_index, reduction, softcap=None):
     return torch_vjp.fused_linear_cross_entropy(hidden, head.weight, labels, head.bias, ignore_index=ignore_index,
-                                                reduction=reduction)
+                                                reduction=reduction, softcap=softcap)
 
 
 def _per_item(loss, num_items_in_batch):
@@ -586,10 +590,31 @@ def _without_logits(output):
     return (output[0],) + tuple(output[2:])  # return_dict=False: (loss, logits, ...)
 
 
+def _fusable_softcap(value) -> bool:
+    """Whether `value` is a final-logit softcap the fused loss takes as its `softcap`: a positive finite number."""
+    # (comparisons, not math.isfinite: under torch.compile a changed value is traced as a symbolic float)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+def _vocab_sharded(weight) -> bool:
+    """A DTensor head sharded by vocabulary rows (tensor parallel), which the fused loss takes without a softcap."""
+    if type(weight).__name__ != "DTensor":
+        return False
+    from torch_vjp import distributed
+    return distributed.is_vocab_sharded(weight)
+
+
 @functools.lru_cache(maxsize=None)
-def _fused_forward(original):
+def _fused_forward(original, softcap_block=None):
     """The model's own forward, run so that the head's input goes to the fused loss when it trains with labels.
-    `return_logits=True` asks for the logits (and the loss from them) instead."""
+    `return_logits=True` asks for the logits (and the loss from them) instead.
+
+    `softcap_block` (from _logits_to_loss): None where the forward has no final-logit softcapping block; "fused"
+    where it is Gemma2's (`logits = c * tanh(logits / c)`, c = `self.config.final_logit_softcapping`): with c set,
+    the model's block is turned off for this call only (the config value set to None around the forward and
+    restored after it, also when it raises) and c goes to the fused loss as its `softcap`; "off" where another
+    form of it was accepted because it was off: should the config set it later, the call takes the logits path.
+    """
     signature = inspect.signature(original)
 
     @functools.wraps(original)
@@ -602,11 +627,22 @@ def _fused_forward(original):
         ours = getattr(head.__dict__.get("forward"), "__func__", None) is _head_forward
         if labels is None or return_logits or not self.training or not ours:
             return original(self, *args, **kwargs)
+        config = self.config
+        softcap = getattr(config, "final_logit_softcapping", None) if softcap_block is not None else None
+        if softcap is not None and not (softcap_block == "fused" and _fusable_softcap(softcap)
+                                        and not _vocab_sharded(head.weight)):
+            return original(self, *args, **kwargs)  # a softcap the fused loss does not take: the model's own
         head._torch_vjp_pass_hidden = True
         try:
+            head._torch_vjp_softcap = softcap
+            if softcap is not None:
+                config.final_logit_softcapping = None  # the model's block would softcap the hidden states
             output = original(self, *args, **kwargs)
         finally:
             head._torch_vjp_pass_hidden = False
+            head._torch_vjp_softcap = None
+            if softcap is not None:
+                config.final_logit_softcapping = softcap
         return _without_logits(output)
 
     return forward
@@ -634,35 +670,68 @@ def _masked_lm_forward(original):
     return forward
 
 
-def _logits_reach_loss_unchanged(model: PreTrainedModel, head_name: str) -> Optional[str]:
-    """None when the model's forward hands `self.<head>(...)` straight to `self.loss_function`, else why not.
-    A final-logit softcapping block is allowed where the config turns it off."""
+# Gemma2's final-logit softcapping (Gemma3's, VaultGemma's, ...: the same code), which the fused loss computes
+# as its `softcap`: these lines, stripped, and nothing else in the block.
+_SOFTCAP_BLOCK = ("if self.config.final_logit_softcapping is not None:",
+                  "logits = logits / self.config.final_logit_softcapping",
+                  "logits = torch.tanh(logits)",
+                  "logits = logits * self.config.final_logit_softcapping")
+
+
+def _config_softcap(config):
+    """The final-logit softcap a model's config sets (its own, or its text config's), or None."""
+    value = getattr(config, "final_logit_softcapping", None)
+    if value is None and hasattr(config, "get_text_config"):
+        try:
+            value = getattr(config.get_text_config(), "final_logit_softcapping", None)
+        except Exception:  # a config without a text config of its own
+            value = None
+    return value
+
+
+def _logits_to_loss(model: PreTrainedModel, head_name: str) -> tuple:
+    """(None, softcap_block) when the model's forward hands `self.<head>(...)` to `self.loss_function` unchanged
+    but for a final-logit softcapping block, else (why not, None). softcap_block: "fused" for Gemma2's block
+    (_SOFTCAP_BLOCK), which the fused loss takes over; "off" for another form of it, allowed where the config
+    turns it off; None where there is none."""
     try:
         lines = inspect.getsource(inspect.unwrap(type(model).forward)).splitlines()
     except (OSError, TypeError):
-        return "the forward's source is not available"
+        return "the forward's source is not available", None
     start = next((i for i, line in enumerate(lines) if f"self.{head_name}(" in line), None)
     if start is None or not lines[start].strip().startswith("logits = "):
-        return f"the forward does not compute `logits = self.{head_name}(...)`"
+        return f"the forward does not compute `logits = self.{head_name}(...)`", None
     end = next((i for i in range(start + 1, len(lines)) if "self.loss_function(" in lines[i]), None)
     if end is None:
-        return "the forward does not call self.loss_function"
+        return "the forward does not call self.loss_function", None
+    block = None
     i = start + 1
     while i < end:
         text = lines[i].strip()
-        if text.startswith("if ") and "final_logit_softcapping" in text and (
-                getattr(model.config, "final_logit_softcapping", None) is None):
+        if text.startswith("if ") and "final_logit_softcapping" in text:
             indent = len(lines[i]) - len(lines[i].lstrip())
-            i += 1
-            while i < end and (not lines[i].strip() or len(lines[i]) - len(lines[i].lstrip()) > indent):
-                i += 1
+            j = i + 1
+            while j < end and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > indent):
+                j += 1
+            body = tuple(line.strip() for line in lines[i:j] if line.strip())
+            if body == _SOFTCAP_BLOCK:
+                value = getattr(model.config, "final_logit_softcapping", None)
+                if value is not None and not _fusable_softcap(value):
+                    return f"final_logit_softcapping is {value!r}, not a positive finite number", None
+                block = "fused"
+            elif _config_softcap(model.config) is None:
+                block = block or "off"
+            else:
+                return ("final_logit_softcapping is set, and the forward softcaps in a form the fused loss does not "
+                        f"take ({' / '.join(body[1:])!r})"), None
+            i = j
             continue
         if "logits" in text.replace("final_logit_softcapping", "") and not text.startswith("#"):
             if "softcapping" in text or "softcap" in lines[i - 1]:
-                return "final_logit_softcapping is set"
-            return f"the logits are changed between the head and the loss ({text!r})"
+                return "final_logit_softcapping is set, outside a block the fused loss takes", None
+            return f"the logits are changed between the head and the loss ({text!r})", None
         i += 1
-    return None
+    return None, block
 
 
 def _patch_loss(model: PreTrainedModel, mode: str, record: _Record, report: PatchReport) -> None:
@@ -680,11 +749,12 @@ def _patch_loss(model: PreTrainedModel, mode: str, record: _Record, report: Patc
             elif "forward" in model.__dict__:  # e.g. an accelerate hook, which must stay outermost
                 reason = "the model's forward is already replaced on the instance"
             else:
-                reason = _logits_reach_loss_unchanged(model, head_name.rsplit(".", 1)[-1])
+                reason, softcap_block = _logits_to_loss(model, head_name.rsplit(".", 1)[-1])
             if reason is None:
                 _set(record, head, "_torch_vjp_pass_hidden", False)
+                _set(record, head, "_torch_vjp_softcap", None)
                 _set(record, head, "forward", types.MethodType(_head_forward, head))
-                _set(record, model, "forward", types.MethodType(_fused_forward(forward), model))
+                _set(record, model, "forward", types.MethodType(_fused_forward(forward, softcap_block), model))
             else:
                 report._skip("loss", "", f"fused loss not used ({reason}): logits + torch_vjp.cross_entropy")
                 mode = "ce"
@@ -753,8 +823,12 @@ def patch(model, *, norms: bool = True, mlp: bool = True, attention: bool = True
             globals where that name is torch_vjp's. Other forms (interleaved, decorated forwards) are reported.
         loss: ``"fused"``: when the model trains (``model.training``) with ``labels``, the causal-LM loss
             through ``fused_linear_cross_entropy`` on the head's input, never forming the logits, and the output
-            carries no logits (pass ``return_logits=True`` to the forward for them); otherwise, and where the
-            model changes its logits before the loss (final-logit softcapping), ``"ce"``. ``"ce"``: the
+            carries no logits (pass ``return_logits=True`` to the forward for them). Final-logit softcapping
+            written as Gemma2's (Gemma3's) block goes into the fused loss as its ``softcap``: the model's block
+            is turned off for that call (its config's ``final_logit_softcapping`` None during the forward,
+            restored after it, also when it raises), so eval mode, ``return_logits``, ``generate()`` and
+            :func:`unpatch` see the model's own softcapping. Otherwise, and where the model changes its logits
+            before the loss in another way, ``"ce"``, with the reason in the report. ``"ce"``: the
             logits as usual, the loss by ``torch_vjp.cross_entropy``. Masked-LM heads always take ``"ce"``.
             Both honour ``num_items_in_batch``, ``ignore_index`` and ``shift_labels`` as transformers does.
             None leaves the loss alone.
