@@ -3,7 +3,8 @@ trained against stock transformers from the same initial state.
 
 Why these sizes: two layers, hidden 32-64 and a 256-token vocabulary exercise every patched module (norms,
 gated MLPs, MoE experts, attention with grouped keys, sliding windows and softcapping, the fused loss) in
-well under a second per step on two CPU cores; the whole file is sized to run in about a minute.
+well under a second per step on two CPU cores; the whole file is sized to run in about a minute and a
+half (the PEFT tests about 20 s of it).
 """
 import copy
 import warnings
@@ -819,7 +820,7 @@ def test_rope_patch_reports_what_it_cannot_take():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# LoRA adapters. peft is not installed where these tests were written, so they test the mechanism PEFT relies on:
+# LoRA adapters. These tests take the mechanism PEFT relies on alone (peft's own layers are tested below):
 # an adapter wrapper replaces an nn.Linear inside a module (setattr on its parent), and the parent's forward must
 # call the new child. patch() binds forwards that read self.<child> at call time and captures no submodule, so an
 # adapter put in after patch() (or before) is the one that runs. LoraLinear below is a minimal LoRA layer written
@@ -911,3 +912,242 @@ def test_lora_on_the_output_head_takes_the_logits_path():
         assert model(**inputs).logits is not None  # the logits path, which the adapter on the head takes part in
         torch.testing.assert_close(train(model, inputs), train(stock, inputs), rtol=0, atol=5e-6)
         assert max_difference(model, stock) < 5e-5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PEFT. The same LoRA fine-tunes with peft's own LoraConfig/get_peft_model (its default initialisation: lora_B
+# zero, so the adapted model starts as the base model), the PeftModel given to patch() or get_peft_model given
+# a patched model. peft is optional, like transformers: these tests skip without it (CI installs it).
+
+# family -> the loss patch() gives it (Gemma2's final-logit softcapping takes the logits path)
+PEFT_FAMILIES = {"llama": "fused", "qwen3": "fused", "phi3": "fused", "gemma2": "ce", "qwen3_moe": "fused"}
+
+
+def peft_lora(model, **options):
+    """`model` with peft's LoRA adapters (r=4, alpha=8; by default on every linear layer but the output head, and
+    for an MoE model on its experts' and router's weights, as peft's "all-linear" does), drawn from one seed: two
+    models of the same weights get the same adapters."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(5)
+    return peft.get_peft_model(model, peft.LoraConfig(**{**dict(r=4, lora_alpha=8, target_modules="all-linear"),
+                                                         **options}))
+
+
+def adapters(model):
+    """The trainable (adapter) parameters by name, copied."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def frozen(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+
+
+@pytest.mark.parametrize("order", ["patch_then_peft", "peft_then_patch"])
+@pytest.mark.parametrize("family", PEFT_FAMILIES)
+def test_peft_lora_trains_through_the_patched_model(family, order):
+    """A peft LoRA fine-tune of a patched model trains as the same fine-tune of the stock model: losses over AdamW
+    steps to fp32 round-off, every parameter within 5e-5 (the training test's standard), with the fused loss while
+    it trains with labels (Gemma2: the logits path). patch() takes the PeftModel (it patches the model inside) or
+    get_peft_model takes the patched model. The adapters train (each gets a gradient and moves); the frozen base
+    parameters keep their bits. unpatch() leaves the adapters in and a stock model."""
+    pytest.importorskip("peft")
+    stock, model = build(family)
+    if order == "patch_then_peft":
+        report = tvt.patch(model)
+        peft_model = peft_lora(model)
+    else:
+        peft_model = peft_lora(model)
+        report = tvt.patch(peft_model)
+    reference = peft_lora(stock)
+    assert tvt.is_patched(peft_model) and tvt.patch(peft_model) is report and not tvt.is_patched(reference)
+    assert report.counts == FAMILIES[family][2] and report.loss == PEFT_FAMILIES[family], str(report)
+    start, base = adapters(peft_model), frozen(peft_model)
+    assert start.keys() == adapters(reference).keys() and all(
+        torch.equal(start[k], v) for k, v in adapters(reference).items())
+    assert len(start) >= 8 and all(("lora_A" in k) != ("lora_B" in k) for k in start)
+    assert all(not v.any() for k, v in start.items() if "lora_B" in k)  # peft's initialisation: the base model
+    if family == "qwen3_moe":  # peft adapts the experts' weights (and the router's) as parameters
+        assert any(".mlp.experts.lora_A." in k for k in start) and any(".mlp.gate.lora_A." in k for k in start)
+
+    inputs = batch(family)
+    assert ops_run(peft_model, inputs, "rms_norm", "add_rms_norm", "rope", "geglu" if family == "gemma2" else "swiglu")
+    assert not ops_run(reference, inputs, "rms_norm")
+    peft_model.train()
+    assert (peft_model(**inputs).logits is None) == (report.loss == "fused")  # the fused loss forms no logits
+    peft_model.zero_grad()
+    losses, stock_losses = train(peft_model, inputs), train(reference, inputs)
+    torch.testing.assert_close(losses, stock_losses, rtol=0, atol=5e-6)
+    assert max_difference(peft_model, reference) < 5e-5
+    # The last step's gradients: every adapter got one (lora_B moved off zero, so lora_A's are nonzero too).
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().max() > 0 and not torch.equal(p, start[name]), name
+        else:
+            assert p.grad is None and torch.equal(p, base[name]), name
+
+    tvt.unpatch(peft_model)
+    assert untouched(peft_model) and not tvt.is_patched(peft_model) and adapters(peft_model).keys() == start.keys()
+    assert not ops_run(peft_model, inputs, "rms_norm")
+    peft_model.eval(), reference.eval()
+    inputs.pop("labels")
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**inputs).logits, reference(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_peft_adapter_saves_loads_into_a_stock_model_and_merges(family, tmp_path):
+    """After a LoRA fine-tune of a patched model: save_pretrained writes the adapter alone, which a stock model
+    loads (PeftModel.from_pretrained) to the same bits and the same outputs and greedy tokens; merge_and_unload()
+    folds the adapters into the patched model (the same weights, bit for bit, as the stock model's merge), which
+    stays patched: the same logits as before merging, the fused loss equal to the stock merged model's."""
+    peft = pytest.importorskip("peft")
+    stock, model = build(family)
+    tvt.patch(model)
+    peft_model = peft_lora(model)
+    inputs = batch(family)
+    train(peft_model, inputs)
+    trained = adapters(peft_model)
+
+    peft_model.save_pretrained(tmp_path)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in tmp_path.iterdir()}
+    assert not (tmp_path / "model.safetensors").exists()
+    loaded = peft.PeftModel.from_pretrained(stock, tmp_path).eval()  # stock: the initial weights
+    assert untouched(loaded) and not tvt.is_patched(loaded)
+    loaded_adapters = {k: p.detach() for k, p in loaded.named_parameters() if "lora_" in k}
+    assert loaded_adapters.keys() == trained.keys() and all(torch.equal(trained[k], v) for k, v in
+                                                            loaded_adapters.items())
+    peft_model.eval()
+    plain = {k: v for k, v in batch(family, seed=2).items() if k != "labels"}
+    with torch.no_grad():
+        logits = peft_model(**plain).logits
+        torch.testing.assert_close(logits, loaded(**plain).logits, rtol=1e-5, atol=1e-5)
+    kwargs = dict(input_ids=plain["input_ids"][:, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(peft_model.generate(**kwargs), loaded.generate(**kwargs))
+
+    merged, stock_merged = peft_model.merge_and_unload(), loaded.merge_and_unload()
+    assert merged is model and tvt.is_patched(merged) and not any("lora_" in k for k in merged.state_dict())
+    assert merged.state_dict().keys() == stock_merged.state_dict().keys() and all(
+        torch.equal(v, stock_merged.state_dict()[k]) for k, v in merged.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**plain).logits, logits, rtol=1e-5, atol=1e-5)
+        merged.train(), stock_merged.train()
+        output = merged(**inputs)
+        assert output.logits is None  # the fused loss
+        torch.testing.assert_close(output.loss, stock_merged(**inputs).loss, rtol=0, atol=5e-6)
+    tvt.unpatch(merged)
+    assert untouched(merged)
+
+
+@pytest.mark.parametrize("order", ["patch_then_peft", "peft_then_patch"])
+def test_peft_modules_to_save_copies_train_and_unpatch(order):
+    """peft's modules_to_save trains a deep copy of each named module in place of it (here the output head, the
+    final norm and each layer's attention, beside LoRA on the MLPs). Given the PeftModel, patch() patches the copies
+    as well and reports that the head is peft's wrapper, not an nn.Linear (the logits path); given to
+    get_peft_model, a patched model's copies are patched ones (their forwards bound to the copies, the attention's
+    config a copy of the private one) and the wrapped head takes the logits path. Either trains as stock; the copies
+    train, their originals keep their bits; unpatch() restores the copies too, and after merge_and_unload (which
+    puts the copies into the model) as well."""
+    pytest.importorskip("peft")
+    stock, model = build("llama")
+    options = dict(modules_to_save=["lm_head", "norm", "self_attn"])
+    if order == "patch_then_peft":
+        report = tvt.patch(model)
+        peft_model = peft_lora(model, **options)
+        assert report.loss == "fused"
+    else:
+        peft_model = peft_lora(model, **options)
+        report = tvt.patch(peft_model)
+        counts = dict(FAMILIES["llama"][2], loss=1, norms=6, attention=4, rope=4)  # and the copies
+        assert report.loss == "ce" and report.counts == counts, str(report)
+        assert any(kind == "loss" and "peft.utils.other.ModulesToSaveWrapper, not an nn.Linear" in reason
+                   for kind, _, reason in report.not_patched), str(report)
+    reference = peft_lora(stock, **options)
+    head, norm = model.lm_head.modules_to_save["default"], model.model.norm.modules_to_save["default"]
+    attention = [layer.self_attn.modules_to_save["default"] for layer in model.model.layers]
+    # the copies run torch_vjp, bound to themselves (patch() leaves a head it does not fuse alone)
+    assert all(m.__dict__["forward"].__self__ is m for m in [norm, *attention])
+    assert all(m.config._attn_implementation == "torch_vjp" for m in attention)
+    assert (head.__dict__["forward"].__self__ is head) if order == "patch_then_peft" else "forward" not in head.__dict__
+    originals = {k: v.detach().clone() for k, v in model.state_dict().items() if "original_module" in k}
+    assert len(originals) == 2 + 4 * 2  # lm_head, norm, and q, k, v, o of two layers
+
+    inputs = batch("llama")
+    assert ops_run(peft_model, inputs, "rms_norm", "softmax", "rope")  # only the copies of attention and norm run
+    peft_model.train()
+    assert peft_model(**inputs).logits is not None  # the logits path: the head is peft's wrapper
+    losses, stock_losses = train(peft_model, inputs), train(reference, inputs)
+    torch.testing.assert_close(losses, stock_losses, rtol=0, atol=5e-6)
+    assert max_difference(peft_model, reference) < 5e-5
+    assert all(p.requires_grad and p.grad.abs().max() > 0 for m in (head, norm, *attention) for p in m.parameters())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in originals.items())
+
+    def stock_again(m):
+        return untouched(m) and all(module.config._attn_implementation != "torch_vjp" for module in m.modules()
+                                    if "config" in module.__dict__) and not any(
+            ops_run(m, inputs, op) for op in ("rms_norm", "softmax", "rope"))
+
+    tvt.unpatch(peft_model)
+    assert stock_again(peft_model)
+    tvt.patch(peft_model)
+    merged = peft_model.merge_and_unload()  # the trained copies take their originals' places
+    assert model.lm_head is head and model.model.norm is norm and model.model.layers[1].self_attn is attention[1]
+    tvt.unpatch(merged)
+    assert stock_again(merged)
+
+
+@pytest.mark.parametrize("order", ["patch_then_peft", "peft_then_patch"])
+def test_peft_lora_on_the_output_head_takes_the_logits_path(order):
+    """A peft LoRA layer on the output head: given the PeftModel, patch() reports that the head is peft's layer,
+    not an nn.Linear, and takes the logits path; given to get_peft_model, the patched model's fused forward sees a
+    head it did not patch and computes the logits (through the adapter) and the loss from them. Both train as stock."""
+    pytest.importorskip("peft")
+    stock, model = build("llama")
+    options = dict(target_modules=["q_proj", "lm_head"])
+    if order == "patch_then_peft":
+        assert tvt.patch(model).loss == "fused"
+        peft_model = peft_lora(model, **options)
+    else:
+        peft_model = peft_lora(model, **options)
+        report = tvt.patch(peft_model)
+        assert report.loss == "ce" and any(kind == "loss" and "peft.tuners.lora.layer.Linear, not an nn.Linear" in
+                                           reason for kind, _, reason in report.not_patched), str(report)
+    reference = peft_lora(stock, **options)
+    assert any("lm_head.lora_A" in name for name in adapters(peft_model))
+    inputs = batch("llama")
+    peft_model.train()
+    assert peft_model(**inputs).logits is not None
+    torch.testing.assert_close(train(peft_model, inputs), train(reference, inputs), rtol=0, atol=5e-6)
+    assert max_difference(peft_model, reference) < 5e-5
+    assert model.lm_head.lora_B["default"].weight.abs().max() > 0  # the head's adapter trained
+
+
+def test_peft_model_in_the_trainer_with_patch_callback(tmp_path):
+    """The usual LoRA recipe: a PeftModel in the Trainer with activation checkpointing, PatchCallback in the
+    callbacks. The callback patches the model inside the PeftModel (the fused loss), checkpointing recomputes the
+    patched layers, and two steps train as stock's do."""
+    pytest.importorskip("peft")
+    pytest.importorskip("accelerate")
+    import dataclasses
+
+    from transformers import Trainer, TrainingArguments
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    recompute = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    stock, model = build("llama")
+    rows = [{k: v[i] for k, v in batch("llama", seed=s).items()} for s in range(2) for i in range(2)]
+    losses, calls = {}, {}
+    for name, m, callbacks in (("stock", peft_lora(stock), []), ("patched", peft_lora(model), [tvt.PatchCallback()])):
+        args = TrainingArguments(output_dir=str(tmp_path / name), max_steps=2, per_device_train_batch_size=2,
+                                 learning_rate=1e-3, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+                                 disable_tqdm=True, dataloader_num_workers=0, seed=0, **{recompute: True})
+        trainer = Trainer(model=m, args=args, train_dataset=rows, callbacks=callbacks)
+        norm = m.get_base_model().model.layers[0].input_layernorm
+        calls[name] = []
+        hook = norm.register_forward_hook(lambda *_, calls=calls[name]: calls.append(1))
+        trainer.train()
+        hook.remove()
+        losses[name] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert tvt.is_patched(m) and callbacks[0].report.loss == "fused" and "forward" in norm.__dict__
+    assert len(calls["patched"]) == len(calls["stock"]) == 4  # 2 steps, each layer run again in the backward
+    assert len(losses["patched"]) == 2
+    torch.testing.assert_close(losses["patched"], losses["stock"], rtol=0, atol=5e-6)
+    assert max_difference(m, stock) < 5e-5  # stock holds the stock run's adapters; AdamW, as in the training test

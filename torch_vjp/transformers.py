@@ -745,7 +745,8 @@ def _patch_loss(model: PreTrainedModel, mode: str, record: _Record, report: Patc
             head = model.get_output_embeddings()
             head_name = next((n for n, m in model.named_modules() if m is head), None)
             if not (type(head) is nn.Linear and "forward" not in head.__dict__):
-                reason = f"the output head is {type(head).__name__}, not an nn.Linear"
+                # qualified: PEFT's LoRA layer is also named Linear
+                reason = f"the output head is {type(head).__module__}.{type(head).__qualname__}, not an nn.Linear"
             elif "forward" in model.__dict__:  # e.g. an accelerate hook, which must stay outermost
                 reason = "the model's forward is already replaced on the instance"
             else:
@@ -967,7 +968,19 @@ def _patch_attention(model: PreTrainedModel, record: _Record, report: PatchRepor
         report._skip("attention", "", f"transformers kept {model.config._attn_implementation!r}")
         return
     report.attention = ATTENTION
-    for name, _ in modules:
+    privates = {id(private) for _, private in record.config_pairs}
+    for name, module in modules:
+        config = module.__dict__.get("config")
+        if isinstance(config, PreTrainedConfig) and id(config) not in privates and \
+                config._attn_implementation != ATTENTION:
+            # A config of the module's own, not the model's, which set_attn_implementation does not reach (PEFT's
+            # modules_to_save trains a deep copy of the module it names, config included): a private copy of it
+            # that names torch_vjp.
+            private = copy.deepcopy(config)
+            private._attn_implementation = ATTENTION
+            record.configs.append((module, config))
+            record.config_pairs.append((config, private))
+            object.__setattr__(module, "config", private)
         report._add("attention", name)
 
 
@@ -979,6 +992,10 @@ def unpatch(model) -> None:
     record = model.__dict__.get(_STATE)
     if record is None:
         raise RuntimeError(f"unpatch(): {type(model).__name__} is not patched by torch_vjp.transformers")
+    # What patch() set, to find it again on copies of patched modules (below).
+    names = {attribute for _, attribute, had, _ in record.attributes if not had}
+    functions = {getattr(module.__dict__.get(attribute), "__func__", None) for module, attribute, _, _ in
+                 record.attributes} - {None}
     for module, attribute, had, value in reversed(record.attributes):
         if had:
             object.__setattr__(module, attribute, value)
@@ -996,7 +1013,31 @@ def unpatch(model) -> None:
                 setattr(original, key, value)
     for module, config in record.configs:
         object.__setattr__(module, "config", config)
+    # A module deep-copied from a patched one while patched carries copies of its instance attributes, bound to
+    # the copy, and of its private config: PEFT's modules_to_save trains such a copy (of lm_head, a norm, an
+    # attention module) in place of the module, and merge_and_unload() puts it into the model. It is restored too.
+    originals = {}
+    for original, private in record.config_pairs:
+        originals.setdefault(type(private), original)
+    for module in model.modules():
+        for attribute in names & module.__dict__.keys():
+            value = module.__dict__[attribute]
+            if attribute.startswith("_torch_vjp_") or getattr(value, "__func__", None) in functions:
+                del module.__dict__[attribute]
+        config = module.__dict__.get("config")
+        if isinstance(config, PreTrainedConfig) and type(config) in originals and \
+                config.__dict__.get("_attn_implementation_internal") == ATTENTION:
+            _restore_attention(config, originals[type(config)])
     del model.__dict__[_STATE]
+
+
+def _restore_attention(config, original) -> None:
+    """`config`'s attention implementation (and its sub-configs') set back to `original`'s."""
+    config._attn_implementation_internal = original.__dict__.get("_attn_implementation_internal")
+    for key in getattr(config, "sub_configs", None) or {}:
+        sub, original_sub = getattr(config, key, None), getattr(original, key, None)
+        if isinstance(sub, PreTrainedConfig) and isinstance(original_sub, PreTrainedConfig):
+            _restore_attention(sub, original_sub)
 
 
 # ---------------------------------------------------------------------------------------------------------
