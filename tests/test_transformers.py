@@ -920,7 +920,7 @@ def test_lora_on_the_output_head_takes_the_logits_path():
 # a patched model. peft is optional, like transformers: these tests skip without it (CI installs it).
 
 # family -> the loss patch() gives it (Gemma2's final-logit softcapping takes the logits path)
-PEFT_FAMILIES = {"llama": "fused", "qwen3": "fused", "phi3": "fused", "gemma2": "ce", "qwen3_moe": "fused"}
+PEFT_FAMILIES = {"llama": "fused", "qwen3": "fused", "phi3": "fused", "gemma2": "fused", "qwen3_moe": "fused"}
 
 
 def peft_lora(model, **options):
