@@ -228,6 +228,45 @@ def test_special_values_at_every_path_length(info, variant, dtype, n, device):
         torch.testing.assert_close(y.double(), y_ref, equal_nan=True, **TOLERANCES[dtype])
 
 
+def _first_grad(fn, call, dy):
+    leaves = call.cast(requires_grad=True).primals
+    return torch.autograd.grad(fn(*leaves), leaves[0], dy)[0].double()
+
+
+@pytest.mark.parametrize("n", PATH_LENGTHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("info,variant", op_variants(("softmax", "norm", "loss")))
+def test_special_values_gradients_at_every_path_length(info, variant, dtype, n, device):
+    """The gradient on the special rows, at every row length where a kernel path changes (the backward's streaming
+    stores included) and along dim 0: NaN and ±inf exactly where float64 torch has them, and elsewhere no further
+    from float64 than torch's own gradient in the dtype (twice its error, plus 4 ulps of the largest element: so
+    exactly 0 where torch is exact, as on one-element rows). In float64, where torch's gradient is the reference
+    itself, within the value tests' float64 tolerance."""
+    if info.name == "fused_linear_cross_entropy" and n > 4099:
+        pytest.skip("the fused loss's rows are hidden states: their length does not choose a kernel path")
+    x = special_rows(n, dtype, device)
+    for layout in [dict(dim=-1), dict(dim=0)] if info.has_dim else [{}]:
+        rows = x if layout.get("dim", -1) == -1 else x.t().contiguous()
+        c = info.call(rows, **layout, **variant)
+        c64 = c.cast(torch.float64)
+        dy = torch.rand(c64.ref(*c64.primals).shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        ours = _first_grad(c.op, c, dy.to(device, dtype))
+        exact = _first_grad(c64.ref, c64, dy.to(device))
+        for special in (torch.isnan, torch.isinf):
+            assert torch.equal(special(ours), special(exact)), (layout, special, n)
+        if dtype == torch.float64:
+            torch.testing.assert_close(ours, exact, equal_nan=True, **TOLERANCES[dtype])
+            continue
+        if not torch.isfinite(exact).any():
+            continue
+        theirs = _first_grad(c.ref, c, dy.to(device, dtype))
+        finite = torch.isfinite(exact) & torch.isfinite(theirs)
+        floor = 4 * torch.finfo(dtype).eps * exact[torch.isfinite(exact)].abs().max()
+        our_error = (ours - exact)[torch.isfinite(exact)].abs().max()
+        their_error = (theirs - exact)[finite].abs().max() if finite.any() else 0.0
+        assert our_error <= 2 * their_error + floor, (layout, float(our_error), float(their_error), float(floor))
+
+
 @pytest.mark.parametrize("n", PATH_LENGTHS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_cross_entropy_rows_all_ignored(n, reduction, device):

@@ -119,8 +119,8 @@ struct CpuCrossEntropy {
         const T* row_weights = weights.defined() ? weights.row_weight.const_data_ptr<T>() : nullptr;
         const T total = weights.defined() ? weights.total.item<T>() : T(0), lambda = T(options.lse_square_scale);
         const math::Softcap<T> softcap{T(options.softcap)};
-        // dz without the target's term: (s a) p - (s ε/C) w_k with class weights, s (a p - ε/C) without (a the
-        // z-loss's factor, 1 with none); then the softcap's chain rule.
+        // dz without the target's term: (s a) p - (s ε/C) w_k with class weights (math::WeightedGradRow), s (a p -
+        // ε/C) without (a the z-loss's factor, 1 with none); then the softcap's chain rule.
         const auto grad_row = [&](int64_t row, auto has_softcap, auto weighted) {
           constexpr bool kSoftcap = decltype(has_softcap)::value, kWeighted = decltype(weighted)::value;
           const S* xr = xs + row * classes;
@@ -128,14 +128,14 @@ struct CpuCrossEntropy {
           const T s = scales[row], m = maxima[row], log_s = log_sums[row];
           const int64_t t = targets[row];
           const T x_t = t == ignore_index ? T(0) : T(xr[t]);
-          const T w_t = kWeighted ? row_weights[row] : T(1);
-          const T a = kWeighted         ? math::weighted_softmax_coefficient(w_t, eps, per_class, total)
-                      : lambda > T(0) ? math::z_loss_softmax_factor(m, log_s, lambda)
-                                      : T(1);
-          const T sa = s * a, sc = s * per_class;
+          const auto wr = kWeighted ? math::weighted_grad_row(s, row_weights[row], eps, per_class, total)
+                                    : math::WeightedGradRow<T>{};
+          const T a = lambda > T(0) ? math::z_loss_softmax_factor(m, log_s, lambda) : T(1);  // unweighted only
           const math::SoftmaxFromStats<T> softmax{m, log_s};
           const auto dz_of = [=](auto z, auto class_weight) {
-            if constexpr (kWeighted) return math::weighted_cross_entropy_vjp_with(z, class_weight, softmax, sa, sc);
+            if constexpr (kWeighted)
+              return math::weighted_cross_entropy_vjp_with(z, class_weight, softmax, wr.scaled_coefficient,
+                                                           wr.scaled_per_class);
             else return math::z_loss_cross_entropy_vjp_with(z, softmax, a, s, per_class);
           };
           const auto dx_of = [=](auto v, auto class_weight) {
@@ -155,7 +155,7 @@ struct CpuCrossEntropy {
             z_t = z;
             slope_t = math::Softcap<T>::slope(u_t);
           }
-          const T dz_t = kWeighted ? math::weighted_cross_entropy_vjp_with(z_t, w[t], softmax, sa, sc) - s * (T(1) - eps) * w_t
+          const T dz_t = kWeighted ? math::weighted_cross_entropy_target_vjp_with(z_t, w[t], softmax, wr)
                                    : s * (a * softmax(z_t) - per_class - (T(1) - eps));
           dxr[t] = S(dz_t * slope_t);
         };

@@ -440,6 +440,7 @@ struct WeightedCrossEntropyForward : CrossEntropyForward<T_, true> {
 
 // Gradient (CrossEntropyGrad's derivation, weighted; math/cross_entropy.h):
 //   dx_ij = (s_i a_i) p_ij - (s_i ε/C) w_j - s_i (1 - ε) w_t [j = t_i],   a_i = (1 - ε) w_t + (ε/C) W
+// (the target's two terms subtracted as one, math::WeightedGradRow: a row of one class gets exactly 0)
 // Row inputs m, log_s, s as CrossEntropyGrad's; w_t and W read once a row, w_j once an element. The Row holds
 // three products of s (the fewest registers: the fused kernel's cluster instance holds the row's logits too).
 template <class T_>
@@ -454,7 +455,7 @@ struct WeightedCrossEntropyGrad : CrossEntropyGrad<T_> {
 
   struct Row {
     SoftmaxFromStatsFor<T> softmax;
-    S scaled_coefficient, scaled_per_class, target_term;  // s a, s ε/C, s (1 - ε) w_t
+    math::WeightedGradRow<S> terms;  // s a, s ε/C, s (1 - ε) w_t
     int first;  // the run's first column (int: C <= INT_MAX is checked); slots may lie outside the row
     int t;      // the target's run element, or -1
     bool ok;    // the target is in range
@@ -462,18 +463,19 @@ struct WeightedCrossEntropyGrad : CrossEntropyGrad<T_> {
 
   __device__ __forceinline__ Row finish(S, const S (&row_in)[3], const RowAt& at) const {
     const int64_t t = this->target[at.row];
-    const S w_t = row_weight[at.row], scale = row_in[2];
     return {softmax_from_stats<T>(row_in[0], row_in[1]),
-            scale * math::weighted_softmax_coefficient(w_t, smoothing, this->per_class, *weight_total),
-            scale * this->per_class, scale * (S(1) - smoothing) * w_t, static_cast<int>(at.first),
-            target_in_run(t, this->ignore_index, at), target_ok(t, this->ignore_index, this->classes)};
+            math::weighted_grad_row(row_in[2], row_weight[at.row], smoothing, this->per_class, *weight_total),
+            static_cast<int>(at.first), target_in_run(t, this->ignore_index, at),
+            target_ok(t, this->ignore_index, this->classes)};
   }
   __device__ __forceinline__ S map(const Row& r, const S (&v)[1], int e) const {
     // The column; padding slots lie outside [0, C) (one unsigned compare: C <= INT_MAX) and read no weight.
     const int j = r.first + e;
     const S w = static_cast<unsigned>(j) < static_cast<unsigned>(this->classes) ? class_weight[j] : S(0);
-    const S dx = math::weighted_cross_entropy_vjp_with(v[0], w, r.softmax, r.scaled_coefficient, r.scaled_per_class);
-    return e == r.t ? dx - r.target_term : dx;
+    // math::weighted_cross_entropy_(target_)vjp_with, one exponential for both: (s a) p - the subtrahend.
+    const S subtrahend = e == r.t ? math::weighted_target_subtrahend(r.terms.scaled_per_class, w, r.terms.target_term)
+                                  : r.terms.scaled_per_class * w;
+    return r.terms.scaled_coefficient * r.softmax(v[0]) - subtrahend;
   }
   __device__ __forceinline__ bool row_ok(const Row& r) const { return r.ok; }
 };

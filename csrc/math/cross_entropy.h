@@ -84,18 +84,36 @@ TVJP_HD S weighted_cross_entropy_loss(S log_s, S target_shifted, S weighted_sum_
          smoothing_per_class * (weight_total * log_s - weighted_sum_shifted);
 }
 
-// a_i = (1 - ε) w_t + (ε/C) W: the weight of p in the weighted, smoothed gradient row.
+// The weighted, smoothed gradient row's constants: sc = s ε/C, st = s (1 - ε) w_t, and s a_i = sc W + st
+// (= s ((1 - ε) w_t + (ε/C) W)), summed as the target's subtrahend sc w_t + st is (weighted_target_subtrahend),
+// so that a row of one class (p = 1, W = w_t) gets exactly 0 at its target, as torch's.
 template <class S>
-TVJP_HD S weighted_softmax_coefficient(S target_weight, S smoothing, S smoothing_per_class, S weight_total) {
-  return (S(1) - smoothing) * target_weight + smoothing_per_class * weight_total;
+struct WeightedGradRow {
+  S scaled_coefficient, scaled_per_class, target_term;  // s a, s ε/C, s (1 - ε) w_t
+};
+template <class S>
+TVJP_HD S weighted_target_subtrahend(S scaled_per_class, S class_weight, S target_term) {
+  return scaled_per_class * class_weight + target_term;
+}
+template <class S>
+TVJP_HD WeightedGradRow<S> weighted_grad_row(S scale, S target_weight, S smoothing, S smoothing_per_class,
+                                             S weight_total) {
+  const S sc = scale * smoothing_per_class, st = scale * (S(1) - smoothing) * target_weight;
+  return {weighted_target_subtrahend(sc, weight_total, st), sc, st};
 }
 
-// dx_ik without the target's term, from two per-row constants: (s a) p_k - (s ε/C) w_k; the caller subtracts
-// s (1 - ε) w_t at k = t.
+// dx_ik off the target, from the row's constants: (s a) p_k - (s ε/C) w_k.
 template <class T, class S, class Softmax>
 TVJP_HD T weighted_cross_entropy_vjp_with(T x, T class_weight, const Softmax& softmax, S scaled_coefficient,
                                           S scaled_per_class) {
   return T(scaled_coefficient) * softmax(x) - T(scaled_per_class) * class_weight;
+}
+// dx_it at the target: (s a) p_t - (s ε/C w_t + s (1 - ε) w_t).
+template <class T, class S, class Softmax>
+TVJP_HD T weighted_cross_entropy_target_vjp_with(T x_t, T class_weight_t, const Softmax& softmax,
+                                                 const WeightedGradRow<S>& r) {
+  return T(r.scaled_coefficient) * softmax(x_t) -
+         weighted_target_subtrahend(T(r.scaled_per_class), class_weight_t, T(r.target_term));
 }
 
 // The softcap as the kernels evaluate it: u = tanh(x / c) once an element, then z = u c and the chain rule's
