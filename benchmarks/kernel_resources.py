@@ -70,8 +70,14 @@ class Rule:
 OCCUPANCY = [
     Rule(r"row_kernel<torch_vjp::cuda::(\w+)<.*, (\d+), \(torch_vjp::cuda::RowKind\)0>\(", SUB_WARP_THREADS,
          lambda m: shuffle_blocks(m.group(1), int(m.group(2))),
-         "Shuffle instance (V < kRowPacks): rows of at most 32 packs a lane, blocks of 256 threads; enough of them "
-         "an SM for ROW_BYTES_IN_FLIGHT of loads"),
+         "Shuffle instance (V < kRowPacks, and V = kRowPacks for the warp path of ops whose Block instance takes "
+         "two blocks: kWholeBlockRows): rows of at most 32 lanes, blocks of 256 threads; enough of them an SM for "
+         "ROW_BYTES_IN_FLIGHT of loads"),
+    Rule(r"row_kernel<torch_vjp::cuda::(?:(?:Add)?NormBackward<(?:true|false), float, true>|"
+         r"NormBackward<false, c10::(?:BFloat16|Half), true>), 2, \(torch_vjp::cuda::RowKind\)1>\(", None, 2,
+         "Block instance of the norm backwards with parameter sums whose kBlockMinBlocks is 2 (float; the half "
+         "types' rms_norm): two blocks of 512 threads an SM, 64 registers, so that one loads while the other "
+         "reduces; their row group is the whole block (kWholeBlockRows), the warp path a Shuffle instance"),
     Rule(r"row_kernel<.*\(torch_vjp::cuda::RowKind\)1>\(", None, 1,
          "Block instance (V = kRowPacks): one block of up to the op's kBlockThreads (512; 640, 768 or 1024 where "
          "ptxas spills at 128 registers and not at 96, 80 or 64) an SM holds kRowPacks packs a thread: 32-128 KB"),

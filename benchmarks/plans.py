@@ -102,6 +102,19 @@ def block_threads(name: str, dtype: str) -> int:
     return ENGINE_OPS[name].block_threads
 
 
+# The norm backwards with parameter sums whose Block instance asks for two blocks an SM (their kBlockMinBlocks:
+# 2 × 512 threads, 64 registers), and takes whole-block row groups alone (kWholeBlockRows: their warp path runs
+# the Shuffle instance at V = kRowPacks): float, and the half types' rms_norm_backward.
+TWO_BLOCK_OPS = {("layer_norm_backward", "float32"), ("rms_norm_backward", "float32"),
+                 ("add_layer_norm_backward", "float32"), ("add_rms_norm_backward", "float32"),
+                 ("rms_norm_backward", "bfloat16"), ("rms_norm_backward", "float16")}
+
+
+def block_min_blocks(name: str, dtype: str) -> int:
+    """kBlockMinBlocks: blocks an SM the Block instance's launch bound asks for."""
+    return 2 if (name, dtype) in TWO_BLOCK_OPS else 1
+
+
 def max_threads(name: str, dtype: str) -> int:
     op = ENGINE_OPS[name]
     if name.startswith("add_") and ITEMSIZE[dtype] == 2:  # AddNormForward, AddNormBackward<*, half type, true>
@@ -142,14 +155,16 @@ def instance(name: str, dtype: str, plan: dict) -> tuple[str, int, int]:
     """(RowKind, launch bound, blocks an SM the bound asks for) of the row_kernel instance a plan launches."""
     op = ENGINE_OPS[name]
     vmax = row_packs(op, dtype)
-    if plan["V"] < vmax:
+    # kWholeBlockRows ops' warp path (32 lanes, V = kRowPacks) runs the Shuffle instance too
+    warp_path = plan["lanes"] == 32 and plan["cluster"] == 1 and plan["chunks"] == 1
+    if plan["V"] < vmax or (block_min_blocks(name, dtype) > 1 and warp_path):
         per_block = SUB_WARP_THREADS * plan["V"] * op.inputs * 16
         return "Shuffle", SUB_WARP_THREADS, max(1, min(BYTES_IN_FLIGHT // per_block, 6))  # kShuffleMaxMinBlocks
     if plan["cluster"] > 1:
         return "Cluster", max(op.cluster_threads, op.cluster_bound), 1
     top = max_threads(name, dtype)
     if plan["threads"] <= min(block_threads(name, dtype), top):
-        return "Block", min(block_threads(name, dtype), top), 1
+        return "Block", min(block_threads(name, dtype), top), block_min_blocks(name, dtype)
     return "WideBlock", top, 1
 
 

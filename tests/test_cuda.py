@@ -482,7 +482,9 @@ def test_paths_norm_large_mean_fp32():
 # (rounded to the dtype, as torch's add) and y = norm(s) (AddNormForward); the backward adds grad_sum to dx as it
 # writes it (AddNormBackward). Against float64 torch from the same rounded s: y and the statistics within the
 # dtype's tolerance, s bitwise equal to torch's add on the GPU, d_input = d_residual (one tensor) with and
-# without grad_sum, dweight and dbias within the fp32 summation bound (_check_param_grads).
+# without grad_sum, dweight and dbias within the fp32 summation bound (_check_param_grads). Their special values
+# (±inf, NaN, constant and one-element rows) at every row path against torch's own CUDA add and norm: the
+# exactness section's test_paths_special_values and test_paths_one_element_rows (ENGINE_OPS).
 ADD_NORM_KINDS = ["add_layer_norm", "add_rms_norm"]
 
 
@@ -991,9 +993,9 @@ def test_public_api_matches_registered_ops():
 
 # =========================================================================================================
 # Exactness (issue 14), on paths the plan is asked to confirm: special values at every kernel path of every
-# row-engine op against torch's own CUDA results; cross-entropy's accuracy against float64 at confident
-# logits; the fused loss's determinism (memory pressure) and CUDA-graph capture; the sm_80 plans on a Hopper
-# GPU (TORCH_VJP_DISABLE_CLUSTERS).
+# row-engine op (issue 15's add-norms too) against torch's own CUDA results; cross-entropy's accuracy against
+# float64 at confident logits; the fused loss's determinism (memory pressure) and CUDA-graph capture; the sm_80
+# plans on a Hopper GPU (TORCH_VJP_DISABLE_CLUSTERS).
 
 RowPlan = collections.namedtuple("RowPlan", "path threads cluster chunks packs")
 
@@ -1032,8 +1034,12 @@ ENGINE_OPS = {"softmax": "softmax", "softmax_backward": "softmax", "log_softmax"
               "log_softmax_backward": "log_softmax", "logsumexp": "logsumexp", "logsumexp_backward": "logsumexp",
               "layer_norm": "layer_norm", "layer_norm_backward": "layer_norm", "rms_norm": "rms_norm",
               "rms_norm_backward": "rms_norm", "normalize": "normalize", "normalize_backward": "normalize",
-              "cross_entropy": "cross_entropy", "cross_entropy_backward": "cross_entropy"}
-ROWS_ONLY = ("layer_norm", "rms_norm", "cross_entropy")
+              "cross_entropy": "cross_entropy", "cross_entropy_backward": "cross_entropy",
+              # issue 15's fused residual add and norm: x's specials shared out between input and residual
+              # (add_norm_operands), s and its norm against torch's add and norm, the backward with grad_sum
+              "add_layer_norm": "add_layer_norm", "add_layer_norm_backward": "add_layer_norm",
+              "add_rms_norm": "add_rms_norm", "add_rms_norm_backward": "add_rms_norm"}
+ROWS_ONLY = ("layer_norm", "rms_norm", "cross_entropy", "add_layer_norm", "add_rms_norm")
 
 
 # Passes without a row reduction: the engine never plans a cluster for them (long rows are split into chunks
@@ -1086,6 +1092,27 @@ def special_rows(rows, n, dtype, family, seed=0):
     return x.to(dtype)
 
 
+def add_norm_operands(x, seed=0):
+    """input and residual (x's dtype and device) whose torch sum s = input + residual keeps x's special values:
+    each inf or NaN comes from the input where its row + column is even, else from the residual (the other
+    operand there a plain draw), so that row 7's +inf and -inf come one from each and one-element rows alternate;
+    a finite row of equal values (a constant row, every finite one-element row) is input x and residual -x/2,
+    so that s is exactly x/2 (still constant, still not a binary fraction; 1e30 still overflows x², 1e-30 still
+    underflows it); on other rows the residual is a plain draw (× 0.5) and the input x."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    rows, n = x.numel() // x.shape[-1], x.shape[-1]
+    flat = x.reshape(rows, n)
+    draw = (torch.randn(rows, n, generator=g, dtype=torch.float64) * 0.5).to(x.dtype).to(x.device)
+    finite = flat.isfinite()
+    constant = (finite.all(-1) & (flat == flat[:, :1]).all(-1)).unsqueeze(-1)
+    parity = (torch.arange(rows, device=x.device).view(-1, 1) + torch.arange(n, device=x.device)) % 2
+    from_residual = ~finite & (parity == 1)
+    half = (flat.double() / 2).to(x.dtype)  # exact: no constant row holds a subnormal value
+    residual = torch.where(constant, -half, torch.where(from_residual, flat, draw))
+    inp = torch.where(from_residual, draw, flat)
+    return inp.view(x.shape), residual.view(x.shape)
+
+
 def _assert_same(got, want, dtype, what, atol=None):
     """NaN at the same positions, infinities equal, the rest within the dtype's tolerance."""
     tol = dict(TOL[dtype])
@@ -1127,33 +1154,65 @@ def check_family_against_torch(family, x, dim, seed=1):
         dx = VJP.logsumexp_backward(dy, x, out, dim, False)
         ref_dx = dy.to(opmath).unsqueeze(dim) * (x.to(opmath) - out.to(opmath).unsqueeze(dim)).exp()  # torch's
         _assert_same(dx, ref_dx.to(dtype), dtype, "logsumexp grad")
-    elif family in ("layer_norm", "rms_norm"):
+    elif family in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"):
         assert dim in (-1, x.dim() - 1)
+        add = family.startswith("add_")
+        if add:
+            # x holds the special values of s: input and residual share them out (add_norm_operands), and from
+            # here on x is torch's s = input + residual, which ours must equal bit for bit (NaN where torch's is);
+            # the norm's checks below are then on s, and torch's gradient of input (and residual) is its
+            # gradient of s through the norm plus grad_sum, added in the dtype as autograd accumulates it.
+            inp, res = add_norm_operands(x, seed)
+            x = inp + res
+            finite_rows = x.isfinite().all(dim)
+            grad_sum = torch.randn(x.shape, generator=g, device=x.device).to(dtype)
         w = (torch.randn(n, generator=g, device=x.device) * 0.5 + 1.0).to(dtype)
         dy = torch.randn(x.shape, generator=g, device=x.device).to(dtype)
         rows = x.numel() // n
         sums_atol = TOL[dtype]["rtol"] * max(1.0, rows ** 0.5)  # column sums over the rows, in any order
-        if family == "layer_norm":
+        if family.endswith("layer_norm"):
             b = (torch.randn(n, generator=g, device=x.device) * 0.5).to(dtype)
             eps = 1e-12  # BERT's: a one-ulp error in x - μ of a constant row would be |x̂| ≈ 0.4
-            y, mean, rstd = VJP.layer_norm(x, [n], w, b, eps)
+            if add:
+                y, s, mean, rstd = VJP.add_layer_norm(inp, res, [n], w, b, eps)
+            else:
+                y, mean, rstd = VJP.layer_norm(x, [n], w, b, eps)
             ref_y, ref_mean, ref_rstd = torch.native_layer_norm(x, [n], w, b, eps)
-            _assert_same(y, ref_y, dtype, "layer_norm output")
-            _assert_same(mean[finite_rows], ref_mean.view(-1)[finite_rows].to(opmath), opmath, "layer_norm mean")
-            _assert_same(rstd[finite_rows], ref_rstd.view(-1)[finite_rows].to(opmath), opmath, "layer_norm rstd")
+            _assert_same(y, ref_y, dtype, f"{family} output")
+            _assert_same(mean[finite_rows], ref_mean.view(-1)[finite_rows].to(opmath), opmath, f"{family} mean")
+            _assert_same(rstd[finite_rows], ref_rstd.view(-1)[finite_rows].to(opmath), opmath, f"{family} rstd")
             constant = finite_rows & (x == x[..., :1]).all(-1)
             if constant.any():  # x - μ = 0 exactly: the output is the bias, bit for bit, as torch's
                 assert torch.equal(y[constant], b.expand_as(y)[constant]), "a constant row did not give the bias"
-            dx, dw, db = VJP.layer_norm_backward(dy, x, mean, rstd, w, b, [n], [True, True, True])
+            if add:
+                dx, dw, db = VJP.add_layer_norm_backward(dy, grad_sum, s, mean, rstd, w, b, [n], [True, True, True])
+            else:
+                dx, dw, db = VJP.layer_norm_backward(dy, x, mean, rstd, w, b, [n], [True, True, True])
             ref_dx, ref_dw, ref_db = torch.ops.aten.native_layer_norm_backward(dy, x, [n], ref_mean, ref_rstd, w, b,
                                                                                [True, True, True])
-            _assert_same(db, ref_db, dtype, "layer_norm dbias", atol=sums_atol)
+            _assert_same(db, ref_db, dtype, f"{family} dbias", atol=sums_atol)
         else:
             eps = 1e-6
-            y, rstd = VJP.rms_norm(x, [n], w, eps)
-            _assert_same(y, F.rms_norm(x, (n,), w, eps), dtype, "rms_norm output")
-            dx, dw = VJP.rms_norm_backward(dy, x, rstd, w, [n], [True, True])
+            if add:
+                y, s, rstd = VJP.add_rms_norm(inp, res, [n], w, eps, 0.0, "torch")
+            else:
+                y, rstd = VJP.rms_norm(x, [n], w, eps)
+            _assert_same(y, F.rms_norm(x, (n,), w, eps), dtype, f"{family} output")
+            if add:
+                dx, dw = VJP.add_rms_norm_backward(dy, grad_sum, s, rstd, w, [n], [True, True], 0.0)
+            else:
+                dx, dw = VJP.rms_norm_backward(dy, x, rstd, w, [n], [True, True])
             _, (ref_dx, ref_dw) = _grad(lambda t, v: F.rms_norm(t, (n,), v, eps), (x, w), dy)
+        if add:
+            torch.testing.assert_close(s, x, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{family} sum: {m}")
+            # torch rounds its gradient of s through the norm to the dtype, then its sum with grad_sum; ours rounds
+            # the sum once. Where the two terms cancel they differ by up to half an ulp of the norm's term: allowed
+            # beyond the dtype's tolerance (one ulp, eps · |term|, as assert_add_norm_matches_reference allows),
+            # where both results are finite (NaN and inf must still match exactly).
+            slack = torch.finfo(dtype).eps * ref_dx.double().abs()
+            ref_dx = (ref_dx + grad_sum).double()
+            dx = dx.double()
+            ref_dx = torch.where(dx.isfinite() & ref_dx.isfinite(), ref_dx + (dx - ref_dx).clamp(-slack, slack), ref_dx)
         # dx = r (g - mean g - x̂ mean(g x̂)): on a constant row r = 1/√eps = 1e6, and torch's rounding of
         # g - mean g (exactly 0 for one element) is magnified by it; compare each row relative to max(r, 1).
         scale = torch.where(finite_rows, rstd.clamp_min(1.0), torch.ones_like(rstd)).to(dx.dtype).view(-1, 1)
@@ -1205,7 +1264,8 @@ def check_family_against_torch(family, x, dim, seed=1):
 def test_paths_special_values(op, path, dtype):
     """±inf, NaN, constant rows, a row of -inf only, a large offset and ignored targets (special_rows) at a shape
     where `op`'s kernel takes `path` (asserted by shape_for), its family's forward and backward against torch's
-    own CUDA results."""
+    own CUDA results (the add-norms: s, y and the statistics against torch's input + residual and its norm, the
+    gradient with grad_sum against torch's)."""
     family = ENGINE_OPS[op]
     if path in COLUMN_PATHS and family in ROWS_ONLY:
         pytest.skip(f"{family} runs on rows only")
@@ -1223,14 +1283,16 @@ def test_paths_special_values(op, path, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("family", ["softmax", "log_softmax", "logsumexp", "layer_norm", "rms_norm", "normalize",
-                                    "cross_entropy"])
+                                    "cross_entropy", "add_layer_norm", "add_rms_norm"])
 def test_paths_one_element_rows(family, dtype):
     """Rows of one element, special and extreme values (±1e30 overflow x² in float32 and are inf in float16;
     1e-30 underflows x²), along the last dim and (where the family has a column kernel) along dim 1, against
     torch's CUDA results: normalize gives ±1 (torch's norm does not square a single element), layer_norm the
-    bias exactly."""
+    bias exactly. The add-norms: s = x/2 from input x and residual -x/2 (the specials from either,
+    add_norm_operands)."""
     values = [float("inf"), float("-inf"), float("nan"), 0.0, 1e30, -1e30, 1e-30, 3.0, -0.3, 1e4]
-    if family == "layer_norm":  # torch's Welford merge of an empty partial makes (±1e30)² · 0 = NaN there; ours the bias
+    # torch's Welford merge of an empty partial makes (±1e30)² · 0 = NaN there; ours the bias
+    if family.endswith("layer_norm"):
         values = [v for v in values if abs(v) != 1e30] + [7.0, -2.5]
     x = torch.tensor(values, dtype=torch.float64).to(dtype).view(-1, 1).to(GPU)
     check_family_against_torch(family, x, -1)

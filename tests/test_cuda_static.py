@@ -154,6 +154,33 @@ def test_row_plans_give_each_instance_its_row_groups():
                 assert whole, where
 
 
+def test_two_block_norm_backwards_agree_across_the_mirrors():
+    """Issue 16 item 5: the norm backwards with parameter sums whose Block instance asks for two blocks of 512 an
+    SM (the epilogues' kBlockMinBlocks = 2, mirrored by plans.TWO_BLOCK_OPS) are those kernel_resources holds to
+    64 registers; their Block plans count two blocks of 512 an SM, and their warp path (32 lanes a row, V = 2)
+    runs the Shuffle instance; the other ops' Block keeps one block and the warp path."""
+    plans, _ = _plan_table()
+    rule = next(r for r in kr.OCCUPANCY if r.blocks == 2 and "RowKind\\)1" in r.pattern)
+    ops = ("layer_norm_backward", "rms_norm_backward", "add_layer_norm_backward", "add_rms_norm_backward")
+    # fp32 n = 256 and the half types' n = 512: 64 packs, the warp path at V = 2; n = 4096 (fp32) and 8192 (the
+    # half types): 512-thread blocks
+    shapes = ((64, 256), (64, 512), (4096, 4096), (4096, 8192))
+    table = plans.row_table(shapes, ("bfloat16", "float16", "float32"), names=ops, gpus={"A100": plans.GPUS["A100"]})
+    seen = set()
+    for r in table:
+        two = (r["op"], r["dtype"]) in plans.TWO_BLOCK_OPS
+        where = (r["op"], r["dtype"], r["rows"], r["n"], r["path"], r["kind"], r["threads"])
+        if r["path"] == "warp" and r["V"] == 2:  # (V = 1: a shorter row, Shuffle for every op)
+            assert r["kind"] == ("Shuffle" if two else "Block"), where
+            seen.add(("warp", two))
+        if r["kind"] == "Block":
+            assert bool(re.search(rule.pattern, plans.kernel_name(r))) == two, where
+            if r["threads"] == 512:
+                assert r["resident"] == (2 if two else 1) and r["in_flight"] == (64 if two else 32) * 1024, where
+                seen.add((512, two))
+    assert seen == {("warp", True), ("warp", False), (512, True), (512, False)}, seen
+
+
 def test_benchmark_plans_keep_enough_loads_in_flight():
     """Every benchmark shape, on the A100, H100 and H200: the blocks the launch bounds guarantee an SM hold at
     least the bytes of loads the card needs in flight (bandwidth × latency / SMs)."""

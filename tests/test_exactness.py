@@ -69,6 +69,84 @@ def test_nn_layer_norm_with_bert_eps_on_padding_rows(device):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# add_layer_norm / add_rms_norm: special values from either operand, constant and one-element rows. (On the GPU,
+# tests/test_cuda.py's test_paths_special_values and test_paths_one_element_rows run these at every kernel path.)
+
+ADD_NORM_REFS = {"add_layer_norm": lambda s, w, b: F.layer_norm(s, (s.shape[-1],), w, b, 1e-5),
+                 "add_rms_norm": lambda s, w, b: F.rms_norm(s, (s.shape[-1],), w, 1e-6)}
+# float64: torch's own x - μ of the constant row 5000.05 is an ulp (9e-13) off ours (exactly 0), times r = 316
+# in x̂: 3e-10 of dweight.
+ADD_NORM_RTOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+def special_add_operands(n, dtype, device):
+    """input and residual, 8 rows of n, a special value a row at a column that moves from row to row: +inf from
+    the input (row 0), -inf from the residual (1), NaN from the input (2) and from the residual (3), +inf from
+    the input and -inf from the residual beside it (4; at n = 1 the same element: NaN in s), constant rows of
+    5.1 and 1e4 + 0.1 split as x and -x/2 (5, 6: s = x/2 exactly, not a binary fraction), a plain row (7)."""
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(8, n, generator=g, dtype=torch.float64) * 2).to(dtype)
+    residual = (torch.randn(8, n, generator=g, dtype=torch.float64) * 2).to(dtype)
+    col = [(r * 7919 + n // 3) % n for r in range(8)]
+    x[0, col[0]] = float("inf")
+    residual[1, col[1]] = float("-inf")
+    x[2, col[2]] = float("nan")
+    residual[3, col[3]] = float("nan")
+    x[4, col[4]], residual[4, (col[4] + 1) % n] = float("inf"), float("-inf")
+    x[5], x[6] = 5.1, 1e4 + 0.1
+    residual[5:7] = -(x[5:7].double() / 2).to(dtype)
+    return x.to(device), residual.to(device)
+
+
+def assert_rows_close(got, want, dtype, what):
+    """got (dtype) against float64 want: NaN and inf where want has them, finite values within the dtype's
+    rtol of the row's largest finite |want| (at least 1: a constant row's dx is r (g - mean g), r = 1/√eps)."""
+    want = want.reshape(-1, want.shape[-1])
+    scale = want.nan_to_num(0.0, 0.0, 0.0).abs().amax(-1, keepdim=True).clamp_min(1.0)
+    rtol = ADD_NORM_RTOL[dtype]
+    torch.testing.assert_close(got.double().reshape(want.shape) / scale, want / scale, rtol=rtol, atol=rtol,
+                               equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("n", [1, 7, 768, 4096, 70001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *HALF], ids=str)
+@pytest.mark.parametrize("name", ADD_NORM_REFS)
+def test_add_norms_special_values_like_torch(name, dtype, n, device):
+    """s is torch's input + residual bit for bit (NaN where torch's is); y, the gradient of input and residual
+    (the loss reads y and s) and the parameter gradients are torch's norm of that s in float64, NaN and inf at
+    the same places; a constant row of add_layer_norm gives the bias exactly. Parameter gradients again from
+    the finite rows alone (the NaN rows make every column's sum NaN)."""
+    x, residual = special_add_operands(n, dtype, device)
+    g = torch.Generator().manual_seed(n + 1)
+    w = (torch.randn(n, generator=g, dtype=torch.float64) * 0.5 + 1.0).to(dtype).to(device)
+    b = (torch.randn(n, generator=g, dtype=torch.float64) * 0.5).to(dtype).to(device)
+    dy = torch.randn(8, n, generator=g, dtype=torch.float64).to(dtype).to(device)
+    ds = torch.randn(8, n, generator=g, dtype=torch.float64).to(dtype).to(device)
+    op = getattr(torch_vjp, name)
+    for rows in (slice(None), slice(5, 8)):
+        leaves = [t[rows].clone().requires_grad_() for t in (x, residual)] + [w.clone().requires_grad_()]
+        if name == "add_layer_norm":
+            leaves.append(b.clone().requires_grad_())
+            y, s = op(leaves[0], leaves[1], (n,), leaves[2], leaves[3], 1e-5)
+        else:
+            y, s = op(leaves[0], leaves[1], (n,), leaves[2], 1e-6)
+        grads = torch.autograd.grad((y * dy[rows]).sum() + (s * ds[rows]).sum(), leaves)
+        torch.testing.assert_close(s, residual[rows] + x[rows], rtol=0, atol=0, equal_nan=True)
+        s64, w64, b64 = (t.detach().double().requires_grad_() for t in (s, w, b))
+        y64 = ADD_NORM_REFS[name](s64, w64, b64 if name == "add_layer_norm" else None)
+        refs = torch.autograd.grad((y64 * dy[rows].double()).sum() + (s64 * ds[rows].double()).sum(),
+                                   [s64, w64] + ([b64] if name == "add_layer_norm" else []))
+        assert_rows_close(y, y64.detach(), dtype, "y")
+        assert_rows_close(grads[0], refs[0], dtype, "d_input")
+        assert torch.equal(grads[0].nan_to_num(), grads[1].nan_to_num()), "d_input and d_residual differ"
+        for got, ref, what in zip(grads[2:], refs[1:], ("dweight", "dbias")):
+            assert_rows_close(got, ref, dtype, what)
+        if name == "add_layer_norm":
+            constant = y[-3:-1] if rows.start is None else y[:2]
+            assert torch.equal(constant, b.expand_as(constant)), "a constant row did not give the bias"
+
+
+# ---------------------------------------------------------------------------------------------------------
 # cross_entropy: the gradient as accurate as torch's softmax-based one, at confident logits and real vocabularies.
 
 def _ce_exact(x, target, smoothing, reduction):

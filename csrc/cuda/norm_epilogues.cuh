@@ -233,6 +233,13 @@ struct NormBackward : EpilogueDefaults {
   // instance bound at 640 (96 registers: 92-96, no spill; at 768 layer_norm's kept 4 bytes on the stack on
   // sm_90), and WideBlock (768, 80 registers: 77-80, no spill) for blocks of 641-768 threads.
   static constexpr int kBlockThreads = kSums ? 512 : sizeof(T) == 2 ? 640 : 768;
+  // With the sums: two blocks of 512 an SM where ptxas fits the Block instance in 64 registers without a spill
+  // (kWholeBlockRows: the whole block its row group), so that one block loads while the other reduces. One
+  // 512-thread block an SM (fp32 n = 4096, bf16 n = 8192) alternated the two: a row's loads, then two barriers.
+  // float: 52-62 registers (sm_80, sm_90); the half types' rms_norm: 63-64. bf16 layer_norm spilled 32 B there
+  // (sm_80: 16 registers of packed dy and x beside 32 of dweight and dbias sums): the half types' layer_norm keeps
+  // one block (128 registers). (benchmarks/README.md, issue 16 item 5.)
+  static constexpr int kBlockMinBlocks = kSums && (sizeof(T) == 4 || (sizeof(T) == 2 && !kCentered)) ? 2 : 1;
   static constexpr int kClusterBound = kSums ? 0 : 768;  // the same for its Cluster instance (200+ B at 128)
   // A cluster's blocks hold at most 512 threads (the Cluster instance's bound: 128 registers), and 8 of them
   // hold a row of 8·512·kRowPacks packs: with the parameter sums, fp32 n = 32768 in one read.
@@ -300,6 +307,9 @@ struct AddNormBackward : NormBackward<kCentered, T_, kSums> {
   static constexpr bool kHalf = sizeof(T_) == 2;
   static constexpr int kMaxThreads = kSums && kHalf ? 640 : Base::kMaxThreads;
   static constexpr int kBlockThreads = kSums ? 512 : kHalf ? 256 : 640;
+  // Two blocks of 512 (64 registers) with the sums in float: 63-64 registers, no spill; the half types'
+  // rms_norm spilled 8 B there (sm_80), so they keep one.
+  static constexpr int kBlockMinBlocks = kSums && sizeof(T_) == 4 ? 2 : 1;
   static constexpr int kClusterThreads = !kSums && kHalf ? 384 : Base::kClusterThreads;
   static constexpr int kClusterBound = !kSums && kHalf ? 0 : Base::kClusterBound;
   __device__ __forceinline__ S add_out(S dx, S grad_sum) const { return math::add_norm_vjp(dx, grad_sum); }

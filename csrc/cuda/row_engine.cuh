@@ -89,6 +89,10 @@
 //   static constexpr int  kMaxThreads;   threads a block at most (the launch bound; default 1024)
 //   static constexpr int  kBlockThreads; the bound of the Block instance, which serves blocks up to it; larger
 //                                        ones take WideBlock (default 512: 128 registers)
+//   static constexpr int  kBlockMinBlocks;  blocks an SM the Block instance's bound asks for (default 1; 2: two
+//                                        blocks of 512 threads, 64 registers). With 2, its row group is the whole
+//                                        block (as WideBlock's), and its warp-path plans take the Shuffle
+//                                        instance at V = kRowPacks (kWholeBlockRows below)
 //   static constexpr int  kClusterThreads;  threads a block of a cluster at most on sm_90 (default 512): fewer
 //                                        make a long row a cluster of smaller blocks, so that blocks of other
 //                                        rows share an SM and load while this one reduces
@@ -177,6 +181,7 @@ struct EpilogueDefaults {
   static constexpr bool kAsserts = false;
   static constexpr int kMaxThreads = 1024;
   static constexpr int kBlockThreads = 512;
+  static constexpr int kBlockMinBlocks = 1;
   static constexpr int kClusterThreads = 512;
   static constexpr int kClusterBound = 0;
 };
@@ -336,7 +341,9 @@ __device__ __forceinline__ void sum_row_groups(S (&v)[kSums][V][P], int G) {
 //     kSubWarpThreads threads, never a cluster or a split), so it has no block or cluster reduction, and asks
 //     for enough resident blocks to keep kRowBytesInFlight of loads in flight an SM (kRowMinBlocks);
 //   - RowKind::Block (V = kRowPacks, no cluster, blocks of at most kBlockThreads, default 512): the shuffle,
-//     block and split paths that the benchmark shapes take (one 512-thread block holds 32 KB of loads);
+//     block and split paths that the benchmark shapes take (one 512-thread block holds 32 KB of loads); an op
+//     with kBlockMinBlocks = 2 (kWholeBlockRows) asks for two such blocks an SM, and gives its warp path
+//     (32 lanes a row, several rows a block) to a Shuffle instance at V = kRowPacks instead;
 //   - RowKind::WideBlock (V = kRowPacks, no cluster, up to kMaxThreads): rows too long for 512 threads where
 //     no cluster runs (sm_80, or clusters off): one read of the row at the price of a tight register budget;
 //   - RowKind::Cluster (V = kRowPacks): sm_90 clusters of blocks of at most kClusterThreads.
@@ -361,15 +368,28 @@ inline constexpr int kRowThreads = K == RowKind::Shuffle   ? kSubWarpThreads
 constexpr int kShuffleMaxMinBlocks = 6;
 template <class Op, int V, RowKind K>
 inline constexpr int kRowMinBlocks =
-    K != RowKind::Shuffle
-        ? 1
-        : std::clamp(kRowBytesInFlight / (kSubWarpThreads * V * kLoads<Op> * 16), 1, kShuffleMaxMinBlocks);
+    K == RowKind::Block     ? Op::kBlockMinBlocks
+    : K != RowKind::Shuffle ? 1
+                            : std::clamp(kRowBytesInFlight / (kSubWarpThreads * V * kLoads<Op> * 16), 1,
+                                         kShuffleMaxMinBlocks);
+
+// Ops whose Block instance serves only whole-block row groups (its block and split paths: lanes = threads > 32),
+// so that it compiles without the several-rows-a-block code (the division by G, the shuffle reduction, the sum
+// of the block's row groups) and fits two blocks of 512 threads an SM: 64 registers. Their warp path (32 lanes a
+// row, at most kSubWarpThreads threads: V = kRowPacks, but a shuffle-only shape) takes row_kernel<Op, kRowPacks,
+// RowKind::Shuffle>. The norm backwards with parameter sums: at two blocks a Block instance that kept the
+// warp path spilled 16-72 B in float (ptxas -v, CUDA 13.0, sm_80); with whole-block groups alone, 52-64
+// registers and none (NormBackward, AddNormBackward: kBlockMinBlocks).
+template <class Op>
+inline constexpr bool kWholeBlockRows = Op::kBlockMinBlocks > 1;
 
 template <class Op, int V, RowKind K>
 __global__ void __launch_bounds__(kRowThreads<Op, K>, (kRowMinBlocks<Op, V, K>)) row_kernel(const EngineArgs<Op> a) {
   static_assert(Op::kMaxThreads % kWarpSize == 0 && Op::kClusterThreads % kWarpSize == 0 &&
                 Op::kClusterThreads <= Op::kMaxThreads && Op::kMaxThreads >= kSubWarpThreads, "block sizes");
-  static_assert((K == RowKind::Shuffle) == (V < kRowPacks<Op>), "Shuffle instances are those with V < kRowPacks");
+  static_assert(K == RowKind::Shuffle ? V < kRowPacks<Op> || (V == kRowPacks<Op> && kWholeBlockRows<Op>)
+                                      : V == kRowPacks<Op>,
+                "Shuffle instances are those with V < kRowPacks, and kWholeBlockRows ops' warp path");
   static_assert(!Op::kAddsInput || (Op::kIn == 1 && Op::kElementOut), "an added input: one input, and an output pass");
   static_assert(!Op::kOutAddend || Op::kElementOut, "an output addend needs an element output");
   constexpr bool kShuffleOnly = K == RowKind::Shuffle;
@@ -393,8 +413,10 @@ __global__ void __launch_bounds__(kRowThreads<Op, K>, (kRowMinBlocks<Op, V, K>))
   // warp path) or the whole block (its block and split paths), by G = lanes. At the 40-80 register budgets of
   // the first three, a division by a run-time G kept its quotient and remainder live across the row, and ptxas
   // spilled them. Block keeps the division: shift forms tried there (CUDA 13.0) raised several instances'
-  // registers and moved a spill from one instance to another.
-  constexpr bool kBlockGroup = K == RowKind::WideBlock || K == RowKind::Cluster;
+  // registers and moved a spill from one instance to another. Except kWholeBlockRows ops' Block, which serves
+  // whole-block groups alone (their warp path takes the Shuffle instance).
+  constexpr bool kBlockGroup =
+      K == RowKind::WideBlock || K == RowKind::Cluster || (K == RowKind::Block && kWholeBlockRows<Op>);
   const int group_shift = kShuffleOnly ? __ffs(a.lanes) - 1 : 0;  // Shuffle: log2 G
   const int G = kBlockGroup ? static_cast<int>(blockDim.x) : kShuffleOnly ? 1 << group_shift : a.lanes;
   const int lane = threadIdx.x % kWarpSize;
@@ -919,10 +941,17 @@ void with_row_kernel(const Plan& plan, const Go& go) {
                         "torch_vjp: a row plan of ", plan.threads, " threads a block above its kernel's launch bound");
   if (plan.V == Vmax) {
     // The row groups of plan_rows: Cluster and WideBlock (row_kernel's kBlockGroup), the whole block; Block,
-    // warps or the whole block.
+    // warps or the whole block (kWholeBlockRows: the whole block, and warps take a Shuffle instance).
     const bool block_group = plan.lanes == plan.threads && plan.lanes > kWarpSize;
     TORCH_INTERNAL_ASSERT(block_group || plan.lanes == kWarpSize, "torch_vjp: a row plan of ", plan.lanes,
                           " lanes a row in blocks of ", plan.threads);
+    if constexpr (kWholeBlockRows<Op>) {
+      if (!block_group) {
+        TORCH_INTERNAL_ASSERT(shuffle && plan.threads <= kSubWarpThreads, "torch_vjp: a warp-path plan of ",
+                              plan.threads, " threads, ", plan.cluster, " blocks a cluster, ", plan.chunks, " chunks");
+        return go(row_kernel<Op, Vmax, RowKind::Shuffle>);
+      }
+    }
     if (plan.cluster > 1) {
       TORCH_INTERNAL_ASSERT(block_group, "torch_vjp: a cluster plan of ", plan.lanes, " lanes in blocks of ", plan.threads);
       return go(row_kernel<Op, Vmax, RowKind::Cluster>);
