@@ -947,7 +947,7 @@ def frozen(model):
 def test_peft_lora_trains_through_the_patched_model(family, order):
     """A peft LoRA fine-tune of a patched model trains as the same fine-tune of the stock model: losses over AdamW
     steps to fp32 round-off, every parameter within 5e-5 (the training test's standard), with the fused loss while
-    it trains with labels (Gemma2: the logits path). patch() takes the PeftModel (it patches the model inside) or
+    it trains with labels (Gemma2's with its softcap). patch() takes the PeftModel (it patches the model inside) or
     get_peft_model takes the patched model. The adapters train (each gets a gradient and moves); the frozen base
     parameters keep their bits. unpatch() leaves the adapters in and a stock model."""
     pytest.importorskip("peft")
