@@ -919,7 +919,7 @@ def test_lora_on_the_output_head_takes_the_logits_path():
 # zero, so the adapted model starts as the base model), the PeftModel given to patch() or get_peft_model given
 # a patched model. peft is optional, like transformers: these tests skip without it (CI installs it).
 
-# family -> the loss patch() gives it (Gemma2's final-logit softcapping takes the logits path)
+# family -> the loss patch() gives it (Gemma2 too: its final-logit softcapping goes into the fused loss)
 PEFT_FAMILIES = {"llama": "fused", "qwen3": "fused", "phi3": "fused", "gemma2": "fused", "qwen3_moe": "fused"}
 
 
