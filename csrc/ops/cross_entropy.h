@@ -164,22 +164,30 @@ void loss_rows(const at::Tensor& x, const at::Tensor& target, int64_t ignore_ind
                                 row_max, log_sum);
 }
 
+// For a backend whose kernels do not apply the options: its gradient over z = option_logits(x), then the
+// options' terms, rounded once into dx.
+template <class Backend>
+void grad_rows_over(const at::Tensor& z, const at::Tensor& target, const at::Tensor& row_max,
+                    const at::Tensor& log_sum, const at::Tensor& scale, int64_t ignore_index, double smoothing,
+                    const SmoothingWeights& weights, const LossOptions& o, const at::Tensor& dx) {
+  auto dz = at::empty_like(z);
+  Backend::cross_entropy_grad_rows(z, target, row_max, log_sum, scale, ignore_index, smoothing, weights, dz);
+  finish_option_grad(dz, z, row_max, log_sum, scale, o);
+  dx.copy_(dz);
+}
+
 // dx may be x itself.
 template <class Backend>
 void grad_rows(const at::Tensor& x, const at::Tensor& target, const at::Tensor& row_max, const at::Tensor& log_sum,
                const at::Tensor& scale, int64_t ignore_index, double smoothing, const SmoothingWeights& weights,
                const LossOptions& o, const at::Tensor& dx) {
-  if constexpr (Backend::kFusesOptions) {
+  if constexpr (Backend::kFusesOptions)
     Backend::cross_entropy_grad_rows(x, target, row_max, log_sum, scale, ignore_index, smoothing, weights, o, dx);
-  } else if (!o.active()) {
+  else if (!o.active())
     Backend::cross_entropy_grad_rows(x, target, row_max, log_sum, scale, ignore_index, smoothing, weights, dx);
-  } else {  // the kernel's gradient over z, then the options' terms, rounded once
-    const auto z = option_logits(x, o);
-    auto dz = at::empty_like(z);
-    Backend::cross_entropy_grad_rows(z, target, row_max, log_sum, scale, ignore_index, smoothing, weights, dz);
-    finish_option_grad(dz, z, row_max, log_sum, scale, o);
-    dx.copy_(dz);
-  }
+  else
+    grad_rows_over<Backend>(option_logits(x, o), target, row_max, log_sum, scale, ignore_index, smoothing, weights, o,
+                            dx);
 }
 
 // torch's F.cross_entropy(weight=w): w (C,) of the input's dtype and device, with torch's messages. Held in the
@@ -407,6 +415,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> linear
     }
     const auto chunk_scale = scale.narrow(0, begin, n);
     const auto two_passes = [&] {
+      if constexpr (!Backend::kFusesOptions) {
+        if (a.options.active()) {  // z formed once, for both kernels
+          const auto z = option_logits(logits, a.options);
+          Backend::cross_entropy_rows(z, t, a.ignore_index, a.label_smoothing, chunk_weights, chunk_losses, chunk_max,
+                                      chunk_log_sum);
+          grad_rows_over<Backend>(z, t, chunk_max, chunk_log_sum, chunk_scale, a.ignore_index, a.label_smoothing,
+                                  chunk_weights, a.options, logits);
+          return;
+        }
+      }
       loss_rows<Backend>(logits, t, a.ignore_index, a.label_smoothing, chunk_weights, a.options, chunk_losses,
                          chunk_max, chunk_log_sum);
       grad_rows<Backend>(logits, t, chunk_max, chunk_log_sum, chunk_scale, a.ignore_index, a.label_smoothing,
