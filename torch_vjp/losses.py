@@ -25,7 +25,8 @@ are formed whole, and cross_entropy's forward mode is applied to them.
 
 Options (both ops; math/cross_entropy.h): softcap c > 0, the loss of z = c·tanh(x/c) (Gemma 2), with m and
 log_sum then z's and dx = dz (1 - (z/c)²); lse_square_scale λ > 0, PaLM's z-loss λ·lse² added to every counted
-row's loss, dz += 2 λ lse s p. The frontend applies them around the row kernels, on logits in the compute type.
+row's loss, dz += 2 λ lse s p. The CPU kernels apply them in their row passes; on CUDA the frontend applies them
+around the row kernels, on logits in the compute type.
 
 The VJP ops' own derivatives (second order, both modes) are those of the VJP written in torch ops below,
 taken by torch.func: exact, off the first-order path (the fused one forms the logits whole).
